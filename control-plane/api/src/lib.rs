@@ -1,0 +1,13 @@
+//! Wire types, validated identifiers and a thin HTTP client for the cellplane control plane.
+//!
+//! This crate is what external tools, the CLI and the end-to-end tests share with the server:
+//! it must never depend on the server crate, and it holds no business logic beyond the
+//! validation of values that travel on the wire.
+
+pub mod client;
+pub mod ids;
+pub mod types;
+
+pub use client::{Client, ClientError};
+pub use ids::{validate_id, Id, IdError};
+pub use types::*;

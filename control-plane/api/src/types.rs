@@ -1,0 +1,630 @@
+//! Request and response bodies of the v1 HTTP contract (`shared/docs/contract.md`).
+//!
+//! Requests deny unknown fields so a typo is a 400, not a silently ignored setting.
+//! Responses are plain data; the server decides what they contain.
+
+use crate::ids::Id;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use utoipa::ToSchema;
+
+/// One page of a list: `next_cursor` is null on the last page.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// RFC 7807 problem document returned for every error.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+}
+
+/// A validation failure of one field of the request.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+// ---------------------------------------------------------------- organizations
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrganization {
+    pub organization_id: Id,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Organization {
+    pub organization_id: String,
+    pub name: String,
+    pub version: i64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+// ---------------------------------------------------------------- tenants
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Hash)]
+pub enum Profile {
+    #[serde(rename = "mt-standard")]
+    MtStandard,
+    #[serde(rename = "st-dedicated")]
+    StDedicated,
+    #[serde(rename = "st-byoc")]
+    StByoc,
+}
+
+impl Profile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::MtStandard => "mt-standard",
+            Profile::StDedicated => "st-dedicated",
+            Profile::StByoc => "st-byoc",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "mt-standard" => Some(Self::MtStandard),
+            "st-dedicated" => Some(Self::StDedicated),
+            "st-byoc" => Some(Self::StByoc),
+            _ => None,
+        }
+    }
+    /// Pooled tenants share a cell; the others get a dedicated cell of their own.
+    pub fn is_pooled(self) -> bool {
+        matches!(self, Profile::MtStandard)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantState {
+    Draft,
+    Active,
+    Suspended,
+    Archived,
+    Deleted,
+}
+
+impl TenantState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TenantState::Draft => "draft",
+            TenantState::Active => "active",
+            TenantState::Suspended => "suspended",
+            TenantState::Archived => "archived",
+            TenantState::Deleted => "deleted",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "draft" => Some(Self::Draft),
+            "active" => Some(Self::Active),
+            "suspended" => Some(Self::Suspended),
+            "archived" => Some(Self::Archived),
+            "deleted" => Some(Self::Deleted),
+            _ => None,
+        }
+    }
+}
+
+/// Lifecycle actions on a tenant; each is a state transition run as a job.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum LifecycleAction {
+    Activate,
+    Suspend,
+    Resume,
+    Archive,
+    Delete,
+}
+
+impl LifecycleAction {
+    pub const ALL: [LifecycleAction; 5] = [
+        Self::Activate,
+        Self::Suspend,
+        Self::Resume,
+        Self::Archive,
+        Self::Delete,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Activate => "activate",
+            Self::Suspend => "suspend",
+            Self::Resume => "resume",
+            Self::Archive => "archive",
+            Self::Delete => "delete",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+    /// States the action may start from, and the state it ends in.
+    pub fn transition(self) -> (&'static [TenantState], TenantState) {
+        use TenantState::*;
+        match self {
+            Self::Activate => (&[Draft], Active),
+            Self::Suspend => (&[Active], Suspended),
+            Self::Resume => (&[Suspended], Active),
+            Self::Archive => (&[Active, Suspended], Archived),
+            Self::Delete => (&[Archived], Deleted),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Quotas {
+    #[serde(
+        rename = "storageGiB",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub storage_gib: Option<u64>,
+    #[serde(
+        rename = "concurrentJobs",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub concurrent_jobs: Option<u64>,
+    #[serde(
+        rename = "apiRateLimit",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub api_rate_limit: Option<u64>,
+    /// Capacity units the tenant takes in a pooled cell (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub units: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataResidency {
+    InRegionOnly,
+    AllowedRegions,
+    Any,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encryption {
+    KmsPerTenant,
+    KmsShared,
+    Provider,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Policies {
+    #[serde(
+        rename = "dataResidency",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub data_residency: Option<DataResidency>,
+    #[serde(
+        rename = "allowedRegions",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub allowed_regions: Option<Vec<Id>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+    #[serde(
+        rename = "retentionDays",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retention_days: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Billing {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    #[serde(
+        rename = "costCenter",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cost_center: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    pub tenant_id: Id,
+    pub organization_id: Id,
+    pub profile: Profile,
+    pub region: Id,
+    #[serde(default)]
+    pub quotas: Quotas,
+    #[serde(default)]
+    pub policies: Policies,
+    #[serde(default)]
+    pub billing: Billing,
+}
+
+/// `PATCH /v1/tenants/{id}`: each present section replaces the stored one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchTenant {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quotas: Option<Quotas>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policies: Option<Policies>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub billing: Option<Billing>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Environment {
+    pub name: String,
+    pub region: String,
+    pub isolation_level: String,
+    pub cell_id: Option<String>,
+    pub endpoint: Option<String>,
+    /// Where this environment's data lives under its isolation strategy.
+    #[schema(value_type = Object)]
+    pub resource_mapping: BTreeMap<String, String>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Tenant {
+    pub tenant_id: String,
+    pub organization_id: String,
+    pub profile: Profile,
+    pub state: TenantState,
+    pub region: String,
+    pub quotas: Quotas,
+    pub policies: Policies,
+    pub billing: Billing,
+    pub environments: Vec<Environment>,
+    /// The lifecycle job currently queued or running for this tenant, if any.
+    pub pending_job_id: Option<String>,
+    /// The last placement decision and its reason (filled by the placement pipeline).
+    #[schema(value_type = Option<Object>)]
+    pub placement: Option<serde_json::Value>,
+    pub version: i64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EnvName {
+    Prod,
+    Stage,
+    Dev,
+}
+
+impl EnvName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnvName::Prod => "prod",
+            EnvName::Stage => "stage",
+            EnvName::Dev => "dev",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum IsolationLevel {
+    #[default]
+    Shared,
+    Strict,
+}
+
+impl IsolationLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IsolationLevel::Shared => "shared",
+            IsolationLevel::Strict => "strict",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateEnvironment {
+    pub name: EnvName,
+    #[serde(default)]
+    pub region: Option<Id>,
+    #[serde(default)]
+    pub isolation_level: IsolationLevel,
+}
+
+// ---------------------------------------------------------------- cells
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Pooled,
+    Dedicated,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Pooled => "pooled",
+            Tier::Dedicated => "dedicated",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pooled" => Some(Self::Pooled),
+            "dedicated" => Some(Self::Dedicated),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum CellState {
+    Pending,
+    Provisioning,
+    Active,
+    Draining,
+    Destroying,
+    Destroyed,
+    Failed,
+}
+
+impl CellState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Provisioning => "provisioning",
+            Self::Active => "active",
+            Self::Draining => "draining",
+            Self::Destroying => "destroying",
+            Self::Destroyed => "destroyed",
+            Self::Failed => "failed",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Pending,
+            Self::Provisioning,
+            Self::Active,
+            Self::Draining,
+            Self::Destroying,
+            Self::Destroyed,
+            Self::Failed,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    pub tenants: u64,
+    pub units: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCell {
+    pub cell_id: Id,
+    pub region: Id,
+    pub tier: Tier,
+    pub template: Id,
+    pub capacity: Capacity,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub vars: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    pub app_version: Option<String>,
+}
+
+/// `PATCH /v1/cells/{id}`: registry fields an operator may change.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchCell {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Capacity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub vars: Option<BTreeMap<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_version: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Cell {
+    pub cell_id: String,
+    pub region: String,
+    pub tier: Tier,
+    pub template: String,
+    pub capacity: Capacity,
+    pub used: Capacity,
+    pub labels: BTreeMap<String, String>,
+    #[schema(value_type = Object)]
+    pub vars: BTreeMap<String, serde_json::Value>,
+    pub state: CellState,
+    #[schema(value_type = Object)]
+    pub outputs: BTreeMap<String, serde_json::Value>,
+    pub app_version: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub drift: Option<serde_json::Value>,
+    pub pending_job_id: Option<String>,
+    pub version: i64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CellWithJob {
+    pub cell: Cell,
+    pub job: Option<Job>,
+}
+
+// ---------------------------------------------------------------- jobs
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Queued,
+            Self::Running,
+            Self::Succeeded,
+            Self::Failed,
+            Self::Cancelled,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Job {
+    pub job_id: String,
+    pub kind: String,
+    pub target: String,
+    pub state: JobState,
+    pub progress: f64,
+    pub attempts: i64,
+    pub max_attempts: i64,
+    pub step: Option<String>,
+    pub error: Option<String>,
+    pub cancel_requested: bool,
+    pub correlation_id: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+// ---------------------------------------------------------------- audit
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditRecord {
+    pub seq: i64,
+    pub audit_id: String,
+    pub tenant_id: Option<String>,
+    pub event_type: String,
+    pub actor: String,
+    pub target: String,
+    #[schema(value_type = Object)]
+    pub payload: serde_json::Value,
+    pub correlation_id: Option<String>,
+    pub occurred_at: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditVerify {
+    pub ok: bool,
+    pub records: i64,
+    /// The first record whose hash, link or sequence does not hold.
+    pub broken_seq: Option<i64>,
+    pub reason: Option<String>,
+}
+
+// ---------------------------------------------------------------- tokens
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Admin,
+    Operator,
+    Viewer,
+    Router,
+    TenantAdmin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+            Role::Router => "router",
+            Role::TenantAdmin => "tenant-admin",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Admin,
+            Self::Operator,
+            Self::Viewer,
+            Self::Router,
+            Self::TenantAdmin,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    pub role: Role,
+    #[serde(default)]
+    pub tenant_id: Option<Id>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenInfo {
+    pub token_id: String,
+    pub role: Role,
+    pub tenant_id: Option<String>,
+    pub description: Option<String>,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
+/// Returned once by `POST /v1/tokens`: the secret is never shown again.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedToken {
+    #[serde(flatten)]
+    pub info: TokenInfo,
+    pub token: String,
+}

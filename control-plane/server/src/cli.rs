@@ -1,0 +1,1074 @@
+//! The `cellplane` command line: `serve` and `up` run the control plane; the other
+//! commands are clients of the HTTP API (`CELLPLANE_URL`, `CELLPLANE_TOKEN`) that print
+//! tables, or JSON with `--json`.
+
+use crate::config::{Config, LogFormat, Secret};
+use crate::startup::{shutdown_signal, Application};
+use cellplane_api::*;
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cellplane",
+    version,
+    about = "Cell-based tenancy control plane"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the control plane.
+    Serve(ServeArgs),
+    /// Run the control plane with embedded defaults (SQLite in ./.cellplane).
+    Up(UpArgs),
+    /// Organizations.
+    Org(ClientArgs<OrgCmd>),
+    /// Tenants and their lifecycle.
+    Tenant(ClientArgs<TenantCmd>),
+    /// Cells.
+    Cell(ClientArgs<CellCmd>),
+    /// Jobs.
+    Job(ClientArgs<JobCmd>),
+    /// The audit trail.
+    Audit(ClientArgs<AuditCmd>),
+    /// API tokens.
+    Token(ClientArgs<TokenCmd>),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Directory for the SQLite database, the admin token and cell working dirs.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// PostgreSQL URL (postgres://…); SQLite in the data dir when absent.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// TOML configuration file (overridden by CELLPLANE__… variables and flags).
+    #[arg(long, env = "CELLPLANE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    pub listen: String,
+    #[arg(long, default_value = ".cellplane")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ClientArgs<T: Subcommand> {
+    /// Control plane URL.
+    #[arg(
+        long,
+        env = "CELLPLANE_URL",
+        default_value = "http://127.0.0.1:7480",
+        global = true
+    )]
+    pub url: String,
+    /// API token (default: ./.cellplane/admin-token when present).
+    #[arg(long, env = "CELLPLANE_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: T,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OrgCmd {
+    Create {
+        id: String,
+        #[arg(long)]
+        name: String,
+    },
+    List,
+    Get {
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TenantCmd {
+    Create {
+        id: String,
+        #[arg(long)]
+        org: String,
+        #[arg(long, default_value = "mt-standard")]
+        profile: String,
+        #[arg(long)]
+        region: String,
+        /// Quotas as JSON, e.g. '{"units": 2}'.
+        #[arg(long)]
+        quotas: Option<String>,
+        /// Policies as JSON, e.g. '{"dataResidency": "in-region-only"}'.
+        #[arg(long)]
+        policies: Option<String>,
+        /// Billing as JSON, e.g. '{"plan": "standard"}'.
+        #[arg(long)]
+        billing: Option<String>,
+    },
+    List {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        org: Option<String>,
+        #[arg(long)]
+        cell: Option<String>,
+    },
+    Get {
+        id: String,
+    },
+    Patch {
+        id: String,
+        #[arg(long)]
+        quotas: Option<String>,
+        #[arg(long)]
+        policies: Option<String>,
+        #[arg(long)]
+        billing: Option<String>,
+        /// Expected version (sent as If-Match).
+        #[arg(long)]
+        if_match: Option<i64>,
+    },
+    Activate(ActionArgs),
+    Suspend(ActionArgs),
+    Resume(ActionArgs),
+    Archive(ActionArgs),
+    Delete(ActionArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ActionArgs {
+    pub id: String,
+    /// Wait for the job to finish.
+    #[arg(long)]
+    pub wait: bool,
+    /// Admins only: delete before the retention period ends.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CellCmd {
+    Create {
+        id: String,
+        #[arg(long)]
+        region: String,
+        #[arg(long, default_value = "pooled")]
+        tier: String,
+        #[arg(long, default_value = "local")]
+        template: String,
+        #[arg(long, default_value_t = 50)]
+        capacity_tenants: u64,
+        #[arg(long, default_value_t = 100)]
+        capacity_units: u64,
+        /// key=value, repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// key=value (value parsed as JSON when it is valid JSON), repeatable.
+        #[arg(long = "var")]
+        vars: Vec<String>,
+        #[arg(long)]
+        app_version: Option<String>,
+    },
+    List {
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        tier: Option<String>,
+        #[arg(long)]
+        state: Option<String>,
+    },
+    Get {
+        id: String,
+    },
+    Drain {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobCmd {
+    List {
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long)]
+        state: Option<String>,
+    },
+    Get {
+        id: String,
+    },
+    Log {
+        id: String,
+    },
+    Cancel {
+        id: String,
+    },
+    /// Follow a job until it ends.
+    Watch {
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCmd {
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long)]
+        limit: Option<i64>,
+    },
+    Verify,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    Create {
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    List,
+    Revoke {
+        id: String,
+    },
+}
+
+/// Exit codes: 0 ok, 1 the API refused or failed, 2 usage or configuration error.
+pub async fn run(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Serve(a) => return serve(a).await,
+        Command::Up(a) => return up(a).await,
+        Command::Org(a) => {
+            let (conn, json) = (conn_of(&a), a.json);
+            client(conn, |c| org(c, a.cmd, json)).await
+        }
+        Command::Tenant(a) => {
+            let (conn, json) = (conn_of(&a), a.json);
+            client(conn, |c| tenant(c, a.cmd, json)).await
+        }
+        Command::Cell(a) => {
+            let (conn, json) = (conn_of(&a), a.json);
+            client(conn, |c| cell(c, a.cmd, json)).await
+        }
+        Command::Job(a) => {
+            let (conn, json) = (conn_of(&a), a.json);
+            client(conn, |c| job(c, a.cmd, json)).await
+        }
+        Command::Audit(a) => {
+            let (conn, json) = (conn_of(&a), a.json);
+            client(conn, |c| audit(c, a.cmd, json)).await
+        }
+        Command::Token(a) => {
+            let (conn, json) = (conn_of(&a), a.json);
+            client(conn, |c| token(c, a.cmd, json)).await
+        }
+    };
+    match result {
+        Ok(()) => 0,
+        Err(CliError::Usage(m)) => {
+            eprintln!("error: {m}");
+            2
+        }
+        Err(CliError::Client(e)) => {
+            eprintln!("error: {e}");
+            if let ClientError::Api(p) = &e {
+                for f in &p.errors {
+                    eprintln!("  {}: {}", f.field, f.message);
+                }
+            }
+            1
+        }
+    }
+}
+
+fn load_config(file: Option<&std::path::Path>) -> Result<Config, crate::config::ConfigError> {
+    let mut cfg = Config::load(file, std::env::vars())?;
+    if let Ok(t) = std::env::var("CELLPLANE_ADMIN_TOKEN") {
+        if !t.is_empty() {
+            cfg.admin_token = Some(Secret::new(t));
+        }
+    }
+    Ok(cfg)
+}
+
+async fn serve(a: ServeArgs) -> i32 {
+    let mut cfg = match load_config(a.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    if let Some(l) = a.listen {
+        cfg.listen = l;
+    }
+    if let Some(d) = a.data_dir {
+        cfg.data_dir = d;
+    }
+    if let Some(u) = a.database_url {
+        cfg.database_url = Some(Secret::new(u));
+    }
+    if let Some(f) = a.log_format {
+        cfg.log_format = if f == "json" {
+            LogFormat::Json
+        } else {
+            LogFormat::Text
+        };
+    }
+    run_server(cfg, false).await
+}
+
+async fn up(a: UpArgs) -> i32 {
+    let mut cfg = match load_config(None) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    cfg.listen = a.listen;
+    cfg.data_dir = a.data_dir;
+    run_server(cfg, true).await
+}
+
+async fn run_server(cfg: Config, banner: bool) -> i32 {
+    crate::telemetry::init_tracing(cfg.log_format);
+    let data_dir = cfg.data_dir.clone();
+    let app = match Application::build(cfg).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = %e, "startup failed");
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    // Parents (tests, scripts) read this line to learn the bound port.
+    println!("listening on http://{}", app.addr());
+    if banner {
+        let url = format!("http://{}", app.addr());
+        println!();
+        println!(
+            "cellplane is up ({} store in {})",
+            app.backend(),
+            data_dir.display()
+        );
+        println!("  API:         {url}/v1  (OpenAPI: {url}/v1/openapi.json)");
+        println!("  admin token: {}", app.admin_token_source());
+        println!();
+        println!("In another shell, from this directory:");
+        println!("  export CELLPLANE_URL={url}");
+        println!(
+            "  export CELLPLANE_TOKEN=$(cat {})",
+            data_dir.join("admin-token").display()
+        );
+        println!("  cellplane org create acme-corp --name 'Acme Corp'");
+        println!("  cellplane tenant create acme --org acme-corp --region eu-west-1");
+        println!("  cellplane tenant activate acme --wait");
+        println!("  cellplane audit verify");
+        println!("Stop with Ctrl-C.");
+    }
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        trigger.cancel();
+    });
+    match app.run_until_stopped(shutdown).await {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(error = %e, "server failed");
+            1
+        }
+    }
+}
+
+#[derive(Debug)]
+enum CliError {
+    Usage(String),
+    Client(ClientError),
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> Self {
+        CliError::Client(e)
+    }
+}
+
+type CliResult = Result<(), CliError>;
+
+fn conn_of<T: Subcommand>(a: &ClientArgs<T>) -> (String, Option<String>) {
+    (a.url.clone(), a.token.clone())
+}
+
+async fn client<F, Fut>(conn: (String, Option<String>), f: F) -> CliResult
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = CliResult>,
+{
+    let (url, token) = conn;
+    let token = match token {
+        Some(t) => Some(t),
+        None => std::fs::read_to_string(".cellplane/admin-token")
+            .ok()
+            .map(|s| s.trim().to_string()),
+    };
+    if token.is_none() {
+        return Err(CliError::Usage(
+            "no token: set CELLPLANE_TOKEN or pass --token".into(),
+        ));
+    }
+    f(Client::new(url, token)).await
+}
+
+fn parse_json_arg<T: serde::de::DeserializeOwned>(
+    flag: &str,
+    s: Option<String>,
+) -> Result<Option<T>, CliError> {
+    s.map(|s| serde_json::from_str(&s).map_err(|e| CliError::Usage(format!("--{flag}: {e}"))))
+        .transpose()
+}
+
+fn id_arg(flag: &str, s: &str) -> Result<Id, CliError> {
+    Id::parse(s).map_err(|e| CliError::Usage(format!("{flag} {s:?}: {e}")))
+}
+
+fn kv_args(flag: &str, items: &[String]) -> Result<Vec<(String, String)>, CliError> {
+    items
+        .iter()
+        .map(|i| {
+            i.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| CliError::Usage(format!("--{flag} {i:?}: expected key=value")))
+        })
+        .collect()
+}
+
+fn query(pairs: &[(&str, &Option<String>)]) -> String {
+    let parts: Vec<(&str, &str)> = pairs
+        .iter()
+        .filter_map(|(k, v)| v.as_deref().map(|v| (*k, v)))
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "?{}",
+            serde_urlencoded::to_string(parts).unwrap_or_default()
+        )
+    }
+}
+
+fn print_json<T: Serialize>(v: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| "null".into())
+    );
+}
+
+fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_uppercase()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+/// Fetches every page of a list.
+async fn all<T: serde::de::DeserializeOwned>(
+    c: &Client,
+    path: &str,
+) -> Result<Vec<T>, ClientError> {
+    let mut items = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let p = match &cursor {
+            Some(cur) => format!("{path}{sep}cursor={cur}"),
+            None => path.to_string(),
+        };
+        let page: Page<T> = c.get(&p).await?;
+        items.extend(page.items);
+        match page.next_cursor {
+            Some(n) => cursor = Some(n),
+            None => return Ok(items),
+        }
+    }
+}
+
+fn opt(s: &Option<String>) -> String {
+    s.clone().unwrap_or_else(|| "-".into())
+}
+
+fn tenant_rows(ts: &[Tenant]) {
+    print_table(
+        &[
+            "tenant",
+            "organization",
+            "profile",
+            "state",
+            "region",
+            "cells",
+            "version",
+        ],
+        ts.iter()
+            .map(|t| {
+                let cells: Vec<String> = t
+                    .environments
+                    .iter()
+                    .map(|e| format!("{}={}", e.name, opt(&e.cell_id)))
+                    .collect();
+                vec![
+                    t.tenant_id.clone(),
+                    t.organization_id.clone(),
+                    t.profile.as_str().into(),
+                    t.state.as_str().into(),
+                    t.region.clone(),
+                    cells.join(","),
+                    t.version.to_string(),
+                ]
+            })
+            .collect(),
+    );
+}
+
+fn job_rows(js: &[Job]) {
+    print_table(
+        &[
+            "job", "kind", "target", "state", "progress", "attempts", "error",
+        ],
+        js.iter()
+            .map(|j| {
+                vec![
+                    j.job_id.clone(),
+                    j.kind.clone(),
+                    j.target.clone(),
+                    j.state.as_str().into(),
+                    format!("{:.0}%", j.progress * 100.0),
+                    j.attempts.to_string(),
+                    opt(&j.error),
+                ]
+            })
+            .collect(),
+    );
+}
+
+fn cell_rows(cs: &[Cell]) {
+    print_table(
+        &[
+            "cell", "region", "tier", "template", "state", "tenants", "units", "version",
+        ],
+        cs.iter()
+            .map(|c| {
+                vec![
+                    c.cell_id.clone(),
+                    c.region.clone(),
+                    c.tier.as_str().into(),
+                    c.template.clone(),
+                    c.state.as_str().into(),
+                    format!("{}/{}", c.used.tenants, c.capacity.tenants),
+                    format!("{}/{}", c.used.units, c.capacity.units),
+                    c.version.to_string(),
+                ]
+            })
+            .collect(),
+    );
+}
+
+async fn org(c: Client, cmd: OrgCmd, json: bool) -> CliResult {
+    let orgs: Vec<Organization> = match cmd {
+        OrgCmd::Create { id, name } => vec![
+            c.create_organization(&CreateOrganization {
+                organization_id: id_arg("organization", &id)?,
+                name,
+            })
+            .await?,
+        ],
+        OrgCmd::List => all(&c, "/v1/organizations").await?,
+        OrgCmd::Get { id } => vec![
+            c.get(&format!(
+                "/v1/organizations/{}",
+                id_arg("organization", &id)?
+            ))
+            .await?,
+        ],
+    };
+    if json {
+        print_json(&orgs);
+    } else {
+        print_table(
+            &["organization", "name", "created"],
+            orgs.iter()
+                .map(|o| {
+                    vec![
+                        o.organization_id.clone(),
+                        o.name.clone(),
+                        o.created_at.clone(),
+                    ]
+                })
+                .collect(),
+        );
+    }
+    Ok(())
+}
+
+async fn wait_and_show(c: &Client, job: Job, wait: bool, json: bool) -> CliResult {
+    let job = if wait {
+        watch(c, &job.job_id, json).await?
+    } else {
+        job
+    };
+    if json {
+        print_json(&job);
+    } else {
+        job_rows(std::slice::from_ref(&job));
+    }
+    if wait && job.state != JobState::Succeeded {
+        return Err(CliError::Usage(format!(
+            "job {} ended {}: {}",
+            job.job_id,
+            job.state.as_str(),
+            opt(&job.error)
+        )));
+    }
+    Ok(())
+}
+
+async fn tenant(c: Client, cmd: TenantCmd, json: bool) -> CliResult {
+    let action = |a: ActionArgs, action: LifecycleAction| (a, action);
+    let (args, act) = match cmd {
+        TenantCmd::Create {
+            id,
+            org,
+            profile,
+            region,
+            quotas,
+            policies,
+            billing,
+        } => {
+            let req = CreateTenant {
+                tenant_id: id_arg("tenant", &id)?,
+                organization_id: id_arg("--org", &org)?,
+                profile: Profile::parse(&profile).ok_or_else(|| {
+                    CliError::Usage("--profile must be mt-standard, st-dedicated or st-byoc".into())
+                })?,
+                region: id_arg("--region", &region)?,
+                quotas: parse_json_arg("quotas", quotas)?.unwrap_or_default(),
+                policies: parse_json_arg("policies", policies)?.unwrap_or_default(),
+                billing: parse_json_arg("billing", billing)?.unwrap_or_default(),
+            };
+            let t = c.create_tenant(&req).await?;
+            if json {
+                print_json(&t);
+            } else {
+                tenant_rows(&[t]);
+            }
+            return Ok(());
+        }
+        TenantCmd::List {
+            state,
+            region,
+            org,
+            cell,
+        } => {
+            let q = query(&[
+                ("state", &state),
+                ("region", &region),
+                ("organization_id", &org),
+                ("cell_id", &cell),
+            ]);
+            let ts: Vec<Tenant> = all(&c, &format!("/v1/tenants{q}")).await?;
+            if json {
+                print_json(&ts);
+            } else {
+                tenant_rows(&ts);
+            }
+            return Ok(());
+        }
+        TenantCmd::Get { id } => {
+            let t = c.get_tenant(id_arg("tenant", &id)?.as_str()).await?;
+            if json {
+                print_json(&t);
+            } else {
+                tenant_rows(std::slice::from_ref(&t));
+                println!();
+                print_table(
+                    &["env", "region", "isolation", "cell", "endpoint"],
+                    t.environments
+                        .iter()
+                        .map(|e| {
+                            vec![
+                                e.name.clone(),
+                                e.region.clone(),
+                                e.isolation_level.clone(),
+                                opt(&e.cell_id),
+                                opt(&e.endpoint),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+            return Ok(());
+        }
+        TenantCmd::Patch {
+            id,
+            quotas,
+            policies,
+            billing,
+            if_match,
+        } => {
+            let body = PatchTenant {
+                quotas: parse_json_arg("quotas", quotas)?,
+                policies: parse_json_arg("policies", policies)?,
+                billing: parse_json_arg("billing", billing)?,
+            };
+            let mut rb = c
+                .request(
+                    reqwest::Method::PATCH,
+                    &format!("/v1/tenants/{}", id_arg("tenant", &id)?),
+                )
+                .json(&body);
+            if let Some(v) = if_match {
+                rb = rb.header("If-Match", format!("\"{v}\""));
+            }
+            let resp = rb.send().await.map_err(ClientError::from)?;
+            let status = resp.status();
+            let bytes = resp.bytes().await.map_err(ClientError::from)?;
+            if !status.is_success() {
+                return Err(CliError::Client(
+                    match serde_json::from_slice::<Problem>(&bytes) {
+                        Ok(p) => ClientError::Api(Box::new(p)),
+                        Err(_) => ClientError::Unexpected {
+                            status: status.as_u16(),
+                            body: String::from_utf8_lossy(&bytes).into(),
+                        },
+                    },
+                ));
+            }
+            let t: Tenant = serde_json::from_slice(&bytes).map_err(|e| {
+                CliError::Client(ClientError::Unexpected {
+                    status: status.as_u16(),
+                    body: e.to_string(),
+                })
+            })?;
+            if json {
+                print_json(&t);
+            } else {
+                tenant_rows(&[t]);
+            }
+            return Ok(());
+        }
+        TenantCmd::Activate(a) => action(a, LifecycleAction::Activate),
+        TenantCmd::Suspend(a) => action(a, LifecycleAction::Suspend),
+        TenantCmd::Resume(a) => action(a, LifecycleAction::Resume),
+        TenantCmd::Archive(a) => action(a, LifecycleAction::Archive),
+        TenantCmd::Delete(a) => action(a, LifecycleAction::Delete),
+    };
+    let id = id_arg("tenant", &args.id)?;
+    let path = format!(
+        "/v1/tenants/{id}/{}{}",
+        act.as_str(),
+        if args.force { "?force=true" } else { "" }
+    );
+    let job: Job = c.post(&path, &serde_json::json!({})).await?;
+    wait_and_show(&c, job, args.wait, json).await
+}
+
+async fn cell(c: Client, cmd: CellCmd, json: bool) -> CliResult {
+    let cells: Vec<Cell> = match cmd {
+        CellCmd::Create {
+            id,
+            region,
+            tier,
+            template,
+            capacity_tenants,
+            capacity_units,
+            labels,
+            vars,
+            app_version,
+        } => {
+            let vars: BTreeMap<String, serde_json::Value> = kv_args("var", &vars)?
+                .into_iter()
+                .map(|(k, v)| {
+                    let val = serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v));
+                    (k, val)
+                })
+                .collect();
+            let req = CreateCell {
+                cell_id: id_arg("cell", &id)?,
+                region: id_arg("--region", &region)?,
+                tier: Tier::parse(&tier)
+                    .ok_or_else(|| CliError::Usage("--tier must be pooled or dedicated".into()))?,
+                template: id_arg("--template", &template)?,
+                capacity: Capacity {
+                    tenants: capacity_tenants,
+                    units: capacity_units,
+                },
+                labels: kv_args("label", &labels)?.into_iter().collect(),
+                vars,
+                app_version,
+            };
+            let out = c.create_cell(&req).await?;
+            if json {
+                print_json(&out);
+                return Ok(());
+            }
+            vec![out.cell]
+        }
+        CellCmd::List {
+            region,
+            tier,
+            state,
+        } => {
+            let q = query(&[("region", &region), ("tier", &tier), ("state", &state)]);
+            all(&c, &format!("/v1/cells{q}")).await?
+        }
+        CellCmd::Get { id } => vec![
+            c.get(&format!("/v1/cells/{}", id_arg("cell", &id)?))
+                .await?,
+        ],
+        CellCmd::Drain { id } => vec![
+            c.post(
+                &format!("/v1/cells/{}/drain", id_arg("cell", &id)?),
+                &serde_json::json!({}),
+            )
+            .await?,
+        ],
+        CellCmd::Delete { id } => {
+            let out: CellWithJob = c
+                .delete(&format!("/v1/cells/{}", id_arg("cell", &id)?))
+                .await?;
+            vec![out.cell]
+        }
+    };
+    if json {
+        print_json(&cells);
+    } else {
+        cell_rows(&cells);
+    }
+    Ok(())
+}
+
+/// Polls a job and prints each new log line until it ends.
+async fn watch(c: &Client, id: &str, json: bool) -> Result<Job, CliError> {
+    let mut printed = 0usize;
+    loop {
+        let job = c.get_job(id).await?;
+        if !json {
+            let log = c.get_text(&format!("/v1/jobs/{id}/log")).await?;
+            let lines: Vec<&str> = log.lines().collect();
+            for l in lines.iter().skip(printed) {
+                eprintln!("  {l}");
+            }
+            printed = printed.max(lines.len());
+            eprint!(
+                "\r{} {:>3.0}% {}",
+                job.job_id,
+                job.progress * 100.0,
+                job.state.as_str()
+            );
+        }
+        if job.state.is_terminal() {
+            if !json {
+                eprintln!();
+            }
+            return Ok(job);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn job(c: Client, cmd: JobCmd, json: bool) -> CliResult {
+    let jobs: Vec<Job> = match cmd {
+        JobCmd::List { target, state } => {
+            let q = query(&[("target", &target), ("state", &state)]);
+            all(&c, &format!("/v1/jobs{q}")).await?
+        }
+        JobCmd::Get { id } => vec![c.get_job(id_arg("job", &id)?.as_str()).await?],
+        JobCmd::Log { id } => {
+            print!(
+                "{}",
+                c.get_text(&format!("/v1/jobs/{}/log", id_arg("job", &id)?))
+                    .await?
+            );
+            return Ok(());
+        }
+        JobCmd::Cancel { id } => vec![
+            c.post(
+                &format!("/v1/jobs/{}/cancel", id_arg("job", &id)?),
+                &serde_json::json!({}),
+            )
+            .await?,
+        ],
+        JobCmd::Watch { id } => vec![watch(&c, id_arg("job", &id)?.as_str(), json).await?],
+    };
+    if json {
+        print_json(&jobs);
+    } else {
+        job_rows(&jobs);
+    }
+    Ok(())
+}
+
+async fn audit(c: Client, cmd: AuditCmd, json: bool) -> CliResult {
+    match cmd {
+        AuditCmd::List {
+            tenant,
+            target,
+            limit,
+        } => {
+            let lim = limit.map(|l| l.to_string());
+            let q = query(&[("tenant_id", &tenant), ("target", &target), ("limit", &lim)]);
+            let recs: Vec<AuditRecord> = if limit.is_some() {
+                c.get::<Page<AuditRecord>>(&format!("/v1/audit{q}"))
+                    .await?
+                    .items
+            } else {
+                all(&c, &format!("/v1/audit{q}")).await?
+            };
+            if json {
+                print_json(&recs);
+            } else {
+                print_table(
+                    &["seq", "time", "event", "target", "actor", "correlation"],
+                    recs.iter()
+                        .map(|r| {
+                            vec![
+                                r.seq.to_string(),
+                                r.occurred_at.clone(),
+                                r.event_type.clone(),
+                                r.target.clone(),
+                                r.actor.clone(),
+                                opt(&r.correlation_id),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+            Ok(())
+        }
+        AuditCmd::Verify => {
+            let v = c.audit_verify().await?;
+            if json {
+                print_json(&v);
+            } else if v.ok {
+                println!("audit chain intact: {} records", v.records);
+            } else {
+                println!(
+                    "audit chain BROKEN at record {}: {}",
+                    v.broken_seq.unwrap_or_default(),
+                    v.reason.clone().unwrap_or_default()
+                );
+            }
+            if v.ok {
+                Ok(())
+            } else {
+                Err(CliError::Usage("audit verification failed".into()))
+            }
+        }
+    }
+}
+
+async fn token(c: Client, cmd: TokenCmd, json: bool) -> CliResult {
+    match cmd {
+        TokenCmd::Create {
+            role,
+            tenant,
+            description,
+        } => {
+            let req = CreateToken {
+                role: Role::parse(&role).ok_or_else(|| {
+                    CliError::Usage(
+                        "--role must be admin, operator, viewer, router or tenant-admin".into(),
+                    )
+                })?,
+                tenant_id: tenant.map(|t| id_arg("--tenant", &t)).transpose()?,
+                description,
+            };
+            let t = c.create_token(&req).await?;
+            if json {
+                print_json(&t);
+            } else {
+                println!(
+                    "token {} ({}) created; the secret is shown once:",
+                    t.info.token_id,
+                    t.info.role.as_str()
+                );
+                println!("{}", t.token);
+            }
+            Ok(())
+        }
+        TokenCmd::List => {
+            let ts: Vec<TokenInfo> = all(&c, "/v1/tokens").await?;
+            if json {
+                print_json(&ts);
+            } else {
+                print_table(
+                    &["token", "role", "tenant", "created", "revoked"],
+                    ts.iter()
+                        .map(|t| {
+                            vec![
+                                t.token_id.clone(),
+                                t.role.as_str().into(),
+                                opt(&t.tenant_id),
+                                t.created_at.clone(),
+                                opt(&t.revoked_at),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+            Ok(())
+        }
+        TokenCmd::Revoke { id } => {
+            let t: TokenInfo = c
+                .delete(&format!("/v1/tokens/{}", id_arg("token", &id)?))
+                .await?;
+            if json {
+                print_json(&t);
+            } else {
+                println!("token {} revoked", t.token_id);
+            }
+            Ok(())
+        }
+    }
+}

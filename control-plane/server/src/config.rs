@@ -1,0 +1,235 @@
+//! Layered configuration: built-in defaults, then an optional TOML file, then
+//! `CELLPLANE__SECTION__KEY` environment variables, then command-line flags. Secrets live
+//! in [`Secret`], which never prints its value.
+
+use serde::Deserialize;
+use std::fmt;
+use std::path::PathBuf;
+
+/// A value that must never reach a log line.
+#[derive(Clone, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub database_url: Option<Secret>,
+    pub database_max_connections: u32,
+    pub admin_token: Option<Secret>,
+    pub log_format: LogFormat,
+    pub max_body_bytes: usize,
+    pub shutdown_grace_secs: u64,
+    pub rate_limit: RateLimitConfig,
+    pub jobs: JobsConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained authoring requests (POST/PATCH/DELETE) per second per token; 0 disables.
+    pub authoring_per_sec: f64,
+    pub authoring_burst: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    pub workers: usize,
+    pub lease_secs: u64,
+    pub poll_ms: u64,
+    pub max_attempts: i64,
+    pub backoff_base_ms: u64,
+    pub backoff_cap_ms: u64,
+    /// Pause after each pipeline step. A debugging aid that makes crash/resume windows
+    /// observable; 0 in production.
+    pub step_delay_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7480".into(),
+            data_dir: PathBuf::from(".cellplane"),
+            database_url: None,
+            database_max_connections: 16,
+            admin_token: None,
+            log_format: LogFormat::Text,
+            max_body_bytes: 1024 * 1024,
+            shutdown_grace_secs: 10,
+            rate_limit: RateLimitConfig::default(),
+            jobs: JobsConfig::default(),
+        }
+    }
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            authoring_per_sec: 200.0,
+            authoring_burst: 400.0,
+        }
+    }
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            workers: 4,
+            lease_secs: 30,
+            poll_ms: 500,
+            max_attempts: 5,
+            backoff_base_ms: 1000,
+            backoff_cap_ms: 60_000,
+            step_delay_ms: 0,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid environment variable {name}: {message}")]
+    Env { name: String, message: String },
+}
+
+impl Config {
+    /// Defaults → `file` (if any) → `CELLPLANE__…` variables from `env`.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut doc = toml::Table::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            doc = text
+                .parse::<toml::Table>()
+                .map_err(|e| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?;
+        }
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("CELLPLANE__") else {
+                continue;
+            };
+            let keys: Vec<String> = rest.split("__").map(|k| k.to_ascii_lowercase()).collect();
+            if keys.iter().any(|k| k.is_empty()) {
+                return Err(ConfigError::Env {
+                    name,
+                    message: "empty key segment".into(),
+                });
+            }
+            set_path(&mut doc, &keys, env_value(&value));
+        }
+        let cfg: Config = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: file
+                    .map(|p| p.to_path_buf())
+                    .unwrap_or_else(|| "<environment>".into()),
+                message: e.to_string(),
+            })?;
+        Ok(cfg)
+    }
+}
+
+/// Environment values are strings; numbers and booleans are recognised so typed fields parse.
+fn env_value(v: &str) -> toml::Value {
+    if let Ok(i) = v.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    if let Ok(f) = v.parse::<f64>() {
+        return toml::Value::Float(f);
+    }
+    match v {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(v.to_string()),
+    }
+}
+
+fn set_path(doc: &mut toml::Table, keys: &[String], value: toml::Value) {
+    let (last, parents) = keys.split_last().expect("at least one key");
+    let mut cur = doc;
+    for k in parents {
+        let entry = cur
+            .entry(k.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        cur = entry.as_table_mut().expect("just made a table");
+    }
+    cur.insert(last.clone(), value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_file_and_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "listen = \"0.0.0.0:9\"\n[jobs]\nworkers = 2\n").expect("write");
+        let cfg = Config::load(
+            Some(&path),
+            [
+                ("CELLPLANE__JOBS__WORKERS".to_string(), "7".to_string()),
+                ("CELLPLANE__LOG_FORMAT".to_string(), "json".to_string()),
+                ("UNRELATED".to_string(), "x".to_string()),
+            ],
+        )
+        .expect("config loads");
+        assert_eq!(cfg.listen, "0.0.0.0:9");
+        assert_eq!(cfg.jobs.workers, 7);
+        assert_eq!(cfg.jobs.lease_secs, 30);
+        assert_eq!(cfg.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let err = Config::load(None, [("CELLPLANE__NOPE".to_string(), "1".to_string())]);
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn secret_never_prints() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}

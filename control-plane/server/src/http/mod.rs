@@ -1,0 +1,383 @@
+//! The HTTP edge: routing, middleware (correlation ids, metrics, body limits,
+//! authentication, authoring rate limits, idempotent replay) and thin handlers, one file
+//! per resource. Handlers authorize, parse and call [`Service`]; they never run SQL.
+
+pub mod audit;
+pub mod cells;
+pub mod error;
+pub mod extract;
+pub mod jobs;
+pub mod openapi;
+pub mod ops;
+pub mod organizations;
+pub mod tenants;
+pub mod tokens;
+
+use crate::auth::{hash_token, Principal};
+use crate::jobs::JobMetrics;
+use crate::persistence::StoredResponse;
+use crate::service::{Ctx, Service};
+use crate::telemetry::HttpMetrics;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use error::{ApiError, ApiResult};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Service,
+    pub max_body_bytes: usize,
+    pub http_metrics: Arc<HttpMetrics>,
+    pub job_metrics: Arc<JobMetrics>,
+    pub limiter: Arc<RateLimiter>,
+}
+
+/// The correlation id of the current request (accepted from the client or generated).
+#[derive(Debug, Clone)]
+pub struct CorrelationId(pub String);
+
+pub fn ctx(p: &Principal, c: &CorrelationId) -> Ctx {
+    Ctx {
+        actor: p.actor(),
+        correlation_id: c.0.clone(),
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route(
+            "/v1/organizations",
+            post(organizations::create).get(organizations::list),
+        )
+        .route(
+            "/v1/organizations/{organization_id}",
+            get(organizations::get_one),
+        )
+        .route("/v1/tenants", post(tenants::create).get(tenants::list))
+        .route(
+            "/v1/tenants/{tenant_id}",
+            get(tenants::get_one).patch(tenants::patch),
+        )
+        .route(
+            "/v1/tenants/{tenant_id}/environments",
+            post(tenants::create_environment).get(tenants::list_environments),
+        )
+        .route("/v1/tenants/{tenant_id}/{action}", post(tenants::action))
+        .route("/v1/cells", post(cells::create).get(cells::list))
+        .route(
+            "/v1/cells/{cell_id}",
+            get(cells::get_one)
+                .patch(cells::patch)
+                .delete(cells::delete),
+        )
+        .route("/v1/cells/{cell_id}/drain", post(cells::drain))
+        .route("/v1/jobs", get(jobs::list))
+        .route("/v1/jobs/{job_id}", get(jobs::get_one))
+        .route("/v1/jobs/{job_id}/log", get(jobs::log))
+        .route("/v1/jobs/{job_id}/cancel", post(jobs::cancel))
+        .route("/v1/audit", get(audit::list))
+        .route("/v1/audit/verify", get(audit::verify))
+        .route("/v1/tokens", post(tokens::create).get(tokens::list))
+        .route(
+            "/v1/tokens/{token_id}",
+            axum::routing::delete(tokens::revoke),
+        )
+        .layer(middleware::from_fn_with_state(state.clone(), idempotency))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/v1/openapi.json", get(ops::openapi))
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn fallback() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "method not allowed",
+        "this route does not accept that method",
+    )
+}
+
+fn valid_correlation_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// Outermost layer: correlation id, tracing span, metrics, early 413 on Content-Length.
+async fn observe(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let corr = req
+        .headers()
+        .get("x-correlation-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| valid_correlation_id(s))
+        .map(str::to_string)
+        .unwrap_or_else(|| crate::persistence::new_id("corr"));
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().clone();
+    req.extensions_mut().insert(CorrelationId(corr.clone()));
+    let too_large = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > state.max_body_bytes);
+    let span =
+        tracing::info_span!("request", method = %method, route = %route, correlation_id = %corr);
+    let mut resp = if too_large {
+        ApiError::too_large(state.max_body_bytes).into_response()
+    } else {
+        use tracing::Instrument;
+        next.run(req).instrument(span.clone()).await
+    };
+    if let Ok(v) = HeaderValue::from_str(&corr) {
+        resp.headers_mut().insert("x-correlation-id", v);
+    }
+    let status = resp.status();
+    if status.is_server_error() {
+        span.in_scope(|| tracing::warn!(status = status.as_u16(), "request failed"));
+    }
+    state
+        .http_metrics
+        .observe(method.as_str(), &route, status.as_u16(), started.elapsed());
+    resp
+}
+
+/// Per-token token buckets for authoring requests (POST, PATCH, DELETE).
+pub struct RateLimiter {
+    per_sec: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    pub fn new(per_sec: f64, burst: f64) -> Self {
+        Self {
+            per_sec,
+            burst: burst.max(1.0),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token; on refusal returns the seconds until one is available.
+    pub fn check(&self, key: &str) -> Result<(), u64> {
+        if self.per_sec <= 0.0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() > 100_000 {
+            buckets.clear();
+        }
+        let (tokens, at) = buckets.entry(key.to_string()).or_insert((self.burst, now));
+        let refill = now.duration_since(*at).as_secs_f64() * self.per_sec;
+        *tokens = (*tokens + refill).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / self.per_sec).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+/// Resolves the bearer token to a [`Principal`] and applies the authoring rate limit.
+async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let Some(token) = token.filter(|t| !t.is_empty() && t.len() <= 256) else {
+        return ApiError::unauthorized("send Authorization: Bearer <token>").into_response();
+    };
+    let row = match state
+        .service
+        .store()
+        .token_by_hash(&hash_token(token))
+        .await
+    {
+        Ok(Some(row)) => row,
+        Ok(None) => {
+            return ApiError::unauthorized("the token is unknown or revoked").into_response()
+        }
+        Err(e) => return ApiError::from(crate::service::ServiceError::Store(e)).into_response(),
+    };
+    let principal = Principal {
+        token_id: row.info.token_id,
+        role: row.info.role,
+        tenant_id: row.info.tenant_id,
+    };
+    let authoring = matches!(*req.method(), Method::POST | Method::PATCH | Method::DELETE);
+    if authoring {
+        if let Err(retry) = state.limiter.check(&principal.token_id) {
+            return ApiError::rate_limited(retry).into_response();
+        }
+    }
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+/// Replays the first successful response of a `POST` carrying `Idempotency-Key`.
+async fn idempotency(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match idempotency_inner(state, req, next).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn idempotency_inner(state: AppState, req: Request, next: Next) -> ApiResult<Response> {
+    if req.method() != Method::POST {
+        return Ok(next.run(req).await);
+    }
+    let Some(key) = req.headers().get("idempotency-key") else {
+        return Ok(next.run(req).await);
+    };
+    let key = key
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| {
+            ApiError::field("Idempotency-Key", "must be 1-255 visible ASCII characters")
+        })?
+        .to_string();
+    let principal = req
+        .extensions()
+        .get::<Principal>()
+        .map(|p| p.token_id.clone())
+        .ok_or_else(ApiError::internal)?;
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, state.max_body_bytes)
+        .await
+        .map_err(|_| ApiError::too_large(state.max_body_bytes))?;
+    let mut h = Sha256::new();
+    h.update(parts.method.as_str());
+    h.update([0]);
+    h.update(parts.uri.path());
+    h.update([0]);
+    h.update(&bytes);
+    let request_hash = hex::encode(h.finalize());
+    let store = state.service.store();
+    let stored = store
+        .idempotent_response(&principal, &key)
+        .await
+        .map_err(|e| ApiError::from(crate::service::ServiceError::Store(e)))?;
+    if let Some(stored) = stored {
+        return replay(stored, &request_hash);
+    }
+    let resp = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    if !resp.status().is_success() {
+        return Ok(resp);
+    }
+    let (rparts, rbody) = resp.into_parts();
+    let rbytes = axum::body::to_bytes(rbody, 16 * 1024 * 1024)
+        .await
+        .map_err(|_| ApiError::internal())?;
+    let header_str = |name: header::HeaderName| {
+        rparts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let record = StoredResponse {
+        request_hash: request_hash.clone(),
+        status: rparts.status.as_u16(),
+        body: String::from_utf8_lossy(&rbytes).into_owned(),
+        etag: header_str(header::ETAG),
+        location: header_str(header::LOCATION),
+    };
+    match store
+        .store_idempotent_response(&principal, &key, &record)
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => {
+            // A concurrent request with the same key stored its response first.
+            if let Ok(Some(first)) = store.idempotent_response(&principal, &key).await {
+                return replay(first, &request_hash);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "storing an idempotent response failed"),
+    }
+    Ok(Response::from_parts(rparts, Body::from(rbytes)))
+}
+
+fn replay(stored: StoredResponse, request_hash: &str) -> ApiResult<Response> {
+    if stored.request_hash != request_hash {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+            "idempotency key reused",
+            "this Idempotency-Key was used with a different request",
+        ));
+    }
+    let mut resp = Response::new(Body::from(stored.body));
+    *resp.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    if let Some(e) = stored.etag.and_then(|e| HeaderValue::from_str(&e).ok()) {
+        h.insert(header::ETAG, e);
+    }
+    if let Some(l) = stored.location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        h.insert(header::LOCATION, l);
+    }
+    Ok(resp)
+}
+
+/// A JSON response with an `ETag` of the resource's version.
+pub fn with_etag<T: serde::Serialize>(status: StatusCode, version: i64, body: &T) -> Response {
+    let mut resp = (status, axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp
+}
+
+pub fn with_location<T: serde::Serialize>(
+    status: StatusCode,
+    location: &str,
+    body: &T,
+) -> Response {
+    let mut resp = (status, axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}

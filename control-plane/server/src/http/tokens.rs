@@ -1,0 +1,59 @@
+//! `/v1/tokens`: admins mint and revoke API tokens. Secrets are returned once.
+
+use super::error::ApiResult;
+use super::extract::{decode_cursor, limit_of, page, ApiJson, ApiQuery, PathParams};
+use super::{ctx, AppState, CorrelationId};
+use crate::auth::{Access, Principal};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use cellplane_api::{CreateToken, CreatedToken, Page, Problem, TokenInfo};
+use serde::Deserialize;
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = CreateToken,
+    params(("Idempotency-Key" = Option<String>, Header)),
+    responses((status = 201, body = CreatedToken), (status = 400, body = Problem), (status = 403, body = Problem)))]
+pub async fn create(
+    State(s): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Extension(c): Extension<CorrelationId>,
+    ApiJson(req): ApiJson<CreateToken>,
+) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
+    p.allow(Access::Admin)?;
+    let t = s.service.create_token(&ctx(&p, &c), req).await?;
+    Ok((StatusCode::CREATED, Json(t)))
+}
+
+#[utoipa::path(get, path = "/v1/tokens", tag = "tokens", params(ListParams),
+    responses((status = 200, body = Page<TokenInfo>), (status = 403, body = Problem)))]
+pub async fn list(
+    State(s): State<AppState>,
+    Extension(p): Extension<Principal>,
+    ApiQuery(q): ApiQuery<ListParams>,
+) -> ApiResult<Json<Page<TokenInfo>>> {
+    p.allow(Access::Admin)?;
+    let limit = limit_of(q.limit)?;
+    let after = decode_cursor(q.cursor.as_deref())?;
+    let items = s.service.list_tokens(&after, limit + 1).await?;
+    Ok(Json(page(items, limit, |t| t.token_id.clone())))
+}
+
+#[utoipa::path(delete, path = "/v1/tokens/{token_id}", tag = "tokens", params(("token_id" = String, Path)),
+    responses((status = 200, body = TokenInfo), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn revoke(
+    State(s): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Extension(c): Extension<CorrelationId>,
+    path: PathParams,
+) -> ApiResult<Json<TokenInfo>> {
+    let id = path.id("token_id")?;
+    p.allow(Access::Admin)?;
+    Ok(Json(s.service.revoke_token(&ctx(&p, &c), &id).await?))
+}

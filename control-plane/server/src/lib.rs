@@ -1,0 +1,12 @@
+//! The cellplane control plane: registry, lifecycle jobs, audit chain, HTTP API and CLI.
+//! `main.rs` only wires these modules together.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod jobs;
+pub mod persistence;
+pub mod service;
+pub mod startup;
+pub mod telemetry;

@@ -1,0 +1,257 @@
+//! The audit chain and the event outbox. Each record's hash covers its own fields and the
+//! previous record's hash; `chain_head` holds the last sequence number and hash, and the
+//! `UPDATE … RETURNING` on it is the row lock that orders concurrent writers on PostgreSQL.
+
+use super::{new_id, now, Result, Store, StoreError, WriteTx};
+use cellplane_api::AuditRecord;
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+
+/// What a write records about itself.
+#[derive(Debug, Clone)]
+pub struct AuditInput<'a> {
+    pub tenant_id: Option<&'a str>,
+    pub event_type: &'a str,
+    pub actor: &'a str,
+    pub target: &'a str,
+    pub payload: serde_json::Value,
+    pub correlation_id: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifyOutcome {
+    Ok {
+        records: i64,
+    },
+    Broken {
+        records: i64,
+        seq: i64,
+        reason: String,
+    },
+}
+
+#[allow(clippy::too_many_arguments)]
+fn record_hash(
+    seq: i64,
+    audit_id: &str,
+    tenant_id: Option<&str>,
+    event_type: &str,
+    actor: &str,
+    target: &str,
+    payload: &str,
+    correlation_id: Option<&str>,
+    occurred_at: &str,
+    prev_hash: &str,
+) -> String {
+    let canonical = serde_json::json!([
+        seq,
+        audit_id,
+        tenant_id,
+        event_type,
+        actor,
+        target,
+        payload,
+        correlation_id,
+        occurred_at,
+        prev_hash
+    ]);
+    hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+}
+
+impl WriteTx {
+    /// Appends one audit record and its outbox event inside this transaction.
+    pub async fn audit(&mut self, input: AuditInput<'_>) -> Result<i64> {
+        let row =
+            sqlx::query("UPDATE chain_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
+                .fetch_one(&mut *self.tx)
+                .await?;
+        let seq: i64 = row.try_get("seq")?;
+        let prev_hash: String = row.try_get("hash")?;
+        let audit_id = new_id("evt");
+        let occurred_at = now();
+        let payload = input.payload.to_string();
+        let hash = record_hash(
+            seq,
+            &audit_id,
+            input.tenant_id,
+            input.event_type,
+            input.actor,
+            input.target,
+            &payload,
+            input.correlation_id,
+            &occurred_at,
+            &prev_hash,
+        );
+        sqlx::query("UPDATE chain_head SET hash = $1 WHERE id = 1")
+            .bind(&hash)
+            .execute(&mut *self.tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO tenant_audit (seq, audit_id, tenant_id, event_type, actor, target, payload, \
+             correlation_id, occurred_at, prev_hash, hash) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
+        )
+        .bind(seq)
+        .bind(&audit_id)
+        .bind(input.tenant_id)
+        .bind(input.event_type)
+        .bind(input.actor)
+        .bind(input.target)
+        .bind(&payload)
+        .bind(input.correlation_id)
+        .bind(&occurred_at)
+        .bind(&prev_hash)
+        .bind(&hash)
+        .execute(&mut *self.tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO outbox (seq, event_id, event_type, tenant_id, payload, correlation_id, created_at) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7)",
+        )
+        .bind(seq)
+        .bind(&audit_id)
+        .bind(input.event_type)
+        .bind(input.tenant_id)
+        .bind(&payload)
+        .bind(input.correlation_id)
+        .bind(&occurred_at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(seq)
+    }
+}
+
+fn audit_from_row(row: &sqlx::any::AnyRow) -> Result<AuditRecord> {
+    let payload: String = row.try_get("payload")?;
+    Ok(AuditRecord {
+        seq: row.try_get("seq")?,
+        audit_id: row.try_get("audit_id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        event_type: row.try_get("event_type")?,
+        actor: row.try_get("actor")?,
+        target: row.try_get("target")?,
+        payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload)),
+        correlation_id: row.try_get("correlation_id")?,
+        occurred_at: row.try_get("occurred_at")?,
+        prev_hash: row.try_get("prev_hash")?,
+        hash: row.try_get("hash")?,
+    })
+}
+
+impl Store {
+    /// Audit records after `after_seq`, oldest first, filtered by tenant, target and time.
+    pub async fn list_audit(
+        &self,
+        tenant_id: Option<&str>,
+        target: Option<&str>,
+        since: Option<&str>,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>> {
+        let mut sql = String::from("SELECT * FROM tenant_audit WHERE seq > $1");
+        let mut n = 1;
+        let mut binds: Vec<String> = Vec::new();
+        for (col, op, val) in [
+            ("tenant_id", "=", tenant_id),
+            ("target", "=", target),
+            ("occurred_at", ">=", since),
+        ] {
+            if let Some(v) = val {
+                n += 1;
+                sql.push_str(&format!(" AND {col} {op} ${n}"));
+                binds.push(v.to_string());
+            }
+        }
+        n += 1;
+        sql.push_str(&format!(" ORDER BY seq LIMIT ${n}"));
+        let mut q = sqlx::query(&sql).bind(after_seq);
+        for b in binds {
+            q = q.bind(b);
+        }
+        let rows = q.bind(limit).fetch_all(&self.pool).await?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    /// Walks the whole chain in sequence order and reports the first record that does not
+    /// hold: a modified field (hash mismatch), a removed or inserted record (sequence gap or
+    /// broken link), or a truncated tail (head does not match the last record).
+    pub async fn verify_audit(&self) -> Result<VerifyOutcome> {
+        let mut expected_prev =
+            "0000000000000000000000000000000000000000000000000000000000000000".to_string();
+        let mut expected_seq = 1i64;
+        let mut count = 0i64;
+        let mut after = 0i64;
+        loop {
+            let rows =
+                sqlx::query("SELECT * FROM tenant_audit WHERE seq > $1 ORDER BY seq LIMIT 5000")
+                    .bind(after)
+                    .fetch_all(&self.pool)
+                    .await?;
+            if rows.is_empty() {
+                break;
+            }
+            for row in &rows {
+                let seq: i64 = row.try_get("seq")?;
+                let audit_id: String = row.try_get("audit_id")?;
+                let tenant_id: Option<String> = row.try_get("tenant_id")?;
+                let event_type: String = row.try_get("event_type")?;
+                let actor: String = row.try_get("actor")?;
+                let target: String = row.try_get("target")?;
+                let payload: String = row.try_get("payload")?;
+                let correlation_id: Option<String> = row.try_get("correlation_id")?;
+                let occurred_at: String = row.try_get("occurred_at")?;
+                let prev_hash: String = row.try_get("prev_hash")?;
+                let hash: String = row.try_get("hash")?;
+                let broken = |reason: &str| VerifyOutcome::Broken {
+                    records: count,
+                    seq,
+                    reason: reason.to_string(),
+                };
+                if seq != expected_seq {
+                    return Ok(VerifyOutcome::Broken {
+                        records: count,
+                        seq: expected_seq.min(seq),
+                        reason: format!("expected record {expected_seq}, found {seq}: records were removed or inserted"),
+                    });
+                }
+                if prev_hash != expected_prev {
+                    return Ok(broken("prev_hash does not link to the previous record"));
+                }
+                let computed = record_hash(
+                    seq,
+                    &audit_id,
+                    tenant_id.as_deref(),
+                    &event_type,
+                    &actor,
+                    &target,
+                    &payload,
+                    correlation_id.as_deref(),
+                    &occurred_at,
+                    &prev_hash,
+                );
+                if computed != hash {
+                    return Ok(broken("record contents do not match its hash"));
+                }
+                expected_prev = hash;
+                expected_seq += 1;
+                count += 1;
+                after = seq;
+            }
+        }
+        let head = sqlx::query("SELECT seq, hash FROM chain_head WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("chain_head row is missing".into()))?;
+        let head_seq: i64 = head.try_get("seq")?;
+        let head_hash: String = head.try_get("hash")?;
+        if head_seq != count || head_hash != expected_prev {
+            return Ok(VerifyOutcome::Broken {
+                records: count,
+                seq: count + 1,
+                reason: format!(
+                    "chain head is at record {head_seq} but the table ends at {count}: records were removed from the end"
+                ),
+            });
+        }
+        Ok(VerifyOutcome::Ok { records: count })
+    }
+}

@@ -1,0 +1,148 @@
+//! Cells: the registry record of each cell. Stamping fills outputs and state later.
+
+use super::{json_col, now, opt_json_col, to_json, Result, Store, StoreError, WriteTx};
+use cellplane_api::{Capacity, Cell, CellState, Tier};
+use sqlx::Row;
+
+fn cell_from_row(row: &sqlx::any::AnyRow) -> Result<Cell> {
+    let tier: String = row.try_get("tier")?;
+    let state: String = row.try_get("state")?;
+    let cap = |col: &str| -> Result<u64> {
+        let v: i64 = row.try_get(col)?;
+        Ok(v.max(0) as u64)
+    };
+    Ok(Cell {
+        cell_id: row.try_get("cell_id")?,
+        region: row.try_get("region")?,
+        tier: Tier::parse(&tier)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown tier {tier:?}")))?,
+        template: row.try_get("template")?,
+        capacity: Capacity {
+            tenants: cap("capacity_tenants")?,
+            units: cap("capacity_units")?,
+        },
+        used: Capacity {
+            tenants: cap("used_tenants")?,
+            units: cap("used_units")?,
+        },
+        labels: json_col(row, "labels")?,
+        vars: json_col(row, "vars")?,
+        state: CellState::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown cell state {state:?}")))?,
+        outputs: json_col(row, "outputs")?,
+        app_version: row.try_get("app_version")?,
+        drift: opt_json_col(row, "drift")?,
+        pending_job_id: row.try_get("pending_job_id")?,
+        version: row.try_get("version")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CellFilter {
+    pub region: Option<String>,
+    pub tier: Option<String>,
+    pub state: Option<String>,
+}
+
+impl WriteTx {
+    pub async fn insert_cell(&mut self, c: &Cell) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO cells (cell_id, region, tier, template, capacity_tenants, capacity_units, used_tenants, used_units, \
+             labels, vars, state, outputs, app_version, drift, pending_job_id, version, created_at, updated_at) \
+             VALUES ($1,$2,$3,$4,$5,$6,0,0,$7,$8,$9,$10,$11,NULL,$12,$13,$14,$15)",
+        )
+        .bind(&c.cell_id)
+        .bind(&c.region)
+        .bind(c.tier.as_str())
+        .bind(&c.template)
+        .bind(c.capacity.tenants as i64)
+        .bind(c.capacity.units as i64)
+        .bind(to_json(&c.labels))
+        .bind(to_json(&c.vars))
+        .bind(c.state.as_str())
+        .bind(to_json(&c.outputs))
+        .bind(c.app_version.as_deref())
+        .bind(c.pending_job_id.as_deref())
+        .bind(c.version)
+        .bind(&c.created_at)
+        .bind(&c.updated_at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get_cell_tx(&mut self, id: &str) -> Result<Option<Cell>> {
+        let row = sqlx::query("SELECT * FROM cells WHERE cell_id = $1")
+            .bind(id)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        row.as_ref().map(cell_from_row).transpose()
+    }
+
+    /// Writes the mutable registry fields of `c` if the stored version is `c.version - 1`.
+    pub async fn update_cell(&mut self, c: &Cell) -> Result<bool> {
+        let res = sqlx::query(
+            "UPDATE cells SET capacity_tenants = $1, capacity_units = $2, labels = $3, vars = $4, state = $5, \
+             outputs = $6, app_version = $7, drift = $8, pending_job_id = $9, version = $10, updated_at = $11 \
+             WHERE cell_id = $12 AND version = $13",
+        )
+        .bind(c.capacity.tenants as i64)
+        .bind(c.capacity.units as i64)
+        .bind(to_json(&c.labels))
+        .bind(to_json(&c.vars))
+        .bind(c.state.as_str())
+        .bind(to_json(&c.outputs))
+        .bind(c.app_version.as_deref())
+        .bind(c.drift.as_ref().map(|d| d.to_string()))
+        .bind(c.pending_job_id.as_deref())
+        .bind(c.version)
+        .bind(now())
+        .bind(&c.cell_id)
+        .bind(c.version - 1)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    pub async fn count_tenants_on_cell(&mut self, cell_id: &str) -> Result<i64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM environments WHERE cell_id = $1")
+            .bind(cell_id)
+            .fetch_one(&mut *self.tx)
+            .await?;
+        Ok(n)
+    }
+}
+
+impl Store {
+    pub async fn get_cell(&self, id: &str) -> Result<Option<Cell>> {
+        let row = sqlx::query("SELECT * FROM cells WHERE cell_id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(cell_from_row).transpose()
+    }
+
+    pub async fn list_cells(&self, f: &CellFilter, after: &str, limit: i64) -> Result<Vec<Cell>> {
+        let mut sql = String::from("SELECT * FROM cells WHERE cell_id > $1");
+        let mut binds: Vec<&str> = vec![after];
+        for (col, val) in [
+            ("region", &f.region),
+            ("tier", &f.tier),
+            ("state", &f.state),
+        ] {
+            if let Some(v) = val {
+                binds.push(v);
+                sql.push_str(&format!(" AND {col} = ${}", binds.len()));
+            }
+        }
+        sql.push_str(&format!(" ORDER BY cell_id LIMIT ${}", binds.len() + 1));
+        let mut q = sqlx::query(&sql);
+        for b in binds {
+            q = q.bind(b);
+        }
+        let rows = q.bind(limit).fetch_all(&self.pool).await?;
+        rows.iter().map(cell_from_row).collect()
+    }
+}

@@ -1,0 +1,364 @@
+//! The durable job queue. Claiming is a conditional update of the oldest runnable job
+//! (queued and due, or running with an expired lease); on PostgreSQL the candidate row is
+//! locked with `FOR UPDATE SKIP LOCKED` so replicas never wait on each other. A partial
+//! unique index keeps at most one running job per target.
+
+use super::Backend;
+use super::{fmt_time, now, Result, Store, StoreError, WriteTx};
+use cellplane_api::{Job, JobState};
+use sqlx::Row;
+
+/// Log lines kept per job; older text is dropped from the front.
+pub const MAX_LOG_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct NewJob<'a> {
+    pub job_id: &'a str,
+    pub kind: &'a str,
+    pub target: &'a str,
+    pub payload: serde_json::Value,
+    pub max_attempts: i64,
+    pub correlation_id: Option<&'a str>,
+}
+
+/// A job as the worker sees it: the wire view plus its payload and step cursor.
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    pub job: Job,
+    pub payload: serde_json::Value,
+    pub step_index: i64,
+    pub lease_owner: Option<String>,
+}
+
+fn job_from_row(row: &sqlx::any::AnyRow) -> Result<JobRow> {
+    let state: String = row.try_get("state")?;
+    let payload: String = row.try_get("payload")?;
+    let cancel: i64 = row.try_get("cancel_requested")?;
+    Ok(JobRow {
+        job: Job {
+            job_id: row.try_get("job_id")?,
+            kind: row.try_get("kind")?,
+            target: row.try_get("target")?,
+            state: JobState::parse(&state)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown job state {state:?}")))?,
+            progress: row.try_get("progress")?,
+            attempts: row.try_get("attempts")?,
+            max_attempts: row.try_get("max_attempts")?,
+            step: row.try_get("step")?,
+            error: row.try_get("error")?,
+            cancel_requested: cancel != 0,
+            correlation_id: row.try_get("correlation_id")?,
+            created_at: row.try_get("created_at")?,
+            updated_at: row.try_get("updated_at")?,
+            started_at: row.try_get("started_at")?,
+            finished_at: row.try_get("finished_at")?,
+        },
+        payload: serde_json::from_str(&payload)
+            .map_err(|e| StoreError::Corrupt(format!("job payload: {e}")))?,
+        step_index: row.try_get("step_index")?,
+        lease_owner: row.try_get("lease_owner")?,
+    })
+}
+
+impl WriteTx {
+    pub async fn insert_job(&mut self, j: &NewJob<'_>) -> Result<Job> {
+        let ts = now();
+        sqlx::query(
+            "INSERT INTO jobs (job_id, kind, target, state, payload, max_attempts, run_after, correlation_id, created_at, updated_at) \
+             VALUES ($1,$2,$3,'queued',$4,$5,$6,$7,$6,$6)",
+        )
+        .bind(j.job_id)
+        .bind(j.kind)
+        .bind(j.target)
+        .bind(j.payload.to_string())
+        .bind(j.max_attempts)
+        .bind(&ts)
+        .bind(j.correlation_id)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(Job {
+            job_id: j.job_id.to_string(),
+            kind: j.kind.to_string(),
+            target: j.target.to_string(),
+            state: JobState::Queued,
+            progress: 0.0,
+            attempts: 0,
+            max_attempts: j.max_attempts,
+            step: None,
+            error: None,
+            cancel_requested: false,
+            correlation_id: j.correlation_id.map(str::to_string),
+            created_at: ts.clone(),
+            updated_at: ts,
+            started_at: None,
+            finished_at: None,
+        })
+    }
+
+    pub async fn get_job_tx(&mut self, id: &str) -> Result<Option<JobRow>> {
+        let row = sqlx::query("SELECT * FROM jobs WHERE job_id = $1")
+            .bind(id)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    /// Ends a job held by `owner`. Returns false when the lease was lost meanwhile.
+    pub async fn finish_job(
+        &mut self,
+        id: &str,
+        owner: &str,
+        state: JobState,
+        error: Option<&str>,
+    ) -> Result<bool> {
+        let ts = now();
+        let res = sqlx::query(
+            "UPDATE jobs SET state = $1, error = $2, finished_at = $3, updated_at = $3, lease_owner = NULL, \
+             lease_expires_at = NULL, progress = CASE WHEN $1 = 'succeeded' THEN 1.0 ELSE progress END \
+             WHERE job_id = $4 AND lease_owner = $5 AND state = 'running'",
+        )
+        .bind(state.as_str())
+        .bind(error)
+        .bind(&ts)
+        .bind(id)
+        .bind(owner)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    /// Cancels a queued job at once; a running one is flagged for its worker.
+    pub async fn request_cancel(&mut self, id: &str) -> Result<Option<JobState>> {
+        let ts = now();
+        let res = sqlx::query(
+            "UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_at = $1, updated_at = $1, \
+             error = 'cancelled before it started' WHERE job_id = $2 AND state = 'queued'",
+        )
+        .bind(&ts)
+        .bind(id)
+        .execute(&mut *self.tx)
+        .await?;
+        if res.rows_affected() == 1 {
+            return Ok(Some(JobState::Cancelled));
+        }
+        sqlx::query("UPDATE jobs SET cancel_requested = 1, updated_at = $1 WHERE job_id = $2 AND state = 'running'")
+            .bind(&ts)
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(self.get_job_tx(id).await?.map(|j| j.job.state))
+    }
+}
+
+impl Store {
+    /// Claims the oldest runnable job for `owner` with a lease until `lease_until`.
+    pub async fn claim_job(&self, owner: &str, lease_until: &str) -> Result<Option<JobRow>> {
+        let ts = now();
+        let lock = match self.backend {
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "UPDATE jobs SET state = 'running', lease_owner = $1, lease_expires_at = $2, attempts = attempts + 1, \
+             started_at = COALESCE(started_at, $3), updated_at = $3 \
+             WHERE job_id = (SELECT j.job_id FROM jobs j WHERE \
+               ((j.state = 'queued' AND j.run_after <= $3) OR (j.state = 'running' AND j.lease_expires_at < $3)) \
+               AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.target = j.target AND r.state = 'running' AND r.job_id <> j.job_id) \
+               ORDER BY j.created_at, j.job_id LIMIT 1{lock}) \
+             AND ((state = 'queued' AND run_after <= $3) OR (state = 'running' AND lease_expires_at < $3)) \
+             RETURNING *"
+        );
+        let _guard = self.lock_writer().await;
+        let res = sqlx::query(&sql)
+            .bind(owner)
+            .bind(lease_until)
+            .bind(&ts)
+            .fetch_optional(&self.pool)
+            .await;
+        match res {
+            Ok(row) => row.as_ref().map(job_from_row).transpose(),
+            Err(e) => {
+                let e = StoreError::from(e);
+                // Another replica claimed a job of the same target first.
+                if e.is_unique_violation() {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// Extends the lease; returns the cancel flag, or None when the lease is lost.
+    pub async fn renew_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        lease_until: &str,
+    ) -> Result<Option<bool>> {
+        let _guard = self.lock_writer().await;
+        let row = sqlx::query(
+            "UPDATE jobs SET lease_expires_at = $1 WHERE job_id = $2 AND lease_owner = $3 AND state = 'running' \
+             RETURNING cancel_requested",
+        )
+        .bind(lease_until)
+        .bind(id)
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            None => Ok(None),
+            Some(r) => {
+                let c: i64 = r.try_get("cancel_requested")?;
+                Ok(Some(c != 0))
+            }
+        }
+    }
+
+    /// Records progress, the current step and log text for a job held by `owner`.
+    pub async fn job_progress(
+        &self,
+        id: &str,
+        owner: &str,
+        progress: f64,
+        step_index: i64,
+        step: &str,
+        log_append: &str,
+    ) -> Result<bool> {
+        let _guard = self.lock_writer().await;
+        let mut tx = self.pool.begin().await?;
+        let log: Option<String> =
+            sqlx::query_scalar("SELECT log FROM jobs WHERE job_id = $1 AND lease_owner = $2")
+                .bind(id)
+                .bind(owner)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(mut log) = log else {
+            return Ok(false);
+        };
+        log.push_str(log_append);
+        let log = bound_log(log);
+        sqlx::query(
+            "UPDATE jobs SET progress = $1, step_index = $2, step = $3, log = $4, updated_at = $5 \
+             WHERE job_id = $6 AND lease_owner = $7",
+        )
+        .bind(progress.clamp(0.0, 1.0))
+        .bind(step_index)
+        .bind(step)
+        .bind(&log)
+        .bind(now())
+        .bind(id)
+        .bind(owner)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Puts a failed attempt back in the queue to run after `run_after`.
+    pub async fn requeue_job(
+        &self,
+        id: &str,
+        owner: &str,
+        error: &str,
+        run_after: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool> {
+        let _guard = self.lock_writer().await;
+        let res = sqlx::query(
+            "UPDATE jobs SET state = 'queued', error = $1, run_after = $2, lease_owner = NULL, lease_expires_at = NULL, \
+             updated_at = $3 WHERE job_id = $4 AND lease_owner = $5 AND state = 'running'",
+        )
+        .bind(error)
+        .bind(fmt_time(run_after))
+        .bind(now())
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    pub async fn get_job(&self, id: &str) -> Result<Option<JobRow>> {
+        let row = sqlx::query("SELECT * FROM jobs WHERE job_id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    pub async fn job_log(&self, id: &str) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT log FROM jobs WHERE job_id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    pub async fn list_jobs(
+        &self,
+        target: Option<&str>,
+        state: Option<&str>,
+        target_prefix: Option<&str>,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<JobRow>> {
+        let mut sql = String::from("SELECT * FROM jobs WHERE job_id > $1");
+        let mut binds: Vec<String> = vec![after.to_string()];
+        if let Some(t) = target {
+            binds.push(t.to_string());
+            sql.push_str(&format!(" AND target = ${}", binds.len()));
+        }
+        if let Some(s) = state {
+            binds.push(s.to_string());
+            sql.push_str(&format!(" AND state = ${}", binds.len()));
+        }
+        if let Some(p) = target_prefix {
+            binds.push(p.to_string());
+            sql.push_str(&format!(" AND target = ${}", binds.len()));
+        }
+        sql.push_str(&format!(" ORDER BY job_id LIMIT ${}", binds.len() + 1));
+        let mut q = sqlx::query(&sql);
+        for b in binds {
+            q = q.bind(b);
+        }
+        let rows = q.bind(limit).fetch_all(&self.pool).await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// Number of jobs per state, for `/metrics`.
+    pub async fn job_counts(&self) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("state")?, r.try_get("n")?)))
+            .collect()
+    }
+}
+
+fn bound_log(mut log: String) -> String {
+    if log.len() <= MAX_LOG_BYTES {
+        return log;
+    }
+    let mut cut = log.len() - MAX_LOG_BYTES;
+    while !log.is_char_boundary(cut) {
+        cut += 1;
+    }
+    // Start at a line boundary so the first kept line is whole.
+    if let Some(nl) = log[cut..].find('\n') {
+        cut += nl + 1;
+    }
+    log.replace_range(..cut, "[earlier log lines dropped]\n");
+    log
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_is_bounded_at_line_start() {
+        let line = "0123456789abcdef0123456789abcdef0123456789abcdef012345678\n";
+        let log = line.repeat(5000);
+        let b = super::bound_log(log);
+        assert!(b.len() <= super::MAX_LOG_BYTES + 40);
+        assert!(b.starts_with("[earlier log lines dropped]\n0123"));
+    }
+}

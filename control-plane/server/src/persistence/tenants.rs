@@ -1,0 +1,325 @@
+//! Tenants and their environments.
+
+use super::{json_col, now, opt_json_col, to_json, Result, Store, StoreError, WriteTx};
+use cellplane_api::{Billing, Policies, Profile, Quotas, TenantState};
+use sqlx::Row;
+
+/// A tenant as stored, without its environments.
+#[derive(Debug, Clone)]
+pub struct TenantRow {
+    pub tenant_id: String,
+    pub organization_id: String,
+    pub profile: Profile,
+    pub state: TenantState,
+    pub region: String,
+    pub quotas: Quotas,
+    pub policies: Policies,
+    pub billing: Billing,
+    pub placement: Option<serde_json::Value>,
+    pub pending_job_id: Option<String>,
+    pub archived_at: Option<String>,
+    pub version: i64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct EnvironmentRow {
+    pub tenant_id: String,
+    pub name: String,
+    pub region: String,
+    pub isolation_level: String,
+    pub cell_id: Option<String>,
+    pub endpoint: Option<String>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TenantFilter {
+    pub state: Option<String>,
+    pub region: Option<String>,
+    pub organization_id: Option<String>,
+    pub cell_id: Option<String>,
+    /// Restricts the list to one tenant (tenant-admin tokens).
+    pub only_tenant: Option<String>,
+}
+
+fn tenant_from_row(row: &sqlx::any::AnyRow) -> Result<TenantRow> {
+    let profile: String = row.try_get("profile")?;
+    let state: String = row.try_get("state")?;
+    Ok(TenantRow {
+        tenant_id: row.try_get("tenant_id")?,
+        organization_id: row.try_get("organization_id")?,
+        profile: Profile::parse(&profile)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown profile {profile:?}")))?,
+        state: TenantState::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown tenant state {state:?}")))?,
+        region: row.try_get("region")?,
+        quotas: json_col(row, "quotas")?,
+        policies: json_col(row, "policies")?,
+        billing: json_col(row, "billing")?,
+        placement: opt_json_col(row, "placement")?,
+        pending_job_id: row.try_get("pending_job_id")?,
+        archived_at: row.try_get("archived_at")?,
+        version: row.try_get("version")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn env_from_row(row: &sqlx::any::AnyRow) -> Result<EnvironmentRow> {
+    Ok(EnvironmentRow {
+        tenant_id: row.try_get("tenant_id")?,
+        name: row.try_get("name")?,
+        region: row.try_get("region")?,
+        isolation_level: row.try_get("isolation_level")?,
+        cell_id: row.try_get("cell_id")?,
+        endpoint: row.try_get("endpoint")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+/// Outcome of a conditional update.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Conditional {
+    Done,
+    NotFound,
+    VersionMismatch,
+    StateConflict,
+}
+
+impl WriteTx {
+    pub async fn insert_tenant(&mut self, t: &TenantRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tenants (tenant_id, organization_id, profile, state, region, quotas, policies, billing, \
+             placement, pending_job_id, archived_at, version, created_at, updated_at) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,NULL,NULL,NULL,$9,$10,$11)",
+        )
+        .bind(&t.tenant_id)
+        .bind(&t.organization_id)
+        .bind(t.profile.as_str())
+        .bind(t.state.as_str())
+        .bind(&t.region)
+        .bind(to_json(&t.quotas))
+        .bind(to_json(&t.policies))
+        .bind(to_json(&t.billing))
+        .bind(t.version)
+        .bind(&t.created_at)
+        .bind(&t.updated_at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn insert_environment(&mut self, e: &EnvironmentRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO environments (tenant_id, name, region, isolation_level, cell_id, endpoint, created_at) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7)",
+        )
+        .bind(&e.tenant_id)
+        .bind(&e.name)
+        .bind(&e.region)
+        .bind(&e.isolation_level)
+        .bind(e.cell_id.as_deref())
+        .bind(e.endpoint.as_deref())
+        .bind(&e.created_at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get_tenant_tx(&mut self, id: &str) -> Result<Option<TenantRow>> {
+        let row = sqlx::query("SELECT * FROM tenants WHERE tenant_id = $1")
+            .bind(id)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        row.as_ref().map(tenant_from_row).transpose()
+    }
+
+    /// Replaces quotas/policies/billing if the version matches (`None` = any version).
+    pub async fn update_tenant_docs(
+        &mut self,
+        id: &str,
+        expected_version: Option<i64>,
+        quotas: &Quotas,
+        policies: &Policies,
+        billing: &Billing,
+    ) -> Result<Conditional> {
+        let res = sqlx::query(
+            "UPDATE tenants SET quotas = $1, policies = $2, billing = $3, version = version + 1, updated_at = $4 \
+             WHERE tenant_id = $5 AND ($6 < 0 OR version = $6)",
+        )
+        .bind(to_json(quotas))
+        .bind(to_json(policies))
+        .bind(to_json(billing))
+        .bind(now())
+        .bind(id)
+        .bind(expected_version.unwrap_or(-1))
+        .execute(&mut *self.tx)
+        .await?;
+        if res.rows_affected() == 1 {
+            return Ok(Conditional::Done);
+        }
+        Ok(match self.get_tenant_tx(id).await? {
+            None => Conditional::NotFound,
+            Some(_) => Conditional::VersionMismatch,
+        })
+    }
+
+    /// Claims the tenant for a lifecycle job: only from one of `from` states, only if no
+    /// other lifecycle job is pending, and only at `expected_version` when given.
+    pub async fn claim_tenant_for_job(
+        &mut self,
+        id: &str,
+        from: &[TenantState],
+        expected_version: Option<i64>,
+        job_id: &str,
+    ) -> Result<Conditional> {
+        let states: Vec<String> = from.iter().map(|s| format!("'{}'", s.as_str())).collect();
+        // The state list is built from the enum's own constants, never from input.
+        let sql = format!(
+            "UPDATE tenants SET pending_job_id = $1, updated_at = $2 WHERE tenant_id = $3 \
+             AND pending_job_id IS NULL AND state IN ({}) AND ($4 < 0 OR version = $4)",
+            states.join(",")
+        );
+        let res = sqlx::query(&sql)
+            .bind(job_id)
+            .bind(now())
+            .bind(id)
+            .bind(expected_version.unwrap_or(-1))
+            .execute(&mut *self.tx)
+            .await?;
+        if res.rows_affected() == 1 {
+            return Ok(Conditional::Done);
+        }
+        Ok(match self.get_tenant_tx(id).await? {
+            None => Conditional::NotFound,
+            Some(t) if expected_version.is_some_and(|v| v != t.version) => {
+                Conditional::VersionMismatch
+            }
+            Some(_) => Conditional::StateConflict,
+        })
+    }
+
+    /// Applies the end state of a lifecycle job and releases the tenant. Idempotent: a
+    /// second call after a crash finds the job no longer pending and changes nothing.
+    pub async fn finish_tenant_transition(
+        &mut self,
+        id: &str,
+        job_id: &str,
+        to: Option<TenantState>,
+    ) -> Result<bool> {
+        let ts = now();
+        let res = match to {
+            Some(state) => {
+                sqlx::query(
+                    "UPDATE tenants SET state = $1, pending_job_id = NULL, version = version + 1, updated_at = $2, \
+                     archived_at = CASE WHEN $1 = 'archived' THEN $2 ELSE archived_at END \
+                     WHERE tenant_id = $3 AND pending_job_id = $4",
+                )
+                .bind(state.as_str())
+                .bind(&ts)
+                .bind(id)
+                .bind(job_id)
+                .execute(&mut *self.tx)
+                .await?
+            }
+            None => {
+                sqlx::query(
+                    "UPDATE tenants SET pending_job_id = NULL, updated_at = $1 WHERE tenant_id = $2 AND pending_job_id = $3",
+                )
+                .bind(&ts)
+                .bind(id)
+                .bind(job_id)
+                .execute(&mut *self.tx)
+                .await?
+            }
+        };
+        Ok(res.rows_affected() == 1)
+    }
+
+    pub async fn set_tenant_placement(
+        &mut self,
+        id: &str,
+        placement: &serde_json::Value,
+    ) -> Result<()> {
+        sqlx::query("UPDATE tenants SET placement = $1, updated_at = $2 WHERE tenant_id = $3")
+            .bind(placement.to_string())
+            .bind(now())
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+}
+
+impl Store {
+    pub async fn get_tenant(&self, id: &str) -> Result<Option<TenantRow>> {
+        let row = sqlx::query("SELECT * FROM tenants WHERE tenant_id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(tenant_from_row).transpose()
+    }
+
+    pub async fn list_environments(&self, tenant_id: &str) -> Result<Vec<EnvironmentRow>> {
+        let rows = sqlx::query("SELECT * FROM environments WHERE tenant_id = $1 ORDER BY name")
+            .bind(tenant_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(env_from_row).collect()
+    }
+
+    pub async fn list_tenants(
+        &self,
+        filter: &TenantFilter,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<TenantRow>> {
+        let mut sql = String::from("SELECT t.* FROM tenants t WHERE t.tenant_id > $1");
+        let mut binds: Vec<&str> = vec![after];
+        for (col, val) in [
+            ("t.state", &filter.state),
+            ("t.region", &filter.region),
+            ("t.organization_id", &filter.organization_id),
+            ("t.tenant_id", &filter.only_tenant),
+        ] {
+            if let Some(v) = val {
+                binds.push(v);
+                sql.push_str(&format!(" AND {col} = ${}", binds.len()));
+            }
+        }
+        if let Some(cell) = &filter.cell_id {
+            binds.push(cell);
+            sql.push_str(&format!(
+                " AND EXISTS (SELECT 1 FROM environments e WHERE e.tenant_id = t.tenant_id AND e.cell_id = ${})",
+                binds.len()
+            ));
+        }
+        sql.push_str(&format!(" ORDER BY t.tenant_id LIMIT ${}", binds.len() + 1));
+        let mut q = sqlx::query(&sql);
+        for b in binds {
+            q = q.bind(b);
+        }
+        let rows = q.bind(limit).fetch_all(&self.pool).await?;
+        rows.iter().map(tenant_from_row).collect()
+    }
+
+    /// Environments for a page of tenants in one query.
+    pub async fn environments_of(&self, tenant_ids: &[String]) -> Result<Vec<EnvironmentRow>> {
+        if tenant_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders: Vec<String> = (1..=tenant_ids.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT * FROM environments WHERE tenant_id IN ({}) ORDER BY tenant_id, name",
+            placeholders.join(",")
+        );
+        let mut q = sqlx::query(&sql);
+        for id in tenant_ids {
+            q = q.bind(id);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter().map(env_from_row).collect()
+    }
+}

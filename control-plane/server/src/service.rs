@@ -1,0 +1,1140 @@
+//! Operations on the registry: the only thing HTTP handlers call. Each operation validates
+//! what serde could not, runs one write transaction through persistence (which appends the
+//! audit record and outbox event) and returns wire types. It never speaks HTTP.
+
+use crate::persistence::{
+    self, AuditInput, CellFilter, Conditional, EnvironmentRow, NewJob, Store, StoreError,
+    TenantFilter, TenantRow,
+};
+use cellplane_api::*;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{what} {id:?} does not exist")]
+    NotFound { what: &'static str, id: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the resource is at version {current}, not the one in If-Match")]
+    PreconditionFailed { current: i64 },
+    #[error("the request is invalid")]
+    Validation(Vec<FieldError>),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub type Result<T> = std::result::Result<T, ServiceError>;
+
+fn invalid(field: &str, message: impl Into<String>) -> ServiceError {
+    ServiceError::Validation(vec![FieldError {
+        field: field.into(),
+        message: message.into(),
+    }])
+}
+
+fn not_found(what: &'static str, id: &str) -> ServiceError {
+    ServiceError::NotFound {
+        what,
+        id: id.to_string(),
+    }
+}
+
+/// Who acts and under which correlation id; recorded on audit records and jobs.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub actor: String,
+    pub correlation_id: String,
+}
+
+/// Settings the service needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct ServiceSettings {
+    pub job_max_attempts: i64,
+}
+
+#[derive(Clone)]
+pub struct Service {
+    store: Store,
+    settings: Arc<ServiceSettings>,
+    job_notify: Arc<tokio::sync::Notify>,
+}
+
+pub fn tenant_target(id: &str) -> String {
+    format!("tenant/{id}")
+}
+pub fn cell_target(id: &str) -> String {
+    format!("cell/{id}")
+}
+
+/// Where an environment's data lives. Pooled tenants share a database and get a schema,
+/// prefix and partition; dedicated tenants get their own database, bucket and queue.
+pub fn resource_mapping(tenant_id: &str, env: &str, profile: Profile) -> BTreeMap<String, String> {
+    let suffix = if env == "prod" {
+        String::new()
+    } else {
+        format!("-{env}")
+    };
+    let ident = format!("{tenant_id}{suffix}");
+    let mut m = BTreeMap::new();
+    if profile.is_pooled() {
+        m.insert("strategy".into(), "pooled".into());
+        m.insert("database".into(), "warehouse_shared".into());
+        m.insert("schema".into(), format!("t_{}", ident.replace('-', "_")));
+        m.insert("object_prefix".into(), format!("tenants/{ident}"));
+        m.insert("queue_partition".into(), ident);
+    } else {
+        m.insert("strategy".into(), "dedicated".into());
+        m.insert(
+            "database".into(),
+            format!("warehouse_{}", ident.replace('-', "_")),
+        );
+        m.insert("bucket".into(), format!("data-{ident}"));
+        m.insert("queue".into(), format!("jobs-{ident}"));
+    }
+    m
+}
+
+fn env_to_wire(e: EnvironmentRow, profile: Profile) -> Environment {
+    Environment {
+        resource_mapping: resource_mapping(&e.tenant_id, &e.name, profile),
+        name: e.name,
+        region: e.region,
+        isolation_level: e.isolation_level,
+        cell_id: e.cell_id,
+        endpoint: e.endpoint,
+        created_at: e.created_at,
+    }
+}
+
+fn tenant_to_wire(t: TenantRow, envs: Vec<EnvironmentRow>) -> Tenant {
+    let profile = t.profile;
+    Tenant {
+        tenant_id: t.tenant_id,
+        organization_id: t.organization_id,
+        profile: t.profile,
+        state: t.state,
+        region: t.region,
+        quotas: t.quotas,
+        policies: t.policies,
+        billing: t.billing,
+        environments: envs.into_iter().map(|e| env_to_wire(e, profile)).collect(),
+        pending_job_id: t.pending_job_id,
+        placement: t.placement,
+        version: t.version,
+        created_at: t.created_at,
+        updated_at: t.updated_at,
+    }
+}
+
+fn validate_text(field: &str, s: &str, max: usize, errors: &mut Vec<FieldError>) {
+    if s.chars().count() > max {
+        errors.push(FieldError {
+            field: field.into(),
+            message: format!("must be at most {max} characters"),
+        });
+    }
+    if s.chars().any(|c| c.is_control()) {
+        errors.push(FieldError {
+            field: field.into(),
+            message: "must not contain control characters".into(),
+        });
+    }
+}
+
+fn validate_docs(
+    region: &str,
+    quotas: &Quotas,
+    policies: &Policies,
+    billing: &Billing,
+) -> Result<()> {
+    let mut errors = Vec::new();
+    if quotas.units == Some(0) {
+        errors.push(FieldError {
+            field: "quotas.units".into(),
+            message: "must be at least 1".into(),
+        });
+    }
+    if let Some(regions) = &policies.allowed_regions {
+        if regions.is_empty() {
+            errors.push(FieldError {
+                field: "policies.allowedRegions".into(),
+                message: "must not be empty".into(),
+            });
+        }
+        if policies.data_residency == Some(DataResidency::InRegionOnly)
+            && regions.iter().any(|r| r.as_str() != region)
+        {
+            errors.push(FieldError {
+                field: "policies.allowedRegions".into(),
+                message: "in-region-only residency allows only the tenant's own region".into(),
+            });
+        }
+    } else if policies.data_residency == Some(DataResidency::AllowedRegions) {
+        errors.push(FieldError {
+            field: "policies.allowedRegions".into(),
+            message: "is required when dataResidency is allowed-regions".into(),
+        });
+    }
+    if let Some(days) = policies.retention_days {
+        if days > 36_500 {
+            errors.push(FieldError {
+                field: "policies.retentionDays".into(),
+                message: "must be at most 36500".into(),
+            });
+        }
+    }
+    if let Some(p) = &billing.plan {
+        validate_text("billing.plan", p, 100, &mut errors);
+    }
+    if let Some(c) = &billing.cost_center {
+        validate_text("billing.costCenter", c, 100, &mut errors);
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ServiceError::Validation(errors))
+    }
+}
+
+fn validate_labels(labels: &BTreeMap<String, String>, errors: &mut Vec<FieldError>) {
+    for (k, v) in labels {
+        let key_ok = !k.is_empty()
+            && k.len() <= 63
+            && k.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_./".contains(&b));
+        if !key_ok {
+            errors.push(FieldError {
+                field: format!("labels.{k}"),
+                message: "label keys are 1-63 characters of [a-z0-9-_./]".into(),
+            });
+        }
+        validate_text(&format!("labels.{k}"), v, 253, errors);
+    }
+}
+
+fn validate_vars(vars: &BTreeMap<String, serde_json::Value>, errors: &mut Vec<FieldError>) {
+    for (k, v) in vars {
+        let key_ok = !k.is_empty()
+            && k.len() <= 63
+            && k.as_bytes()[0].is_ascii_lowercase()
+            && k.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !key_ok {
+            errors.push(FieldError {
+                field: format!("vars.{k}"),
+                message: "variable names are [a-z][a-z0-9_]{0,62}".into(),
+            });
+        }
+        if v.to_string().len() > 4096 {
+            errors.push(FieldError {
+                field: format!("vars.{k}"),
+                message: "value must serialize to at most 4096 bytes".into(),
+            });
+        }
+    }
+}
+
+fn validate_app_version(v: &str, errors: &mut Vec<FieldError>) {
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b));
+    if !ok {
+        errors.push(FieldError {
+            field: "app_version".into(),
+            message: "1-64 characters of [A-Za-z0-9._-+]".into(),
+        });
+    }
+}
+
+fn check_version(expected: Option<i64>, current: i64) -> Result<()> {
+    match expected {
+        Some(v) if v != current => Err(ServiceError::PreconditionFailed { current }),
+        _ => Ok(()),
+    }
+}
+
+impl Service {
+    pub fn new(store: Store, settings: ServiceSettings) -> Self {
+        Self {
+            store,
+            settings: Arc::new(settings),
+            job_notify: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Woken whenever this process enqueues a job, so workers do not wait for their poll.
+    pub fn job_notify(&self) -> Arc<tokio::sync::Notify> {
+        self.job_notify.clone()
+    }
+
+    // ------------------------------------------------------------ organizations
+
+    pub async fn create_organization(
+        &self,
+        ctx: &Ctx,
+        req: CreateOrganization,
+    ) -> Result<Organization> {
+        let mut errors = Vec::new();
+        if req.name.trim().is_empty() {
+            errors.push(FieldError {
+                field: "name".into(),
+                message: "must not be empty".into(),
+            });
+        }
+        validate_text("name", &req.name, 200, &mut errors);
+        if !errors.is_empty() {
+            return Err(ServiceError::Validation(errors));
+        }
+        let mut tx = self.store.write().await?;
+        if tx.organization_exists(req.organization_id.as_str()).await? {
+            return Err(ServiceError::Conflict(format!(
+                "organization {:?} already exists",
+                req.organization_id.as_str()
+            )));
+        }
+        let org = tx
+            .insert_organization(req.organization_id.as_str(), &req.name)
+            .await?;
+        tx.audit(AuditInput {
+            tenant_id: None,
+            event_type: "TENANCY_ORGANIZATION_CREATED",
+            actor: &ctx.actor,
+            target: &format!("organization/{}", org.organization_id),
+            payload: json!({"organization_id": org.organization_id, "name": org.name}),
+            correlation_id: Some(&ctx.correlation_id),
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(org)
+    }
+
+    pub async fn get_organization(&self, id: &str) -> Result<Organization> {
+        self.store
+            .get_organization(id)
+            .await?
+            .ok_or_else(|| not_found("organization", id))
+    }
+
+    pub async fn list_organizations(&self, after: &str, limit: i64) -> Result<Vec<Organization>> {
+        Ok(self.store.list_organizations(after, limit).await?)
+    }
+
+    // ------------------------------------------------------------ tenants
+
+    pub async fn create_tenant(&self, ctx: &Ctx, req: CreateTenant) -> Result<Tenant> {
+        validate_docs(
+            req.region.as_str(),
+            &req.quotas,
+            &req.policies,
+            &req.billing,
+        )?;
+        let ts = persistence::now();
+        let row = TenantRow {
+            tenant_id: req.tenant_id.into_string(),
+            organization_id: req.organization_id.into_string(),
+            profile: req.profile,
+            state: TenantState::Draft,
+            region: req.region.into_string(),
+            quotas: req.quotas,
+            policies: req.policies,
+            billing: req.billing,
+            placement: None,
+            pending_job_id: None,
+            archived_at: None,
+            version: 1,
+            created_at: ts.clone(),
+            updated_at: ts.clone(),
+        };
+        let env = EnvironmentRow {
+            tenant_id: row.tenant_id.clone(),
+            name: "prod".into(),
+            region: row.region.clone(),
+            isolation_level: if row.profile.is_pooled() {
+                "shared".into()
+            } else {
+                "strict".into()
+            },
+            cell_id: None,
+            endpoint: None,
+            created_at: ts,
+        };
+        let mut tx = self.store.write().await?;
+        if !tx.organization_exists(&row.organization_id).await? {
+            return Err(invalid(
+                "organization_id",
+                format!("organization {:?} does not exist", row.organization_id),
+            ));
+        }
+        if let Err(e) = tx.insert_tenant(&row).await {
+            if e.is_unique_violation() {
+                return Err(ServiceError::Conflict(format!(
+                    "tenant {:?} already exists",
+                    row.tenant_id
+                )));
+            }
+            return Err(e.into());
+        }
+        tx.insert_environment(&env).await?;
+        tx.audit(AuditInput {
+            tenant_id: Some(&row.tenant_id),
+            event_type: "TENANCY_CREATED",
+            actor: &ctx.actor,
+            target: &tenant_target(&row.tenant_id),
+            payload: json!({
+                "organization_id": row.organization_id,
+                "profile": row.profile,
+                "region": row.region,
+                "quotas": row.quotas,
+                "policies": row.policies,
+                "billing": row.billing,
+            }),
+            correlation_id: Some(&ctx.correlation_id),
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(tenant_to_wire(row, vec![env]))
+    }
+
+    pub async fn get_tenant(&self, id: &str) -> Result<Tenant> {
+        let t = self
+            .store
+            .get_tenant(id)
+            .await?
+            .ok_or_else(|| not_found("tenant", id))?;
+        let envs = self.store.list_environments(id).await?;
+        Ok(tenant_to_wire(t, envs))
+    }
+
+    pub async fn list_tenants(
+        &self,
+        filter: &TenantFilter,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<Tenant>> {
+        let rows = self.store.list_tenants(filter, after, limit).await?;
+        let ids: Vec<String> = rows.iter().map(|t| t.tenant_id.clone()).collect();
+        let mut envs: BTreeMap<String, Vec<EnvironmentRow>> = BTreeMap::new();
+        for e in self.store.environments_of(&ids).await? {
+            envs.entry(e.tenant_id.clone()).or_default().push(e);
+        }
+        Ok(rows
+            .into_iter()
+            .map(|t| {
+                let e = envs.remove(&t.tenant_id).unwrap_or_default();
+                tenant_to_wire(t, e)
+            })
+            .collect())
+    }
+
+    pub async fn patch_tenant(
+        &self,
+        ctx: &Ctx,
+        id: &str,
+        if_match: Option<i64>,
+        patch: PatchTenant,
+    ) -> Result<Tenant> {
+        let mut tx = self.store.write().await?;
+        let current = tx
+            .get_tenant_tx(id)
+            .await?
+            .ok_or_else(|| not_found("tenant", id))?;
+        check_version(if_match, current.version)?;
+        if current.state == TenantState::Deleted {
+            return Err(ServiceError::Conflict(format!(
+                "tenant {id:?} is deleted and cannot change"
+            )));
+        }
+        let quotas = patch.quotas.clone().unwrap_or(current.quotas.clone());
+        let policies = patch.policies.clone().unwrap_or(current.policies.clone());
+        let billing = patch.billing.clone().unwrap_or(current.billing.clone());
+        validate_docs(&current.region, &quotas, &policies, &billing)?;
+        match tx
+            .update_tenant_docs(id, Some(current.version), &quotas, &policies, &billing)
+            .await?
+        {
+            Conditional::Done => {}
+            Conditional::NotFound => return Err(not_found("tenant", id)),
+            _ => {
+                return Err(ServiceError::PreconditionFailed {
+                    current: current.version,
+                })
+            }
+        }
+        tx.audit(AuditInput {
+            tenant_id: Some(id),
+            event_type: "TENANCY_UPDATED",
+            actor: &ctx.actor,
+            target: &tenant_target(id),
+            payload: json!({"changes": patch, "version": current.version + 1}),
+            correlation_id: Some(&ctx.correlation_id),
+        })
+        .await?;
+        let updated = tx
+            .get_tenant_tx(id)
+            .await?
+            .ok_or_else(|| not_found("tenant", id))?;
+        tx.commit().await?;
+        let envs = self.store.list_environments(id).await?;
+        Ok(tenant_to_wire(updated, envs))
+    }
+
+    /// Requests a lifecycle transition: checks it is legal now, reserves the tenant for one
+    /// job and enqueues that job. The state changes when the job's last step commits.
+    pub async fn tenant_action(
+        &self,
+        ctx: &Ctx,
+        id: &str,
+        action: LifecycleAction,
+        if_match: Option<i64>,
+        force: bool,
+    ) -> Result<Job> {
+        let (from, to) = action.transition();
+        let job_id = persistence::new_id("job");
+        let mut tx = self.store.write().await?;
+        let current = tx
+            .get_tenant_tx(id)
+            .await?
+            .ok_or_else(|| not_found("tenant", id))?;
+        check_version(if_match, current.version)?;
+        if let Some(pending) = &current.pending_job_id {
+            return Err(ServiceError::Conflict(format!(
+                "tenant {id:?} already has lifecycle job {pending} in progress"
+            )));
+        }
+        if !from.contains(&current.state) {
+            return Err(ServiceError::Conflict(format!(
+                "cannot {} tenant {id:?} in state {}",
+                action.as_str(),
+                current.state.as_str()
+            )));
+        }
+        if action == LifecycleAction::Delete && !force {
+            let days = current.policies.retention_days.unwrap_or(0) as i64;
+            if let Some(archived) = current
+                .archived_at
+                .as_deref()
+                .and_then(persistence::parse_time)
+            {
+                let until = archived + chrono::Duration::days(days);
+                if until > chrono::Utc::now() {
+                    return Err(ServiceError::Conflict(format!(
+                        "tenant {id:?} is under retention until {}; delete with force=true to override",
+                        persistence::fmt_time(until)
+                    )));
+                }
+            }
+        }
+        match tx
+            .claim_tenant_for_job(id, from, Some(current.version), &job_id)
+            .await?
+        {
+            Conditional::Done => {}
+            Conditional::NotFound => return Err(not_found("tenant", id)),
+            Conditional::VersionMismatch => {
+                return Err(ServiceError::PreconditionFailed {
+                    current: current.version,
+                })
+            }
+            Conditional::StateConflict => {
+                return Err(ServiceError::Conflict(format!(
+                    "tenant {id:?} changed concurrently; retry"
+                )))
+            }
+        }
+        let target = tenant_target(id);
+        let job = tx
+            .insert_job(&NewJob {
+                job_id: &job_id,
+                kind: &format!("tenant.{}", action.as_str()),
+                target: &target,
+                payload: json!({"tenant_id": id, "action": action, "to": to}),
+                max_attempts: self.settings.job_max_attempts,
+                correlation_id: Some(&ctx.correlation_id),
+            })
+            .await?;
+        tx.audit(AuditInput {
+            tenant_id: Some(id),
+            event_type: &format!("TENANCY_{}_REQUESTED", action.as_str().to_uppercase()),
+            actor: &ctx.actor,
+            target: &target,
+            payload: json!({"job_id": job_id, "from": current.state, "to": to, "force": force}),
+            correlation_id: Some(&ctx.correlation_id),
+        })
+        .await?;
+        tx.commit().await?;
+        self.job_notify.notify_waiters();
+        Ok(job)
+    }
+
+    pub async fn create_environment(
+        &self,
+        ctx: &Ctx,
+        tenant_id: &str,
+        req: CreateEnvironment,
+    ) -> Result<Environment> {
+        let mut tx = self.store.write().await?;
+        let t = tx
+            .get_tenant_tx(tenant_id)
+            .await?
+            .ok_or_else(|| not_found("tenant", tenant_id))?;
+        if matches!(t.state, TenantState::Archived | TenantState::Deleted) {
+            return Err(ServiceError::Conflict(format!(
+                "tenant {tenant_id:?} is {} and cannot get environments",
+                t.state.as_str()
+            )));
+        }
+        let region = req
+            .region
+            .map(Id::into_string)
+            .unwrap_or_else(|| t.region.clone());
+        if t.policies.data_residency == Some(DataResidency::InRegionOnly) && region != t.region {
+            return Err(invalid(
+                "region",
+                "the tenant's in-region-only residency forbids another region",
+            ));
+        }
+        if let Some(allowed) = &t.policies.allowed_regions {
+            if region != t.region && !allowed.iter().any(|r| r.as_str() == region) {
+                return Err(invalid("region", "not in the tenant's allowedRegions"));
+            }
+        }
+        let env = EnvironmentRow {
+            tenant_id: tenant_id.to_string(),
+            name: req.name.as_str().to_string(),
+            region,
+            isolation_level: req.isolation_level.as_str().to_string(),
+            cell_id: None,
+            endpoint: None,
+            created_at: persistence::now(),
+        };
+        if let Err(e) = tx.insert_environment(&env).await {
+            if e.is_unique_violation() {
+                return Err(ServiceError::Conflict(format!(
+                    "tenant {tenant_id:?} already has environment {:?}",
+                    env.name
+                )));
+            }
+            return Err(e.into());
+        }
+        tx.audit(AuditInput {
+            tenant_id: Some(tenant_id),
+            event_type: "TENANCY_ENVIRONMENT_CREATED",
+            actor: &ctx.actor,
+            target: &tenant_target(tenant_id),
+            payload: json!({"env": env.name, "region": env.region, "isolation_level": env.isolation_level}),
+            correlation_id: Some(&ctx.correlation_id),
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(env_to_wire(env, t.profile))
+    }
+
+    pub async fn list_environments(&self, tenant_id: &str) -> Result<Vec<Environment>> {
+        let t = self
+            .store
+            .get_tenant(tenant_id)
+            .await?
+            .ok_or_else(|| not_found("tenant", tenant_id))?;
+        Ok(self
+            .store
+            .list_environments(tenant_id)
+            .await?
+            .into_iter()
+            .map(|e| env_to_wire(e, t.profile))
+            .collect())
+    }
+
+    // ------------------------------------------------------------ cells
+
+    pub async fn create_cell(&self, ctx: &Ctx, req: CreateCell) -> Result<CellWithJob> {
+        let mut errors = Vec::new();
+        validate_labels(&req.labels, &mut errors);
+        validate_vars(&req.vars, &mut errors);
+        if let Some(v) = &req.app_version {
+            validate_app_version(v, &mut errors);
+        }
+        if req.capacity.tenants == 0 {
+            errors.push(FieldError {
+                field: "capacity.tenants".into(),
+                message: "must be at least 1".into(),
+            });
+        }
+        if req.capacity.tenants > i64::MAX as u64 || req.capacity.units > i64::MAX as u64 {
+            errors.push(FieldError {
+                field: "capacity".into(),
+                message: "is too large".into(),
+            });
+        }
+        if !errors.is_empty() {
+            return Err(ServiceError::Validation(errors));
+        }
+        let ts = persistence::now();
+        let cell = Cell {
+            cell_id: req.cell_id.into_string(),
+            region: req.region.into_string(),
+            tier: req.tier,
+            template: req.template.into_string(),
+            capacity: req.capacity,
+            used: Capacity::default(),
+            labels: req.labels,
+            vars: req.vars,
+            state: CellState::Pending,
+            outputs: BTreeMap::new(),
+            app_version: req.app_version,
+            drift: None,
+            pending_job_id: None,
+            version: 1,
+            created_at: ts.clone(),
+            updated_at: ts,
+        };
+        let mut tx = self.store.write().await?;
+        if let Err(e) = tx.insert_cell(&cell).await {
+            if e.is_unique_violation() {
+                return Err(ServiceError::Conflict(format!(
+                    "cell {:?} already exists",
+                    cell.cell_id
+                )));
+            }
+            return Err(e.into());
+        }
+        tx.audit(AuditInput {
+            tenant_id: None,
+            event_type: "CELL_REGISTERED",
+            actor: &ctx.actor,
+            target: &cell_target(&cell.cell_id),
+            payload: json!({"region": cell.region, "tier": cell.tier, "template": cell.template,
+                            "capacity": cell.capacity, "labels": cell.labels}),
+            correlation_id: Some(&ctx.correlation_id),
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(CellWithJob { cell, job: None })
+    }
+
+    pub async fn get_cell(&self, id: &str) -> Result<Cell> {
+        self.store
+            .get_cell(id)
+            .await?
+            .ok_or_else(|| not_found("cell", id))
+    }
+
+    pub async fn list_cells(&self, f: &CellFilter, after: &str, limit: i64) -> Result<Vec<Cell>> {
+        Ok(self.store.list_cells(f, after, limit).await?)
+    }
+
+    pub async fn patch_cell(
+        &self,
+        ctx: &Ctx,
+        id: &str,
+        if_match: Option<i64>,
+        patch: PatchCell,
+    ) -> Result<Cell> {
+        let mut errors = Vec::new();
+        if let Some(l) = &patch.labels {
+            validate_labels(l, &mut errors);
+        }
+        if let Some(v) = &patch.vars {
+            validate_vars(v, &mut errors);
+        }
+        if let Some(v) = &patch.app_version {
+            validate_app_version(v, &mut errors);
+        }
+        if !errors.is_empty() {
+            return Err(ServiceError::Validation(errors));
+        }
+        let mut tx = self.store.write().await?;
+        let mut cell = tx
+            .get_cell_tx(id)
+            .await?
+            .ok_or_else(|| not_found("cell", id))?;
+        check_version(if_match, cell.version)?;
+        if matches!(cell.state, CellState::Destroying | CellState::Destroyed) {
+            return Err(ServiceError::Conflict(format!(
+                "cell {id:?} is {} and cannot change",
+                cell.state.as_str()
+            )));
+        }
+        if let Some(c) = patch.capacity {
+            if c.tenants < cell.used.tenants || c.units < cell.used.units {
+                return Err(invalid(
+                    "capacity",
+                    format!(
+                        "must not be below what is in use ({} tenants, {} units)",
+                        cell.used.tenants, cell.used.units
+                    ),
+                ));
+            }
+            cell.capacity = c;
+        }
+        if let Some(l) = patch.labels.clone() {
+            cell.labels = l;
+        }
+        if let Some(v) = patch.vars.clone() {
+            cell.vars = v;
+        }
+        if let Some(v) = patch.app_version.clone() {
+            cell.app_version = Some(v);
+        }
+        cell.version += 1;
+        if !tx.update_cell(&cell).await? {
+            return Err(ServiceError::PreconditionFailed {
+                current: cell.version - 1,
+            });
+        }
+        tx.audit(AuditInput {
+            tenant_id: None,
+            event_type: "CELL_UPDATED",
+            actor: &ctx.actor,
+            target: &cell_target(id),
+            payload: json!({"changes": patch, "version": cell.version}),
+            correlation_id: Some(&ctx.correlation_id),
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(cell)
+    }
+
+    pub async fn drain_cell(&self, ctx: &Ctx, id: &str, if_match: Option<i64>) -> Result<Cell> {
+        let mut tx = self.store.write().await?;
+        let mut cell = tx
+            .get_cell_tx(id)
+            .await?
+            .ok_or_else(|| not_found("cell", id))?;
+        check_version(if_match, cell.version)?;
+        if cell.state != CellState::Active {
+            return Err(ServiceError::Conflict(format!(
+                "cannot drain cell {id:?} in state {}",
+                cell.state.as_str()
+            )));
+        }
+        cell.state = CellState::Draining;
+        cell.version += 1;
+        if !tx.update_cell(&cell).await? {
+            return Err(ServiceError::Conflict(format!(
+                "cell {id:?} changed concurrently; retry"
+            )));
+        }
+        tx.audit(AuditInput {
+            tenant_id: None,
+            event_type: "CELL_DRAINING",
+            actor: &ctx.actor,
+            target: &cell_target(id),
+            payload: json!({"version": cell.version}),
+            correlation_id: Some(&ctx.correlation_id),
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(cell)
+    }
+
+    /// Retires a cell. A cell that was never stamped has nothing to destroy and is retired
+    /// at once; a cell with tenants placed on it is refused.
+    pub async fn delete_cell(
+        &self,
+        ctx: &Ctx,
+        id: &str,
+        if_match: Option<i64>,
+    ) -> Result<CellWithJob> {
+        let mut tx = self.store.write().await?;
+        let mut cell = tx
+            .get_cell_tx(id)
+            .await?
+            .ok_or_else(|| not_found("cell", id))?;
+        check_version(if_match, cell.version)?;
+        let placed = tx.count_tenants_on_cell(id).await?;
+        if placed > 0 {
+            return Err(ServiceError::Conflict(format!(
+                "cell {id:?} still has {placed} tenant environment(s) placed on it; move them first"
+            )));
+        }
+        if let Some(job) = &cell.pending_job_id {
+            return Err(ServiceError::Conflict(format!(
+                "cell {id:?} has job {job} in progress"
+            )));
+        }
+        match cell.state {
+            CellState::Destroyed => {
+                return Err(ServiceError::Conflict(format!(
+                    "cell {id:?} is already destroyed"
+                )))
+            }
+            CellState::Pending | CellState::Failed => {}
+            other => {
+                return Err(ServiceError::Conflict(format!(
+                    "cell {id:?} is {}: destroying a stamped cell needs the stamping engine",
+                    other.as_str()
+                )))
+            }
+        }
+        cell.state = CellState::Destroyed;
+        cell.version += 1;
+        if !tx.update_cell(&cell).await? {
+            return Err(ServiceError::Conflict(format!(
+                "cell {id:?} changed concurrently; retry"
+            )));
+        }
+        tx.audit(AuditInput {
+            tenant_id: None,
+            event_type: "CELL_DESTROYED",
+            actor: &ctx.actor,
+            target: &cell_target(id),
+            payload: json!({"version": cell.version, "stamped": false}),
+            correlation_id: Some(&ctx.correlation_id),
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(CellWithJob { cell, job: None })
+    }
+
+    // ------------------------------------------------------------ jobs
+
+    pub async fn get_job(&self, id: &str) -> Result<Job> {
+        Ok(self
+            .store
+            .get_job(id)
+            .await?
+            .ok_or_else(|| not_found("job", id))?
+            .job)
+    }
+
+    pub async fn job_log(&self, id: &str) -> Result<String> {
+        self.store
+            .job_log(id)
+            .await?
+            .ok_or_else(|| not_found("job", id))
+    }
+
+    pub async fn list_jobs(
+        &self,
+        target: Option<&str>,
+        state: Option<&str>,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<Job>> {
+        Ok(self
+            .store
+            .list_jobs(target, state, None, after, limit)
+            .await?
+            .into_iter()
+            .map(|j| j.job)
+            .collect())
+    }
+
+    pub async fn cancel_job(&self, ctx: &Ctx, id: &str) -> Result<Job> {
+        let mut tx = self.store.write().await?;
+        let job = tx
+            .get_job_tx(id)
+            .await?
+            .ok_or_else(|| not_found("job", id))?;
+        if job.job.state.is_terminal() {
+            return Err(ServiceError::Conflict(format!(
+                "job {id} already ended as {}",
+                job.job.state.as_str()
+            )));
+        }
+        let state = tx.request_cancel(id).await?;
+        let tenant_id = job.job.target.strip_prefix("tenant/").map(str::to_string);
+        if state == Some(JobState::Cancelled) {
+            // Cancelled before it ran: release what it reserved.
+            if let Some(t) = &tenant_id {
+                tx.finish_tenant_transition(t, id, None).await?;
+            }
+        }
+        let prefix = if tenant_id.is_some() {
+            "TENANCY"
+        } else {
+            "CELL"
+        };
+        tx.audit(AuditInput {
+            tenant_id: tenant_id.as_deref(),
+            event_type: &format!("{prefix}_JOB_CANCEL_REQUESTED"),
+            actor: &ctx.actor,
+            target: &job.job.target,
+            payload: json!({"job_id": id, "kind": job.job.kind}),
+            correlation_id: Some(&ctx.correlation_id),
+        })
+        .await?;
+        let after = tx
+            .get_job_tx(id)
+            .await?
+            .ok_or_else(|| not_found("job", id))?;
+        tx.commit().await?;
+        Ok(after.job)
+    }
+
+    // ------------------------------------------------------------ audit
+
+    pub async fn list_audit(
+        &self,
+        tenant_id: Option<&str>,
+        target: Option<&str>,
+        since: Option<&str>,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>> {
+        Ok(self
+            .store
+            .list_audit(tenant_id, target, since, after_seq, limit)
+            .await?)
+    }
+
+    pub async fn verify_audit(&self) -> Result<AuditVerify> {
+        Ok(match self.store.verify_audit().await? {
+            persistence::VerifyOutcome::Ok { records } => AuditVerify {
+                ok: true,
+                records,
+                broken_seq: None,
+                reason: None,
+            },
+            persistence::VerifyOutcome::Broken {
+                records,
+                seq,
+                reason,
+            } => AuditVerify {
+                ok: false,
+                records,
+                broken_seq: Some(seq),
+                reason: Some(reason),
+            },
+        })
+    }
+
+    // ------------------------------------------------------------ tokens
+
+    pub async fn create_token(&self, ctx: &Ctx, req: CreateToken) -> Result<CreatedToken> {
+        match (req.role, &req.tenant_id) {
+            (Role::TenantAdmin, None) => {
+                return Err(invalid("tenant_id", "is required for tenant-admin tokens"))
+            }
+            (Role::TenantAdmin, Some(_)) => {}
+            (_, Some(_)) => {
+                return Err(invalid(
+                    "tenant_id",
+                    "only tenant-admin tokens are scoped to a tenant",
+                ))
+            }
+            _ => {}
+        }
+        let mut errors = Vec::new();
+        if let Some(d) = &req.description {
+            validate_text("description", d, 200, &mut errors);
+        }
+        if !errors.is_empty() {
+            return Err(ServiceError::Validation(errors));
+        }
+        let secret = crate::auth::new_secret();
+        let info = TokenInfo {
+            token_id: persistence::new_id("tok"),
+            role: req.role,
+            tenant_id: req.tenant_id.map(Id::into_string),
+            description: req.description,
+            created_at: persistence::now(),
+            revoked_at: None,
+        };
+        let mut tx = self.store.write().await?;
+        if let Some(t) = &info.tenant_id {
+            if tx.get_tenant_tx(t).await?.is_none() {
+                return Err(invalid("tenant_id", format!("tenant {t:?} does not exist")));
+            }
+        }
+        tx.insert_token(&info, &crate::auth::hash_token(&secret))
+            .await?;
+        tx.audit(AuditInput {
+            tenant_id: info.tenant_id.as_deref(),
+            event_type: "TENANCY_TOKEN_CREATED",
+            actor: &ctx.actor,
+            target: &format!("token/{}", info.token_id),
+            payload: json!({"role": info.role, "tenant_id": info.tenant_id}),
+            correlation_id: Some(&ctx.correlation_id),
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(CreatedToken {
+            info,
+            token: secret,
+        })
+    }
+
+    pub async fn list_tokens(&self, after: &str, limit: i64) -> Result<Vec<TokenInfo>> {
+        Ok(self
+            .store
+            .list_tokens(after, limit)
+            .await?
+            .into_iter()
+            .map(|t| t.info)
+            .collect())
+    }
+
+    pub async fn revoke_token(&self, ctx: &Ctx, id: &str) -> Result<TokenInfo> {
+        let existing = self
+            .store
+            .get_token(id)
+            .await?
+            .ok_or_else(|| not_found("token", id))?;
+        let mut tx = self.store.write().await?;
+        if !tx.revoke_token(id).await? {
+            return Err(ServiceError::Conflict(format!(
+                "token {id} is already revoked"
+            )));
+        }
+        tx.audit(AuditInput {
+            tenant_id: existing.info.tenant_id.as_deref(),
+            event_type: "TENANCY_TOKEN_REVOKED",
+            actor: &ctx.actor,
+            target: &format!("token/{id}"),
+            payload: json!({"role": existing.info.role}),
+            correlation_id: Some(&ctx.correlation_id),
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(self
+            .store
+            .get_token(id)
+            .await?
+            .map(|t| t.info)
+            .unwrap_or(existing.info))
+    }
+
+    /// Installs the bootstrap admin token (from the environment or the generated file).
+    pub async fn install_admin_token(&self, secret: &str) -> Result<()> {
+        let mut tx = self.store.write().await?;
+        if tx
+            .upsert_admin_token(&crate::auth::hash_token(secret))
+            .await?
+        {
+            tx.audit(AuditInput {
+                tenant_id: None,
+                event_type: "TENANCY_TOKEN_CREATED",
+                actor: "system",
+                target: "token/admin",
+                payload: json!({"role": "admin", "bootstrap": true}),
+                correlation_id: None,
+            })
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapping_differs_by_strategy_not_by_code() {
+        let pooled = resource_mapping("acme", "prod", Profile::MtStandard);
+        assert_eq!(pooled["schema"], "t_acme");
+        assert_eq!(pooled["object_prefix"], "tenants/acme");
+        let dedicated = resource_mapping("acme-co", "dev", Profile::StDedicated);
+        assert_eq!(dedicated["database"], "warehouse_acme_co_dev");
+        assert_eq!(dedicated["bucket"], "data-acme-co-dev");
+    }
+}

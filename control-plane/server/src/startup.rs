@@ -1,0 +1,227 @@
+//! Building and running the server: open the store, install the bootstrap admin token,
+//! bind the listener (port 0 in tests), start the job workers, serve until a shutdown
+//! signal, then drain requests and stop the workers within the grace period.
+
+use crate::config::Config;
+use crate::http::{self, AppState, RateLimiter};
+use crate::jobs::JobEngine;
+use crate::persistence::Store;
+use crate::service::{Service, ServiceSettings};
+use crate::telemetry::HttpMetrics;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the store: {0}")]
+    Store(#[from] crate::persistence::StoreError),
+    #[error("cannot install the admin token: {0}")]
+    AdminToken(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+pub struct Application {
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    state: AppState,
+    engine: JobEngine,
+    config: Config,
+    admin_token_source: String,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> Result<Self, StartupError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartupError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let store = Store::open(
+            config.database_url.as_ref().map(|s| s.expose()),
+            &config.data_dir,
+            config.database_max_connections,
+        )
+        .await?;
+        let service = Service::new(
+            store,
+            ServiceSettings {
+                job_max_attempts: config.jobs.max_attempts.max(1),
+            },
+        );
+        let (secret, admin_token_source) = admin_token(&config)?;
+        service
+            .install_admin_token(&secret)
+            .await
+            .map_err(|e| StartupError::AdminToken(e.to_string()))?;
+        let engine = JobEngine::new(service.clone(), config.jobs.clone());
+        let state = AppState {
+            service,
+            max_body_bytes: config.max_body_bytes,
+            http_metrics: Arc::new(HttpMetrics::default()),
+            job_metrics: engine.metrics.clone(),
+            limiter: Arc::new(RateLimiter::new(
+                config.rate_limit.authoring_per_sec,
+                config.rate_limit.authoring_burst,
+            )),
+        };
+        let listener = tokio::net::TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| StartupError::Bind {
+                addr: config.listen.clone(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartupError::Bind {
+            addr: config.listen.clone(),
+            source,
+        })?;
+        Ok(Self {
+            listener,
+            addr,
+            state,
+            engine,
+            config,
+            admin_token_source,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Where the admin token came from, for the startup banner.
+    pub fn admin_token_source(&self) -> &str {
+        &self.admin_token_source
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.state.service.store().backend().as_str()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains within the grace period.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let workers_stop = CancellationToken::new();
+        let workers = self.engine.spawn(workers_stop.clone());
+        let housekeeping = spawn_housekeeping(self.state.service.clone(), workers_stop.clone());
+        let app = http::router(self.state.clone());
+        let grace = Duration::from_secs(self.config.shutdown_grace_secs);
+        tracing::info!(addr = %self.addr, store = self.backend(), "control plane listening");
+        let server_stop = shutdown.clone();
+        let server = axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move { server_stop.cancelled().await });
+        let result = server.await;
+        tracing::info!("stopped accepting requests; stopping job workers");
+        workers_stop.cancel();
+        let join = futures_util::future::join_all(workers);
+        if tokio::time::timeout(grace, join).await.is_err() {
+            tracing::warn!(
+                "job workers did not stop within the grace period; their leases will expire"
+            );
+        }
+        housekeeping.abort();
+        self.state.service.store().close().await;
+        tracing::info!("control plane stopped");
+        result
+    }
+}
+
+fn spawn_housekeeping(service: Service, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            }
+            let before =
+                crate::persistence::fmt_time(chrono::Utc::now() - chrono::Duration::hours(24));
+            if let Err(e) = service.store().expire_idempotency_keys(&before).await {
+                tracing::warn!(error = %e, "expiring idempotency keys failed");
+            }
+        }
+    })
+}
+
+/// The admin secret: from configuration (`CELLPLANE_ADMIN_TOKEN`), else the token file in
+/// the data directory, else a new one written there with mode 0600.
+fn admin_token(config: &Config) -> Result<(String, String), StartupError> {
+    if let Some(t) = &config.admin_token {
+        let t = t.expose().trim().to_string();
+        if t.len() < 16 {
+            return Err(StartupError::AdminToken(
+                "CELLPLANE_ADMIN_TOKEN must be at least 16 characters".into(),
+            ));
+        }
+        return Ok((t, "the CELLPLANE_ADMIN_TOKEN environment variable".into()));
+    }
+    let path = config.data_dir.join("admin-token");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => {
+            return Ok((s.trim().to_string(), path.display().to_string()))
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(StartupError::AdminToken(format!(
+                "cannot read {}: {e}",
+                path.display()
+            )))
+        }
+    }
+    let secret = crate::auth::new_secret();
+    write_private(&path, &secret)
+        .map_err(|e| StartupError::AdminToken(format!("cannot write {}: {e}", path.display())))?;
+    Ok((secret, path.display().to_string()))
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}
