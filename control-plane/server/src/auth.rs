@@ -44,13 +44,13 @@ impl Principal {
 
     /// Checks a route that is not about one tenant (cells, organizations, tokens, lists).
     pub fn allow(&self, access: Access) -> Result<(), Denied> {
-        let ok = match (self.role, access) {
-            (Role::Admin, _) => true,
-            (Role::Operator, Access::Read | Access::Write | Access::Router) => true,
-            (Role::Viewer, Access::Read) => true,
-            (Role::Router, Access::Router) => true,
-            _ => false,
-        };
+        let ok = matches!(
+            (self.role, access),
+            (Role::Admin, _)
+                | (Role::Operator, Access::Read | Access::Write | Access::Router)
+                | (Role::Viewer, Access::Read)
+                | (Role::Router, Access::Router)
+        );
         if ok {
             Ok(())
         } else {

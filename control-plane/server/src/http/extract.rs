@@ -35,12 +35,38 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
                 "send the body as application/json",
             ));
         }
-        let limit = state.max_body_bytes;
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|_| ApiError::too_large(limit))?;
+        let bytes = read_body(req.into_body(), state.max_body_bytes).await?;
         parse_json(&bytes).map(ApiJson)
     }
+}
+
+/// Bodies larger than this past the limit are not drained; the connection is dropped.
+const MAX_DRAIN_BYTES: usize = 64 * 1024 * 1024;
+
+/// Reads a body of at most `limit` bytes. An oversized body is read to its end (up to a
+/// cap) before the 413 is sent, so the client can finish writing and read the answer on a
+/// connection that stays usable.
+pub async fn read_body(body: axum::body::Body, limit: usize) -> ApiResult<bytes::Bytes> {
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|_| ApiError::bad_request("the request body could not be read"))?;
+        seen += chunk.len();
+        if seen > limit {
+            if seen > limit + MAX_DRAIN_BYTES {
+                break;
+            }
+            continue;
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    if seen > limit {
+        return Err(ApiError::too_large(limit));
+    }
+    Ok(buf.freeze())
 }
 
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
@@ -176,7 +202,7 @@ pub fn decode_cursor(cursor: Option<&str>) -> ApiResult<String> {
         .map_err(|_| bad())?;
     let s = String::from_utf8(bytes).map_err(|_| bad())?;
     let key = s.strip_prefix("v1:").ok_or_else(bad)?;
-    if key.len() > 128 || key.chars().any(|c| c.is_control()) {
+    if key.is_empty() || key.len() > 128 || key.chars().any(|c| c.is_control()) {
         return Err(bad());
     }
     Ok(key.to_string())

@@ -150,6 +150,8 @@ async fn observe(State(state): State<AppState>, mut req: Request, next: Next) ->
     let span =
         tracing::info_span!("request", method = %method, route = %route, correlation_id = %corr);
     let mut resp = if too_large {
+        let (_, body) = req.into_parts();
+        let _ = extract::read_body(body, 0).await;
         ApiError::too_large(state.max_body_bytes).into_response()
     } else {
         use tracing::Instrument;
@@ -277,9 +279,7 @@ async fn idempotency_inner(state: AppState, req: Request, next: Next) -> ApiResu
         .map(|p| p.token_id.clone())
         .ok_or_else(ApiError::internal)?;
     let (parts, body) = req.into_parts();
-    let bytes = axum::body::to_bytes(body, state.max_body_bytes)
-        .await
-        .map_err(|_| ApiError::too_large(state.max_body_bytes))?;
+    let bytes = extract::read_body(body, state.max_body_bytes).await?;
     let mut h = Sha256::new();
     h.update(parts.method.as_str());
     h.update([0]);

@@ -1,0 +1,10 @@
+//! End-to-end tests of the control plane through its real binary, on SQLite and on
+//! PostgreSQL. One test binary; one module per concern.
+
+mod audit;
+mod authz;
+mod bad_input;
+mod conventions;
+mod jobs;
+mod lifecycle;
+mod store;
