@@ -366,18 +366,19 @@ impl Service {
             created_at: ts,
         };
         let mut tx = self.store.write().await?;
-        if !tx.organization_exists(&row.organization_id).await? {
-            return Err(invalid(
-                "organization_id",
-                format!("organization {:?} does not exist", row.organization_id),
-            ));
-        }
+        // The foreign key checks the organization; no extra round trip on the hot path.
         if let Err(e) = tx.insert_tenant(&row).await {
             if e.is_unique_violation() {
                 return Err(ServiceError::Conflict(format!(
                     "tenant {:?} already exists",
                     row.tenant_id
                 )));
+            }
+            if e.is_foreign_key_violation() {
+                return Err(invalid(
+                    "organization_id",
+                    format!("organization {:?} does not exist", row.organization_id),
+                ));
             }
             return Err(e.into());
         }

@@ -74,6 +74,7 @@ impl Application {
                 config.rate_limit.authoring_per_sec,
                 config.rate_limit.authoring_burst,
             )),
+            tokens: Arc::new(crate::auth::TokenCache::new(Duration::from_secs(5))),
         };
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await

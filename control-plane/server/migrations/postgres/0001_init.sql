@@ -158,3 +158,18 @@ CREATE TABLE leases (
     owner TEXT NOT NULL,
     expires_at TEXT NOT NULL
 );
+
+-- Appending an audit record moves the chain head and queues its outbox event in the same
+-- statement, so a write pays one round trip for its audit trail.
+CREATE FUNCTION cellplane_audit_after_insert() RETURNS trigger AS $$
+BEGIN
+    UPDATE chain_head SET hash = NEW.hash WHERE id = 1;
+    INSERT INTO outbox (seq, event_id, event_type, tenant_id, payload, correlation_id, created_at)
+    VALUES (NEW.seq, NEW.audit_id, NEW.event_type, NEW.tenant_id, NEW.payload, NEW.correlation_id, NEW.occurred_at)
+    ON CONFLICT (seq) DO NOTHING;
+    RETURN NULL;
+END
+$$ LANGUAGE plpgsql;
+
+CREATE TRIGGER tenant_audit_after_insert AFTER INSERT ON tenant_audit
+    FOR EACH ROW EXECUTE FUNCTION cellplane_audit_after_insert();

@@ -38,6 +38,7 @@ pub struct AppState {
     pub http_metrics: Arc<HttpMetrics>,
     pub job_metrics: Arc<JobMetrics>,
     pub limiter: Arc<RateLimiter>,
+    pub tokens: Arc<crate::auth::TokenCache>,
 }
 
 /// The correlation id of the current request (accepted from the client or generated).
@@ -223,22 +224,26 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
     let Some(token) = token.filter(|t| !t.is_empty() && t.len() <= 256) else {
         return ApiError::unauthorized("send Authorization: Bearer <token>").into_response();
     };
-    let row = match state
-        .service
-        .store()
-        .token_by_hash(&hash_token(token))
-        .await
-    {
-        Ok(Some(row)) => row,
-        Ok(None) => {
-            return ApiError::unauthorized("the token is unknown or revoked").into_response()
-        }
-        Err(e) => return ApiError::from(crate::service::ServiceError::Store(e)).into_response(),
-    };
-    let principal = Principal {
-        token_id: row.info.token_id,
-        role: row.info.role,
-        tenant_id: row.info.tenant_id,
+    let token_hash = hash_token(token);
+    let principal = match state.tokens.get(&token_hash) {
+        Some(p) => p,
+        None => match state.service.store().token_by_hash(&token_hash).await {
+            Ok(Some(row)) => {
+                let p = Principal {
+                    token_id: row.info.token_id,
+                    role: row.info.role,
+                    tenant_id: row.info.tenant_id,
+                };
+                state.tokens.put(token_hash, p.clone());
+                p
+            }
+            Ok(None) => {
+                return ApiError::unauthorized("the token is unknown or revoked").into_response()
+            }
+            Err(e) => {
+                return ApiError::from(crate::service::ServiceError::Store(e)).into_response()
+            }
+        },
     };
     let authoring = matches!(*req.method(), Method::POST | Method::PATCH | Method::DELETE);
     if authoring {

@@ -55,5 +55,7 @@ pub async fn revoke(
 ) -> ApiResult<Json<TokenInfo>> {
     let id = path.id("token_id")?;
     p.allow(Access::Admin)?;
-    Ok(Json(s.service.revoke_token(&ctx(&p, &c), &id).await?))
+    let info = s.service.revoke_token(&ctx(&p, &c), &id).await?;
+    s.tokens.clear();
+    Ok(Json(info))
 }

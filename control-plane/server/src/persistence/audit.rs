@@ -59,7 +59,8 @@ fn record_hash(
 }
 
 impl WriteTx {
-    /// Appends one audit record and its outbox event inside this transaction.
+    /// Appends one audit record inside this transaction; the insert trigger moves the chain
+    /// head and queues the outbox event in the same statement.
     pub async fn audit(&mut self, input: AuditInput<'_>) -> Result<i64> {
         let row =
             sqlx::query("UPDATE chain_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
@@ -82,10 +83,6 @@ impl WriteTx {
             &occurred_at,
             &prev_hash,
         );
-        sqlx::query("UPDATE chain_head SET hash = $1 WHERE id = 1")
-            .bind(&hash)
-            .execute(&mut *self.tx)
-            .await?;
         sqlx::query(
             "INSERT INTO tenant_audit (seq, audit_id, tenant_id, event_type, actor, target, payload, \
              correlation_id, occurred_at, prev_hash, hash) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
@@ -101,19 +98,6 @@ impl WriteTx {
         .bind(&occurred_at)
         .bind(&prev_hash)
         .bind(&hash)
-        .execute(&mut *self.tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO outbox (seq, event_id, event_type, tenant_id, payload, correlation_id, created_at) \
-             VALUES ($1,$2,$3,$4,$5,$6,$7)",
-        )
-        .bind(seq)
-        .bind(&audit_id)
-        .bind(input.event_type)
-        .bind(input.tenant_id)
-        .bind(&payload)
-        .bind(input.correlation_id)
-        .bind(&occurred_at)
         .execute(&mut *self.tx)
         .await?;
         Ok(seq)
