@@ -628,3 +628,207 @@ pub struct CreatedToken {
     pub info: TokenInfo,
     pub token: String,
 }
+
+// ---------------------------------------------------------------- routing
+
+/// What the router does with a tenant environment's requests.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteMode {
+    /// Forward to the route's cell.
+    Serve,
+    /// Park requests (bounded in time and count) until the route changes.
+    Hold,
+    /// Refuse with 403.
+    Suspended,
+}
+
+impl RouteMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteMode::Serve => "serve",
+            RouteMode::Hold => "hold",
+            RouteMode::Suspended => "suspended",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "serve" => Some(Self::Serve),
+            "hold" => Some(Self::Hold),
+            "suspended" => Some(Self::Suspended),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of the routing table: `(tenant_id, env) → cell`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Route {
+    pub tenant_id: String,
+    pub env: String,
+    pub cell_id: String,
+    /// Base URL of the cell, e.g. `http://127.0.0.1:8081`.
+    pub endpoint: String,
+    pub mode: RouteMode,
+    /// Sustained requests per second the router admits for this tenant (burst = rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteKey {
+    pub tenant_id: String,
+    pub env: String,
+}
+
+/// `GET /v1/routes?since=`: the changes after `since`, or the whole table when `full`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RouteChanges {
+    pub revision: i64,
+    pub full: bool,
+    pub upserts: Vec<Route>,
+    pub removals: Vec<RouteKey>,
+}
+
+/// `PATCH /v1/routes/{tenant_id}/{env}`: operators hold and release a route.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchRoute {
+    /// `hold` or `serve`; `suspended` belongs to the tenant lifecycle.
+    pub mode: RouteMode,
+}
+
+/// One retained change of the routing table.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RouteHistoryEntry {
+    pub revision: i64,
+    pub tenant_id: String,
+    pub env: String,
+    /// `upsert` or `remove`.
+    pub op: String,
+    pub cell_id: Option<String>,
+    pub mode: Option<RouteMode>,
+    pub changed_at: String,
+}
+
+/// `POST /v1/routers/{router_id}/heartbeat`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouterHeartbeat {
+    pub applied_revision: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub stats: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RouterInfo {
+    pub router_id: String,
+    pub applied_revision: i64,
+    /// Revisions the router is behind the table (0 when current).
+    pub lag: i64,
+    #[schema(value_type = Option<Object>)]
+    pub stats: Option<serde_json::Value>,
+    pub first_seen: String,
+    pub last_seen: String,
+    /// Seen within the liveness window (three heartbeat intervals).
+    pub live: bool,
+}
+
+// ---------------------------------------------------------------- regions
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PlacementStrategy {
+    /// Least utilized cell first.
+    #[default]
+    Spread,
+    /// Most utilized cell that still fits first.
+    Binpack,
+}
+
+impl PlacementStrategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlacementStrategy::Spread => "spread",
+            PlacementStrategy::Binpack => "binpack",
+        }
+    }
+}
+
+/// Placement policy of a region: `PUT /v1/regions/{region}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegionPolicy {
+    /// Stamp a new pooled cell when no pooled cell has room.
+    #[serde(default)]
+    pub auto_stamp: bool,
+    /// Template of auto-stamped and dedicated cells.
+    #[serde(default = "default_template")]
+    pub default_template: Id,
+    /// Capacity of auto-stamped pooled cells.
+    #[serde(default = "default_pooled_capacity")]
+    pub pooled_capacity: Capacity,
+    /// Pre-stamp a pooled cell when the region's pooled utilization passes this (0..1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prestamp_threshold: Option<f64>,
+    #[serde(default)]
+    pub strategy: PlacementStrategy,
+    /// Variables given to cells stamped by placement.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub vars: BTreeMap<String, serde_json::Value>,
+}
+
+fn default_template() -> Id {
+    Id::parse("local").expect("a valid identifier")
+}
+
+fn default_pooled_capacity() -> Capacity {
+    Capacity {
+        tenants: 50,
+        units: 100,
+    }
+}
+
+impl Default for RegionPolicy {
+    fn default() -> Self {
+        Self {
+            auto_stamp: false,
+            default_template: default_template(),
+            pooled_capacity: default_pooled_capacity(),
+            prestamp_threshold: None,
+            strategy: PlacementStrategy::Spread,
+            vars: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Region {
+    pub region: String,
+    pub policy: RegionPolicy,
+    pub version: i64,
+    pub updated_at: String,
+}
+
+/// Why a tenant environment went where it did; stored on the tenant (`placement`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct PlacementDecision {
+    pub env: String,
+    pub cell_id: String,
+    pub region: String,
+    pub tier: Tier,
+    /// `spread`, `binpack` or `dedicated`.
+    pub strategy: String,
+    /// Human-readable reason, e.g. "least utilized active pooled cell in eu-west-1 (…)".
+    pub reason: String,
+    /// Utilization of the chosen cell after placement (0..1).
+    pub utilization_after: f64,
+    /// Cells that were considered, best first.
+    pub candidates: Vec<String>,
+    /// Whether a cell was stamped for this placement.
+    pub stamped: bool,
+    pub units: u64,
+    pub decided_at: String,
+}

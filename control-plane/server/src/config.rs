@@ -39,6 +39,8 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     pub rate_limit: RateLimitConfig,
     pub jobs: JobsConfig,
+    pub routing: RoutingConfig,
+    pub placement: PlacementConfig,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -70,6 +72,55 @@ pub struct JobsConfig {
     pub step_delay_ms: u64,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Route changes kept for delta watches; older watchers get the full table.
+    pub history_limit: i64,
+    /// Upper bound of `wait` on `GET /v1/routes`.
+    pub max_wait_secs: u64,
+    /// How often the revision is re-read from the store, so a watch served by this
+    /// replica sees changes committed by another one.
+    pub revision_poll_ms: u64,
+    /// A router not heard from for this long is not live.
+    pub router_live_secs: u64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            history_limit: 10_000,
+            max_wait_secs: 60,
+            revision_poll_ms: 500,
+            router_live_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlacementConfig {
+    /// Strategy for regions without a policy: `spread` or `binpack`.
+    pub strategy: cellplane_api::PlacementStrategy,
+    /// Give up on a placement that waits for a cell to be stamped after this long.
+    pub stamp_wait_secs: u64,
+    /// How often a placement waiting for a stamped cell looks again.
+    pub stamp_poll_ms: u64,
+    /// Default pre-stamp threshold for regions whose policy sets none (0 disables).
+    pub prestamp_threshold: f64,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        Self {
+            strategy: cellplane_api::PlacementStrategy::Spread,
+            stamp_wait_secs: 900,
+            stamp_poll_ms: 500,
+            prestamp_threshold: 0.7,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -83,6 +134,8 @@ impl Default for Config {
             shutdown_grace_secs: 10,
             rate_limit: RateLimitConfig::default(),
             jobs: JobsConfig::default(),
+            routing: RoutingConfig::default(),
+            placement: PlacementConfig::default(),
         }
     }
 }

@@ -8,8 +8,9 @@
 
 use crate::config::JobsConfig;
 use crate::persistence::{self, AuditInput, JobRow, Store};
+use crate::placement::Placement;
 use crate::service::Service;
-use cellplane_api::{JobState, LifecycleAction, TenantState};
+use cellplane_api::{JobState, LifecycleAction, RouteMode, TenantState};
 use rand::Rng;
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +27,18 @@ pub enum Step {
     CheckTenant,
     /// Every environment of the tenant has its resource mapping recorded.
     PrepareEnvironments,
+    /// Every environment holds capacity on a cell (pooled, or its dedicated cell).
+    Place,
+    /// Every placed environment has a `serve` route.
+    PublishServe,
+    /// Every placed environment has a `suspended` route.
+    PublishSuspended,
+    /// The tenant has no routes.
+    RemoveRoutes,
+    /// The tenant's environments hold no capacity (they keep their cell: the data is there).
+    ReleaseCapacity,
+    /// The tenant's environments hold no capacity and point at no cell.
+    ForgetCells,
 }
 
 impl Step {
@@ -33,6 +46,12 @@ impl Step {
         match self {
             Step::CheckTenant => "check-tenant",
             Step::PrepareEnvironments => "prepare-environments",
+            Step::Place => "place",
+            Step::PublishServe => "publish-routes",
+            Step::PublishSuspended => "suspend-routes",
+            Step::RemoveRoutes => "remove-routes",
+            Step::ReleaseCapacity => "release-capacity",
+            Step::ForgetCells => "forget-cells",
         }
     }
 }
@@ -40,10 +59,16 @@ impl Step {
 /// The steps of each job kind, in order; the commit of the end state follows the last.
 pub fn pipeline(kind: &str) -> Option<&'static [Step]> {
     match kind {
-        "tenant.activate" => Some(&[Step::CheckTenant, Step::PrepareEnvironments]),
-        "tenant.suspend" | "tenant.resume" | "tenant.archive" | "tenant.delete" => {
-            Some(&[Step::CheckTenant])
-        }
+        "tenant.activate" => Some(&[
+            Step::CheckTenant,
+            Step::PrepareEnvironments,
+            Step::Place,
+            Step::PublishServe,
+        ]),
+        "tenant.suspend" => Some(&[Step::CheckTenant, Step::PublishSuspended]),
+        "tenant.resume" => Some(&[Step::CheckTenant, Step::Place, Step::PublishServe]),
+        "tenant.archive" => Some(&[Step::CheckTenant, Step::RemoveRoutes, Step::ReleaseCapacity]),
+        "tenant.delete" => Some(&[Step::CheckTenant, Step::RemoveRoutes, Step::ForgetCells]),
         _ => None,
     }
 }
@@ -56,6 +81,19 @@ enum StepError {
     /// Will not get better by retrying.
     #[error("{0}")]
     Fatal(String),
+    /// Waiting on something that takes time (a cell being stamped): look again later
+    /// without spending an attempt.
+    #[error("{0}")]
+    Wait(String),
+}
+
+impl From<crate::service::ServiceError> for StepError {
+    fn from(e: crate::service::ServiceError) -> Self {
+        match e {
+            crate::service::ServiceError::Store(e) => StepError::Retryable(e.to_string()),
+            other => StepError::Fatal(other.to_string()),
+        }
+    }
 }
 
 impl From<persistence::StoreError> for StepError {
@@ -87,6 +125,8 @@ enum Outcome {
     Failed(String),
     Cancelled,
     Retry(String),
+    /// Waiting on something slow; requeue without spending an attempt.
+    Defer(String),
     /// The lease was lost or the process is stopping: leave the job to whoever holds it.
     Abandoned,
 }
@@ -221,6 +261,7 @@ impl JobEngine {
                 Err(StepError::Retryable(e)) => {
                     return Outcome::Retry(format!("{}: {e}", step.name()))
                 }
+                Err(StepError::Wait(e)) => return self.defer_or_give_up(job, *step, e),
             };
             let log = format!("{} step {} done: {line}\n", persistence::now(), step.name());
             match self
@@ -256,6 +297,28 @@ impl JobEngine {
         Outcome::Succeeded
     }
 
+    /// A waiting step is retried until the placement deadline, counted from the job's
+    /// first start.
+    fn defer_or_give_up(&self, job: &JobRow, step: Step, why: String) -> Outcome {
+        let limit = chrono::Duration::seconds(
+            self.service.settings().placement.stamp_wait_secs.max(1) as i64,
+        );
+        let started = job
+            .job
+            .started_at
+            .as_deref()
+            .and_then(persistence::parse_time)
+            .unwrap_or_else(chrono::Utc::now);
+        if chrono::Utc::now() - started > limit {
+            return Outcome::Failed(format!(
+                "{}: gave up after {} s: {why}",
+                step.name(),
+                limit.num_seconds()
+            ));
+        }
+        Outcome::Defer(format!("{}: {why}", step.name()))
+    }
+
     async fn run_step(&self, step: Step, job: &JobRow) -> Result<String, StepError> {
         let tenant_id = job.payload["tenant_id"]
             .as_str()
@@ -278,6 +341,72 @@ impl JobEngine {
                 let envs = self.store().list_environments(tenant_id).await?;
                 let names: Vec<&str> = envs.iter().map(|e| e.name.as_str()).collect();
                 Ok(format!("environments ready: {}", names.join(", ")))
+            }
+            Step::Place => {
+                let corr = job.job.correlation_id.as_deref();
+                let envs = self.store().list_environments(tenant_id).await?;
+                let mut done = Vec::new();
+                for e in &envs {
+                    match self
+                        .service
+                        .place_environment(tenant_id, &e.name, corr)
+                        .await?
+                    {
+                        Placement::Placed(d) => {
+                            done.push(format!("{} → {} ({})", e.name, d.cell_id, d.reason))
+                        }
+                        Placement::AlreadyPlaced(c) => done.push(format!("{} on {c}", e.name)),
+                        Placement::Waiting(why) => return Err(StepError::Wait(why)),
+                        Placement::Impossible(why) => {
+                            self.service
+                                .record_placement_failure(tenant_id, &e.name, &why, corr)
+                                .await?;
+                            return Err(StepError::Fatal(format!(
+                                "cannot place {tenant_id}/{}: {why}",
+                                e.name
+                            )));
+                        }
+                    }
+                }
+                Ok(format!("placed: {}", done.join("; ")))
+            }
+            Step::PublishServe | Step::PublishSuspended => {
+                let mode = if step == Step::PublishServe {
+                    RouteMode::Serve
+                } else {
+                    RouteMode::Suspended
+                };
+                let changed = self
+                    .service
+                    .publish_tenant_routes(tenant_id, mode, job.job.correlation_id.as_deref())
+                    .await?;
+                Ok(format!(
+                    "routes {}: {}",
+                    mode.as_str(),
+                    if changed.is_empty() {
+                        "already published".to_string()
+                    } else {
+                        changed.join(", ")
+                    }
+                ))
+            }
+            Step::RemoveRoutes => {
+                let removed = self
+                    .service
+                    .remove_tenant_routes(tenant_id, job.job.correlation_id.as_deref())
+                    .await?;
+                Ok(format!("routes removed: {}", removed.join(", ")))
+            }
+            Step::ReleaseCapacity | Step::ForgetCells => {
+                let released = self
+                    .service
+                    .release_tenant(
+                        tenant_id,
+                        step == Step::ForgetCells,
+                        job.job.correlation_id.as_deref(),
+                    )
+                    .await?;
+                Ok(format!("capacity released: {}", released.join(", ")))
             }
         }
     }
@@ -312,6 +441,17 @@ impl JobEngine {
                     .map(|_| ())
             }
             Outcome::Retry(err) => self.finalize(job, JobState::Failed, Some(&err)).await,
+            Outcome::Defer(why) => {
+                let after =
+                    Duration::from_millis(self.service.settings().placement.stamp_poll_ms.max(50));
+                tracing::debug!(reason = %why, "job waits");
+                let at = chrono::Utc::now()
+                    + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::seconds(1));
+                self.store()
+                    .defer_job(id, &self.owner, &why, at)
+                    .await
+                    .map(|_| ())
+            }
             Outcome::Failed(err) => self.finalize(job, JobState::Failed, Some(&err)).await,
             Outcome::Cancelled => {
                 self.finalize(job, JobState::Cancelled, Some("cancelled"))
@@ -338,6 +478,15 @@ impl JobEngine {
             .and_then(LifecycleAction::parse);
         let to: Option<TenantState> =
             serde_json::from_value(job.payload["to"].clone()).unwrap_or(None);
+        // An activation that did not finish gives back what its steps took.
+        let undo_envs = if action == Some(LifecycleAction::Activate) && state != JobState::Succeeded
+        {
+            self.store().list_environments(tenant_id).await?
+        } else {
+            Vec::new()
+        };
+        let history_limit = self.service.settings().routing.history_limit;
+        let mut last_revision = None;
         let mut tx = self.store().write().await?;
         if !tx
             .finish_job(&job.job.job_id, &self.owner, state, error)
@@ -355,6 +504,19 @@ impl JobEngine {
             let changed = tx
                 .finish_tenant_transition(tenant_id, &job.job.job_id, end)
                 .await?;
+            let mut undone = Vec::new();
+            if changed {
+                for e in &undo_envs {
+                    if let persistence::RouteWrite::Changed(rev) =
+                        tx.remove_route(tenant_id, &e.name, history_limit).await?
+                    {
+                        last_revision = Some(rev);
+                    }
+                    if let Some(r) = tx.release_environment(tenant_id, &e.name, true).await? {
+                        undone.push(json!({"env": e.name, "cell_id": r.cell_id, "units": r.units}));
+                    }
+                }
+            }
             let event = match (state, action) {
                 (JobState::Succeeded, LifecycleAction::Activate) => "TENANCY_ACTIVATED".into(),
                 (JobState::Succeeded, LifecycleAction::Suspend) => "TENANCY_SUSPENDED".into(),
@@ -373,13 +535,17 @@ impl JobEngine {
                     actor: "system:jobs",
                     target: &job.job.target,
                     payload: json!({"job_id": job.job.job_id, "state": to, "error": error,
-                                    "attempts": job.job.attempts}),
+                                    "attempts": job.job.attempts, "released": undone,
+                                    "routes_revision": last_revision}),
                     correlation_id: job.job.correlation_id.as_deref(),
                 })
                 .await?;
             }
         }
         tx.commit().await?;
+        if let Some(rev) = last_revision {
+            self.service.route_revisions().observe(rev);
+        }
         match state {
             JobState::Succeeded => self.metrics.succeeded.fetch_add(1, Ordering::Relaxed),
             JobState::Cancelled => self.metrics.cancelled.fetch_add(1, Ordering::Relaxed),

@@ -7,6 +7,8 @@ pub mod config;
 pub mod http;
 pub mod jobs;
 pub mod persistence;
+pub mod placement;
+pub mod routing;
 pub mod service;
 pub mod startup;
 pub mod telemetry;

@@ -27,14 +27,14 @@ pub enum ServiceError {
 
 pub type Result<T> = std::result::Result<T, ServiceError>;
 
-fn invalid(field: &str, message: impl Into<String>) -> ServiceError {
+pub(crate) fn invalid(field: &str, message: impl Into<String>) -> ServiceError {
     ServiceError::Validation(vec![FieldError {
         field: field.into(),
         message: message.into(),
     }])
 }
 
-fn not_found(what: &'static str, id: &str) -> ServiceError {
+pub(crate) fn not_found(what: &'static str, id: &str) -> ServiceError {
     ServiceError::NotFound {
         what,
         id: id.to_string(),
@@ -52,6 +52,8 @@ pub struct Ctx {
 #[derive(Debug, Clone)]
 pub struct ServiceSettings {
     pub job_max_attempts: i64,
+    pub routing: crate::config::RoutingConfig,
+    pub placement: crate::config::PlacementConfig,
 }
 
 #[derive(Clone)]
@@ -59,6 +61,7 @@ pub struct Service {
     store: Store,
     settings: Arc<ServiceSettings>,
     job_notify: Arc<tokio::sync::Notify>,
+    routes: crate::routing::RevisionWatch,
 }
 
 pub fn tenant_target(id: &str) -> String {
@@ -214,7 +217,10 @@ fn validate_labels(labels: &BTreeMap<String, String>, errors: &mut Vec<FieldErro
     }
 }
 
-fn validate_vars(vars: &BTreeMap<String, serde_json::Value>, errors: &mut Vec<FieldError>) {
+pub(crate) fn validate_vars(
+    vars: &BTreeMap<String, serde_json::Value>,
+    errors: &mut Vec<FieldError>,
+) {
     for (k, v) in vars {
         let key_ok = !k.is_empty()
             && k.len() <= 63
@@ -249,7 +255,7 @@ fn validate_app_version(v: &str, errors: &mut Vec<FieldError>) {
     }
 }
 
-fn check_version(expected: Option<i64>, current: i64) -> Result<()> {
+pub(crate) fn check_version(expected: Option<i64>, current: i64) -> Result<()> {
     match expected {
         Some(v) if v != current => Err(ServiceError::PreconditionFailed { current }),
         _ => Ok(()),
@@ -262,7 +268,17 @@ impl Service {
             store,
             settings: Arc::new(settings),
             job_notify: Arc::new(tokio::sync::Notify::new()),
+            routes: crate::routing::RevisionWatch::new(),
         }
+    }
+
+    pub fn settings(&self) -> &ServiceSettings {
+        &self.settings
+    }
+
+    /// The routing revision as last seen by this process; see [`crate::routing`].
+    pub fn route_revisions(&self) -> &crate::routing::RevisionWatch {
+        &self.routes
     }
 
     pub fn store(&self) -> &Store {

@@ -57,6 +57,8 @@ impl Application {
             store,
             ServiceSettings {
                 job_max_attempts: config.jobs.max_attempts.max(1),
+                routing: config.routing.clone(),
+                placement: config.placement.clone(),
             },
         );
         let (secret, admin_token_source) = admin_token(&config)?;
@@ -118,6 +120,19 @@ impl Application {
         let workers_stop = CancellationToken::new();
         let workers = self.engine.spawn(workers_stop.clone());
         let housekeeping = spawn_housekeeping(self.state.service.clone(), workers_stop.clone());
+        let revision_poller = crate::routing::spawn_revision_poller(
+            self.state.service.clone(),
+            Duration::from_millis(self.config.routing.revision_poll_ms.max(50)),
+            workers_stop.clone(),
+        );
+        {
+            // Pending long polls end at shutdown so draining does not wait for them.
+            let (service, shutdown) = (self.state.service.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                service.route_revisions().stop();
+            });
+        }
         let app = http::router(self.state.clone());
         let grace = Duration::from_secs(self.config.shutdown_grace_secs);
         tracing::info!(addr = %self.addr, store = self.backend(), "control plane listening");
@@ -134,6 +149,7 @@ impl Application {
             );
         }
         housekeeping.abort();
+        revision_poller.abort();
         self.state.service.store().close().await;
         tracing::info!("control plane stopped");
         result

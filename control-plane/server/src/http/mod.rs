@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod openapi;
 pub mod ops;
 pub mod organizations;
+pub mod routes;
 pub mod tenants;
 pub mod tokens;
 
@@ -84,6 +85,19 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{job_id}", get(jobs::get_one))
         .route("/v1/jobs/{job_id}/log", get(jobs::log))
         .route("/v1/jobs/{job_id}/cancel", post(jobs::cancel))
+        .route("/v1/routes", get(routes::watch))
+        .route("/v1/routes/history", get(routes::history))
+        .route(
+            "/v1/routes/{tenant_id}/{env}",
+            get(routes::get_one).patch(routes::patch),
+        )
+        .route("/v1/routers", get(routes::list_routers))
+        .route("/v1/routers/{router_id}/heartbeat", post(routes::heartbeat))
+        .route("/v1/regions", get(routes::list_regions))
+        .route(
+            "/v1/regions/{region}",
+            get(routes::get_region).put(routes::put_region),
+        )
         .route("/v1/audit", get(audit::list))
         .route("/v1/audit/verify", get(audit::verify))
         .route("/v1/tokens", post(tokens::create).get(tokens::list))

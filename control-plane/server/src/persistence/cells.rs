@@ -4,7 +4,7 @@ use super::{json_col, now, opt_json_col, to_json, Result, Store, StoreError, Wri
 use cellplane_api::{Capacity, Cell, CellState, Tier};
 use sqlx::Row;
 
-fn cell_from_row(row: &sqlx::any::AnyRow) -> Result<Cell> {
+pub(super) fn cell_from_row(row: &sqlx::any::AnyRow) -> Result<Cell> {
     let tier: String = row.try_get("tier")?;
     let state: String = row.try_get("state")?;
     let cap = |col: &str| -> Result<u64> {

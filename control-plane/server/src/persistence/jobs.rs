@@ -278,6 +278,46 @@ impl Store {
         Ok(res.rows_affected() == 1)
     }
 
+    /// Puts a job that waits on something slow back in the queue without spending an
+    /// attempt; `note` is logged once per distinct reason.
+    pub async fn defer_job(
+        &self,
+        id: &str,
+        owner: &str,
+        note: &str,
+        run_after: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool> {
+        let _guard = self.lock_writer().await;
+        let mut tx = self.pool.begin().await?;
+        let log: Option<String> =
+            sqlx::query_scalar("SELECT log FROM jobs WHERE job_id = $1 AND lease_owner = $2")
+                .bind(id)
+                .bind(owner)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(mut log) = log else {
+            return Ok(false);
+        };
+        let line = format!("waiting: {note}\n");
+        if !log.ends_with(&line) {
+            log.push_str(&format!("{} {line}", now()));
+        }
+        let res = sqlx::query(
+            "UPDATE jobs SET state = 'queued', run_after = $1, lease_owner = NULL, lease_expires_at = NULL, \
+             attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, log = $2, updated_at = $3 \
+             WHERE job_id = $4 AND lease_owner = $5 AND state = 'running'",
+        )
+        .bind(fmt_time(run_after))
+        .bind(bound_log(log))
+        .bind(now())
+        .bind(id)
+        .bind(owner)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(res.rows_affected() == 1)
+    }
+
     pub async fn get_job(&self, id: &str) -> Result<Option<JobRow>> {
         let row = sqlx::query("SELECT * FROM jobs WHERE job_id = $1")
             .bind(id)

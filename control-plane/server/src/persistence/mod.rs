@@ -13,12 +13,16 @@ pub use cells::CellFilter;
 mod idempotency;
 mod jobs;
 mod orgs;
+mod placement;
+mod routing;
 mod tenants;
 mod tokens;
 
 pub use audit::{AuditInput, VerifyOutcome};
 pub use idempotency::StoredResponse;
 pub use jobs::{JobRow, NewJob};
+pub use placement::Reservation;
+pub use routing::{RouteWrite, RouterRow, RoutingHead};
 pub use tenants::{Conditional, EnvironmentRow, TenantFilter, TenantRow};
 pub use tokens::TokenRow;
 
@@ -106,10 +110,17 @@ impl WriteTx {
     }
 }
 
-const MIGRATIONS_SQLITE: &[(i64, &str)] =
-    &[(1, include_str!("../../migrations/sqlite/0001_init.sql"))];
-const MIGRATIONS_POSTGRES: &[(i64, &str)] =
-    &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS_SQLITE: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/sqlite/0001_init.sql")),
+    (3, include_str!("../../migrations/sqlite/0003_routing.sql")),
+];
+const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_init.sql")),
+    (
+        3,
+        include_str!("../../migrations/postgres/0003_routing.sql"),
+    ),
+];
 
 impl Store {
     /// Opens `database_url` if given (PostgreSQL), else `<data_dir>/cellplane.db` (SQLite in

@@ -1,0 +1,805 @@
+//! Placement: which cell a tenant environment lives in, and why.
+//!
+//! Pooled profiles go to an active pooled cell in the environment's region, or in the
+//! tenant's `allowedRegions` when residency allows; candidates are ordered by region
+//! preference, then by utilization after placement (`spread`: emptiest first, `binpack`:
+//! fullest that fits first). The reservation is a conditional update of the cell row in
+//! the transaction that also points the environment at the cell, records the decision on
+//! the tenant and appends the audit record, so capacity is never over-committed. When
+//! nothing fits, a region whose policy enables auto-stamp gets a new pooled cell and the
+//! placement waits for it; otherwise placement fails with the reason. Dedicated profiles
+//! get a cell stamped for them. Scoring is pure ([`rank`]) so it is tested on its own.
+
+use crate::persistence::AuditInput;
+use crate::service::{not_found, tenant_target, Ctx, Result, Service};
+use cellplane_api::{
+    Capacity, Cell, CellState, CreateCell, DataResidency, Encryption, Id, PlacementDecision,
+    PlacementStrategy, Profile, Region, RegionPolicy, Tier,
+};
+use serde_json::json;
+use std::collections::BTreeMap;
+
+/// What one placement attempt ended with.
+#[derive(Debug, Clone)]
+pub enum Placement {
+    /// The environment now holds capacity on this cell.
+    Placed(Box<PlacementDecision>),
+    /// It already did (a retried step).
+    AlreadyPlaced(String),
+    /// A cell is being stamped for it; try again later.
+    Waiting(String),
+    /// Nothing fits and nothing will: the reason.
+    Impossible(String),
+}
+
+/// A cell that fits, with its score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ranked {
+    pub cell_id: String,
+    pub region_rank: usize,
+    pub utilization_after: f64,
+}
+
+/// Regions an environment may be placed in, preferred first.
+pub fn candidate_regions(
+    env_region: &str,
+    residency: Option<DataResidency>,
+    allowed: Option<&[Id]>,
+) -> Vec<String> {
+    let mut out = vec![env_region.to_string()];
+    if residency != Some(DataResidency::InRegionOnly) {
+        for r in allowed.unwrap_or_default() {
+            if !out.iter().any(|o| o == r.as_str()) {
+                out.push(r.as_str().to_string());
+            }
+        }
+    }
+    out
+}
+
+fn utilization(used: u64, add: u64, cap: u64) -> f64 {
+    if cap == 0 {
+        return f64::INFINITY;
+    }
+    (used + add) as f64 / cap as f64
+}
+
+/// The cell's endpoint from its stamped outputs, if it has one.
+pub fn endpoint_of(cell: &Cell) -> Option<String> {
+    cell.outputs
+        .get("endpoint")
+        .and_then(|v| v.as_str())
+        .filter(|s| s.starts_with("http://") || s.starts_with("https://"))
+        .map(str::to_string)
+}
+
+/// Orders the cells that fit `units` (and one more tenant), best first.
+pub fn rank(
+    cells: &[Cell],
+    regions: &[String],
+    units: u64,
+    strategy: PlacementStrategy,
+) -> Vec<Ranked> {
+    let mut out: Vec<Ranked> = cells
+        .iter()
+        .filter(|c| c.state == CellState::Active && endpoint_of(c).is_some())
+        .filter(|c| {
+            c.used.tenants < c.capacity.tenants && c.used.units + units <= c.capacity.units
+        })
+        .filter_map(|c| {
+            let region_rank = regions.iter().position(|r| *r == c.region)?;
+            let u = utilization(c.used.tenants, 1, c.capacity.tenants).max(utilization(
+                c.used.units,
+                units,
+                c.capacity.units,
+            ));
+            Some(Ranked {
+                cell_id: c.cell_id.clone(),
+                region_rank,
+                utilization_after: u,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        a.region_rank
+            .cmp(&b.region_rank)
+            .then_with(|| match strategy {
+                PlacementStrategy::Spread => a.utilization_after.total_cmp(&b.utilization_after),
+                PlacementStrategy::Binpack => b.utilization_after.total_cmp(&a.utilization_after),
+            })
+            .then_with(|| a.cell_id.cmp(&b.cell_id))
+    });
+    out
+}
+
+/// The id of the dedicated cell of a tenant environment (valid identifier, ≤ 63 chars).
+pub fn dedicated_cell_id(tenant_id: &str, env: &str) -> String {
+    let suffix = if env == "prod" {
+        "-ded".to_string()
+    } else {
+        format!("-{env}-ded")
+    };
+    let mut base = tenant_id.to_string();
+    if base.len() + suffix.len() > 63 {
+        use sha2::Digest;
+        let h = hex::encode(sha2::Sha256::digest(tenant_id.as_bytes()));
+        base.truncate(63 - suffix.len() - 9);
+        base = format!("{}-{}", base.trim_end_matches('-'), &h[..8]);
+    }
+    format!("{base}{suffix}")
+}
+
+fn system_ctx(correlation_id: Option<&str>) -> Ctx {
+    Ctx {
+        actor: "system:placement".into(),
+        correlation_id: correlation_id.unwrap_or("placement").to_string(),
+    }
+}
+
+impl Service {
+    pub async fn list_regions(&self) -> Result<Vec<Region>> {
+        Ok(self
+            .store()
+            .list_region_policies()
+            .await?
+            .into_iter()
+            .map(|(region, policy, version, updated_at)| Region {
+                region,
+                policy,
+                version,
+                updated_at,
+            })
+            .collect())
+    }
+
+    pub async fn get_region(&self, region: &str) -> Result<Region> {
+        let mut tx = self.store().write().await?;
+        let found = tx.get_region_policy_tx(region).await?;
+        drop(tx);
+        let (policy, version, updated_at) =
+            found.ok_or_else(|| not_found("region policy", region))?;
+        Ok(Region {
+            region: region.to_string(),
+            policy,
+            version,
+            updated_at,
+        })
+    }
+
+    /// Creates or replaces a region's placement policy. Returns it and whether it is new.
+    pub async fn put_region(
+        &self,
+        ctx: &Ctx,
+        region: &str,
+        if_match: Option<i64>,
+        policy: RegionPolicy,
+    ) -> Result<(Region, bool)> {
+        let mut errors = Vec::new();
+        if let Some(t) = policy.prestamp_threshold {
+            if !(t > 0.0 && t <= 1.0) {
+                errors.push(cellplane_api::FieldError {
+                    field: "prestamp_threshold".into(),
+                    message: "must be in (0, 1]".into(),
+                });
+            }
+        }
+        if policy.pooled_capacity.tenants == 0
+            || policy.pooled_capacity.tenants > i64::MAX as u64
+            || policy.pooled_capacity.units > i64::MAX as u64
+        {
+            errors.push(cellplane_api::FieldError {
+                field: "pooled_capacity".into(),
+                message: "tenants must be at least 1 and both must fit in 63 bits".into(),
+            });
+        }
+        crate::service::validate_vars(&policy.vars, &mut errors);
+        if !errors.is_empty() {
+            return Err(crate::service::ServiceError::Validation(errors));
+        }
+        let mut tx = self.store().write().await?;
+        let current = tx.get_region_policy_tx(region).await?;
+        let version = match &current {
+            Some((_, v, _)) => {
+                crate::service::check_version(if_match, *v)?;
+                v + 1
+            }
+            None => {
+                if if_match.is_some() {
+                    return Err(not_found("region policy", region));
+                }
+                1
+            }
+        };
+        let updated_at = tx.put_region_policy(region, &policy, version).await?;
+        tx.audit(AuditInput {
+            tenant_id: None,
+            event_type: "CELL_REGION_POLICY_SET",
+            actor: &ctx.actor,
+            target: &format!("region/{region}"),
+            payload: json!({"policy": policy, "version": version}),
+            correlation_id: Some(&ctx.correlation_id),
+        })
+        .await?;
+        tx.commit().await?;
+        Ok((
+            Region {
+                region: region.to_string(),
+                policy,
+                version,
+                updated_at,
+            },
+            version == 1,
+        ))
+    }
+
+    /// The placement policy of a region (defaults when none was set).
+    pub async fn region_policy(&self, region: &str) -> Result<RegionPolicy> {
+        Ok(self
+            .store()
+            .get_region_policy(region)
+            .await?
+            .unwrap_or_else(|| RegionPolicy {
+                strategy: self.settings().placement.strategy,
+                ..RegionPolicy::default()
+            }))
+    }
+
+    /// Places one environment of a tenant. Idempotent: an environment that already holds a
+    /// cell is left where it is.
+    pub async fn place_environment(
+        &self,
+        tenant_id: &str,
+        env: &str,
+        correlation_id: Option<&str>,
+    ) -> Result<Placement> {
+        let t = self
+            .store()
+            .get_tenant(tenant_id)
+            .await?
+            .ok_or_else(|| not_found("tenant", tenant_id))?;
+        let envs = self.store().list_environments(tenant_id).await?;
+        let e = envs
+            .iter()
+            .find(|e| e.name == env)
+            .ok_or_else(|| not_found("environment", &format!("{tenant_id}/{env}")))?;
+        if let Some(c) = &e.cell_id {
+            return Ok(Placement::AlreadyPlaced(c.clone()));
+        }
+        let units = t.quotas.units.unwrap_or(1).max(1);
+        let policy = self.region_policy(&e.region).await?;
+        if t.profile.is_pooled() {
+            self.place_pooled(&t, env, &e.region, units, &policy, correlation_id)
+                .await
+        } else {
+            self.place_dedicated(&t, env, &e.region, units, &policy, correlation_id)
+                .await
+        }
+    }
+
+    async fn place_pooled(
+        &self,
+        t: &crate::persistence::TenantRow,
+        env: &str,
+        region: &str,
+        units: u64,
+        policy: &RegionPolicy,
+        correlation_id: Option<&str>,
+    ) -> Result<Placement> {
+        let regions = candidate_regions(
+            region,
+            t.policies.data_residency,
+            t.policies.allowed_regions.as_deref(),
+        );
+        let cells = self.store().active_cells_in("pooled", &regions).await?;
+        let ranked = rank(&cells, &regions, units, policy.strategy);
+        let by_id: BTreeMap<&str, &Cell> = cells.iter().map(|c| (c.cell_id.as_str(), c)).collect();
+        let candidates: Vec<String> = ranked.iter().map(|r| r.cell_id.clone()).collect();
+        for r in &ranked {
+            let cell = by_id[r.cell_id.as_str()];
+            let where_ = if r.region_rank == 0 {
+                format!("{} (home region)", cell.region)
+            } else {
+                format!(
+                    "{} (allowed region, home {region} had no room)",
+                    cell.region
+                )
+            };
+            let how = match policy.strategy {
+                PlacementStrategy::Spread => "least utilized",
+                PlacementStrategy::Binpack => "most utilized that fits",
+            };
+            let decision = PlacementDecision {
+                env: env.to_string(),
+                cell_id: cell.cell_id.clone(),
+                region: cell.region.clone(),
+                tier: Tier::Pooled,
+                strategy: policy.strategy.as_str().to_string(),
+                reason: format!(
+                    "{how} active pooled cell with room for {units} unit(s) in {where_}; \
+                     utilization after placement {:.2}; {} candidate(s)",
+                    r.utilization_after,
+                    ranked.len()
+                ),
+                utilization_after: r.utilization_after,
+                candidates: candidates.clone(),
+                stamped: false,
+                units,
+                decided_at: crate::persistence::now(),
+            };
+            if self
+                .commit_placement(t, cell, decision.clone(), correlation_id)
+                .await?
+            {
+                self.maybe_prestamp(&cell.region, policy, correlation_id)
+                    .await;
+                return Ok(Placement::Placed(Box::new(decision)));
+            }
+        }
+        let summary: Vec<String> = cells
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {}/{} tenants {}/{} units",
+                    c.cell_id, c.used.tenants, c.capacity.tenants, c.used.units, c.capacity.units
+                )
+            })
+            .collect();
+        let scope = regions.join(", ");
+        if policy.auto_stamp {
+            return self
+                .auto_stamp(region, policy, units, correlation_id)
+                .await
+                .map(Placement::Waiting);
+        }
+        Ok(Placement::Impossible(format!(
+            "no active pooled cell in {scope} has room for one more tenant with {units} unit(s) \
+             ({}); auto-stamp is off for region {region}",
+            if summary.is_empty() {
+                "there are no active pooled cells".to_string()
+            } else {
+                summary.join("; ")
+            }
+        )))
+    }
+
+    /// Reserves capacity on `cell` and records the placement in one transaction; false
+    /// when the cell no longer has room (another placement took it).
+    async fn commit_placement(
+        &self,
+        t: &crate::persistence::TenantRow,
+        cell: &Cell,
+        decision: PlacementDecision,
+        correlation_id: Option<&str>,
+    ) -> Result<bool> {
+        let endpoint = endpoint_of(cell).unwrap_or_default();
+        let units = decision.units.min(i64::MAX as u64) as i64;
+        let mut tx = self.store().write().await?;
+        if !tx.reserve_capacity(&cell.cell_id, units).await? {
+            return Ok(false);
+        }
+        tx.set_environment_cell(&t.tenant_id, &decision.env, &cell.cell_id, &endpoint, units)
+            .await?;
+        let current = tx
+            .get_tenant_tx(&t.tenant_id)
+            .await?
+            .and_then(|t| t.placement);
+        let mut doc = match current {
+            Some(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        let value = serde_json::to_value(&decision).unwrap_or_default();
+        doc.insert(decision.env.clone(), value.clone());
+        tx.set_tenant_placement(&t.tenant_id, &serde_json::Value::Object(doc))
+            .await?;
+        tx.audit(AuditInput {
+            tenant_id: Some(&t.tenant_id),
+            event_type: "TENANCY_PLACED",
+            actor: "system:placement",
+            target: &tenant_target(&t.tenant_id),
+            payload: value,
+            correlation_id,
+        })
+        .await?;
+        tx.commit().await?;
+        tracing::info!(tenant_id = %t.tenant_id, env = %decision.env, cell_id = %cell.cell_id,
+            reason = %decision.reason, "placed tenant environment");
+        Ok(true)
+    }
+
+    /// Gives back the capacity the tenant's environments hold; with `forget`, they also stop
+    /// pointing at their cells (the tenant is gone). Idempotent.
+    pub async fn release_tenant(
+        &self,
+        tenant_id: &str,
+        forget: bool,
+        correlation_id: Option<&str>,
+    ) -> Result<Vec<String>> {
+        let envs = self.store().list_environments(tenant_id).await?;
+        let mut tx = self.store().write().await?;
+        let mut released = Vec::new();
+        let mut payload = Vec::new();
+        for e in &envs {
+            if let Some(r) = tx.release_environment(tenant_id, &e.name, forget).await? {
+                released.push(format!("{} from {} ({} units)", e.name, r.cell_id, r.units));
+                payload.push(json!({"env": e.name, "cell_id": r.cell_id, "units": r.units}));
+            }
+        }
+        let forgot = forget && envs.iter().any(|e| e.cell_id.is_some());
+        if released.is_empty() && !forgot {
+            return Ok(released);
+        }
+        tx.audit(AuditInput {
+            tenant_id: Some(tenant_id),
+            event_type: "TENANCY_CAPACITY_RELEASED",
+            actor: "system:placement",
+            target: &tenant_target(tenant_id),
+            payload: json!({"released": payload, "cells_forgotten": forgot}),
+            correlation_id,
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(released)
+    }
+
+    /// Records why a placement failed on the tenant, so `GET /v1/tenants/{id}` shows it.
+    pub async fn record_placement_failure(
+        &self,
+        tenant_id: &str,
+        env: &str,
+        reason: &str,
+        correlation_id: Option<&str>,
+    ) -> Result<()> {
+        let mut tx = self.store().write().await?;
+        let Some(t) = tx.get_tenant_tx(tenant_id).await? else {
+            return Ok(());
+        };
+        let mut doc = match t.placement {
+            Some(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        let value = json!({"env": env, "cell_id": null, "failed": true, "reason": reason,
+                           "decided_at": crate::persistence::now()});
+        doc.insert(env.to_string(), value.clone());
+        tx.set_tenant_placement(tenant_id, &serde_json::Value::Object(doc))
+            .await?;
+        tx.audit(AuditInput {
+            tenant_id: Some(tenant_id),
+            event_type: "TENANCY_PLACEMENT_FAILED",
+            actor: "system:placement",
+            target: &tenant_target(tenant_id),
+            payload: value,
+            correlation_id,
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Starts stamping a pooled cell in `region` unless one is already on its way.
+    /// Returns what the placement now waits for.
+    async fn auto_stamp(
+        &self,
+        region: &str,
+        policy: &RegionPolicy,
+        units: u64,
+        correlation_id: Option<&str>,
+    ) -> Result<String> {
+        let upcoming = self.store().upcoming_cells_in("pooled", region).await?;
+        if let Some(c) = upcoming.iter().find(|c| c.capacity.units >= units) {
+            return Ok(format!(
+                "no pooled cell in {region} has room; waiting for cell {} ({}) to become active",
+                c.cell_id,
+                c.state.as_str()
+            ));
+        }
+        let id = self
+            .stamp_pooled(region, policy, units, correlation_id)
+            .await?;
+        Ok(format!(
+            "no pooled cell in {region} has room; auto-stamping pooled cell {id}"
+        ))
+    }
+
+    async fn stamp_pooled(
+        &self,
+        region: &str,
+        policy: &RegionPolicy,
+        units: u64,
+        correlation_id: Option<&str>,
+    ) -> Result<String> {
+        let suffix = crate::persistence::new_id("p");
+        let mut base = format!("{region}-pool");
+        base.truncate(63 - suffix.len() - 1);
+        let id = format!("{base}-{suffix}");
+        let mut labels = BTreeMap::new();
+        labels.insert("origin".to_string(), "auto-stamp".to_string());
+        let capacity = Capacity {
+            tenants: policy.pooled_capacity.tenants.max(1),
+            units: policy.pooled_capacity.units.max(units),
+        };
+        self.create_cell(
+            &system_ctx(correlation_id),
+            CreateCell {
+                cell_id: Id::parse(id.clone()).map_err(|e| {
+                    crate::service::invalid("cell_id", format!("generated id {id:?}: {e}"))
+                })?,
+                region: Id::parse(region)
+                    .map_err(|e| crate::service::invalid("region", e.to_string()))?,
+                tier: Tier::Pooled,
+                template: policy.default_template.clone(),
+                capacity,
+                labels,
+                vars: policy.vars.clone(),
+                app_version: None,
+            },
+        )
+        .await?;
+        tracing::info!(region, cell_id = %id, "auto-stamping a pooled cell");
+        Ok(id)
+    }
+
+    /// Pre-stamps a pooled cell when the region's pooled utilization passes the threshold
+    /// and no pooled cell is already on its way. Best effort: failures are logged.
+    async fn maybe_prestamp(&self, region: &str, policy: &RegionPolicy, corr: Option<&str>) {
+        if !policy.auto_stamp {
+            return;
+        }
+        let threshold = policy
+            .prestamp_threshold
+            .unwrap_or(self.settings().placement.prestamp_threshold);
+        if threshold <= 0.0 {
+            return;
+        }
+        let run = async {
+            let cells = self
+                .store()
+                .active_cells_in("pooled", &[region.to_string()])
+                .await?;
+            let upcoming = self.store().upcoming_cells_in("pooled", region).await?;
+            if !upcoming.is_empty() || cells.is_empty() {
+                return Ok::<_, crate::service::ServiceError>(());
+            }
+            let (used, cap) = cells.iter().fold((0u64, 0u64), |(u, c), cell| {
+                (u + cell.used.tenants, c + cell.capacity.tenants)
+            });
+            let (uu, cu) = cells.iter().fold((0u64, 0u64), |(u, c), cell| {
+                (u + cell.used.units, c + cell.capacity.units)
+            });
+            let util = utilization(used, 0, cap).max(utilization(uu, 0, cu));
+            if util > threshold {
+                let id = self.stamp_pooled(region, policy, 1, corr).await?;
+                tracing::info!(region, cell_id = %id, utilization = util, threshold,
+                    "pre-stamping a pooled cell");
+            }
+            Ok(())
+        };
+        if let Err(e) = run.await {
+            tracing::warn!(region, error = %e, "pre-stamping failed");
+        }
+    }
+
+    async fn place_dedicated(
+        &self,
+        t: &crate::persistence::TenantRow,
+        env: &str,
+        region: &str,
+        units: u64,
+        policy: &RegionPolicy,
+        correlation_id: Option<&str>,
+    ) -> Result<Placement> {
+        let cell_id = dedicated_cell_id(&t.tenant_id, env);
+        let Some(cell) = self.store().get_cell(&cell_id).await? else {
+            let mut vars = policy.vars.clone();
+            vars.insert("tenant_id".into(), json!(t.tenant_id));
+            vars.insert("env".into(), json!(env));
+            vars.insert(
+                "isolation".into(),
+                json!(if t.profile == Profile::StByoc {
+                    "byoc"
+                } else {
+                    "dedicated"
+                }),
+            );
+            if t.policies.encryption == Some(Encryption::KmsPerTenant) {
+                vars.insert(
+                    "kms_key_alias".into(),
+                    json!(format!("alias/cellplane-{}", t.tenant_id)),
+                );
+            }
+            if let Some(days) = t.policies.retention_days {
+                vars.insert("retention_days".into(), json!(days));
+            }
+            let mut labels = BTreeMap::new();
+            labels.insert("origin".to_string(), "dedicated".to_string());
+            labels.insert("tenant".to_string(), t.tenant_id.clone());
+            self.create_cell(
+                &system_ctx(correlation_id),
+                CreateCell {
+                    cell_id: Id::parse(cell_id.clone())
+                        .map_err(|e| crate::service::invalid("cell_id", e.to_string()))?,
+                    region: Id::parse(region)
+                        .map_err(|e| crate::service::invalid("region", e.to_string()))?,
+                    tier: Tier::Dedicated,
+                    template: policy.default_template.clone(),
+                    capacity: Capacity {
+                        tenants: 1,
+                        units: units.max(1),
+                    },
+                    labels,
+                    vars,
+                    app_version: None,
+                },
+            )
+            .await?;
+            return Ok(Placement::Waiting(format!(
+                "stamping dedicated cell {cell_id} for {}",
+                t.tenant_id
+            )));
+        };
+        if cell.tier != Tier::Dedicated
+            || cell.labels.get("tenant").map(String::as_str) != Some(t.tenant_id.as_str())
+        {
+            return Ok(Placement::Impossible(format!(
+                "cell {cell_id} exists but is not the dedicated cell of {}",
+                t.tenant_id
+            )));
+        }
+        match cell.state {
+            CellState::Active if endpoint_of(&cell).is_some() => {}
+            CellState::Active => {
+                return Ok(Placement::Impossible(format!(
+                    "dedicated cell {cell_id} is active but has no endpoint output"
+                )))
+            }
+            CellState::Pending | CellState::Provisioning => {
+                return Ok(Placement::Waiting(format!(
+                    "waiting for dedicated cell {cell_id} to become active ({})",
+                    cell.state.as_str()
+                )))
+            }
+            other => {
+                return Ok(Placement::Impossible(format!(
+                    "dedicated cell {cell_id} is {}",
+                    other.as_str()
+                )))
+            }
+        }
+        let decision = PlacementDecision {
+            env: env.to_string(),
+            cell_id: cell_id.clone(),
+            region: cell.region.clone(),
+            tier: Tier::Dedicated,
+            strategy: "dedicated".into(),
+            reason: format!(
+                "profile {} gets a dedicated cell: {cell_id} stamped for it in {}",
+                t.profile.as_str(),
+                cell.region
+            ),
+            utilization_after: 1.0,
+            candidates: vec![cell_id.clone()],
+            stamped: true,
+            units,
+            decided_at: crate::persistence::now(),
+        };
+        if self
+            .commit_placement(t, &cell, decision.clone(), correlation_id)
+            .await?
+        {
+            Ok(Placement::Placed(Box::new(decision)))
+        } else {
+            Ok(Placement::Impossible(format!(
+                "dedicated cell {cell_id} has no room for {} ({} units)",
+                t.tenant_id, units
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(id: &str, region: &str, used: (u64, u64), cap: (u64, u64)) -> Cell {
+        let mut outputs = BTreeMap::new();
+        outputs.insert("endpoint".into(), json!("http://127.0.0.1:1"));
+        Cell {
+            cell_id: id.into(),
+            region: region.into(),
+            tier: Tier::Pooled,
+            template: "local".into(),
+            capacity: Capacity {
+                tenants: cap.0,
+                units: cap.1,
+            },
+            used: Capacity {
+                tenants: used.0,
+                units: used.1,
+            },
+            labels: BTreeMap::new(),
+            vars: BTreeMap::new(),
+            state: CellState::Active,
+            outputs,
+            app_version: None,
+            drift: None,
+            pending_job_id: None,
+            version: 1,
+            created_at: String::new(),
+            updated_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn region_preference_beats_utilization() {
+        let cells = [
+            cell("far", "us-east-1", (0, 0), (10, 10)),
+            cell("home", "eu-west-1", (8, 8), (10, 10)),
+        ];
+        let regions = vec!["eu-west-1".to_string(), "us-east-1".to_string()];
+        let r = rank(&cells, &regions, 1, PlacementStrategy::Spread);
+        assert_eq!(r[0].cell_id, "home");
+        assert_eq!(r[1].cell_id, "far");
+    }
+
+    #[test]
+    fn spread_and_binpack_order_by_utilization_after() {
+        let cells = [
+            cell("a", "r1", (1, 1), (10, 10)),
+            cell("b", "r1", (5, 5), (10, 10)),
+            cell("full", "r1", (10, 10), (10, 10)),
+        ];
+        let regions = vec!["r1".to_string()];
+        let spread: Vec<_> = rank(&cells, &regions, 1, PlacementStrategy::Spread)
+            .into_iter()
+            .map(|r| r.cell_id)
+            .collect();
+        assert_eq!(spread, ["a", "b"]);
+        let binpack: Vec<_> = rank(&cells, &regions, 1, PlacementStrategy::Binpack)
+            .into_iter()
+            .map(|r| r.cell_id)
+            .collect();
+        assert_eq!(binpack, ["b", "a"]);
+    }
+
+    #[test]
+    fn units_must_fit_and_cells_outside_regions_are_ignored() {
+        let cells = [
+            cell("small", "r1", (0, 8), (10, 10)),
+            cell("other", "r2", (0, 0), (10, 10)),
+        ];
+        assert!(rank(&cells, &["r1".to_string()], 3, PlacementStrategy::Spread).is_empty());
+        assert_eq!(
+            rank(&cells, &["r1".to_string()], 2, PlacementStrategy::Spread).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn residency_limits_regions() {
+        let allowed = [Id::parse("us-east-1").unwrap()];
+        assert_eq!(
+            candidate_regions(
+                "eu-west-1",
+                Some(DataResidency::InRegionOnly),
+                Some(&allowed)
+            ),
+            ["eu-west-1"]
+        );
+        assert_eq!(
+            candidate_regions(
+                "eu-west-1",
+                Some(DataResidency::AllowedRegions),
+                Some(&allowed)
+            ),
+            ["eu-west-1", "us-east-1"]
+        );
+    }
+
+    #[test]
+    fn dedicated_ids_are_valid_identifiers() {
+        let long = "a".repeat(63);
+        for (t, e) in [("acme", "prod"), ("acme", "dev"), (long.as_str(), "stage")] {
+            let id = dedicated_cell_id(t, e);
+            assert!(cellplane_api::validate_id(&id).is_ok(), "{id}");
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! The routing table as the service sees it: publishing a tenant's routes from lifecycle
+//! jobs, the long-poll watch routers consume, heartbeats, and operator hold/release.
+//!
+//! Every change runs in one write transaction that bumps the global revision and appends
+//! its audit record; after the commit the new revision is announced on [`RevisionWatch`]
+//! so waiting watchers answer at once. A poller re-reads the revision from the store so a
+//! watch served by one replica also sees changes committed by another.
+
+use crate::persistence::{self, AuditInput, RouteWrite};
+use crate::service::{invalid, not_found, tenant_target, Ctx, Result, Service, ServiceError};
+use cellplane_api::{
+    Route, RouteChanges, RouteHistoryEntry, RouteMode, RouterHeartbeat, RouterInfo,
+};
+use serde_json::json;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// The latest routing revision this process knows of, and the stop signal that ends
+/// pending long polls when the server shuts down.
+#[derive(Clone)]
+pub struct RevisionWatch {
+    tx: watch::Sender<i64>,
+    stop: CancellationToken,
+}
+
+impl Default for RevisionWatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RevisionWatch {
+    pub fn new() -> Self {
+        Self {
+            tx: watch::Sender::new(0),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// Announces `rev` if it is newer than what is known.
+    pub fn observe(&self, rev: i64) {
+        self.tx.send_if_modified(|cur| {
+            if rev > *cur {
+                *cur = rev;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub fn current(&self) -> i64 {
+        *self.tx.borrow()
+    }
+
+    /// Ends every pending and future wait (server shutdown).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// Re-reads the revision every `every` until `stop`.
+pub fn spawn_revision_poller(
+    service: Service,
+    every: Duration,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match service.store().routing_head().await {
+                Ok(h) => service.route_revisions().observe(h.revision),
+                Err(e) => tracing::debug!(error = %e, "reading the routing revision failed"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    })
+}
+
+fn route_target(tenant_id: &str, env: &str) -> String {
+    format!("route/{tenant_id}/{env}")
+}
+
+impl Service {
+    /// `GET /v1/routes?since&wait`: answers at once when the table moved past `since`,
+    /// else waits up to `wait` for a change.
+    pub async fn route_changes(&self, since: i64, wait: Duration) -> Result<RouteChanges> {
+        let mut rx = self.route_revisions().tx.subscribe();
+        let head = self.store().routing_head().await?;
+        self.route_revisions().observe(head.revision);
+        if since == head.revision && !wait.is_zero() {
+            let stop = self.route_revisions().stop.clone();
+            let deadline = tokio::time::sleep(wait);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => {
+                        if changed.is_err() || *rx.borrow_and_update() > since {
+                            break;
+                        }
+                    }
+                    _ = &mut deadline => break,
+                    _ = stop.cancelled() => break,
+                }
+            }
+        }
+        Ok(self.store().route_changes(since).await?)
+    }
+
+    pub async fn route_history(
+        &self,
+        tenant_id: Option<&str>,
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<RouteHistoryEntry>> {
+        Ok(self.store().route_history(tenant_id, before, limit).await?)
+    }
+
+    pub async fn get_route(&self, tenant_id: &str, env: &str) -> Result<Route> {
+        self.store()
+            .get_route(tenant_id, env)
+            .await?
+            .ok_or_else(|| not_found("route", &format!("{tenant_id}/{env}")))
+    }
+
+    /// Publishes a route for every placed environment of the tenant with `mode`. Idempotent:
+    /// routes that already say this are left alone and do not bump the revision.
+    pub async fn publish_tenant_routes(
+        &self,
+        tenant_id: &str,
+        mode: RouteMode,
+        correlation_id: Option<&str>,
+    ) -> Result<Vec<String>> {
+        let limit = self.settings().routing.history_limit;
+        let t = self
+            .store()
+            .get_tenant(tenant_id)
+            .await?
+            .ok_or_else(|| not_found("tenant", tenant_id))?;
+        let envs = self.store().list_environments(tenant_id).await?;
+        let mut tx = self.store().write().await?;
+        let mut changed = Vec::new();
+        let mut last = None;
+        for e in &envs {
+            let (Some(cell), Some(endpoint)) = (&e.cell_id, &e.endpoint) else {
+                continue;
+            };
+            let route = Route {
+                tenant_id: tenant_id.to_string(),
+                env: e.name.clone(),
+                cell_id: cell.clone(),
+                endpoint: endpoint.clone(),
+                mode,
+                rate_limit: t.quotas.api_rate_limit,
+            };
+            if let RouteWrite::Changed(rev) = tx.put_route(&route, limit).await? {
+                changed.push(json!({"env": e.name, "cell_id": cell, "endpoint": endpoint,
+                                    "mode": mode, "rate_limit": route.rate_limit, "revision": rev}));
+                last = Some(rev);
+            }
+        }
+        let envs_changed: Vec<String> = changed
+            .iter()
+            .filter_map(|c| c["env"].as_str().map(str::to_string))
+            .collect();
+        if let Some(rev) = last {
+            tx.audit(AuditInput {
+                tenant_id: Some(tenant_id),
+                event_type: "ROUTE_CHANGED",
+                actor: "system:jobs",
+                target: &tenant_target(tenant_id),
+                payload: json!({"routes": changed, "revision": rev}),
+                correlation_id,
+            })
+            .await?;
+            tx.commit().await?;
+            self.route_revisions().observe(rev);
+        }
+        Ok(envs_changed)
+    }
+
+    /// Removes every route of the tenant.
+    pub async fn remove_tenant_routes(
+        &self,
+        tenant_id: &str,
+        correlation_id: Option<&str>,
+    ) -> Result<Vec<String>> {
+        let limit = self.settings().routing.history_limit;
+        let envs = self.store().list_environments(tenant_id).await?;
+        let mut tx = self.store().write().await?;
+        let mut removed = Vec::new();
+        let mut last = None;
+        for e in &envs {
+            if let RouteWrite::Changed(rev) = tx.remove_route(tenant_id, &e.name, limit).await? {
+                removed.push(e.name.clone());
+                last = Some(rev);
+            }
+        }
+        if let Some(rev) = last {
+            tx.audit(AuditInput {
+                tenant_id: Some(tenant_id),
+                event_type: "ROUTE_REMOVED",
+                actor: "system:jobs",
+                target: &tenant_target(tenant_id),
+                payload: json!({"envs": removed, "revision": rev}),
+                correlation_id,
+            })
+            .await?;
+            tx.commit().await?;
+            self.route_revisions().observe(rev);
+        }
+        Ok(removed)
+    }
+
+    /// Operators park a route's requests (`hold`) and let them go (`serve`).
+    pub async fn set_route_mode(
+        &self,
+        ctx: &Ctx,
+        tenant_id: &str,
+        env: &str,
+        mode: RouteMode,
+    ) -> Result<Route> {
+        if mode == RouteMode::Suspended {
+            return Err(invalid(
+                "mode",
+                "suspend the tenant instead; routes may be set to hold or serve",
+            ));
+        }
+        let limit = self.settings().routing.history_limit;
+        let mut tx = self.store().write().await?;
+        let mut route = tx
+            .get_route_tx(tenant_id, env)
+            .await?
+            .ok_or_else(|| not_found("route", &format!("{tenant_id}/{env}")))?;
+        if route.mode == RouteMode::Suspended {
+            return Err(ServiceError::Conflict(format!(
+                "the route of {tenant_id}/{env} is suspended with its tenant; resume the tenant first"
+            )));
+        }
+        let from = route.mode;
+        route.mode = mode;
+        if let RouteWrite::Changed(rev) = tx.put_route(&route, limit).await? {
+            tx.audit(AuditInput {
+                tenant_id: Some(tenant_id),
+                event_type: if mode == RouteMode::Hold {
+                    "ROUTE_HELD"
+                } else {
+                    "ROUTE_RELEASED"
+                },
+                actor: &ctx.actor,
+                target: &route_target(tenant_id, env),
+                payload: json!({"from": from, "to": mode, "revision": rev, "cell_id": route.cell_id}),
+                correlation_id: Some(&ctx.correlation_id),
+            })
+            .await?;
+            tx.commit().await?;
+            self.route_revisions().observe(rev);
+        }
+        Ok(route)
+    }
+
+    /// A router reports the revision it serves. The first heartbeat of a router is
+    /// audited; later ones are observations and are not.
+    pub async fn router_heartbeat(
+        &self,
+        ctx: &Ctx,
+        router_id: &str,
+        hb: RouterHeartbeat,
+    ) -> Result<RouterInfo> {
+        if hb.applied_revision < 0 {
+            return Err(invalid("applied_revision", "must not be negative"));
+        }
+        if hb
+            .stats
+            .as_ref()
+            .is_some_and(|s| s.to_string().len() > 8192)
+        {
+            return Err(invalid("stats", "must serialize to at most 8192 bytes"));
+        }
+        let mut tx = self.store().write().await?;
+        let new = tx.router_heartbeat(router_id, &hb).await?;
+        if new {
+            tx.audit(AuditInput {
+                tenant_id: None,
+                event_type: "ROUTE_ROUTER_REGISTERED",
+                actor: &ctx.actor,
+                target: &format!("router/{router_id}"),
+                payload: json!({"applied_revision": hb.applied_revision}),
+                correlation_id: Some(&ctx.correlation_id),
+            })
+            .await?;
+        }
+        tx.commit().await?;
+        let ts = persistence::now();
+        let current = self.route_revisions().current();
+        Ok(RouterInfo {
+            router_id: router_id.to_string(),
+            applied_revision: hb.applied_revision,
+            lag: (current - hb.applied_revision).max(0),
+            stats: hb.stats,
+            first_seen: ts.clone(),
+            last_seen: ts,
+            live: true,
+        })
+    }
+
+    pub async fn list_routers(&self) -> Result<Vec<RouterInfo>> {
+        let head = self.store().routing_head().await?;
+        let live_after = chrono::Utc::now()
+            - chrono::Duration::seconds(self.settings().routing.router_live_secs as i64);
+        Ok(self
+            .store()
+            .list_routers()
+            .await?
+            .into_iter()
+            .map(|r| RouterInfo {
+                live: persistence::parse_time(&r.last_seen).is_some_and(|t| t >= live_after),
+                lag: (head.revision - r.applied_revision).max(0),
+                router_id: r.router_id,
+                applied_revision: r.applied_revision,
+                stats: r.stats,
+                first_seen: r.first_seen,
+                last_seen: r.last_seen,
+            })
+            .collect())
+    }
+}
