@@ -83,9 +83,7 @@ pub fn rank(
     let mut out: Vec<Ranked> = cells
         .iter()
         .filter(|c| c.state == CellState::Active && endpoint_of(c).is_some())
-        .filter(|c| {
-            c.used.tenants < c.capacity.tenants && c.used.units + units <= c.capacity.units
-        })
+        .filter(|c| c.used.tenants < c.capacity.tenants && c.used.units + units <= c.capacity.units)
         .filter_map(|c| {
             let region_rank = regions.iter().position(|r| *r == c.region)?;
             let u = utilization(c.used.tenants, 1, c.capacity.tenants).max(utilization(

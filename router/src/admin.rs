@@ -1,0 +1,126 @@
+//! The admin listener: `GET /__router/healthz` and `GET /__router/metrics`, apart from
+//! tenant traffic so a tenant can never reach them.
+
+use crate::proxy::{Body, RouterState};
+use crate::sync::SyncStatus;
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+fn text(status: StatusCode, ct: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    r
+}
+
+pub fn handle(
+    state: &RouterState,
+    status: &Arc<SyncStatus>,
+    router_id: &str,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/__router/healthz") => {
+            let snap = state.table.load();
+            let body = serde_json::json!({
+                "status": "ok",
+                "router_id": router_id,
+                "revision": snap.revision,
+                "routes": snap.routes,
+                "cells": snap.cells.len(),
+                "source": status.source_name(),
+                "control_plane_last_ok_ms_ago": status.since_last_ok_ms(),
+            });
+            text(StatusCode::OK, "application/json", body.to_string())
+        }
+        ("GET", "/__router/metrics") => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            render_metrics(state, status),
+        ),
+        _ => {
+            let body = serde_json::json!({
+                "type": "https://cellplane.dev/problems/not-found",
+                "title": "not found", "status": 404,
+                "detail": "the admin listener serves /__router/healthz and /__router/metrics",
+            });
+            text(
+                StatusCode::NOT_FOUND,
+                "application/problem+json",
+                body.to_string(),
+            )
+        }
+    }
+}
+
+pub fn render_metrics(state: &RouterState, status: &SyncStatus) -> String {
+    let snap = state.table.load_full();
+    let mut out = String::with_capacity(16 * 1024);
+    let _ = writeln!(
+        out,
+        "# HELP cellplane_router_revision Routing table revision being served.\n# TYPE cellplane_router_revision gauge\ncellplane_router_revision {}",
+        snap.revision
+    );
+    let _ = writeln!(
+        out,
+        "# HELP cellplane_router_routes Routes in the table.\n# TYPE cellplane_router_routes gauge\ncellplane_router_routes {}",
+        snap.routes
+    );
+    let _ = writeln!(
+        out,
+        "# HELP cellplane_router_control_plane_last_ok_seconds Seconds since the control plane last answered a watch (-1: never).\n# TYPE cellplane_router_control_plane_last_ok_seconds gauge\ncellplane_router_control_plane_last_ok_seconds {}",
+        status
+            .since_last_ok_ms()
+            .map(|m| m as f64 / 1000.0)
+            .unwrap_or(-1.0)
+    );
+    state.counters.render(&mut out);
+    out.push_str("# HELP cellplane_router_cell_requests_total Forwarded requests by cell and status class.\n# TYPE cellplane_router_cell_requests_total counter\n");
+    for c in snap.cells.iter() {
+        c.status.render(
+            &mut out,
+            "cellplane_router_cell_requests_total",
+            &format!("cell=\"{}\"", c.cell_id),
+        );
+    }
+    out.push_str("# HELP cellplane_router_cell_request_duration_seconds Time to the response head by cell.\n# TYPE cellplane_router_cell_request_duration_seconds histogram\n");
+    for c in snap.cells.iter() {
+        c.latency.render(
+            &mut out,
+            "cellplane_router_cell_request_duration_seconds",
+            &format!("cell=\"{}\"", c.cell_id),
+        );
+    }
+    // Tenants appear once they have had traffic.
+    let mut tenants = Vec::new();
+    snap.each_tenant(|t, e| {
+        if let Some(rt) = e.runtime.get() {
+            if rt.latency.count() > 0 {
+                tenants.push((t.to_string(), rt.clone()));
+            }
+        }
+    });
+    tenants.sort_by(|a, b| a.0.cmp(&b.0));
+    out.push_str("# HELP cellplane_router_tenant_requests_total Requests by tenant and status class.\n# TYPE cellplane_router_tenant_requests_total counter\n");
+    for (t, rt) in &tenants {
+        rt.status.render(
+            &mut out,
+            "cellplane_router_tenant_requests_total",
+            &format!("tenant=\"{t}\""),
+        );
+    }
+    out.push_str("# HELP cellplane_router_tenant_request_duration_seconds Time to the response head by tenant.\n# TYPE cellplane_router_tenant_request_duration_seconds histogram\n");
+    for (t, rt) in &tenants {
+        rt.latency.render(
+            &mut out,
+            "cellplane_router_tenant_request_duration_seconds",
+            &format!("tenant=\"{t}\""),
+        );
+    }
+    out
+}

@@ -1,0 +1,37 @@
+//! `cellplane-router`: parses the command line, builds the application and runs it.
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() {
+    let cfg = cellplane_router::config::Config::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,hyper=warn,reqwest=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if cfg.log_format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    let app = match cellplane_router::startup::Application::build(cfg).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "startup failed");
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    // Parents (tests, scripts) read these lines to learn the bound ports.
+    println!("listening on http://{}", app.addr());
+    println!("admin listening on http://{}", app.admin_addr());
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        cellplane_router::startup::shutdown_signal().await;
+        trigger.cancel();
+    });
+    app.run_until_stopped(shutdown).await;
+}

@@ -1,0 +1,553 @@
+//! The request path, as phases of one trait with default hooks (after pingora's
+//! `ProxyHttp`): resolve the tenant → pick the route (admission: mode, rate limit, hold) →
+//! filter the request for the cell → forward → log. A request reads the table once, from
+//! one snapshot; only a held request looks again, after each swap, until it is released or
+//! its deadline passes. Every response the router makes itself is `application/problem+json`.
+
+use crate::metrics::RouterCounters;
+use crate::resolve::{ResolveError, Resolver};
+use crate::table::{RouteEntry, Snapshot, TenantEntry, TenantRuntime};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use cellplane_api::RouteMode;
+use http::header::{HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+pub type Body = Either<Incoming, Full<Bytes>>;
+
+pub static X_TENANT_ID: HeaderName = HeaderName::from_static("x-tenant-id");
+pub static X_TENANT_ENV: HeaderName = HeaderName::from_static("x-tenant-env");
+pub static X_CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
+
+/// Headers only the router may set; whatever a client sends under these names is dropped.
+pub const TRUSTED_HEADERS: [&str; 3] = ["x-tenant-id", "x-tenant-env", "x-correlation-id"];
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// How long a request waits on a held route before it is answered 503.
+    pub hold_deadline: Duration,
+    /// Requests one tenant may have waiting on held routes at once.
+    pub hold_queue: u32,
+    /// Time to the response head from a cell.
+    pub upstream_timeout: Duration,
+    pub buckets: Arc<[f64]>,
+}
+
+/// Everything the request path shares.
+pub struct RouterState {
+    pub table: ArcSwap<Snapshot>,
+    /// The revision of each swapped-in snapshot, for held requests.
+    pub swaps: watch::Sender<i64>,
+    pub resolver: Resolver,
+    pub cfg: ProxyConfig,
+    pub counters: RouterCounters,
+    corr_prefix: String,
+    corr_seq: AtomicU64,
+}
+
+impl RouterState {
+    pub fn new(resolver: Resolver, cfg: ProxyConfig, initial: Snapshot) -> Self {
+        use rand::Rng;
+        let mut rng = rand::thread_rng();
+        let corr_prefix: String = (0..8)
+            .map(|_| (b'a' + rng.gen_range(0..26u8)) as char)
+            .collect();
+        Self {
+            swaps: watch::Sender::new(initial.revision),
+            table: ArcSwap::from_pointee(initial),
+            resolver,
+            cfg,
+            counters: RouterCounters::default(),
+            corr_prefix: format!("rt-{corr_prefix}"),
+            corr_seq: AtomicU64::new(1),
+        }
+    }
+
+    /// Installs a new snapshot and wakes held requests.
+    pub fn swap(&self, snap: Snapshot) {
+        let rev = snap.revision;
+        self.table.store(Arc::new(snap));
+        self.swaps.send_replace(rev);
+    }
+
+    fn correlation_id(&self) -> String {
+        format!(
+            "{}-{:x}",
+            self.corr_prefix,
+            self.corr_seq.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
+/// Why the router answered a request itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no route for tenant {tenant:?} (env {env:?})")]
+    UnknownTenant { tenant: String, env: String },
+    #[error("{0}")]
+    NoTenant(String),
+    #[error("tenant {0:?} is suspended")]
+    Suspended(String),
+    #[error("tenant {tenant:?} is held (being moved) and was not released within {waited_ms} ms")]
+    HoldTimeout { tenant: String, waited_ms: u64 },
+    #[error("tenant {0:?} is held and too many of its requests are already waiting")]
+    HoldOverflow(String),
+    #[error("tenant {tenant:?} exceeded its rate limit of {rate} requests per second")]
+    RateLimited {
+        tenant: String,
+        rate: u32,
+        retry_after: u64,
+    },
+    #[error("cell {cell} is unreachable: {reason}")]
+    Upstream { cell: String, reason: String },
+    #[error("cell {0} did not answer in time")]
+    UpstreamTimeout(String),
+}
+
+impl ProxyError {
+    fn parts(&self) -> (StatusCode, &'static str, &'static str, Option<u64>) {
+        match self {
+            ProxyError::BadRequest(_) => {
+                (StatusCode::BAD_REQUEST, "bad-request", "bad request", None)
+            }
+            ProxyError::UnknownTenant { .. } | ProxyError::NoTenant(_) => (
+                StatusCode::NOT_FOUND,
+                "unknown-tenant",
+                "unknown tenant",
+                None,
+            ),
+            ProxyError::Suspended(_) => (
+                StatusCode::FORBIDDEN,
+                "tenant-suspended",
+                "tenant suspended",
+                None,
+            ),
+            ProxyError::HoldTimeout { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "tenant-held",
+                "tenant temporarily held",
+                Some(1),
+            ),
+            ProxyError::HoldOverflow(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "tenant-held",
+                "tenant temporarily held",
+                Some(1),
+            ),
+            ProxyError::RateLimited { retry_after, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "too many requests",
+                Some(*retry_after),
+            ),
+            ProxyError::Upstream { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "cell-unreachable",
+                "cell unreachable",
+                None,
+            ),
+            ProxyError::UpstreamTimeout(_) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "cell-timeout",
+                "cell timed out",
+                None,
+            ),
+        }
+    }
+
+    fn counter<'a>(&self, c: &'a RouterCounters) -> &'a AtomicU64 {
+        match self {
+            ProxyError::BadRequest(_) => &c.bad_request,
+            ProxyError::UnknownTenant { .. } | ProxyError::NoTenant(_) => &c.unknown_tenant,
+            ProxyError::Suspended(_) => &c.suspended,
+            ProxyError::HoldTimeout { .. } => &c.hold_timeout,
+            ProxyError::HoldOverflow(_) => &c.hold_overflow,
+            ProxyError::RateLimited { .. } => &c.rate_limited,
+            ProxyError::Upstream { .. } => &c.upstream_error,
+            ProxyError::UpstreamTimeout(_) => &c.upstream_timeout,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    /// The problem document the client gets.
+    pub fn to_response(&self, correlation_id: &str) -> Response<Body> {
+        let (status, kind, title, retry) = self.parts();
+        let body = serde_json::json!({
+            "type": format!("https://cellplane.dev/problems/{kind}"),
+            "title": title,
+            "status": status.as_u16(),
+            "detail": self.to_string(),
+            "correlation_id": correlation_id,
+        });
+        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Ok(v) = HeaderValue::from_str(correlation_id) {
+            h.insert(X_CORRELATION_ID.clone(), v);
+        }
+        if let Some(s) = retry {
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+}
+
+impl From<ResolveError> for ProxyError {
+    fn from(e: ResolveError) -> Self {
+        match e {
+            ResolveError::NoTenant(_) => ProxyError::NoTenant(e.to_string()),
+            other => ProxyError::BadRequest(other.to_string()),
+        }
+    }
+}
+
+/// Who a request is for, owned so the request can be rewritten afterwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub tenant: String,
+    pub env: String,
+    /// Path and query to send to the cell when the tenant came from the path.
+    pub forward_path: Option<String>,
+    pub correlation_id: String,
+}
+
+/// What admission decided.
+pub enum Pick {
+    Forward(RouteEntry, Option<Arc<TenantRuntime>>),
+    Hold(Option<Arc<TenantRuntime>>),
+    Refuse(ProxyError),
+}
+
+/// The request path. Every hook has a default; a deployment can override any of them.
+pub trait Phases: Send + Sync + 'static {
+    /// Phase 1: which tenant and environment the request is for.
+    fn resolve(&self, state: &RouterState, parts: &Parts) -> Result<Target, ProxyError> {
+        let h = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok());
+        let host = h("host").or_else(|| parts.uri.host());
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let r = state
+            .resolver
+            .resolve(host, h("x-tenant-id"), h("x-tenant-env"), path)?;
+        let correlation_id = h("x-correlation-id")
+            .filter(|c| valid_correlation_id(c))
+            .map(str::to_string)
+            .unwrap_or_else(|| state.correlation_id());
+        Ok(Target {
+            tenant: r.tenant.into_owned(),
+            env: r.env.into_owned(),
+            forward_path: r.forward_path.map(str::to_string),
+            correlation_id,
+        })
+    }
+
+    /// Phase 2: the route for the target in `snap`, and whether the request may use it now.
+    fn pick(&self, state: &RouterState, snap: &Snapshot, t: &Target) -> Pick {
+        let unknown = || {
+            Pick::Refuse(ProxyError::UnknownTenant {
+                tenant: t.tenant.clone(),
+                env: t.env.clone(),
+            })
+        };
+        let Some(tenant) = snap.tenant(&t.tenant) else {
+            return unknown();
+        };
+        let Some(route) = tenant.get(&t.env) else {
+            return unknown();
+        };
+        match route.mode {
+            RouteMode::Suspended => Pick::Refuse(ProxyError::Suspended(t.tenant.clone())),
+            RouteMode::Hold => Pick::Hold(Some(tenant.runtime(&state.cfg.buckets).clone())),
+            RouteMode::Serve => {
+                let rt = tenant.runtime(&state.cfg.buckets).clone();
+                if let Err(retry_after) = admit(tenant, route, &rt) {
+                    return Pick::Refuse(ProxyError::RateLimited {
+                        tenant: t.tenant.clone(),
+                        rate: route.rate_limit,
+                        retry_after,
+                    });
+                }
+                Pick::Forward(route.clone(), Some(rt))
+            }
+        }
+    }
+
+    /// Phase 3: rewrites the request for the cell: absolute URI of the cell, hop-by-hop and
+    /// trusted headers dropped, the router's own identity headers set.
+    fn filter_request(&self, parts: &mut Parts, route: &RouteEntry, t: &Target) {
+        let pq = match &t.forward_path {
+            Some(p) => p.parse().ok(),
+            None => parts.uri.path_and_query().cloned(),
+        };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(route.cell.upstream.scheme.clone());
+        uri.authority = Some(route.cell.upstream.authority.clone());
+        uri.path_and_query = pq.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+        if let Ok(u) = http::Uri::from_parts(uri) {
+            parts.uri = u;
+        }
+        let h = &mut parts.headers;
+        strip_hop_by_hop(h);
+        h.remove(http::header::TRANSFER_ENCODING);
+        for name in TRUSTED_HEADERS {
+            h.remove(name);
+        }
+        if let Ok(v) = HeaderValue::from_str(&t.tenant) {
+            h.insert(X_TENANT_ID.clone(), v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&t.env) {
+            h.insert(X_TENANT_ENV.clone(), v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&t.correlation_id) {
+            h.insert(X_CORRELATION_ID.clone(), v);
+        }
+        parts.version = http::Version::HTTP_11;
+    }
+
+    /// Phase 5: after the response head, whoever produced it.
+    fn log(
+        &self,
+        state: &RouterState,
+        route: Option<(&RouteEntry, Option<&TenantRuntime>)>,
+        status: StatusCode,
+        took: Duration,
+        error: Option<&ProxyError>,
+    ) {
+        if let Some(e) = error {
+            RouterCounters::inc(e.counter(&state.counters));
+        }
+        if let Some((r, rt)) = route {
+            r.cell.status.observe(status.as_u16());
+            r.cell.latency.observe(took);
+            if let Some(rt) = rt {
+                rt.status.observe(status.as_u16());
+                rt.latency.observe(took);
+            }
+        }
+    }
+}
+
+/// The stock phases.
+pub struct DefaultPhases;
+impl Phases for DefaultPhases {}
+
+fn valid_correlation_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+fn strip_hop_by_hop(h: &mut http::HeaderMap) {
+    let listed: Vec<HeaderName> = h
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+/// The per-tenant token bucket: rate = burst = the route's `rate_limit`.
+fn admit(_t: &TenantEntry, route: &RouteEntry, rt: &TenantRuntime) -> Result<(), u64> {
+    if route.rate_limit == 0 {
+        return Ok(());
+    }
+    let rate = route.rate_limit as f64;
+    let now = Instant::now();
+    let mut b = rt.bucket.lock().unwrap_or_else(|p| p.into_inner());
+    let refill = now.duration_since(b.at).as_secs_f64() * rate;
+    b.tokens = (b.tokens.min(rate) + refill).min(rate);
+    b.at = now;
+    if b.tokens >= 1.0 {
+        b.tokens -= 1.0;
+        Ok(())
+    } else {
+        Err(((1.0 - b.tokens) / rate).ceil().max(1.0) as u64)
+    }
+}
+
+/// Waits on a held route until a swap releases it or the deadline passes.
+async fn wait_for_release<P: Phases>(
+    phases: &P,
+    state: &RouterState,
+    t: &Target,
+    rt: Option<Arc<TenantRuntime>>,
+) -> Pick {
+    struct Waiting(Option<Arc<TenantRuntime>>);
+    impl Drop for Waiting {
+        fn drop(&mut self) {
+            if let Some(rt) = &self.0 {
+                rt.waiting.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+    if let Some(rt) = &rt {
+        let n = rt.waiting.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > state.cfg.hold_queue {
+            rt.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Pick::Refuse(ProxyError::HoldOverflow(t.tenant.clone()));
+        }
+    }
+    let _waiting = Waiting(rt);
+    RouterCounters::inc(&state.counters.held);
+    let started = Instant::now();
+    let deadline = tokio::time::sleep(state.cfg.hold_deadline);
+    tokio::pin!(deadline);
+    let mut rx = state.swaps.subscribe();
+    loop {
+        // Look at the current table first: a swap may have happened before we subscribed.
+        let pick = {
+            let snap = state.table.load();
+            phases.pick(state, &snap, t)
+        };
+        if !matches!(pick, Pick::Hold(_)) {
+            return pick;
+        }
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            _ = &mut deadline => break,
+        }
+    }
+    Pick::Refuse(ProxyError::HoldTimeout {
+        tenant: t.tenant.clone(),
+        waited_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Handles one request through the phases.
+pub async fn handle<P: Phases>(
+    phases: &P,
+    state: &RouterState,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let target = match phases.resolve(state, &parts) {
+        Ok(t) => t,
+        Err(e) => {
+            let corr = state.correlation_id();
+            phases.log(state, None, e.status(), started.elapsed(), Some(&e));
+            return e.to_response(&corr);
+        }
+    };
+    let mut pick = {
+        let snap = state.table.load();
+        phases.pick(state, &snap, &target)
+    };
+    if let Pick::Hold(rt) = pick {
+        pick = wait_for_release(phases, state, &target, rt).await;
+    }
+    let (route, rt) = match pick {
+        Pick::Forward(r, rt) => (r, rt),
+        Pick::Refuse(e) => {
+            phases.log(state, None, e.status(), started.elapsed(), Some(&e));
+            return e.to_response(&target.correlation_id);
+        }
+        Pick::Hold(_) => unreachable!("wait_for_release never returns Hold"),
+    };
+    phases.filter_request(&mut parts, &route, &target);
+    let fut = route
+        .cell
+        .upstream
+        .client
+        .request(Request::from_parts(parts, body));
+    let result = tokio::time::timeout(state.cfg.upstream_timeout, fut).await;
+    let resp = match result {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => {
+            let err = ProxyError::Upstream {
+                cell: route.cell.cell_id.to_string(),
+                reason: error_chain(&e),
+            };
+            tracing::warn!(cell_id = %route.cell.cell_id, tenant_id = %target.tenant,
+                correlation_id = %target.correlation_id, error = %err, "forwarding failed");
+            phases.log(
+                state,
+                Some((&route, rt.as_deref())),
+                err.status(),
+                started.elapsed(),
+                Some(&err),
+            );
+            return err.to_response(&target.correlation_id);
+        }
+        Err(_) => {
+            let err = ProxyError::UpstreamTimeout(route.cell.cell_id.to_string());
+            phases.log(
+                state,
+                Some((&route, rt.as_deref())),
+                err.status(),
+                started.elapsed(),
+                Some(&err),
+            );
+            return err.to_response(&target.correlation_id);
+        }
+    };
+    RouterCounters::inc(&state.counters.forwarded);
+    phases.log(
+        state,
+        Some((&route, rt.as_deref())),
+        resp.status(),
+        started.elapsed(),
+        None,
+    );
+    let (mut rparts, rbody) = resp.into_parts();
+    strip_hop_by_hop(&mut rparts.headers);
+    if !rparts.headers.contains_key(&X_CORRELATION_ID) {
+        if let Ok(v) = HeaderValue::from_str(&target.correlation_id) {
+            rparts.headers.insert(X_CORRELATION_ID.clone(), v);
+        }
+    }
+    Response::from_parts(rparts, Either::Left(rbody))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,256 @@
+//! Building and running the router: load the state file (before any contact with the
+//! control plane), bind both listeners, start the watch, heartbeat and state writer, serve
+//! until a shutdown signal, then drain in-flight requests within the grace period and
+//! write the state file one last time.
+
+use crate::config::Config;
+use crate::proxy::{DefaultPhases, ProxyConfig, RouterState};
+use crate::resolve::Resolver;
+use crate::sync::{SyncStatus, Syncer};
+use crate::table::{Snapshot, TableBuilder};
+use crate::upstream::UpstreamConfig;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+pub struct Application {
+    cfg: Config,
+    state: Arc<RouterState>,
+    builder: Arc<Mutex<TableBuilder>>,
+    status: Arc<SyncStatus>,
+    listener: TcpListener,
+    admin: TcpListener,
+    addr: SocketAddr,
+    admin_addr: SocketAddr,
+    router_id: String,
+}
+
+async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), StartupError> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartupError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let a = l.local_addr().map_err(|source| StartupError::Bind {
+        addr: addr.to_string(),
+        source,
+    })?;
+    Ok((l, a))
+}
+
+impl Application {
+    pub async fn build(cfg: Config) -> Result<Self, StartupError> {
+        cfg.validate().map_err(StartupError::Config)?;
+        let buckets: Arc<[f64]> = Arc::from(cfg.latency_buckets.clone());
+        let mut builder = TableBuilder::new(
+            buckets.clone(),
+            UpstreamConfig {
+                max_idle_per_cell: cfg.upstream_idle_per_cell,
+                ..UpstreamConfig::default()
+            },
+        );
+        let status = Arc::new(SyncStatus::default());
+        // The last-known table first: the router serves it even if the control plane
+        // never answers.
+        let initial = match crate::state::load(&cfg.state_file, &mut builder) {
+            Ok(Some(s)) => {
+                tracing::info!(revision = s.revision, routes = s.routes,
+                    path = %cfg.state_file.display(), "loaded the last-known routing table");
+                status.source.store(1, std::sync::atomic::Ordering::Relaxed);
+                s
+            }
+            Ok(None) => Snapshot::empty(),
+            Err(e) => {
+                tracing::error!(error = %e, "ignoring the state file; starting with an empty table");
+                Snapshot::empty()
+            }
+        };
+        let state = Arc::new(RouterState::new(
+            Resolver::new(cfg.tenant_from.clone(), &cfg.base_domain),
+            ProxyConfig {
+                hold_deadline: Duration::from_millis(cfg.hold_timeout_ms),
+                hold_queue: cfg.hold_queue.max(1),
+                upstream_timeout: Duration::from_millis(cfg.upstream_timeout_ms.max(1)),
+                buckets,
+            },
+            initial,
+        ));
+        let (listener, addr) = bind(&cfg.listen).await?;
+        let (admin, admin_addr) = bind(&cfg.admin_listen).await?;
+        Ok(Self {
+            router_id: cfg.router_id(),
+            cfg,
+            state,
+            builder: Arc::new(Mutex::new(builder)),
+            status,
+            listener,
+            admin,
+            addr,
+            admin_addr,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn router_id(&self) -> &str {
+        &self.router_id
+    }
+
+    pub fn state(&self) -> Arc<RouterState> {
+        self.state.clone()
+    }
+
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) {
+        let background = CancellationToken::new();
+        let client =
+            cellplane_api::Client::new(self.cfg.control_plane.clone(), self.cfg.token.clone());
+        let syncer = Syncer {
+            state: self.state.clone(),
+            client: client.clone(),
+            builder: self.builder.clone(),
+            wait_secs: self.cfg.watch_wait_secs,
+            max_backoff: Duration::from_millis(self.cfg.max_backoff_ms),
+            status: self.status.clone(),
+        };
+        let watch = tokio::spawn(syncer.run(background.clone()));
+        let persister = tokio::spawn(crate::sync::run_persister(
+            self.state.clone(),
+            self.cfg.state_file.clone(),
+            Duration::from_millis(self.cfg.state_flush_ms),
+            background.clone(),
+        ));
+        let heartbeats = tokio::spawn(crate::sync::run_heartbeats(
+            self.state.clone(),
+            client,
+            self.router_id.clone(),
+            Duration::from_secs(self.cfg.heartbeat_secs.max(1)),
+            self.status.clone(),
+            background.clone(),
+        ));
+        let admin = {
+            let (state, status, id) = (
+                self.state.clone(),
+                self.status.clone(),
+                self.router_id.clone(),
+            );
+            let stop = shutdown.clone();
+            let listener = self.admin;
+            tokio::spawn(async move {
+                serve(listener, stop, Duration::from_secs(1), move |req| {
+                    let r = crate::admin::handle(&state, &status, &id, req);
+                    async move { r }
+                })
+                .await
+            })
+        };
+        tracing::info!(addr = %self.addr, admin = %self.admin_addr, router_id = %self.router_id,
+            control_plane = %self.cfg.control_plane, "router listening");
+        let state = self.state.clone();
+        serve(
+            self.listener,
+            shutdown.clone(),
+            Duration::from_secs(self.cfg.shutdown_grace_secs),
+            move |req| {
+                let state = state.clone();
+                async move { crate::proxy::handle(&DefaultPhases, &state, req).await }
+            },
+        )
+        .await;
+        tracing::info!("stopped serving; writing the state file");
+        background.cancel();
+        let _ = watch.await;
+        let _ = heartbeats.await;
+        let _ = persister.await;
+        let _ = admin.await;
+        tracing::info!("router stopped");
+    }
+}
+
+/// Accepts HTTP/1.1 connections until `stop`, then gives open connections `grace` to
+/// finish their requests.
+async fn serve<F, Fut>(listener: TcpListener, stop: CancellationToken, grace: Duration, f: F)
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<crate::proxy::Body>> + Send + 'static,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.keep_alive(true)
+        .header_read_timeout(Duration::from_secs(30))
+        .timer(hyper_util::rt::TokioTimer::new());
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let f = f.clone();
+        let svc = service_fn(move |req| {
+            let fut = f(req);
+            async move { Ok::<_, std::convert::Infallible>(fut.await) }
+        });
+        let conn = http.serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!("connections still open after the grace period; closing them");
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,249 @@
+//! Keeping the table current: a long-poll watch on `GET /v1/routes?since=REV` with capped,
+//! jittered exponential backoff; heartbeats that ack the applied revision; and the writer
+//! that mirrors each applied snapshot to the state file. None of this is on the request
+//! path: when the control plane is unreachable the router keeps serving the table it has.
+
+use crate::proxy::RouterState;
+use crate::table::TableBuilder;
+use cellplane_api::Client;
+use rand::Rng;
+use reqwest::Method;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// What the watch learned about the control plane, for healthz and heartbeats.
+pub struct SyncStatus {
+    started: Instant,
+    /// Milliseconds since start of the last successful watch answer; -1 never.
+    last_ok_ms: AtomicI64,
+    /// Where the current table came from: 0 empty, 1 state file, 2 control plane.
+    pub source: AtomicI64,
+}
+
+impl Default for SyncStatus {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            last_ok_ms: AtomicI64::new(-1),
+            source: AtomicI64::new(0),
+        }
+    }
+}
+
+impl SyncStatus {
+    fn mark_ok(&self) {
+        self.last_ok_ms
+            .store(self.started.elapsed().as_millis() as i64, Ordering::Relaxed);
+        self.source.store(2, Ordering::Relaxed);
+    }
+
+    /// Milliseconds since the control plane last answered, if it ever did.
+    pub fn since_last_ok_ms(&self) -> Option<u64> {
+        let at = self.last_ok_ms.load(Ordering::Relaxed);
+        (at >= 0).then(|| (self.started.elapsed().as_millis() as i64 - at).max(0) as u64)
+    }
+
+    pub fn source_name(&self) -> &'static str {
+        match self.source.load(Ordering::Relaxed) {
+            1 => "state-file",
+            2 => "control-plane",
+            _ => "empty",
+        }
+    }
+}
+
+pub struct Syncer {
+    pub state: Arc<RouterState>,
+    pub client: Client,
+    pub builder: Arc<Mutex<TableBuilder>>,
+    pub wait_secs: u64,
+    pub max_backoff: Duration,
+    pub status: Arc<SyncStatus>,
+}
+
+impl Syncer {
+    /// Watches until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut failures: u32 = 0;
+        loop {
+            let since = self.state.table.load().revision;
+            let fetch = self.fetch(since);
+            let outcome = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = fetch => r,
+            };
+            match outcome {
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!(failures, "control plane reachable again");
+                    }
+                    failures = 0;
+                    self.status.mark_ok();
+                    crate::metrics::RouterCounters::inc(&self.state.counters.sync_ok);
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    crate::metrics::RouterCounters::inc(&self.state.counters.sync_errors);
+                    // Log the first failure and then every tenth, not every retry.
+                    if failures == 1 || failures.is_multiple_of(10) {
+                        tracing::warn!(error = %e, failures, revision = since,
+                            "routing table watch failed; serving the last-known table");
+                    }
+                    let base = 100u64.saturating_mul(1 << failures.min(10));
+                    let cap = (self.max_backoff.as_millis() as u64).max(100);
+                    let full = base.min(cap);
+                    let wait = rand::thread_rng().gen_range(full / 2..=full);
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn fetch(&self, since: i64) -> Result<(), String> {
+        let resp = self
+            .client
+            .request(
+                Method::GET,
+                &format!("/v1/routes?since={since}&wait={}", self.wait_secs),
+            )
+            .timeout(Duration::from_secs(self.wait_secs + 15))
+            .send()
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(format!(
+                "control plane answered {status}: {}",
+                body.chars().take(300).collect::<String>()
+            ));
+        }
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        let (state, builder) = (self.state.clone(), self.builder.clone());
+        // Parsing a large table is CPU work: keep it off the request workers.
+        let applied = tokio::task::spawn_blocking(move || {
+            let base = state.table.load_full();
+            let mut b = builder.lock().unwrap_or_else(|p| p.into_inner());
+            crate::wire::apply_changes(&bytes, &mut b, &base)
+        })
+        .await
+        .map_err(|e| format!("applying the answer panicked: {e}"))?
+        .map_err(|e| e.to_string())?;
+        for r in applied.rejected.iter().take(5) {
+            tracing::warn!(error = %r, "route refused");
+        }
+        let rev = applied.snapshot.revision;
+        if rev != since || applied.full {
+            tracing::debug!(
+                revision = rev,
+                full = applied.full,
+                upserts = applied.upserts,
+                removals = applied.removals,
+                routes = applied.snapshot.routes,
+                "routing table updated"
+            );
+            self.state.swap(applied.snapshot);
+        }
+        Ok(())
+    }
+}
+
+/// Mirrors every swapped snapshot to the state file, at most once per `spacing`.
+pub async fn run_persister(
+    state: Arc<RouterState>,
+    path: PathBuf,
+    spacing: Duration,
+    stop: CancellationToken,
+) {
+    let mut rx = state.swaps.subscribe();
+    let mut written = i64::MIN;
+    loop {
+        let stopping = tokio::select! {
+            r = rx.changed() => r.is_err(),
+            _ = stop.cancelled() => true,
+        };
+        let snap = state.table.load_full();
+        if snap.revision != written {
+            let p = path.clone();
+            let s = snap.clone();
+            let res = tokio::task::spawn_blocking(move || crate::state::save(&p, &s)).await;
+            match res {
+                Ok(Ok(())) => {
+                    written = snap.revision;
+                    crate::metrics::RouterCounters::inc(&state.counters.state_writes);
+                }
+                Ok(Err(e)) => tracing::error!(error = %e, "writing the state file failed"),
+                Err(e) => tracing::error!(error = %e, "state file writer panicked"),
+            }
+        }
+        if stopping {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(spacing) => {}
+            _ = stop.cancelled() => {}
+        }
+    }
+}
+
+/// Acks the applied revision: right after each swap, and every `every`.
+pub async fn run_heartbeats(
+    state: Arc<RouterState>,
+    client: Client,
+    router_id: String,
+    every: Duration,
+    status: Arc<SyncStatus>,
+    stop: CancellationToken,
+) {
+    let mut rx = state.swaps.subscribe();
+    let mut failures = 0u32;
+    loop {
+        let (rev, routes) = {
+            let s = state.table.load();
+            (s.revision, s.routes)
+        };
+        let body = serde_json::json!({
+            "applied_revision": rev,
+            "stats": {
+                "routes": routes,
+                "source": status.source_name(),
+                "forwarded": state.counters.forwarded.load(Ordering::Relaxed),
+            }
+        });
+        let res = client
+            .request(Method::POST, &format!("/v1/routers/{router_id}/heartbeat"))
+            .json(&body)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        match res {
+            Ok(r) if r.status().is_success() => failures = 0,
+            Ok(r) => {
+                failures += 1;
+                if failures == 1 {
+                    tracing::warn!(status = r.status().as_u16(), "heartbeat refused");
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 {
+                    tracing::debug!(error = %e, "heartbeat failed");
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}

@@ -1,0 +1,503 @@
+//! The routing table as the data plane holds it: an immutable [`Snapshot`] swapped
+//! atomically as a whole, so a request reads one consistent table (routes and the cells
+//! they point at) with one atomic load.
+//!
+//! Routes live in shards of copy-on-write hash maps: applying a delta copies only the
+//! shards it touches, so an update to a table of a million routes costs a few thousand
+//! entry copies, not a million. Cells are interned: every route to the same cell shares one
+//! [`CellHandle`], which owns the cell's keep-alive connection pool and its metric handles,
+//! built when the snapshot is built and never looked up per request. Per-tenant runtime
+//! state (rate bucket, metrics, hold waiters) is created on a tenant's first request and
+//! carried into later snapshots. Nothing here does I/O.
+
+use crate::metrics::{Histogram, StatusCounters};
+use cellplane_api::RouteMode;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex, OnceLock};
+
+const SHARDS: usize = 256;
+
+/// A cell as routes see it: identity, where it is, its connection pool and its metrics.
+pub struct CellHandle {
+    pub cell_id: Arc<str>,
+    pub endpoint: Arc<str>,
+    pub upstream: crate::upstream::Upstream,
+    pub status: StatusCounters,
+    pub latency: Histogram,
+}
+
+/// State of one tenant that outlives snapshots: created on its first request.
+pub struct TenantRuntime {
+    pub bucket: Mutex<Bucket>,
+    pub status: StatusCounters,
+    pub latency: Histogram,
+    /// Requests currently parked on a held route of this tenant.
+    pub waiting: AtomicU32,
+}
+
+/// A token bucket: `tokens` refill at the route's rate up to a burst of the same size.
+pub struct Bucket {
+    pub tokens: f64,
+    pub at: std::time::Instant,
+}
+
+/// One route: which cell, in which mode, at which rate.
+#[derive(Clone)]
+pub struct RouteEntry {
+    pub cell: Arc<CellHandle>,
+    pub mode: RouteMode,
+    /// Requests per second; 0 means unlimited.
+    pub rate_limit: u32,
+}
+
+/// A route of a non-`prod` environment.
+pub type EnvRoute = (Arc<str>, RouteEntry);
+
+/// Every route of one tenant (most tenants have only `prod`).
+#[derive(Clone, Default)]
+pub struct TenantEntry {
+    pub prod: Option<RouteEntry>,
+    pub others: Option<Arc<[EnvRoute]>>,
+    pub runtime: Arc<OnceLock<Arc<TenantRuntime>>>,
+}
+
+impl TenantEntry {
+    pub fn get(&self, env: &str) -> Option<&RouteEntry> {
+        if env == "prod" {
+            return self.prod.as_ref();
+        }
+        self.others
+            .as_ref()
+            .and_then(|o| o.iter().find(|(e, _)| &**e == env).map(|(_, r)| r))
+    }
+
+    fn set(&mut self, env: &Arc<str>, route: Option<RouteEntry>) {
+        if &**env == "prod" {
+            self.prod = route;
+            return;
+        }
+        let mut v: Vec<(Arc<str>, RouteEntry)> = self
+            .others
+            .as_ref()
+            .map(|o| o.iter().filter(|(e, _)| e != env).cloned().collect())
+            .unwrap_or_default();
+        if let Some(r) = route {
+            v.push((env.clone(), r));
+        }
+        self.others = if v.is_empty() { None } else { Some(v.into()) };
+    }
+
+    fn is_empty(&self) -> bool {
+        self.prod.is_none() && self.others.is_none()
+    }
+
+    /// Visits every (env, route).
+    pub fn each(&self, mut f: impl FnMut(&str, &RouteEntry)) {
+        if let Some(p) = &self.prod {
+            f("prod", p);
+        }
+        for (e, r) in self.others.iter().flat_map(|o| o.iter()) {
+            f(e, r);
+        }
+    }
+
+    /// The tenant's runtime state, created on first use.
+    pub fn runtime(&self, buckets: &[f64]) -> &Arc<TenantRuntime> {
+        self.runtime.get_or_init(|| {
+            Arc::new(TenantRuntime {
+                bucket: Mutex::new(Bucket {
+                    tokens: f64::MAX,
+                    at: std::time::Instant::now(),
+                }),
+                status: StatusCounters::default(),
+                latency: Histogram::new(buckets),
+                waiting: AtomicU32::new(0),
+            })
+        })
+    }
+}
+
+type Shard = HashMap<Arc<str>, TenantEntry>;
+
+/// One immutable version of the table.
+pub struct Snapshot {
+    pub revision: i64,
+    shards: Arc<[Arc<Shard>]>,
+    pub routes: usize,
+    /// Every cell some route points at.
+    pub cells: Arc<[Arc<CellHandle>]>,
+}
+
+fn shard_of(hasher: &std::collections::hash_map::RandomState, tenant: &str) -> usize {
+    (hasher.hash_one(tenant) as usize) % SHARDS
+}
+
+/// A random but process-wide hasher for choosing shards.
+fn shard_hasher() -> &'static std::collections::hash_map::RandomState {
+    static H: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+    H.get_or_init(Default::default)
+}
+
+impl Snapshot {
+    pub fn empty() -> Self {
+        Snapshot {
+            revision: 0,
+            shards: (0..SHARDS).map(|_| Arc::new(Shard::new())).collect(),
+            routes: 0,
+            cells: Arc::from(Vec::new()),
+        }
+    }
+
+    pub fn tenant(&self, tenant: &str) -> Option<&TenantEntry> {
+        self.shards[shard_of(shard_hasher(), tenant)].get(tenant)
+    }
+
+    pub fn route(&self, tenant: &str, env: &str) -> Option<&RouteEntry> {
+        self.tenant(tenant).and_then(|t| t.get(env))
+    }
+
+    /// Visits every tenant.
+    pub fn each_tenant(&self, mut f: impl FnMut(&str, &TenantEntry)) {
+        for s in self.shards.iter() {
+            for (k, v) in s.iter() {
+                f(k, v);
+            }
+        }
+    }
+}
+
+/// A route as it arrives from the control plane or the state file, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub tenant_id: String,
+    pub env: String,
+    pub cell_id: String,
+    pub endpoint: String,
+    pub mode: RouteMode,
+    pub rate_limit: Option<u64>,
+}
+
+/// Builds snapshots: owns the interned cells and envs between builds.
+pub struct TableBuilder {
+    cells: HashMap<(Arc<str>, Arc<str>), Arc<CellHandle>>,
+    envs: HashMap<String, Arc<str>>,
+    buckets: Arc<[f64]>,
+    upstream: crate::upstream::UpstreamConfig,
+}
+
+/// Why a route was not taken into the table.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RejectedRoute {
+    #[error("invalid identifier in route {0}")]
+    Identifier(String),
+    #[error("invalid endpoint {1:?} in route {0}")]
+    Endpoint(String, String),
+}
+
+impl TableBuilder {
+    pub fn new(buckets: Arc<[f64]>, upstream: crate::upstream::UpstreamConfig) -> Self {
+        Self {
+            cells: HashMap::new(),
+            envs: HashMap::new(),
+            buckets,
+            upstream,
+        }
+    }
+
+    fn env(&mut self, e: &str) -> Arc<str> {
+        if let Some(a) = self.envs.get(e) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(e);
+        self.envs.insert(e.to_string(), a.clone());
+        a
+    }
+
+    fn cell(&mut self, cell_id: &str, endpoint: &str) -> Result<Arc<CellHandle>, RejectedRoute> {
+        let key: (Arc<str>, Arc<str>) = (Arc::from(cell_id), Arc::from(endpoint));
+        if let Some(c) = self.cells.get(&key) {
+            return Ok(c.clone());
+        }
+        let upstream = crate::upstream::Upstream::new(endpoint, &self.upstream)
+            .map_err(|_| RejectedRoute::Endpoint(cell_id.to_string(), endpoint.to_string()))?;
+        let handle = Arc::new(CellHandle {
+            cell_id: key.0.clone(),
+            endpoint: key.1.clone(),
+            upstream,
+            status: StatusCounters::default(),
+            latency: Histogram::new(&self.buckets),
+        });
+        self.cells.insert(key, handle.clone());
+        Ok(handle)
+    }
+
+    fn entry(
+        &mut self,
+        key: (&str, &str),
+        cell_id: &str,
+        endpoint: &str,
+        mode: RouteMode,
+        rate_limit: Option<u64>,
+    ) -> Result<RouteEntry, RejectedRoute> {
+        for id in [key.0, key.1, cell_id] {
+            if !crate::resolve::valid_id(id) {
+                return Err(RejectedRoute::Identifier(format!("{}/{}", key.0, key.1)));
+            }
+        }
+        Ok(RouteEntry {
+            cell: self.cell(cell_id, endpoint)?,
+            mode,
+            rate_limit: rate_limit.unwrap_or(0).min(u32::MAX as u64) as u32,
+        })
+    }
+
+    /// Starts the next snapshot: on top of `base`, or empty when `full`.
+    pub fn draft<'b>(&'b mut self, base: &'b Snapshot, full: bool) -> Draft<'b> {
+        Draft {
+            routes: if full { 0 } else { base.routes as i64 },
+            shards: (0..SHARDS).map(|_| None).collect(),
+            builder: self,
+            base,
+            full,
+            rejected: Vec::new(),
+        }
+    }
+
+    /// Applies upserts and removals on top of `base` (or on an empty table when `full`)
+    /// and returns the next snapshot and the routes it refused.
+    pub fn apply(
+        &mut self,
+        base: &Snapshot,
+        revision: i64,
+        full: bool,
+        upserts: &[RouteSpec],
+        removals: &[(String, String)],
+    ) -> (Snapshot, Vec<RejectedRoute>) {
+        let mut d = self.draft(base, full);
+        for (t, e) in removals {
+            d.remove(t, e);
+        }
+        for r in upserts {
+            d.upsert(
+                &r.tenant_id,
+                &r.env,
+                &r.cell_id,
+                &r.endpoint,
+                r.mode,
+                r.rate_limit,
+            );
+        }
+        d.finish(revision)
+    }
+
+    /// The cells routes of `snap` point at. Small tables (and full loads) are walked; for
+    /// large ones a delta keeps every interned cell some snapshot still uses.
+    fn live_cells(&mut self, snap: &Snapshot, walk: bool) -> Arc<[Arc<CellHandle>]> {
+        self.cells.retain(|_, c| Arc::strong_count(c) > 1);
+        if !walk {
+            return self.cells.values().cloned().collect();
+        }
+        let mut used: std::collections::HashSet<*const CellHandle> = Default::default();
+        snap.each_tenant(|_, t| {
+            t.each(|_, r| {
+                used.insert(Arc::as_ptr(&r.cell));
+            })
+        });
+        self.cells
+            .values()
+            .filter(|c| used.contains(&Arc::as_ptr(c)))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The next snapshot under construction; see [`TableBuilder::draft`].
+pub struct Draft<'b> {
+    builder: &'b mut TableBuilder,
+    base: &'b Snapshot,
+    full: bool,
+    shards: Vec<Option<Shard>>,
+    routes: i64,
+    rejected: Vec<RejectedRoute>,
+}
+
+impl Draft<'_> {
+    fn shard(&mut self, tenant: &str) -> &mut Shard {
+        let i = shard_of(shard_hasher(), tenant);
+        let (full, base) = (self.full, &self.base.shards);
+        self.shards[i].get_or_insert_with(|| {
+            if full {
+                Shard::new()
+            } else {
+                (*base[i]).clone()
+            }
+        })
+    }
+
+    pub fn remove(&mut self, tenant: &str, env: &str) {
+        let env = self.builder.env(env);
+        let shard = self.shard(tenant);
+        let mut removed = false;
+        if let Some(t) = shard.get_mut(tenant) {
+            removed = t.get(&env).is_some();
+            t.set(&env, None);
+            if t.is_empty() {
+                shard.remove(tenant);
+            }
+        }
+        if removed {
+            self.routes -= 1;
+        }
+    }
+
+    pub fn upsert(
+        &mut self,
+        tenant: &str,
+        env: &str,
+        cell_id: &str,
+        endpoint: &str,
+        mode: RouteMode,
+        rate_limit: Option<u64>,
+    ) {
+        let entry = match self
+            .builder
+            .entry((tenant, env), cell_id, endpoint, mode, rate_limit)
+        {
+            Ok(e) => e,
+            Err(e) => {
+                self.rejected.push(e);
+                return;
+            }
+        };
+        let env = self.builder.env(env);
+        // Runtime state of tenants carries over a full reload.
+        let carried = if self.full {
+            self.base.tenant(tenant).map(|t| t.runtime.clone())
+        } else {
+            None
+        };
+        let shard = self.shard(tenant);
+        let added = match shard.get_mut(tenant) {
+            Some(t) => {
+                let new = t.get(&env).is_none();
+                t.set(&env, Some(entry));
+                new
+            }
+            None => {
+                let mut t = TenantEntry {
+                    runtime: carried.unwrap_or_default(),
+                    ..Default::default()
+                };
+                t.set(&env, Some(entry));
+                shard.insert(Arc::from(tenant), t);
+                true
+            }
+        };
+        if added {
+            self.routes += 1;
+        }
+    }
+
+    pub fn finish(self, revision: i64) -> (Snapshot, Vec<RejectedRoute>) {
+        let (full, base) = (self.full, self.base);
+        let shards: Arc<[Arc<Shard>]> = self
+            .shards
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| match s {
+                Some(mut s) => {
+                    s.shrink_to_fit();
+                    Arc::new(s)
+                }
+                None if full => Arc::new(Shard::new()),
+                None => base.shards[i].clone(),
+            })
+            .collect();
+        let mut snapshot = Snapshot {
+            revision,
+            shards,
+            routes: self.routes.max(0) as usize,
+            cells: Arc::from(Vec::new()),
+        };
+        let walk = full || snapshot.routes <= 100_000;
+        snapshot.cells = self.builder.live_cells(&snapshot, walk);
+        (snapshot, self.rejected)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(t: &str, env: &str, cell: &str, port: u16, mode: RouteMode) -> RouteSpec {
+        RouteSpec {
+            tenant_id: t.into(),
+            env: env.into(),
+            cell_id: cell.into(),
+            endpoint: format!("http://127.0.0.1:{port}"),
+            mode,
+            rate_limit: None,
+        }
+    }
+
+    fn builder() -> TableBuilder {
+        TableBuilder::new(
+            Arc::from(vec![0.01, 0.1]),
+            crate::upstream::UpstreamConfig::default(),
+        )
+    }
+
+    #[tokio::test]
+    async fn full_then_delta() {
+        let mut b = builder();
+        let (s1, rej) = b.apply(
+            &Snapshot::empty(),
+            1,
+            true,
+            &[
+                spec("acme", "prod", "c1", 1001, RouteMode::Serve),
+                spec("acme", "dev", "c2", 1002, RouteMode::Serve),
+                spec("globex", "prod", "c1", 1001, RouteMode::Suspended),
+            ],
+            &[],
+        );
+        assert!(rej.is_empty());
+        assert_eq!(s1.routes, 3);
+        assert_eq!(s1.cells.len(), 2);
+        assert_eq!(&*s1.route("acme", "dev").unwrap().cell.cell_id, "c2");
+        // Same cell, same handle.
+        assert!(Arc::ptr_eq(
+            &s1.route("acme", "prod").unwrap().cell,
+            &s1.route("globex", "prod").unwrap().cell
+        ));
+        let (s2, _) = b.apply(
+            &s1,
+            2,
+            false,
+            &[spec("globex", "prod", "c3", 1003, RouteMode::Serve)],
+            &[("acme".into(), "dev".into())],
+        );
+        assert_eq!(s2.routes, 2);
+        assert!(s2.route("acme", "dev").is_none());
+        assert_eq!(&*s2.route("globex", "prod").unwrap().cell.cell_id, "c3");
+        assert_eq!(s2.cells.len(), 2, "c2 is gone, c3 is new");
+        // The old snapshot is untouched.
+        assert_eq!(&*s1.route("globex", "prod").unwrap().cell.cell_id, "c1");
+    }
+
+    #[tokio::test]
+    async fn invalid_routes_are_refused() {
+        let mut b = builder();
+        let mut bad = spec("Acme!", "prod", "c1", 1, RouteMode::Serve);
+        let (s, rej) = b.apply(&Snapshot::empty(), 1, true, &[bad.clone()], &[]);
+        assert_eq!(s.routes, 0);
+        assert_eq!(rej.len(), 1);
+        bad.tenant_id = "acme".into();
+        bad.endpoint = "ftp://x".into();
+        let (s, rej) = b.apply(&Snapshot::empty(), 1, true, &[bad], &[]);
+        assert_eq!(s.routes, 0);
+        assert_eq!(rej.len(), 1);
+    }
+}

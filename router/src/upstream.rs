@@ -1,0 +1,65 @@
+//! The connection to one cell: an HTTP/1.1 keep-alive pool owned by the cell's handle, so
+//! a slow or dead cell never takes connections from another.
+
+use http::uri::{Authority, Scheme};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Idle keep-alive connections kept per cell.
+    pub max_idle_per_cell: usize,
+    /// How long an idle connection is kept.
+    pub idle_timeout: Duration,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            max_idle_per_cell: 256,
+            idle_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("endpoint must be http://host:port")]
+pub struct BadEndpoint;
+
+pub struct Upstream {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    pub client: Client<HttpConnector, Incoming>,
+}
+
+impl Upstream {
+    pub fn new(endpoint: &str, cfg: &UpstreamConfig) -> Result<Self, BadEndpoint> {
+        let uri: http::Uri = endpoint.parse().map_err(|_| BadEndpoint)?;
+        if uri.scheme() != Some(&Scheme::HTTP) {
+            return Err(BadEndpoint);
+        }
+        let authority = uri.authority().cloned().ok_or(BadEndpoint)?;
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(BadEndpoint);
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(cfg.connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(30)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(cfg.max_idle_per_cell)
+            .pool_idle_timeout(cfg.idle_timeout)
+            .build(connector);
+        Ok(Self {
+            scheme: Scheme::HTTP,
+            authority,
+            client,
+        })
+    }
+}
