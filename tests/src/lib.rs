@@ -393,3 +393,220 @@ where
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// Reads `n` lines from a child's stdout (each with a timeout) and keeps draining it.
+fn first_lines(child: &mut Child, n: usize, what: &str, log: &Path) -> Result<Vec<String>> {
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            match line {
+                Ok(l) => {
+                    let _ = tx.send(l);
+                }
+                Err(_) => break,
+            }
+        }
+    });
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let l = rx.recv_timeout(Duration::from_secs(60)).map_err(|_| {
+            anyhow!(
+                "{what} did not report its address; log: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        })?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// A running `cellplane-router`. Killed on drop.
+pub struct TestRouter {
+    pub url: String,
+    pub admin_url: String,
+    pub state_file: PathBuf,
+    pub control_plane: String,
+    pub token: String,
+    pub extra_args: Vec<String>,
+    pub http: reqwest::Client,
+    listen: String,
+    child: Option<Child>,
+    dir: std::sync::Arc<tempfile::TempDir>,
+}
+
+impl TestRouter {
+    /// Starts a router watching `control_plane` with `token` (a `router` role token).
+    pub async fn spawn(control_plane: &str, token: &str, extra_args: &[&str]) -> TestRouter {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut r = TestRouter {
+            url: String::new(),
+            admin_url: String::new(),
+            state_file: dir.path().join("router-state.json"),
+            control_plane: control_plane.to_string(),
+            token: token.to_string(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .pool_max_idle_per_host(16)
+                .build()
+                .expect("client"),
+            listen: "127.0.0.1:0".into(),
+            child: None,
+            dir: std::sync::Arc::new(dir),
+        };
+        r.start().await.expect("router starts");
+        r
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("router.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts (or restarts, on the same port and state file) the binary.
+    pub async fn start(&mut self) -> Result<()> {
+        let mut cmd = Command::new(bin_path("cellplane-router"));
+        cmd.arg("--control-plane")
+            .arg(&self.control_plane)
+            .arg("--listen")
+            .arg(&self.listen)
+            .arg("--admin-listen")
+            .arg("127.0.0.1:0")
+            .arg("--state-file")
+            .arg(&self.state_file)
+            .arg("--base-domain")
+            .arg("localhost")
+            .arg("--max-backoff-ms")
+            .arg("300")
+            .args(&self.extra_args)
+            .env("CELLPLANE_TOKEN", &self.token)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.log_path())?,
+            ));
+        let mut child = cmd.spawn().context("spawn cellplane-router")?;
+        let log = self.log_path();
+        let lines =
+            tokio::task::spawn_blocking(move || first_lines(&mut child, 2, "router", &log).map(|l| (child, l)))
+                .await??;
+        let (child, lines) = lines;
+        self.url = lines[0]
+            .strip_prefix("listening on ")
+            .ok_or_else(|| anyhow!("unexpected first line {:?}", lines[0]))?
+            .to_string();
+        self.admin_url = lines[1]
+            .strip_prefix("admin listening on ")
+            .ok_or_else(|| anyhow!("unexpected second line {:?}", lines[1]))?
+            .to_string();
+        // A restart keeps the port, as a real deployment behind a load balancer would.
+        self.listen = self.url.trim_start_matches("http://").to_string();
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..200 {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        c.wait().ok()
+    }
+
+    /// A request for `tenant` by Host subdomain.
+    pub fn tenant_req(&self, method: Method, tenant: &str, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.url))
+            .header("host", format!("{tenant}.localhost"))
+    }
+
+    pub async fn healthz(&self) -> serde_json::Value {
+        self.http
+            .get(format!("{}/__router/healthz", self.admin_url))
+            .send()
+            .await
+            .expect("healthz")
+            .json()
+            .await
+            .expect("healthz json")
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/__router/metrics", self.admin_url))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// Waits until the router serves revision `rev` or later.
+    pub async fn wait_revision(&self, rev: i64) {
+        let ok = eventually(Duration::from_secs(10), || async {
+            let h = self.healthz().await;
+            (h["revision"].as_i64().unwrap_or(-1) >= rev).then_some(())
+        })
+        .await;
+        ok.unwrap_or_else(|_| panic!("router never reached revision {rev}; log: {}", self.log()));
+    }
+}
+
+impl Drop for TestRouter {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+impl TestApp {
+    /// Mints a token of `role` with the admin token.
+    pub async fn token(&self, role: &str) -> String {
+        let t: serde_json::Value = self
+            .admin
+            .post("/v1/tokens", &serde_json::json!({"role": role}))
+            .await
+            .expect("create token");
+        t["token"].as_str().expect("token").to_string()
+    }
+
+    /// The current routing revision, as the watch reports it.
+    pub async fn routing_revision(&self) -> i64 {
+        let v: serde_json::Value = self.admin.get("/v1/routes?since=0").await.expect("routes");
+        v["revision"].as_i64().expect("revision")
+    }
+
+    /// Creates a tenant from a JSON document (fields beyond id/org/profile/region allowed).
+    pub async fn create_tenant_with(&self, body: serde_json::Value) -> serde_json::Value {
+        let r = self
+            .req(Method::POST, "/v1/tenants")
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
+        let status = r.status();
+        let text = r.text().await.unwrap_or_default();
+        assert_eq!(status, 201, "create tenant: {text}");
+        serde_json::from_str(&text).expect("tenant json")
+    }
+}
