@@ -7,4 +7,5 @@ mod bad_input;
 mod conventions;
 mod jobs;
 mod lifecycle;
+mod stamping;
 mod store;

@@ -9,7 +9,7 @@
 
 mod audit;
 mod cells;
-pub use cells::CellFilter;
+pub use cells::{CellFilter, CellSecrets};
 mod idempotency;
 mod jobs;
 mod orgs;
@@ -106,10 +106,17 @@ impl WriteTx {
     }
 }
 
-const MIGRATIONS_SQLITE: &[(i64, &str)] =
-    &[(1, include_str!("../../migrations/sqlite/0001_init.sql"))];
-const MIGRATIONS_POSTGRES: &[(i64, &str)] =
-    &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS_SQLITE: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/sqlite/0001_init.sql")),
+    (2, include_str!("../../migrations/sqlite/0002_stamping.sql")),
+];
+const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_init.sql")),
+    (
+        2,
+        include_str!("../../migrations/postgres/0002_stamping.sql"),
+    ),
+];
 
 impl Store {
     /// Opens `database_url` if given (PostgreSQL), else `<data_dir>/cellplane.db` (SQLite in
