@@ -68,10 +68,11 @@ async fn main() {
                     } else {
                         "localhost".to_string()
                     };
-                    let req = http::Request::get(url.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
-                        .header("host", host)
-                        .body(Empty::<Bytes>::new())
-                        .expect("request");
+                    let req =
+                        http::Request::get(url.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+                            .header("host", host)
+                            .body(Empty::<Bytes>::new())
+                            .expect("request");
                     let ok = match snd.send_request(req).await {
                         Ok(resp) => {
                             let good = resp.status().is_success();

@@ -23,7 +23,10 @@ const TENANTS: [&str; 8] = [
 const ENVS: [&str; 3] = ["prod", "dev", "stage"];
 
 fn endpoint(cell: usize) -> (String, String) {
-    (format!("cell-{cell}"), format!("http://127.0.0.{}:{}", 1 + cell % 3, 9000 + cell))
+    (
+        format!("cell-{cell}"),
+        format!("http://127.0.0.{}:{}", 1 + cell % 3, 9000 + cell),
+    )
 }
 
 fn random_route(rng: &mut StdRng) -> ((String, String), (String, String, RouteMode)) {
@@ -100,7 +103,9 @@ fn request(rng: &mut StdRng) -> (String, String, http::request::Parts) {
             "/v1/kv/k".to_string()
         }
         1 => {
-            b = b.header("host", "127.0.0.1:8080").header("x-tenant-id", tenant);
+            b = b
+                .header("host", "127.0.0.1:8080")
+                .header("x-tenant-id", tenant);
             "/v1/kv/k?x=1".to_string()
         }
         _ => {
@@ -123,7 +128,10 @@ async fn requests_only_reach_their_own_tenants_current_route() {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut builder = TableBuilder::new(Arc::from(vec![0.01]), Default::default());
         let state = RouterState::new(
-            Resolver::new(vec![Source::Host, Source::Header, Source::Path], "localhost"),
+            Resolver::new(
+                vec![Source::Host, Source::Header, Source::Path],
+                "localhost",
+            ),
             ProxyConfig {
                 hold_deadline: Duration::from_millis(10),
                 hold_queue: 10,
@@ -139,14 +147,22 @@ async fn requests_only_reach_their_own_tenants_current_route() {
             let applied = cellplane_router::wire::apply_changes(&doc, &mut builder, &base)
                 .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
             assert!(applied.rejected.is_empty(), "seed {seed}");
-            assert_eq!(applied.snapshot.routes, model.len(), "seed {seed} rev {revision}");
+            assert_eq!(
+                applied.snapshot.routes,
+                model.len(),
+                "seed {seed} rev {revision}"
+            );
             state.swap(applied.snapshot);
             for _ in 0..20 {
                 let (tenant, env, mut parts) = request(&mut rng);
                 let target = phases
                     .resolve(&state, &parts)
                     .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-                assert_eq!((&target.tenant, &target.env), (&tenant, &env), "seed {seed}");
+                assert_eq!(
+                    (&target.tenant, &target.env),
+                    (&tenant, &env),
+                    "seed {seed}"
+                );
                 let snap = state.table.load();
                 let expected = model.get(&(tenant.clone(), env.clone()));
                 match (phases.pick(&state, &snap, &target), expected) {

@@ -101,10 +101,28 @@ pub struct AppOptions {
     pub env: Vec<(String, String)>,
 }
 
+/// The repository root (templates, scripts).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
 impl Default for AppOptions {
     fn default() -> Self {
         Self {
             env: vec![
+                (
+                    "CELLPLANE__IAC__TEMPLATES_DIR".into(),
+                    repo_root().join("cell-templates").display().to_string(),
+                ),
+                (
+                    "CELLPLANE__IAC__SAMPLE_CELL_BIN".into(),
+                    bin_path("sample-cell").display().to_string(),
+                ),
+                ("CELLPLANE__IAC__CANCEL_GRACE_SECS".into(), "3".into()),
+                ("CELLPLANE__IAC__DRIFT_INTERVAL_SECS".into(), "0".into()),
                 ("CELLPLANE__JOBS__POLL_MS".into(), "50".into()),
                 ("CELLPLANE__JOBS__LEASE_SECS".into(), "3".into()),
                 ("CELLPLANE__JOBS__BACKOFF_BASE_MS".into(), "100".into()),
@@ -346,6 +364,153 @@ impl Drop for TestApp {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // Cells' processes (sample-cell, a terraform left running) must not outlive a test.
+        kill_processes_under(&self.data_dir);
+    }
+}
+
+/// A live (not zombie) process of this machine.
+#[derive(Debug, Clone)]
+pub struct ProcInfo {
+    pub pid: i32,
+    pub pgid: i32,
+    /// The executable's name (`comm`).
+    pub name: String,
+    pub cmdline: String,
+    pub cwd: Option<PathBuf>,
+}
+
+/// Every live process on this machine.
+pub fn processes() -> Vec<ProcInfo> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        if fields.first().is_some_and(|s| *s == "Z" || *s == "X") {
+            continue;
+        }
+        let pgid = fields.get(2).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+        out.push(ProcInfo {
+            pid,
+            pgid,
+            name,
+            cmdline,
+            cwd,
+        });
+    }
+    out
+}
+
+/// Live processes that run in or name `dir` (cells' sample-cell and terraform processes).
+pub fn processes_under(dir: &Path) -> Vec<ProcInfo> {
+    let d = dir.display().to_string();
+    let me = std::process::id() as i32;
+    processes()
+        .into_iter()
+        .filter(|p| p.pid != me)
+        .filter(|p| p.cmdline.contains(&d) || p.cwd.as_ref().is_some_and(|c| c.starts_with(dir)))
+        .collect()
+}
+
+/// Live terraform processes (and their providers) working in `dir`.
+pub fn terraform_processes_under(dir: &Path) -> Vec<ProcInfo> {
+    processes_under(dir)
+        .into_iter()
+        .filter(|p| {
+            p.name == "terraform" || p.name == "tofu" || p.name.starts_with("terraform-prov")
+        })
+        .collect()
+}
+
+pub fn kill_processes_under(dir: &Path) {
+    for p in processes_under(dir) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+impl TestApp {
+    /// Creates a cell (asserting 202) and returns the cell and its stamp job.
+    pub async fn create_cell(&self, body: serde_json::Value) -> cellplane_api::CellWithJob {
+        let r = self
+            .req(Method::POST, "/v1/cells")
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
+        let status = r.status();
+        let text = r.text().await.unwrap_or_default();
+        assert_eq!(status, 202, "create cell: {text}");
+        serde_json::from_str(&text).expect("cell with job")
+    }
+
+    /// Waits for a job to end, failing the test with the job's log if it does not.
+    pub async fn wait_job(&self, id: &str, timeout: Duration) -> cellplane_api::Job {
+        let job = self.admin.wait_job(id, timeout).await.expect("job");
+        assert!(
+            job.state.is_terminal(),
+            "job {id} did not end within {timeout:?}: {job:?}\n{}",
+            self.job_log(id).await
+        );
+        job
+    }
+
+    pub async fn job_log(&self, id: &str) -> String {
+        self.admin
+            .get_text(&format!("/v1/jobs/{id}/log"))
+            .await
+            .unwrap_or_default()
+    }
+
+    pub async fn cell(&self, id: &str) -> cellplane_api::Cell {
+        self.admin
+            .get(&format!("/v1/cells/{id}"))
+            .await
+            .expect("get cell")
+    }
+
+    /// Stamps a `local` cell and waits until it is active.
+    pub async fn stamp_local(&self, id: &str, vars: serde_json::Value) -> cellplane_api::Cell {
+        let out = self
+            .create_cell(serde_json::json!({"cell_id": id, "region": "eu-west-1",
+                "tier": "pooled", "template": "local", "capacity": {"tenants": 10, "units": 10},
+                "vars": vars}))
+            .await;
+        let job = out.job.expect("a stamp job");
+        let done = self.wait_job(&job.job_id, Duration::from_secs(120)).await;
+        assert_eq!(
+            done.state,
+            cellplane_api::JobState::Succeeded,
+            "{done:?}\n{}\n{}",
+            self.job_log(&job.job_id).await,
+            self.log()
+        );
+        let cell = self.cell(id).await;
+        assert_eq!(cell.state, cellplane_api::CellState::Active, "{cell:?}");
+        cell
+    }
+
+    /// The cell's working directory.
+    pub fn cell_dir(&self, id: &str) -> PathBuf {
+        self.data_dir.join("cells").join(id)
     }
 }
 
@@ -494,9 +659,10 @@ impl TestRouter {
             ));
         let mut child = cmd.spawn().context("spawn cellplane-router")?;
         let log = self.log_path();
-        let lines =
-            tokio::task::spawn_blocking(move || first_lines(&mut child, 2, "router", &log).map(|l| (child, l)))
-                .await??;
+        let lines = tokio::task::spawn_blocking(move || {
+            first_lines(&mut child, 2, "router", &log).map(|l| (child, l))
+        })
+        .await??;
         let (child, lines) = lines;
         self.url = lines[0]
             .strip_prefix("listening on ")

@@ -482,6 +482,53 @@ pub struct CellWithJob {
     pub job: Option<Job>,
 }
 
+/// What the last drift check of a cell found (`Cell::drift`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct DriftStatus {
+    /// Whether real infrastructure differs from the recorded state.
+    pub detected: bool,
+    /// Addresses of the resources that changed outside terraform.
+    pub resources: Vec<String>,
+    pub checked_at: String,
+    /// The drift-check job that produced this result.
+    pub job_id: String,
+}
+
+// ---------------------------------------------------------------- templates
+
+/// A cell template found in the template directory.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TemplateInfo {
+    pub name: String,
+    pub description: String,
+    pub tiers: Vec<Tier>,
+    pub default_app_version: Option<String>,
+    /// Outputs every stack of this template must produce (at least `endpoint`).
+    pub required_outputs: Vec<String>,
+    pub variables: Vec<TemplateVariable>,
+}
+
+/// A variable a template declares.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TemplateVariable {
+    pub name: String,
+    /// `string`, `number`, `bool`, `list` or `map`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    #[schema(value_type = Option<Object>)]
+    pub default: Option<serde_json::Value>,
+    pub description: String,
+    /// No default and not managed: a cell must set it.
+    pub required: bool,
+    pub sensitive: bool,
+    /// Set when cellplane supplies the value (`port`, `secret`, `cell_dir`, …); such a
+    /// variable cannot be set by users.
+    pub managed_by: Option<String>,
+    /// Rules the value must pass: `pattern`, `allowed`, `min`, `max`, `max_length`.
+    #[schema(value_type = Option<Object>)]
+    pub validation: Option<serde_json::Value>,
+}
+
 // ---------------------------------------------------------------- jobs
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Hash)]

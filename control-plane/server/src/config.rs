@@ -41,6 +41,61 @@ pub struct Config {
     pub jobs: JobsConfig,
     pub routing: RoutingConfig,
     pub placement: PlacementConfig,
+    pub iac: IacConfig,
+}
+
+/// How cells are stamped: the terraform binary, templates, providers and limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IacConfig {
+    /// `terraform` or `tofu`, or a path to either.
+    pub binary: String,
+    /// Directory of cell templates. Default: `./cell-templates`, else the one next to the
+    /// binary, else the source tree's.
+    pub templates_dir: Option<PathBuf>,
+    /// Provider filesystem mirror written into terraform's CLI configuration (no direct
+    /// downloads then). Default: `/opt/tf-plugins` when it exists; `""` disables.
+    pub provider_mirror: Option<PathBuf>,
+    /// Terraform processes that may run at once across all cells.
+    pub concurrency: usize,
+    /// `-lock-timeout` for plan and apply.
+    pub lock_timeout_secs: u64,
+    /// After the one SIGINT of a cancel, how long terraform may take before its process
+    /// group is killed.
+    pub cancel_grace_secs: u64,
+    /// PATH for terraform and the provisioners it runs.
+    pub path: String,
+    /// Comma-separated names of environment variables passed to terraform (credentials).
+    pub pass_env: String,
+    /// Extra environment variables for terraform (names are upper-cased).
+    pub env: std::collections::BTreeMap<String, String>,
+    /// The `sample-cell` binary used by the `local` template. Default: next to the
+    /// `cellplane` binary, else on PATH.
+    pub sample_cell_bin: Option<PathBuf>,
+    /// Seconds between drift checks of an idle active cell; 0 disables them.
+    pub drift_interval_secs: u64,
+    /// Connection string of terraform's `pg` state backend. Default: the store's URL
+    /// (with `sslmode=disable` added when it names none).
+    pub state_conn_str: Option<Secret>,
+}
+
+impl Default for IacConfig {
+    fn default() -> Self {
+        Self {
+            binary: "terraform".into(),
+            templates_dir: None,
+            provider_mirror: None,
+            concurrency: 4,
+            lock_timeout_secs: 60,
+            cancel_grace_secs: 15,
+            path: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            pass_env: "AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY,AWS_SESSION_TOKEN".into(),
+            env: Default::default(),
+            sample_cell_bin: None,
+            drift_interval_secs: 3600,
+            state_conn_str: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -136,6 +191,7 @@ impl Default for Config {
             jobs: JobsConfig::default(),
             routing: RoutingConfig::default(),
             placement: PlacementConfig::default(),
+            iac: IacConfig::default(),
         }
     }
 }

@@ -5,12 +5,17 @@
 //!
 //! Steps must be idempotent. Failures are retried with capped, jittered exponential
 //! backoff until `max_attempts`; cancellation is checked between steps.
+//!
+//! Cell jobs (`cell.*`) run through [`crate::stamping`] instead of a step list: each attempt
+//! re-renders and re-plans from terraform's state, and a cancel interrupts terraform itself.
 
 use crate::config::JobsConfig;
+use crate::iac::{ExecEvent, IacError, RunCtx};
 use crate::persistence::{self, AuditInput, JobRow, Store};
 use crate::placement::Placement;
 use crate::service::Service;
-use cellplane_api::{JobState, LifecycleAction, RouteMode, TenantState};
+use crate::stamping::{CellAction, CellEffect, StampError, Stamper, PHASES};
+use cellplane_api::{CellState, JobState, LifecycleAction, RouteMode, TenantState};
 use rand::Rng;
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -117,11 +122,12 @@ pub struct JobEngine {
     service: Service,
     cfg: Arc<JobsConfig>,
     owner: String,
+    stamper: Stamper,
     pub metrics: Arc<JobMetrics>,
 }
 
 enum Outcome {
-    Succeeded,
+    Succeeded(Option<CellEffect>),
     Failed(String),
     Cancelled,
     Retry(String),
@@ -132,11 +138,12 @@ enum Outcome {
 }
 
 impl JobEngine {
-    pub fn new(service: Service, cfg: JobsConfig) -> Self {
+    pub fn new(service: Service, cfg: JobsConfig, stamper: Stamper) -> Self {
         Self {
             service,
             cfg: Arc::new(cfg),
             owner: persistence::new_id("worker"),
+            stamper,
             metrics: Arc::new(JobMetrics::default()),
         }
     }
@@ -199,11 +206,14 @@ impl JobEngine {
     async fn run_in_span(&self, job: JobRow, shutdown: &CancellationToken) {
         tracing::info!(from_step = job.step_index, "job started");
         let cancel = CancellationToken::new();
+        // Cancelled when the lease is lost or the process stops: terraform is left running
+        // for the next lease holder instead of being interrupted.
+        let detach = shutdown.child_token();
         let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let renewer = {
             let store = self.store().clone();
             let (id, owner) = (job.job.job_id.clone(), self.owner.clone());
-            let (cancel, lost) = (cancel.clone(), lost.clone());
+            let (cancel, lost, detach) = (cancel.clone(), lost.clone(), detach.clone());
             let cfg = self.cfg.clone();
             let every = Duration::from_millis((cfg.lease_secs.max(1) * 1000) / 3);
             tokio::spawn(async move {
@@ -218,7 +228,7 @@ impl JobEngine {
                         Ok(Some(true)) => cancel.cancel(),
                         Ok(None) => {
                             lost.store(true, Ordering::SeqCst);
-                            cancel.cancel();
+                            detach.cancel();
                             break;
                         }
                         Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
@@ -226,7 +236,12 @@ impl JobEngine {
                 }
             })
         };
-        let outcome = self.execute(&job, &cancel, shutdown, &lost).await;
+        let outcome = if let Some(action) = CellAction::from_kind(&job.job.kind) {
+            self.execute_cell(&job, action, &cancel, &detach, &lost)
+                .await
+        } else {
+            self.execute(&job, &cancel, &detach, &lost).await
+        };
         renewer.abort();
         self.conclude(&job, outcome).await;
     }
@@ -288,13 +303,124 @@ impl JobEngine {
                 }
             }
         }
+        if lost.load(Ordering::SeqCst) {
+            return Outcome::Abandoned;
+        }
         if cancel.is_cancelled() {
-            if lost.load(Ordering::SeqCst) {
-                return Outcome::Abandoned;
-            }
             return Outcome::Cancelled;
         }
-        Outcome::Succeeded
+        Outcome::Succeeded(None)
+    }
+
+    /// Runs a cell job through the stamper while a reporter task turns terraform's events
+    /// into progress and log lines on the job.
+    async fn execute_cell(
+        &self,
+        job: &JobRow,
+        action: CellAction,
+        cancel: &CancellationToken,
+        detach: &CancellationToken,
+        lost: &std::sync::atomic::AtomicBool,
+    ) -> Outcome {
+        if job.job.cancel_requested {
+            return Outcome::Cancelled;
+        }
+        let Some(cell_id) = job.payload["cell_id"].as_str() else {
+            return Outcome::Failed("job payload has no cell_id".into());
+        };
+        if action.reserves() {
+            if let Err(e) = self.begin_cell_job(job, cell_id, action).await {
+                return Outcome::Retry(format!("marking the cell busy: {e}"));
+            }
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let reporter = tokio::spawn(report(
+            self.store().clone(),
+            job.job.job_id.clone(),
+            self.owner.clone(),
+            rx,
+            detach.clone(),
+        ));
+        let ctx = RunCtx {
+            cell_id: cell_id.to_string(),
+            job_id: job.job.job_id.clone(),
+            attempt: job.job.attempts,
+            cancel: cancel.clone(),
+            detach: detach.clone(),
+            events: tx.clone(),
+            secrets: Vec::new(),
+        };
+        if job.job.attempts > 1 {
+            let _ = tx.send(ExecEvent::Log(format!(
+                "attempt {}: re-planning from the recorded state",
+                job.job.attempts
+            )));
+        }
+        let result = self.stamper.run(action, cell_id, &ctx).await;
+        if let Err(e) = &result {
+            let _ = tx.send(ExecEvent::Log(format!("error: {e}")));
+        }
+        drop(ctx);
+        drop(tx);
+        let _ = reporter.await;
+        if lost.load(Ordering::SeqCst) {
+            return Outcome::Abandoned;
+        }
+        match result {
+            Ok(effect) => {
+                if cancel.is_cancelled() {
+                    Outcome::Cancelled
+                } else {
+                    Outcome::Succeeded(Some(effect))
+                }
+            }
+            Err(StampError::Iac(IacError::Cancelled { .. })) => Outcome::Cancelled,
+            Err(StampError::Iac(IacError::Detached { .. })) => Outcome::Abandoned,
+            Err(StampError::Iac(IacError::Terraform {
+                lock_busy: true,
+                diagnostics,
+                phase,
+            })) => Outcome::Retry(format!("terraform {phase}: {diagnostics}")),
+            Err(StampError::Store(e)) => Outcome::Retry(e.to_string()),
+            Err(e) => Outcome::Failed(e.to_string()),
+        }
+    }
+
+    /// Moves a cell whose job starts into its working state (`provisioning` for a stamp or
+    /// the repair of a failed cell); a job resumed after a crash finds it there already.
+    async fn begin_cell_job(
+        &self,
+        job: &JobRow,
+        cell_id: &str,
+        action: CellAction,
+    ) -> Result<(), persistence::StoreError> {
+        let mut tx = self.store().write().await?;
+        let Some(mut cell) = tx.get_cell_tx(cell_id).await? else {
+            return Ok(());
+        };
+        let to = match (action, cell.state) {
+            (CellAction::Stamp, CellState::Pending) => CellState::Provisioning,
+            (CellAction::Apply, CellState::Failed) => CellState::Provisioning,
+            _ => return Ok(()),
+        };
+        if cell.pending_job_id.as_deref() != Some(job.job.job_id.as_str()) {
+            return Ok(());
+        }
+        cell.state = to;
+        cell.version += 1;
+        if tx.update_cell(&cell).await? {
+            tx.audit(AuditInput {
+                tenant_id: None,
+                event_type: "CELL_PROVISIONING",
+                actor: "system:jobs",
+                target: &job.job.target,
+                payload: json!({"job_id": job.job.job_id, "action": action.as_str()}),
+                correlation_id: job.job.correlation_id.as_deref(),
+            })
+            .await?;
+            tx.commit().await?;
+        }
+        Ok(())
     }
 
     /// A waiting step is retried until the placement deadline, counted from the job's
@@ -411,6 +537,14 @@ impl JobEngine {
         }
     }
 
+    fn count(&self, state: JobState) {
+        match state {
+            JobState::Succeeded => self.metrics.succeeded.fetch_add(1, Ordering::Relaxed),
+            JobState::Cancelled => self.metrics.cancelled.fetch_add(1, Ordering::Relaxed),
+            _ => self.metrics.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+
     fn backoff(&self, attempt: i64) -> Duration {
         let exp = 2u64.saturating_pow((attempt.max(1) - 1).min(30) as u32);
         let full = self
@@ -457,7 +591,10 @@ impl JobEngine {
                 self.finalize(job, JobState::Cancelled, Some("cancelled"))
                     .await
             }
-            Outcome::Succeeded => self.finalize(job, JobState::Succeeded, None).await,
+            Outcome::Succeeded(effect) => {
+                self.finalize_with(job, JobState::Succeeded, None, effect)
+                    .await
+            }
         };
         if let Err(e) = result {
             // The lease will expire and the job will be picked up again.
@@ -465,13 +602,42 @@ impl JobEngine {
         }
     }
 
-    /// Commits the job's end and its effect on the target in one transaction.
     async fn finalize(
         &self,
         job: &JobRow,
         state: JobState,
         error: Option<&str>,
     ) -> Result<(), persistence::StoreError> {
+        self.finalize_with(job, state, error, None).await
+    }
+
+    /// Commits the job's end and its effect on the target in one transaction.
+    async fn finalize_with(
+        &self,
+        job: &JobRow,
+        state: JobState,
+        error: Option<&str>,
+        effect: Option<CellEffect>,
+    ) -> Result<(), persistence::StoreError> {
+        if let Some(action) = CellAction::from_kind(&job.job.kind) {
+            let mut tx = self.store().write().await?;
+            if !tx
+                .finish_job(&job.job.job_id, &self.owner, state, error)
+                .await?
+            {
+                tracing::info!("job lease lost before it could finish; leaving it");
+                return Ok(());
+            }
+            finish_cell_job(&mut tx, job, action, state, error, effect.as_ref()).await?;
+            tx.commit().await?;
+            self.count(state);
+            tracing::info!(
+                state = state.as_str(),
+                error = error.unwrap_or(""),
+                "job finished"
+            );
+            return Ok(());
+        }
         let tenant_id = job.payload["tenant_id"].as_str().unwrap_or_default();
         let action = job.payload["action"]
             .as_str()
@@ -546,17 +712,189 @@ impl JobEngine {
         if let Some(rev) = last_revision {
             self.service.route_revisions().observe(rev);
         }
-        match state {
-            JobState::Succeeded => self.metrics.succeeded.fetch_add(1, Ordering::Relaxed),
-            JobState::Cancelled => self.metrics.cancelled.fetch_add(1, Ordering::Relaxed),
-            _ => self.metrics.failed.fetch_add(1, Ordering::Relaxed),
-        };
+        self.count(state);
         tracing::info!(
             state = state.as_str(),
             error = error.unwrap_or(""),
             "job finished"
         );
         Ok(())
+    }
+}
+
+/// Applies the end of a cell job to the cell inside the job's final transaction: its new
+/// state, outputs and secrets, or its drift, and the audit record. Also used when a queued
+/// job is cancelled before it ran (`effect` is then None and `state` cancelled).
+pub async fn finish_cell_job(
+    tx: &mut persistence::WriteTx,
+    job: &JobRow,
+    action: CellAction,
+    state: JobState,
+    error: Option<&str>,
+    effect: Option<&CellEffect>,
+) -> Result<(), persistence::StoreError> {
+    let Some(cell_id) = job.payload["cell_id"].as_str() else {
+        return Ok(());
+    };
+    let Some(mut cell) = tx.get_cell_tx(cell_id).await? else {
+        return Ok(());
+    };
+    let succeeded = state == JobState::Succeeded;
+    if action == CellAction::Plan {
+        let Some(drift) = effect.and_then(|e| e.drift.as_ref()) else {
+            return Ok(());
+        };
+        let value = serde_json::to_value(drift).expect("drift serializes");
+        tx.set_cell_drift(cell_id, &value).await?;
+        let event = if drift.detected {
+            "CELL_DRIFTED"
+        } else {
+            "CELL_DRIFT_CHECKED"
+        };
+        tx.audit(AuditInput {
+            tenant_id: None,
+            event_type: event,
+            actor: "system:jobs",
+            target: &job.job.target,
+            payload: json!({"job_id": job.job.job_id, "drift": value}),
+            correlation_id: job.job.correlation_id.as_deref(),
+        })
+        .await?;
+        return Ok(());
+    }
+    // A job that no longer holds the cell (it was released meanwhile) changes nothing.
+    if cell.pending_job_id.as_deref() != Some(job.job.job_id.as_str()) {
+        return Ok(());
+    }
+    let prior: CellState = job.payload["prior_state"]
+        .as_str()
+        .and_then(CellState::parse)
+        .unwrap_or(cell.state);
+    let never_ran = state == JobState::Cancelled && effect.is_none() && job.job.attempts == 0;
+    let end = if never_ran && action != CellAction::Stamp {
+        // Cancelled in the queue: nothing was touched.
+        Some(prior)
+    } else {
+        action.end_state(succeeded, prior)
+    };
+    if let Some(end) = end {
+        cell.state = end;
+    }
+    cell.pending_job_id = None;
+    if let Some(e) = effect {
+        cell.outputs = e.outputs.clone();
+        if action == CellAction::Destroy {
+            cell.outputs.clear();
+        }
+    }
+    cell.version += 1;
+    if !tx.update_cell(&cell).await? {
+        return Err(persistence::StoreError::Corrupt(format!(
+            "cell {cell_id} changed while its job finished"
+        )));
+    }
+    if let Some(e) = effect {
+        let mut secrets = tx.get_cell_secrets_tx(cell_id).await?.unwrap_or_default();
+        secrets.outputs = if action == CellAction::Destroy {
+            Default::default()
+        } else {
+            e.secret_outputs.clone()
+        };
+        tx.set_cell_secrets(cell_id, &secrets).await?;
+    }
+    let verb = match action {
+        CellAction::Stamp => "STAMP",
+        CellAction::Apply => "APPLY",
+        CellAction::Destroy => "DESTROY",
+        CellAction::Plan => "PLAN",
+    };
+    let event = match (action, state) {
+        (CellAction::Stamp, JobState::Succeeded) => "CELL_STAMPED".to_string(),
+        (CellAction::Apply, JobState::Succeeded) => "CELL_APPLIED".to_string(),
+        (CellAction::Destroy, JobState::Succeeded) => "CELL_DESTROYED".to_string(),
+        (_, JobState::Cancelled) => format!("CELL_{verb}_CANCELLED"),
+        _ => format!("CELL_{verb}_FAILED"),
+    };
+    tx.audit(AuditInput {
+        tenant_id: None,
+        event_type: &event,
+        actor: "system:jobs",
+        target: &job.job.target,
+        payload: json!({"job_id": job.job.job_id, "state": cell.state, "error": error,
+                        "outputs": cell.outputs, "attempts": job.job.attempts}),
+        correlation_id: job.job.correlation_id.as_deref(),
+    })
+    .await?;
+    Ok(())
+}
+
+/// Turns terraform's events into job progress and log text, flushed to the store at most
+/// every 200 ms (and at the end). A lost lease stops the job: terraform is detached.
+async fn report(
+    store: Store,
+    job_id: String,
+    owner: String,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<ExecEvent>,
+    detach: CancellationToken,
+) {
+    let mut phase: &'static str = "render";
+    let mut planned: u64 = 0;
+    let mut applied: u64 = 0;
+    let mut pending = String::new();
+    let mut dirty = false;
+    let flush_every = Duration::from_millis(200);
+    let mut last_flush = std::time::Instant::now();
+    let progress_of = |phase: &str, planned: u64, applied: u64| -> f64 {
+        let idx = PHASES.iter().position(|(p, _)| *p == phase).unwrap_or(0);
+        let start = PHASES[idx].1;
+        if phase == "apply" && planned > 0 {
+            let end = PHASES.get(idx + 1).map(|p| p.1).unwrap_or(1.0);
+            start + (end - start) * (applied.min(planned) as f64 / planned as f64)
+        } else {
+            start
+        }
+    };
+    loop {
+        let timeout = flush_every.saturating_sub(last_flush.elapsed());
+        let event = tokio::time::timeout(timeout, rx.recv()).await;
+        let closed = matches!(event, Ok(None));
+        match event {
+            Ok(Some(ExecEvent::Log(line))) => {
+                pending.push_str(&format!("{} {line}\n", persistence::now()));
+                dirty = true;
+            }
+            Ok(Some(ExecEvent::Phase(p))) => {
+                phase = p;
+                dirty = true;
+            }
+            Ok(Some(ExecEvent::Planned(n))) => planned = n,
+            Ok(Some(ExecEvent::Applied(n))) => {
+                applied = n;
+                dirty = true;
+            }
+            Ok(Some(ExecEvent::Heartbeat)) | Ok(None) | Err(_) => {}
+        }
+        if dirty && (closed || last_flush.elapsed() >= flush_every) {
+            let idx = PHASES.iter().position(|(p, _)| *p == phase).unwrap_or(0) as i64;
+            let progress = progress_of(phase, planned, applied);
+            match store
+                .job_progress(&job_id, &owner, progress, idx, phase, &pending)
+                .await
+            {
+                Ok(true) => {
+                    pending.clear();
+                    dirty = false;
+                }
+                Ok(false) => detach.cancel(),
+                Err(e) => tracing::warn!(error = %e, "recording job progress failed"),
+            }
+            last_flush = std::time::Instant::now();
+        } else if !dirty {
+            last_flush = std::time::Instant::now();
+        }
+        if closed {
+            break;
+        }
     }
 }
 

@@ -194,6 +194,12 @@ impl Service {
         if !errors.is_empty() {
             return Err(crate::service::ServiceError::Validation(errors));
         }
+        // Auto-stamped cells get these variables: the template must accept them now, not
+        // when a placement needs the cell.
+        let template = self.load_template(policy.default_template.as_str(), "default_template")?;
+        if let Err(errors) = template.validate_vars(&policy.vars) {
+            return Err(crate::service::ServiceError::Validation(errors));
+        }
         let mut tx = self.store().write().await?;
         let current = tx.get_region_policy_tx(region).await?;
         let version = match &current {
@@ -607,6 +613,22 @@ impl Service {
             if let Some(days) = t.policies.retention_days {
                 vars.insert("retention_days".into(), json!(days));
             }
+            // Only what the template declares (and does not manage) reaches it.
+            let declared: Vec<String> = match self.get_template(policy.default_template.as_str()) {
+                Ok(t) => t
+                    .variables
+                    .into_iter()
+                    .filter(|v| v.managed_by.is_none())
+                    .map(|v| v.name)
+                    .collect(),
+                Err(e) => {
+                    return Ok(Placement::Impossible(format!(
+                        "cannot stamp a dedicated cell from template {:?}: {e}",
+                        policy.default_template.as_str()
+                    )))
+                }
+            };
+            vars.retain(|k, _| declared.contains(k));
             let mut labels = BTreeMap::new();
             labels.insert("origin".to_string(), "dedicated".to_string());
             labels.insert("tenant".to_string(), t.tenant_id.clone());

@@ -2,10 +2,12 @@
 //! what serde could not, runs one write transaction through persistence (which appends the
 //! audit record and outbox event) and returns wire types. It never speaks HTTP.
 
+use crate::iac::{Catalog, TemplateError, VarSource};
 use crate::persistence::{
-    self, AuditInput, CellFilter, Conditional, EnvironmentRow, NewJob, Store, StoreError,
-    TenantFilter, TenantRow,
+    self, AuditInput, CellFilter, CellSecrets, Conditional, EnvironmentRow, NewJob, Store,
+    StoreError, TenantFilter, TenantRow,
 };
+use crate::stamping::CellAction;
 use cellplane_api::*;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -21,6 +23,9 @@ pub enum ServiceError {
     PreconditionFailed { current: i64 },
     #[error("the request is invalid")]
     Validation(Vec<FieldError>),
+    /// A dependency of the operation (template directory, the host) failed.
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -54,6 +59,8 @@ pub struct ServiceSettings {
     pub job_max_attempts: i64,
     pub routing: crate::config::RoutingConfig,
     pub placement: crate::config::PlacementConfig,
+    /// The cell template directory.
+    pub templates: Catalog,
 }
 
 #[derive(Clone)]
@@ -692,7 +699,41 @@ impl Service {
         if !errors.is_empty() {
             return Err(ServiceError::Validation(errors));
         }
+        let template = self.load_template(req.template.as_str(), "template")?;
+        if !template.manifest.tiers.contains(&req.tier) {
+            return Err(invalid(
+                "tier",
+                format!(
+                    "template {:?} does not support tier {}",
+                    template.name,
+                    req.tier.as_str()
+                ),
+            ));
+        }
+        template
+            .validate_vars(&req.vars)
+            .map_err(ServiceError::Validation)?;
+        // Values the control plane supplies: allocated once, kept for the cell's life.
+        let mut vars = req.vars;
+        let mut secrets = CellSecrets::default();
+        for (name, spec) in &template.manifest.variables {
+            match spec.source {
+                Some(VarSource::Port) => {
+                    let port = crate::iac::allocate_port().map_err(|e| {
+                        ServiceError::Unavailable(format!("cannot allocate a port: {e}"))
+                    })?;
+                    vars.insert(name.clone(), json!(port));
+                }
+                Some(VarSource::Secret) => {
+                    secrets
+                        .vars
+                        .insert(name.clone(), json!(crate::auth::new_secret()));
+                }
+                _ => {}
+            }
+        }
         let ts = persistence::now();
+        let job_id = persistence::new_id("job");
         let cell = Cell {
             cell_id: req.cell_id.into_string(),
             region: req.region.into_string(),
@@ -701,12 +742,12 @@ impl Service {
             capacity: req.capacity,
             used: Capacity::default(),
             labels: req.labels,
-            vars: req.vars,
+            vars,
             state: CellState::Pending,
             outputs: BTreeMap::new(),
             app_version: req.app_version,
             drift: None,
-            pending_job_id: None,
+            pending_job_id: Some(job_id.clone()),
             version: 1,
             created_at: ts.clone(),
             updated_at: ts,
@@ -721,18 +762,96 @@ impl Service {
             }
             return Err(e.into());
         }
+        tx.set_cell_secrets(&cell.cell_id, &secrets).await?;
+        let target = cell_target(&cell.cell_id);
+        let job = tx
+            .insert_job(&NewJob {
+                job_id: &job_id,
+                kind: &CellAction::Stamp.kind(),
+                target: &target,
+                payload: json!({"cell_id": cell.cell_id, "action": "stamp", "prior_state": "pending"}),
+                max_attempts: self.settings.job_max_attempts,
+                correlation_id: Some(&ctx.correlation_id),
+            })
+            .await?;
         tx.audit(AuditInput {
             tenant_id: None,
             event_type: "CELL_REGISTERED",
             actor: &ctx.actor,
-            target: &cell_target(&cell.cell_id),
+            target: &target,
             payload: json!({"region": cell.region, "tier": cell.tier, "template": cell.template,
-                            "capacity": cell.capacity, "labels": cell.labels}),
+                            "capacity": cell.capacity, "labels": cell.labels,
+                            "app_version": cell.app_version, "job_id": job_id}),
             correlation_id: Some(&ctx.correlation_id),
         })
         .await?;
         tx.commit().await?;
-        Ok(CellWithJob { cell, job: None })
+        self.job_notify.notify_waiters();
+        Ok(CellWithJob {
+            cell,
+            job: Some(job),
+        })
+    }
+
+    pub(crate) fn load_template(&self, name: &str, field: &str) -> Result<crate::iac::Template> {
+        self.settings.templates.load(name).map_err(|e| match e {
+            TemplateError::Unknown(n) => invalid(
+                field,
+                format!("template {n:?} does not exist (see GET /v1/templates)"),
+            ),
+            other => ServiceError::Unavailable(other.to_string()),
+        })
+    }
+
+    pub fn list_templates(&self) -> Result<Vec<TemplateInfo>> {
+        let names = self
+            .settings
+            .templates
+            .names()
+            .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+        let mut out = Vec::new();
+        for n in names {
+            match self.settings.templates.load(&n) {
+                Ok(t) => out.push(t.info()),
+                Err(e) => tracing::warn!(template = %n, error = %e, "skipping an invalid template"),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn get_template(&self, name: &str) -> Result<TemplateInfo> {
+        match self.settings.templates.load(name) {
+            Ok(t) => Ok(t.info()),
+            Err(TemplateError::Unknown(_)) => Err(not_found("template", name)),
+            Err(e) => Err(ServiceError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Reserves the cell for a job of `action` and enqueues it, inside `tx`.
+    async fn enqueue_cell_job(
+        &self,
+        tx: &mut persistence::WriteTx,
+        ctx: &Ctx,
+        cell: &mut Cell,
+        action: CellAction,
+    ) -> Result<Job> {
+        let job_id = persistence::new_id("job");
+        let target = cell_target(&cell.cell_id);
+        let job = tx
+            .insert_job(&NewJob {
+                job_id: &job_id,
+                kind: &action.kind(),
+                target: &target,
+                payload: json!({"cell_id": cell.cell_id, "action": action.as_str(),
+                                "prior_state": cell.state}),
+                max_attempts: self.settings.job_max_attempts,
+                correlation_id: Some(&ctx.correlation_id),
+            })
+            .await?;
+        if action.reserves() {
+            cell.pending_job_id = Some(job_id);
+        }
+        Ok(job)
     }
 
     pub async fn get_cell(&self, id: &str) -> Result<Cell> {
@@ -778,6 +897,46 @@ impl Service {
                 cell.state.as_str()
             )));
         }
+        // Variables are validated against the template; the managed ones are kept.
+        let template = self.load_template(&cell.template, "template")?;
+        let new_vars = match &patch.vars {
+            Some(v) => {
+                template
+                    .validate_vars(v)
+                    .map_err(ServiceError::Validation)?;
+                let mut merged = v.clone();
+                for (name, spec) in &template.manifest.variables {
+                    if spec.source.is_some() {
+                        if let Some(val) = cell.vars.get(name) {
+                            merged.insert(name.clone(), val.clone());
+                        }
+                    }
+                }
+                Some(merged)
+            }
+            None => None,
+        };
+        let spec_changes = new_vars.as_ref().is_some_and(|v| *v != cell.vars)
+            || patch
+                .app_version
+                .as_ref()
+                .is_some_and(|v| cell.app_version.as_ref() != Some(v));
+        if spec_changes {
+            if let Some(job) = &cell.pending_job_id {
+                return Err(ServiceError::Conflict(format!(
+                    "cell {id:?} has job {job} in progress; change its vars or app_version after it ends"
+                )));
+            }
+            if !matches!(
+                cell.state,
+                CellState::Active | CellState::Draining | CellState::Failed
+            ) {
+                return Err(ServiceError::Conflict(format!(
+                    "cell {id:?} is {}: vars and app_version change on stamped cells",
+                    cell.state.as_str()
+                )));
+            }
+        }
         if let Some(c) = patch.capacity {
             if c.tenants < cell.used.tenants || c.units < cell.used.units {
                 return Err(invalid(
@@ -793,12 +952,20 @@ impl Service {
         if let Some(l) = patch.labels.clone() {
             cell.labels = l;
         }
-        if let Some(v) = patch.vars.clone() {
+        if let Some(v) = new_vars {
             cell.vars = v;
         }
         if let Some(v) = patch.app_version.clone() {
             cell.app_version = Some(v);
         }
+        let job = if spec_changes {
+            Some(
+                self.enqueue_cell_job(&mut tx, ctx, &mut cell, CellAction::Apply)
+                    .await?,
+            )
+        } else {
+            None
+        };
         cell.version += 1;
         if !tx.update_cell(&cell).await? {
             return Err(ServiceError::PreconditionFailed {
@@ -810,12 +977,137 @@ impl Service {
             event_type: "CELL_UPDATED",
             actor: &ctx.actor,
             target: &cell_target(id),
-            payload: json!({"changes": patch, "version": cell.version}),
+            payload: json!({"changes": patch, "version": cell.version,
+                            "job_id": job.as_ref().map(|j| j.job_id.clone())}),
             correlation_id: Some(&ctx.correlation_id),
         })
         .await?;
         tx.commit().await?;
+        if job.is_some() {
+            self.job_notify.notify_waiters();
+        }
         Ok(cell)
+    }
+
+    /// `POST /v1/cells/{id}/apply`: re-applies the cell's current spec (repairs a failed
+    /// stamp, remediates drift).
+    pub async fn apply_cell(
+        &self,
+        ctx: &Ctx,
+        id: &str,
+        if_match: Option<i64>,
+    ) -> Result<CellWithJob> {
+        let mut tx = self.store.write().await?;
+        let mut cell = tx
+            .get_cell_tx(id)
+            .await?
+            .ok_or_else(|| not_found("cell", id))?;
+        check_version(if_match, cell.version)?;
+        if let Some(job) = &cell.pending_job_id {
+            return Err(ServiceError::Conflict(format!(
+                "cell {id:?} has job {job} in progress"
+            )));
+        }
+        if !matches!(
+            cell.state,
+            CellState::Active | CellState::Draining | CellState::Failed
+        ) {
+            return Err(ServiceError::Conflict(format!(
+                "cannot apply cell {id:?} in state {}",
+                cell.state.as_str()
+            )));
+        }
+        let job = self
+            .enqueue_cell_job(&mut tx, ctx, &mut cell, CellAction::Apply)
+            .await?;
+        cell.version += 1;
+        if !tx.update_cell(&cell).await? {
+            return Err(ServiceError::Conflict(format!(
+                "cell {id:?} changed concurrently; retry"
+            )));
+        }
+        tx.audit(AuditInput {
+            tenant_id: None,
+            event_type: "CELL_APPLY_REQUESTED",
+            actor: &ctx.actor,
+            target: &cell_target(id),
+            payload: json!({"job_id": job.job_id, "version": cell.version}),
+            correlation_id: Some(&ctx.correlation_id),
+        })
+        .await?;
+        tx.commit().await?;
+        self.job_notify.notify_waiters();
+        Ok(CellWithJob {
+            cell,
+            job: Some(job),
+        })
+    }
+
+    /// `POST /v1/cells/{id}/plan`: a drift check now. An open drift check of the cell is
+    /// returned instead of a second one.
+    pub async fn plan_cell(&self, ctx: &Ctx, id: &str) -> Result<CellWithJob> {
+        let mut tx = self.store.write().await?;
+        let mut cell = tx
+            .get_cell_tx(id)
+            .await?
+            .ok_or_else(|| not_found("cell", id))?;
+        if !matches!(cell.state, CellState::Active | CellState::Draining) {
+            return Err(ServiceError::Conflict(format!(
+                "cell {id:?} is {}: only stamped cells have drift",
+                cell.state.as_str()
+            )));
+        }
+        let target = cell_target(id);
+        if let Some(open) = tx.has_open_job(&CellAction::Plan.kind(), &target).await? {
+            let job = tx
+                .get_job_tx(&open)
+                .await?
+                .ok_or_else(|| not_found("job", &open))?;
+            return Ok(CellWithJob {
+                cell,
+                job: Some(job.job),
+            });
+        }
+        let job = self
+            .enqueue_cell_job(&mut tx, ctx, &mut cell, CellAction::Plan)
+            .await?;
+        tx.audit(AuditInput {
+            tenant_id: None,
+            event_type: "CELL_DRIFT_CHECK_REQUESTED",
+            actor: &ctx.actor,
+            target: &target,
+            payload: json!({"job_id": job.job_id}),
+            correlation_id: Some(&ctx.correlation_id),
+        })
+        .await?;
+        tx.commit().await?;
+        self.job_notify.notify_waiters();
+        Ok(CellWithJob {
+            cell,
+            job: Some(job),
+        })
+    }
+
+    /// Enqueues drift checks for idle active cells last checked before `interval` ago.
+    pub async fn schedule_drift_checks(&self, interval: std::time::Duration) -> Result<usize> {
+        let before = persistence::fmt_time(
+            chrono::Utc::now()
+                - chrono::Duration::from_std(interval).unwrap_or(chrono::Duration::hours(1)),
+        );
+        let due = self.store.cells_due_for_drift_check(&before, 1000).await?;
+        let ctx = Ctx {
+            actor: "system:drift".into(),
+            correlation_id: persistence::new_id("corr"),
+        };
+        let mut n = 0;
+        for cell in due {
+            match self.plan_cell(&ctx, &cell.cell_id).await {
+                Ok(_) => n += 1,
+                Err(ServiceError::Conflict(_)) | Err(ServiceError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
     }
 
     pub async fn drain_cell(&self, ctx: &Ctx, id: &str, if_match: Option<i64>) -> Result<Cell> {
@@ -851,8 +1143,8 @@ impl Service {
         Ok(cell)
     }
 
-    /// Retires a cell. A cell that was never stamped has nothing to destroy and is retired
-    /// at once; a cell with tenants placed on it is refused.
+    /// Destroys a cell: a destroy job runs `terraform destroy` on its stack. Refused while
+    /// tenants are placed on it or another job holds it.
     pub async fn delete_cell(
         &self,
         ctx: &Ctx,
@@ -882,15 +1174,18 @@ impl Service {
                     "cell {id:?} is already destroyed"
                 )))
             }
-            CellState::Pending | CellState::Failed => {}
-            other => {
+            CellState::Provisioning | CellState::Destroying => {
                 return Err(ServiceError::Conflict(format!(
-                    "cell {id:?} is {}: destroying a stamped cell needs the stamping engine",
-                    other.as_str()
+                    "cell {id:?} is {}",
+                    cell.state.as_str()
                 )))
             }
+            CellState::Pending | CellState::Active | CellState::Draining | CellState::Failed => {}
         }
-        cell.state = CellState::Destroyed;
+        let job = self
+            .enqueue_cell_job(&mut tx, ctx, &mut cell, CellAction::Destroy)
+            .await?;
+        cell.state = CellState::Destroying;
         cell.version += 1;
         if !tx.update_cell(&cell).await? {
             return Err(ServiceError::Conflict(format!(
@@ -899,15 +1194,19 @@ impl Service {
         }
         tx.audit(AuditInput {
             tenant_id: None,
-            event_type: "CELL_DESTROYED",
+            event_type: "CELL_DESTROY_REQUESTED",
             actor: &ctx.actor,
             target: &cell_target(id),
-            payload: json!({"version": cell.version, "stamped": false}),
+            payload: json!({"version": cell.version, "job_id": job.job_id}),
             correlation_id: Some(&ctx.correlation_id),
         })
         .await?;
         tx.commit().await?;
-        Ok(CellWithJob { cell, job: None })
+        self.job_notify.notify_waiters();
+        Ok(CellWithJob {
+            cell,
+            job: Some(job),
+        })
     }
 
     // ------------------------------------------------------------ jobs
@@ -962,6 +1261,21 @@ impl Service {
             // Cancelled before it ran: release what it reserved.
             if let Some(t) = &tenant_id {
                 tx.finish_tenant_transition(t, id, None).await?;
+            }
+            if let Some(action) = CellAction::from_kind(&job.job.kind) {
+                let row = tx
+                    .get_job_tx(id)
+                    .await?
+                    .ok_or_else(|| not_found("job", id))?;
+                crate::jobs::finish_cell_job(
+                    &mut tx,
+                    &row,
+                    action,
+                    JobState::Cancelled,
+                    Some("cancelled before it started"),
+                    None,
+                )
+                .await?;
             }
         }
         let prefix = if tenant_id.is_some() {

@@ -2,11 +2,15 @@
 //! bind the listener (port 0 in tests), start the job workers, serve until a shutdown
 //! signal, then drain requests and stop the workers within the grace period.
 
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::http::{self, AppState, RateLimiter};
+use crate::iac::runner::RunnerSettings;
+use crate::iac::{Catalog, StateBackend, Terraform};
 use crate::jobs::JobEngine;
+use crate::persistence::Backend;
 use crate::persistence::Store;
 use crate::service::{Service, ServiceSettings};
+use crate::stamping::{find_sample_cell, Stamper};
 use crate::telemetry::HttpMetrics;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,6 +29,8 @@ pub enum StartupError {
     Store(#[from] crate::persistence::StoreError),
     #[error("cannot install the admin token: {0}")]
     AdminToken(String),
+    #[error("cannot set up terraform: {0}")]
+    Iac(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -53,20 +59,32 @@ impl Application {
             config.database_max_connections,
         )
         .await?;
+        let templates = Catalog::new(templates_dir(&config));
         let service = Service::new(
-            store,
+            store.clone(),
             ServiceSettings {
                 job_max_attempts: config.jobs.max_attempts.max(1),
                 routing: config.routing.clone(),
                 placement: config.placement.clone(),
+                templates: templates.clone(),
             },
         );
+        let terraform = Terraform::new(runner_settings(&config, store.backend()))
+            .map_err(|e| StartupError::Iac(e.to_string()))?;
+        let sample_cell = find_sample_cell(config.iac.sample_cell_bin.as_ref());
+        tracing::info!(
+            templates = %templates.dir().display(),
+            terraform = %config.iac.binary,
+            sample_cell = %sample_cell.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "not found".into()),
+            "iac configured"
+        );
+        let stamper = Stamper::new(store, templates, terraform, sample_cell);
         let (secret, admin_token_source) = admin_token(&config)?;
         service
             .install_admin_token(&secret)
             .await
             .map_err(|e| StartupError::AdminToken(e.to_string()))?;
-        let engine = JobEngine::new(service.clone(), config.jobs.clone());
+        let engine = JobEngine::new(service.clone(), config.jobs.clone(), stamper);
         let state = AppState {
             service,
             max_body_bytes: config.max_body_bytes,
@@ -133,6 +151,11 @@ impl Application {
                 service.route_revisions().stop();
             });
         }
+        let drift = spawn_drift_checks(
+            self.state.service.clone(),
+            Duration::from_secs(self.config.iac.drift_interval_secs),
+            workers_stop.clone(),
+        );
         let app = http::router(self.state.clone());
         let grace = Duration::from_secs(self.config.shutdown_grace_secs);
         tracing::info!(addr = %self.addr, store = self.backend(), "control plane listening");
@@ -150,6 +173,7 @@ impl Application {
         }
         housekeeping.abort();
         revision_poller.abort();
+        drift.abort();
         self.state.service.store().close().await;
         tracing::info!("control plane stopped");
         result
@@ -170,6 +194,103 @@ fn spawn_housekeeping(service: Service, stop: CancellationToken) -> tokio::task:
             }
         }
     })
+}
+
+/// Enqueues drift checks of idle active cells every `interval` (0 disables them). Replicas
+/// may both enqueue; the service returns an open check instead of adding a second.
+fn spawn_drift_checks(
+    service: Service,
+    interval: Duration,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if interval.is_zero() {
+            return;
+        }
+        let tick = interval.min(Duration::from_secs(60)) / 2;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(tick.max(Duration::from_millis(500))) => {}
+            }
+            match service.schedule_drift_checks(interval).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(cells = n, "drift checks enqueued"),
+                Err(e) => tracing::warn!(error = %e, "scheduling drift checks failed"),
+            }
+        }
+    })
+}
+
+/// The template directory: configured, else `./cell-templates`, else next to the binary,
+/// else the source tree's (development builds).
+fn templates_dir(config: &Config) -> PathBuf {
+    if let Some(d) = &config.iac.templates_dir {
+        return d.clone();
+    }
+    let mut candidates = vec![PathBuf::from("cell-templates")];
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        candidates.push(dir.join("cell-templates"));
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cell-templates"));
+    candidates
+        .iter()
+        .find(|c| c.is_dir())
+        .cloned()
+        .unwrap_or_else(|| candidates[0].clone())
+}
+
+fn runner_settings(config: &Config, backend: Backend) -> RunnerSettings {
+    let iac = &config.iac;
+    let provider_mirror = match &iac.provider_mirror {
+        Some(p) if p.as_os_str().is_empty() => None,
+        Some(p) => Some(p.clone()),
+        None => Some(PathBuf::from("/opt/tf-plugins")).filter(|p| p.is_dir()),
+    };
+    let state = match backend {
+        Backend::Sqlite => StateBackend::Local,
+        Backend::Postgres => {
+            let conn = match (&iac.state_conn_str, &config.database_url) {
+                (Some(c), _) => c.expose().to_string(),
+                (None, Some(u)) => pg_conn_str(u.expose()),
+                (None, None) => String::new(),
+            };
+            StateBackend::Pg {
+                conn_str: Secret::new(conn),
+            }
+        }
+    };
+    RunnerSettings {
+        binary: iac.binary.clone(),
+        data_dir: config.data_dir.clone(),
+        provider_mirror,
+        concurrency: iac.concurrency.max(1),
+        lock_timeout_secs: iac.lock_timeout_secs,
+        cancel_grace: Duration::from_secs(iac.cancel_grace_secs),
+        path: iac.path.clone(),
+        pass_env: iac
+            .pass_env
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+        env: iac.env.clone(),
+        backend: state,
+    }
+}
+
+/// The store's URL for terraform's `pg` backend (lib/pq): it defaults to requiring TLS, so
+/// a URL that names no `sslmode` gets `sslmode=disable`, like a local PostgreSQL expects.
+fn pg_conn_str(url: &str) -> String {
+    if url.contains("sslmode=") {
+        return url.to_string();
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}sslmode=disable")
 }
 
 /// The admin secret: from configuration (`CELLPLANE_ADMIN_TOKEN`), else the token file in

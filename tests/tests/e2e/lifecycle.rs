@@ -215,6 +215,10 @@ both_backends!(cell_registry, |b| async move {
     let out: Value = r.json().await.unwrap();
     assert_eq!(out["cell"]["state"], "pending");
     assert_eq!(out["cell"]["used"]["tenants"], 0);
+    let stamp = out["job"]["job_id"]
+        .as_str()
+        .expect("a stamp job")
+        .to_string();
     expect_problem(
         app.req(Method::POST, "/v1/cells")
             .json(&body)
@@ -230,29 +234,46 @@ both_backends!(cell_registry, |b| async move {
         .await
         .unwrap();
     assert_eq!(cells["items"].as_array().unwrap().len(), 1);
+    let done = app
+        .wait_job(&stamp, std::time::Duration::from_secs(120))
+        .await;
+    assert_eq!(
+        done.state,
+        JobState::Succeeded,
+        "{}",
+        app.job_log(&stamp).await
+    );
+    let c = app.cell("euw1-pool-1").await;
+    assert_eq!(c.state, cellplane_api::CellState::Active);
     let r = app
         .req(Method::PATCH, "/v1/cells/euw1-pool-1")
-        .header("If-Match", "\"1\"")
+        .header("If-Match", format!("\"{}\"", c.version))
         .json(&json!({"labels": {"canary": "false"}, "capacity": {"tenants": 10, "units": 20}}))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    // A pending cell cannot be drained; it can be retired.
-    expect_problem(
-        app.req(Method::POST, "/v1/cells/euw1-pool-1/drain")
-            .send()
-            .await
-            .unwrap(),
-        409,
-    )
-    .await;
+    let patched: Value = r.json().await.unwrap();
+    assert!(
+        patched["pending_job_id"].is_null(),
+        "labels and capacity need no job"
+    );
+    let r = app
+        .req(Method::POST, "/v1/cells/euw1-pool-1/drain")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let r = app
         .req(Method::DELETE, "/v1/cells/euw1-pool-1")
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
+    let out: Value = r.json().await.unwrap();
+    let destroy = out["job"]["job_id"].as_str().unwrap().to_string();
+    app.wait_job(&destroy, std::time::Duration::from_secs(120))
+        .await;
     let c: Value = app.admin.get("/v1/cells/euw1-pool-1").await.unwrap();
     assert_eq!(c["state"], "destroyed");
     let bad = json!({"cell_id": "c2", "region": "eu-west-1", "tier": "pooled", "template": "local",

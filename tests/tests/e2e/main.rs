@@ -8,4 +8,5 @@ mod conventions;
 mod jobs;
 mod lifecycle;
 mod routing;
+mod stamping;
 mod store;

@@ -7,75 +7,95 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-both_backends!(router_token_reads_routes_and_heartbeats_only, |b| async move {
-    let app = TestApp::spawn(b).await;
-    app.create_org("acme-corp").await;
-    app.create_tenant("acme", "acme-corp").await;
-    let router = app.client(&app.token("router").await);
-    let full: Value = router.get("/v1/routes?since=0").await.unwrap();
-    assert_eq!(full["full"], true);
-    assert_eq!(full["revision"], 0);
-    assert_eq!(full["upserts"], json!([]));
-    let hb: Value = router
-        .post("/v1/routers/edge-1/heartbeat", &json!({"applied_revision": 0, "stats": {"routes": 0}}))
-        .await
-        .unwrap();
-    assert_eq!(hb["router_id"], "edge-1");
-    // Everything else is out of reach.
-    for (m, p) in [
-        (Method::GET, "/v1/tenants"),
-        (Method::GET, "/v1/tenants/acme"),
-        (Method::GET, "/v1/cells"),
-        (Method::GET, "/v1/routers"),
-        (Method::GET, "/v1/audit"),
-        (Method::POST, "/v1/tenants/acme/suspend"),
-        (Method::PATCH, "/v1/routes/acme/prod"),
-    ] {
-        let mut rb = router.request(m.clone(), p);
-        if m != Method::GET {
-            rb = rb.json(&json!({"mode": "hold"}));
-        }
-        let r = rb.send().await.unwrap();
-        assert!(
-            r.status() == 403 || r.status() == 404,
-            "{m} {p} answered {}",
-            r.status()
-        );
-        expect_problem(r, if p == "/v1/tenants/acme" { 404 } else { 403 }).await;
-    }
-    // Tenant admins and viewers cannot watch routes or heartbeat.
-    let t: Value = app
-        .admin
-        .post("/v1/tokens", &json!({"role": "tenant-admin", "tenant_id": "acme"}))
-        .await
-        .unwrap();
-    let ta = app.client(t["token"].as_str().unwrap());
-    let viewer = app.client(&app.token("viewer").await);
-    for c in [&ta, &viewer] {
-        expect_problem(c.request(Method::GET, "/v1/routes").send().await.unwrap(), 403).await;
-        let r = c
-            .request(Method::POST, "/v1/routers/edge-2/heartbeat")
-            .json(&json!({"applied_revision": 0}))
-            .send()
+both_backends!(
+    router_token_reads_routes_and_heartbeats_only,
+    |b| async move {
+        let app = TestApp::spawn(b).await;
+        app.create_org("acme-corp").await;
+        app.create_tenant("acme", "acme-corp").await;
+        let router = app.client(&app.token("router").await);
+        let full: Value = router.get("/v1/routes?since=0").await.unwrap();
+        assert_eq!(full["full"], true);
+        assert_eq!(full["revision"], 0);
+        assert_eq!(full["upserts"], json!([]));
+        let hb: Value = router
+            .post(
+                "/v1/routers/edge-1/heartbeat",
+                &json!({"applied_revision": 0, "stats": {"routes": 0}}),
+            )
             .await
             .unwrap();
-        expect_problem(r, 403).await;
+        assert_eq!(hb["router_id"], "edge-1");
+        // Everything else is out of reach.
+        for (m, p) in [
+            (Method::GET, "/v1/tenants"),
+            (Method::GET, "/v1/tenants/acme"),
+            (Method::GET, "/v1/cells"),
+            (Method::GET, "/v1/routers"),
+            (Method::GET, "/v1/audit"),
+            (Method::POST, "/v1/tenants/acme/suspend"),
+            (Method::PATCH, "/v1/routes/acme/prod"),
+        ] {
+            let mut rb = router.request(m.clone(), p);
+            if m != Method::GET {
+                rb = rb.json(&json!({"mode": "hold"}));
+            }
+            let r = rb.send().await.unwrap();
+            assert!(
+                r.status() == 403 || r.status() == 404,
+                "{m} {p} answered {}",
+                r.status()
+            );
+            expect_problem(r, if p == "/v1/tenants/acme" { 404 } else { 403 }).await;
+        }
+        // Tenant admins and viewers cannot watch routes or heartbeat.
+        let t: Value = app
+            .admin
+            .post(
+                "/v1/tokens",
+                &json!({"role": "tenant-admin", "tenant_id": "acme"}),
+            )
+            .await
+            .unwrap();
+        let ta = app.client(t["token"].as_str().unwrap());
+        let viewer = app.client(&app.token("viewer").await);
+        for c in [&ta, &viewer] {
+            expect_problem(
+                c.request(Method::GET, "/v1/routes").send().await.unwrap(),
+                403,
+            )
+            .await;
+            let r = c
+                .request(Method::POST, "/v1/routers/edge-2/heartbeat")
+                .json(&json!({"applied_revision": 0}))
+                .send()
+                .await
+                .unwrap();
+            expect_problem(r, 403).await;
+        }
+        // Operators see the router registry.
+        let routers: Value = app.admin.get("/v1/routers").await.unwrap();
+        let items = routers["items"].as_array().unwrap();
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0]["router_id"], "edge-1");
+        assert_eq!(items[0]["applied_revision"], 0);
+        assert_eq!(items[0]["live"], true);
+        // The first heartbeat of a router is audited, later ones are not.
+        router
+            .post::<_, Value>(
+                "/v1/routers/edge-1/heartbeat",
+                &json!({"applied_revision": 0}),
+            )
+            .await
+            .unwrap();
+        let audit: Value = app
+            .admin
+            .get("/v1/audit?target=router/edge-1")
+            .await
+            .unwrap();
+        assert_eq!(audit["items"].as_array().unwrap().len(), 1);
     }
-    // Operators see the router registry.
-    let routers: Value = app.admin.get("/v1/routers").await.unwrap();
-    let items = routers["items"].as_array().unwrap();
-    assert_eq!(items.len(), 1);
-    assert_eq!(items[0]["router_id"], "edge-1");
-    assert_eq!(items[0]["applied_revision"], 0);
-    assert_eq!(items[0]["live"], true);
-    // The first heartbeat of a router is audited, later ones are not.
-    router
-        .post::<_, Value>("/v1/routers/edge-1/heartbeat", &json!({"applied_revision": 0}))
-        .await
-        .unwrap();
-    let audit: Value = app.admin.get("/v1/audit?target=router/edge-1").await.unwrap();
-    assert_eq!(audit["items"].as_array().unwrap().len(), 1);
-});
+);
 
 both_backends!(watch_validates_and_long_polls, |b| async move {
     let app = TestApp::spawn(b).await;
@@ -111,14 +131,22 @@ both_backends!(watch_validates_and_long_polls, |b| async move {
         .get(&format!("/v1/routes?since={rev}&wait=1"))
         .await
         .unwrap();
-    assert!(t.elapsed() >= Duration::from_millis(900), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(v["revision"], rev);
     assert_eq!(v["full"], false);
     // A revision from the future (a restored store) gets the full table.
     let v: Value = app.admin.get("/v1/routes?since=999").await.unwrap();
     assert_eq!(v["full"], true);
     // Unknown routes are 404; holding them too.
-    let r = app.req(Method::GET, "/v1/routes/acme/prod").send().await.unwrap();
+    let r = app
+        .req(Method::GET, "/v1/routes/acme/prod")
+        .send()
+        .await
+        .unwrap();
     expect_problem(r, 404).await;
     let r = app
         .req(Method::PATCH, "/v1/routes/acme/prod")
@@ -174,30 +202,37 @@ both_backends!(region_policies, |b| async move {
             .unwrap();
         expect_problem(r, 400).await;
     }
-    let r = app.req(Method::GET, "/v1/regions/nowhere").send().await.unwrap();
+    let r = app
+        .req(Method::GET, "/v1/regions/nowhere")
+        .send()
+        .await
+        .unwrap();
     expect_problem(r, 404).await;
     let list: Value = app.admin.get("/v1/regions").await.unwrap();
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
 });
 
-both_backends!(activation_without_room_fails_with_the_reason, |b| async move {
-    let app = TestApp::spawn(b).await;
-    app.create_org("acme-corp").await;
-    app.create_tenant("acme", "acme-corp").await;
-    let job = app.lifecycle("acme", "activate").await;
-    assert_eq!(job.state, JobState::Failed, "{job:?}");
-    let err = job.error.unwrap_or_default();
-    assert!(err.contains("no active pooled cell"), "{err}");
-    assert!(err.contains("auto-stamp is off"), "{err}");
-    let t: Value = app.admin.get("/v1/tenants/acme").await.unwrap();
-    assert_eq!(t["state"], "draft");
-    assert_eq!(t["placement"]["prod"]["failed"], true);
-    assert!(t["placement"]["prod"]["reason"]
-        .as_str()
-        .unwrap()
-        .contains("no active pooled cell"));
-    assert_eq!(t["environments"][0]["cell_id"], Value::Null);
-    // Nothing was published.
-    let routes: Value = app.admin.get("/v1/routes?since=0").await.unwrap();
-    assert_eq!(routes["upserts"], json!([]));
-});
+both_backends!(
+    activation_without_room_fails_with_the_reason,
+    |b| async move {
+        let app = TestApp::spawn(b).await;
+        app.create_org("acme-corp").await;
+        app.create_tenant("acme", "acme-corp").await;
+        let job = app.lifecycle("acme", "activate").await;
+        assert_eq!(job.state, JobState::Failed, "{job:?}");
+        let err = job.error.unwrap_or_default();
+        assert!(err.contains("no active pooled cell"), "{err}");
+        assert!(err.contains("auto-stamp is off"), "{err}");
+        let t: Value = app.admin.get("/v1/tenants/acme").await.unwrap();
+        assert_eq!(t["state"], "draft");
+        assert_eq!(t["placement"]["prod"]["failed"], true);
+        assert!(t["placement"]["prod"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no active pooled cell"));
+        assert_eq!(t["environments"][0]["cell_id"], Value::Null);
+        // Nothing was published.
+        let routes: Value = app.admin.get("/v1/routes?since=0").await.unwrap();
+        assert_eq!(routes["upserts"], json!([]));
+    }
+);

@@ -1,4 +1,5 @@
-//! `/v1/cells`: the cell registry. Stamping jobs join in the stamping capability.
+//! `/v1/cells`: the cell registry and its lifecycle jobs (stamp on create, apply, drift
+//! check, destroy on delete).
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{decode_cursor, limit_of, page, ApiJson, ApiQuery, IfMatch, PathParams};
@@ -129,5 +130,37 @@ pub async fn delete(
     let id = path.id("cell_id")?;
     p.allow(Access::Write)?;
     let out = s.service.delete_cell(&ctx(&p, &c), &id, if_match).await?;
+    Ok(with_etag(StatusCode::ACCEPTED, out.cell.version, &out))
+}
+
+#[utoipa::path(post, path = "/v1/cells/{cell_id}/apply", tag = "cells",
+    params(("cell_id" = String, Path), ("If-Match" = Option<String>, Header)),
+    responses((status = 202, body = CellWithJob), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn apply(
+    State(s): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Extension(c): Extension<CorrelationId>,
+    path: PathParams,
+    IfMatch(if_match): IfMatch,
+) -> ApiResult<Response> {
+    let id = path.id("cell_id")?;
+    p.allow(Access::Write)?;
+    let out = s.service.apply_cell(&ctx(&p, &c), &id, if_match).await?;
+    Ok(with_etag(StatusCode::ACCEPTED, out.cell.version, &out))
+}
+
+#[utoipa::path(post, path = "/v1/cells/{cell_id}/plan", tag = "cells",
+    params(("cell_id" = String, Path)),
+    responses((status = 202, body = CellWithJob, description = "the drift-check job"),
+              (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn plan(
+    State(s): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Extension(c): Extension<CorrelationId>,
+    path: PathParams,
+) -> ApiResult<Response> {
+    let id = path.id("cell_id")?;
+    p.allow(Access::Write)?;
+    let out = s.service.plan_cell(&ctx(&p, &c), &id).await?;
     Ok(with_etag(StatusCode::ACCEPTED, out.cell.version, &out))
 }

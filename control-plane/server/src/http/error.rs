@@ -136,6 +136,17 @@ impl From<ServiceError> for ApiError {
                 api.errors = errors;
                 api
             }
+            ServiceError::Unavailable(msg) => {
+                tracing::error!(error = %msg, "a dependency failed");
+                let mut api = Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "service unavailable",
+                    msg,
+                );
+                api.retry_after = Some(5);
+                api
+            }
             ServiceError::Store(err) => {
                 tracing::error!(error = %err, "store operation failed");
                 let mut api = Self::new(

@@ -7,10 +7,12 @@ use crate::auth::{Access, Principal};
 use crate::service::tenant_target;
 use axum::extract::State;
 use axum::http::{header, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use cellplane_api::{Job, JobState, Page, Problem};
 use serde::Deserialize;
+use std::convert::Infallible;
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -129,4 +131,91 @@ pub async fn cancel(
     let job = s.service.get_job(&id).await?;
     check_job_access(&p, &job)?;
     Ok(Json(s.service.cancel_job(&ctx(&p, &c), &id).await?))
+}
+
+/// What a live follower has already been sent.
+struct Follow {
+    service: crate::service::Service,
+    id: String,
+    seen_log: i64,
+    last: Option<(f64, Option<String>, JobState)>,
+    queue: std::collections::VecDeque<Event>,
+    first: bool,
+    done: bool,
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{job_id}/events", tag = "jobs", params(("job_id" = String, Path)),
+    responses((status = 200, content_type = "text/event-stream",
+        description = "Server-sent events until the job ends: `progress` ({state, progress, step}), \
+                       `log` (one log line each) and a final `end` (the job)"),
+              (status = 404, body = Problem)))]
+pub async fn events(
+    State(s): State<AppState>,
+    Extension(p): Extension<Principal>,
+    path: PathParams,
+) -> ApiResult<Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>>> {
+    let id = path.id("job_id")?;
+    if p.tenant_scope().is_none() {
+        p.allow(Access::Read)?;
+    }
+    let job = s.service.get_job(&id).await?;
+    check_job_access(&p, &job)?;
+    let follow = Follow {
+        service: s.service.clone(),
+        id,
+        seen_log: 0,
+        last: None,
+        queue: Default::default(),
+        first: true,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(follow, |mut f| async move {
+        loop {
+            if let Some(e) = f.queue.pop_front() {
+                return Some((Ok(e), f));
+            }
+            if f.done {
+                return None;
+            }
+            if !f.first {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            f.first = false;
+            let (job, log, total) = match f.service.store().job_with_log(&f.id).await {
+                Ok(Some(v)) => v,
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "following a job failed");
+                    continue;
+                }
+            };
+            let new = (total - f.seen_log).max(0) as usize;
+            if new > 0 {
+                let mut start = log.len().saturating_sub(new);
+                while !log.is_char_boundary(start) {
+                    start += 1;
+                }
+                for line in log[start..].lines() {
+                    f.queue
+                        .push_back(Event::default().event("log").data(line.replace('\r', "")));
+                }
+                f.seen_log = total;
+            }
+            let j = job.job;
+            let now = (j.progress, j.step.clone(), j.state);
+            if f.last.as_ref() != Some(&now) {
+                let data = serde_json::json!({"job_id": j.job_id, "state": j.state,
+                    "progress": j.progress, "step": j.step});
+                f.queue
+                    .push_back(Event::default().event("progress").data(data.to_string()));
+                f.last = Some(now);
+            }
+            if j.state.is_terminal() {
+                let data = serde_json::to_string(&j).unwrap_or_default();
+                f.queue.push_back(Event::default().event("end").data(data));
+                f.done = true;
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

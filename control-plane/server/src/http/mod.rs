@@ -11,6 +11,7 @@ pub mod openapi;
 pub mod ops;
 pub mod organizations;
 pub mod routes;
+pub mod templates;
 pub mod tenants;
 pub mod tokens;
 
@@ -81,9 +82,14 @@ pub fn router(state: AppState) -> Router {
                 .delete(cells::delete),
         )
         .route("/v1/cells/{cell_id}/drain", post(cells::drain))
+        .route("/v1/cells/{cell_id}/apply", post(cells::apply))
+        .route("/v1/cells/{cell_id}/plan", post(cells::plan))
+        .route("/v1/templates", get(templates::list))
+        .route("/v1/templates/{template}", get(templates::get_one))
         .route("/v1/jobs", get(jobs::list))
         .route("/v1/jobs/{job_id}", get(jobs::get_one))
         .route("/v1/jobs/{job_id}/log", get(jobs::log))
+        .route("/v1/jobs/{job_id}/events", get(jobs::events))
         .route("/v1/jobs/{job_id}/cancel", post(jobs::cancel))
         .route("/v1/routes", get(routes::watch))
         .route("/v1/routes/history", get(routes::history))

@@ -39,6 +39,20 @@ pub(super) fn cell_from_row(row: &sqlx::any::AnyRow) -> Result<Cell> {
     })
 }
 
+/// What a cell keeps out of the API: generated secret variables and sensitive outputs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CellSecrets {
+    pub vars: std::collections::BTreeMap<String, serde_json::Value>,
+    pub outputs: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+fn secrets_from_row(row: &sqlx::any::AnyRow) -> Result<CellSecrets> {
+    Ok(CellSecrets {
+        vars: json_col(row, "secret_vars")?,
+        outputs: json_col(row, "secret_outputs")?,
+    })
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct CellFilter {
     pub region: Option<String>,
@@ -106,6 +120,48 @@ impl WriteTx {
         Ok(res.rows_affected() == 1)
     }
 
+    /// Secrets of a cell: generated variables and sensitive outputs. Never on the wire.
+    pub async fn get_cell_secrets_tx(&mut self, id: &str) -> Result<Option<CellSecrets>> {
+        let row = sqlx::query("SELECT secret_vars, secret_outputs FROM cells WHERE cell_id = $1")
+            .bind(id)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        row.as_ref().map(secrets_from_row).transpose()
+    }
+
+    pub async fn set_cell_secrets(&mut self, id: &str, s: &CellSecrets) -> Result<()> {
+        sqlx::query("UPDATE cells SET secret_vars = $1, secret_outputs = $2 WHERE cell_id = $3")
+            .bind(to_json(&s.vars))
+            .bind(to_json(&s.outputs))
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Records what a drift check saw. Drift is observed status, not desired state: the
+    /// cell's version (and ETag) does not change.
+    pub async fn set_cell_drift(&mut self, id: &str, drift: &serde_json::Value) -> Result<bool> {
+        let res = sqlx::query("UPDATE cells SET drift = $1 WHERE cell_id = $2")
+            .bind(drift.to_string())
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    /// Whether a job of `kind` for `target` is queued or running.
+    pub async fn has_open_job(&mut self, kind: &str, target: &str) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT job_id FROM jobs WHERE kind = $1 AND target = $2 AND state IN ('queued', 'running') \
+             ORDER BY created_at LIMIT 1",
+        )
+        .bind(kind)
+        .bind(target)
+        .fetch_optional(&mut *self.tx)
+        .await?)
+    }
+
     pub async fn count_tenants_on_cell(&mut self, cell_id: &str) -> Result<i64> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM environments WHERE cell_id = $1")
             .bind(cell_id)
@@ -116,6 +172,42 @@ impl WriteTx {
 }
 
 impl Store {
+    pub async fn get_cell_secrets(&self, id: &str) -> Result<Option<CellSecrets>> {
+        let row = sqlx::query("SELECT secret_vars, secret_outputs FROM cells WHERE cell_id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(secrets_from_row).transpose()
+    }
+
+    /// Active cells with no job reserved whose last drift check is older than `before`
+    /// (or that were never checked): candidates for the periodic drift check.
+    pub async fn cells_due_for_drift_check(&self, before: &str, limit: i64) -> Result<Vec<Cell>> {
+        let rows = sqlx::query(
+            "SELECT * FROM cells WHERE state = 'active' AND pending_job_id IS NULL ORDER BY cell_id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let c = cell_from_row(r)?;
+            let checked = c
+                .drift
+                .as_ref()
+                .and_then(|d| d["checked_at"].as_str())
+                .map(str::to_string);
+            let due = match checked {
+                None => true,
+                Some(t) => t.as_str() < before,
+            };
+            if due {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn get_cell(&self, id: &str) -> Result<Option<Cell>> {
         let row = sqlx::query("SELECT * FROM cells WHERE cell_id = $1")
             .bind(id)

@@ -239,8 +239,8 @@ impl Store {
         log.push_str(log_append);
         let log = bound_log(log);
         sqlx::query(
-            "UPDATE jobs SET progress = $1, step_index = $2, step = $3, log = $4, updated_at = $5 \
-             WHERE job_id = $6 AND lease_owner = $7",
+            "UPDATE jobs SET progress = $1, step_index = $2, step = $3, log = $4, updated_at = $5, \
+             log_total = log_total + $8 WHERE job_id = $6 AND lease_owner = $7",
         )
         .bind(progress.clamp(0.0, 1.0))
         .bind(step_index)
@@ -249,10 +249,29 @@ impl Store {
         .bind(now())
         .bind(id)
         .bind(owner)
+        .bind(log_append.len() as i64)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// A job with its bounded log and the number of log bytes ever appended, for live
+    /// followers: the bytes appended since they last looked are the log's tail.
+    pub async fn job_with_log(&self, id: &str) -> Result<Option<(JobRow, String, i64)>> {
+        let row = sqlx::query("SELECT * FROM jobs WHERE job_id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            None => Ok(None),
+            Some(r) => {
+                let job = job_from_row(&r)?;
+                let log: String = r.try_get("log")?;
+                let total: i64 = r.try_get("log_total")?;
+                Ok(Some((job, log, total)))
+            }
+        }
     }
 
     /// Puts a failed attempt back in the queue to run after `run_after`.

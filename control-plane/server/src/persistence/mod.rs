@@ -9,7 +9,7 @@
 
 mod audit;
 mod cells;
-pub use cells::CellFilter;
+pub use cells::{CellFilter, CellSecrets};
 mod idempotency;
 mod jobs;
 mod orgs;
@@ -112,10 +112,15 @@ impl WriteTx {
 
 const MIGRATIONS_SQLITE: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
+    (2, include_str!("../../migrations/sqlite/0002_stamping.sql")),
     (3, include_str!("../../migrations/sqlite/0003_routing.sql")),
 ];
 const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
+    (
+        2,
+        include_str!("../../migrations/postgres/0002_stamping.sql"),
+    ),
     (
         3,
         include_str!("../../migrations/postgres/0003_routing.sql"),
