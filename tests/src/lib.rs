@@ -776,3 +776,63 @@ impl TestApp {
         serde_json::from_str(&text).expect("tenant json")
     }
 }
+
+impl TestApp {
+    /// Stamps several `local` cells at once and waits until all are active.
+    /// Each item: (cell_id, region, tier, tenants, units).
+    pub async fn stamp_cells(
+        &self,
+        cells: &[(&str, &str, &str, u64, u64)],
+    ) -> Vec<cellplane_api::Cell> {
+        let mut jobs = Vec::new();
+        for (id, region, tier, tenants, units) in cells {
+            let out = self
+                .create_cell(
+                    serde_json::json!({"cell_id": id, "region": region, "tier": tier,
+                    "template": "local", "capacity": {"tenants": tenants, "units": units}}),
+                )
+                .await;
+            jobs.push(out.job.expect("a stamp job").job_id);
+        }
+        let mut out = Vec::new();
+        for (job, (id, ..)) in jobs.iter().zip(cells) {
+            let done = self.wait_job(job, Duration::from_secs(180)).await;
+            assert_eq!(
+                done.state,
+                cellplane_api::JobState::Succeeded,
+                "stamping {id}: {done:?}\n{}",
+                self.job_log(job).await
+            );
+            out.push(self.cell(id).await);
+        }
+        out
+    }
+
+    /// Posts an action without waiting; returns the job.
+    pub async fn start_action(&self, id: &str, action: &str) -> cellplane_api::Job {
+        let r = self
+            .req(Method::POST, &format!("/v1/tenants/{id}/{action}"))
+            .send()
+            .await
+            .expect("send");
+        let status = r.status();
+        let text = r.text().await.unwrap_or_default();
+        assert_eq!(status, 202, "{action} {id}: {text}");
+        serde_json::from_str(&text).expect("job")
+    }
+}
+
+impl TestApp {
+    /// [`TestApp::start_action`] with an owned id, for joining many at once.
+    pub async fn start_action_owned(&self, id: String) -> cellplane_api::Job {
+        self.start_action(&id, "activate").await
+    }
+
+    pub async fn audit_verify_ok(&self) -> bool {
+        self.admin
+            .audit_verify()
+            .await
+            .map(|v| v.ok)
+            .unwrap_or(false)
+    }
+}

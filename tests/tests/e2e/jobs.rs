@@ -13,6 +13,7 @@ both_backends!(
             .with("CELLPLANE__JOBS__STEP_DELAY_MS", "1500")
             .with("CELLPLANE__JOBS__LEASE_SECS", "2");
         let mut app = TestApp::spawn_with(b, opts).await;
+        app.stamp_local("euw1-pool-1", serde_json::json!({})).await;
         app.create_org("acme-corp").await;
         app.create_tenant("acme", "acme-corp").await;
         let r = app

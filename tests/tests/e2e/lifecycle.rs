@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 
 both_backends!(lifecycle_transitions_and_illegal_ones, |b| async move {
     let app = TestApp::spawn(b).await;
+    app.stamp_local("euw1-pool-1", json!({})).await;
     app.create_org("acme-corp").await;
     app.create_tenant("acme", "acme-corp").await;
     let post = |action: &str| {
@@ -61,13 +62,24 @@ both_backends!(lifecycle_transitions_and_illegal_ones, |b| async move {
         events,
         [
             "TENANCY_CREATED",
+            "TENANCY_PLACED",
+            "ROUTE_CHANGED",
             "TENANCY_ACTIVATED",
+            "ROUTE_CHANGED",
             "TENANCY_SUSPENDED",
+            "ROUTE_CHANGED",
             "TENANCY_RESUMED",
+            "ROUTE_REMOVED",
+            "TENANCY_CAPACITY_RELEASED",
             "TENANCY_ARCHIVED",
+            "TENANCY_CAPACITY_RELEASED",
             "TENANCY_DELETED"
         ]
     );
+    // Archive gave the capacity back; delete forgot the cell.
+    let cell = app.cell("euw1-pool-1").await;
+    assert_eq!((cell.used.tenants, cell.used.units), (0, 0));
+    assert_eq!(t.environments[0].cell_id, None);
     // A deleted tenant's id stays taken.
     let r = app
         .req(Method::POST, "/v1/tenants")

@@ -7,6 +7,7 @@ mod bad_input;
 mod conventions;
 mod jobs;
 mod lifecycle;
+mod placement;
 mod routing;
 mod stamping;
 mod store;
