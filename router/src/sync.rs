@@ -35,9 +35,14 @@ impl Default for SyncStatus {
 
 impl SyncStatus {
     fn mark_ok(&self) {
+        self.mark_reachable();
+        self.source.store(2, Ordering::Relaxed);
+    }
+
+    /// The control plane answered (a watch or a heartbeat).
+    fn mark_reachable(&self) {
         self.last_ok_ms
             .store(self.started.elapsed().as_millis() as i64, Ordering::Relaxed);
-        self.source.store(2, Ordering::Relaxed);
     }
 
     /// Milliseconds since the control plane last answered, if it ever did.
@@ -68,9 +73,18 @@ impl Syncer {
     /// Watches until `stop`.
     pub async fn run(self, stop: CancellationToken) {
         let mut failures: u32 = 0;
+        let mut first = true;
         loop {
             let since = self.state.table.load().revision;
-            let fetch = self.fetch(since);
+            // After a start or a failure, ask without waiting: a table that changed while
+            // we were away arrives at once, and an unchanged one confirms we are current.
+            let wait = if first || failures > 0 {
+                0
+            } else {
+                self.wait_secs
+            };
+            first = false;
+            let fetch = self.fetch(since, wait);
             let outcome = tokio::select! {
                 _ = stop.cancelled() => return,
                 r = fetch => r,
@@ -105,14 +119,14 @@ impl Syncer {
         }
     }
 
-    async fn fetch(&self, since: i64) -> Result<(), String> {
+    async fn fetch(&self, since: i64, wait: u64) -> Result<(), String> {
         let resp = self
             .client
             .request(
                 Method::GET,
-                &format!("/v1/routes?since={since}&wait={}", self.wait_secs),
+                &format!("/v1/routes?since={since}&wait={wait}"),
             )
-            .timeout(Duration::from_secs(self.wait_secs + 15))
+            .timeout(Duration::from_secs(wait + 15))
             .send()
             .await
             .map_err(|e| format!("request failed: {e}"))?;
@@ -226,7 +240,10 @@ pub async fn run_heartbeats(
             .send()
             .await;
         match res {
-            Ok(r) if r.status().is_success() => failures = 0,
+            Ok(r) if r.status().is_success() => {
+                failures = 0;
+                status.mark_reachable();
+            }
             Ok(r) => {
                 failures += 1;
                 if failures == 1 {

@@ -183,10 +183,20 @@ impl TestApp {
 
     /// Starts (or restarts) the binary on the same data dir and store.
     pub async fn start(&mut self) -> Result<()> {
+        self.start_at("127.0.0.1:0").await
+    }
+
+    /// Restarts on the address it had, as a control plane behind a fixed URL would.
+    pub async fn start_same_address(&mut self) -> Result<()> {
+        let addr = self.url.trim_start_matches("http://").to_string();
+        self.start_at(&addr).await
+    }
+
+    async fn start_at(&mut self, listen: &str) -> Result<()> {
         let mut cmd = Command::new(bin_path("cellplane"));
         cmd.arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--data-dir")
             .arg(&self.data_dir)
             .env("CELLPLANE_ADMIN_TOKEN", ADMIN_TOKEN)

@@ -8,6 +8,7 @@ mod conventions;
 mod jobs;
 mod lifecycle;
 mod placement;
+mod router;
 mod routing;
 mod stamping;
 mod store;
