@@ -47,7 +47,10 @@ impl Principal {
         let ok = matches!(
             (self.role, access),
             (Role::Admin, _)
-                | (Role::Operator, Access::Read | Access::Write | Access::Router)
+                | (
+                    Role::Operator,
+                    Access::Read | Access::Write | Access::Router
+                )
                 | (Role::Viewer, Access::Read)
                 | (Role::Router, Access::Router)
         );

@@ -16,10 +16,10 @@ mod orgs;
 mod tenants;
 mod tokens;
 
-pub use audit::{AuditInput, VerifyOutcome};
+pub use audit::{AuditInput, OwnedAudit, VerifyOutcome};
 pub use idempotency::StoredResponse;
 pub use jobs::{JobRow, NewJob};
-pub use tenants::{Conditional, EnvironmentRow, TenantFilter, TenantRow};
+pub use tenants::{Conditional, CreateOutcome, EnvironmentRow, NewTenant, TenantFilter, TenantRow};
 pub use tokens::TokenRow;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
