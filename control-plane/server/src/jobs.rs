@@ -15,7 +15,9 @@ use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
+pub use tokio_util::sync::CancellationToken;
+/// The token that stops job workers.
+pub type Shutdown = CancellationToken;
 use tracing::Instrument;
 
 /// One step of a job's pipeline. Later capabilities (placement, route publication,
@@ -397,6 +399,34 @@ impl JobEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn backoff_is_exponential_jittered_and_capped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::persistence::Store::open(None, dir.path(), 2)
+            .await
+            .expect("store");
+        let service = Service::new(
+            store,
+            crate::service::ServiceSettings {
+                job_max_attempts: 5,
+            },
+        );
+        let cfg = JobsConfig {
+            backoff_base_ms: 100,
+            backoff_cap_ms: 1000,
+            ..JobsConfig::default()
+        };
+        let engine = JobEngine::new(service, cfg);
+        for _ in 0..50 {
+            let first = engine.backoff(1).as_millis();
+            assert!((50..=100).contains(&first), "{first}");
+            let third = engine.backoff(3).as_millis();
+            assert!((200..=400).contains(&third), "{third}");
+            let capped = engine.backoff(30).as_millis();
+            assert!((500..=1000).contains(&capped), "{capped}");
+        }
+    }
 
     #[test]
     fn every_lifecycle_action_has_a_pipeline() {
