@@ -20,4 +20,7 @@ if [ -z "${CELLPLANE_TEST_PG_URL:-}" ]; then
     echo "test PostgreSQL at $CELLPLANE_TEST_PG_URL"
 fi
 
+# The end-to-end tests spawn the real binaries; `cargo test` alone builds only the binaries
+# of packages that have integration tests, so build them all first.
+cargo build --workspace --bins
 cargo test --workspace "$@"

@@ -75,6 +75,9 @@ pub struct Config {
     /// text or json.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// Shut down when the parent process exits (used by `cellplane up`).
+    #[arg(long)]
+    pub exit_with_parent: bool,
 }
 
 impl std::fmt::Debug for Config {

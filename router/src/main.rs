@@ -16,6 +16,7 @@ async fn main() {
     } else {
         builder.try_init()
     };
+    let exit_with_parent = cfg.exit_with_parent;
     let app = match cellplane_router::startup::Application::build(cfg).await {
         Ok(a) => a,
         Err(e) => {
@@ -33,5 +34,19 @@ async fn main() {
         cellplane_router::startup::shutdown_signal().await;
         trigger.cancel();
     });
+    if exit_with_parent {
+        let parent = std::os::unix::process::parent_id();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                if std::os::unix::process::parent_id() != parent {
+                    tracing::info!("parent process exited; shutting down");
+                    trigger.cancel();
+                    break;
+                }
+            }
+        });
+    }
     app.run_until_stopped(shutdown).await;
 }

@@ -27,11 +27,19 @@ fn dead_port() -> u16 {
 
 fn spawn(state: &std::path::Path) -> Router {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cellplane-router"))
-        .args(["--control-plane", &format!("http://127.0.0.1:{}", dead_port())])
+        .args([
+            "--control-plane",
+            &format!("http://127.0.0.1:{}", dead_port()),
+        ])
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .arg("--state-file")
         .arg(state)
-        .args(["--base-domain", "example.test", "--upstream-timeout-ms", "2000"])
+        .args([
+            "--base-domain",
+            "example.test",
+            "--upstream-timeout-ms",
+            "2000",
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -44,7 +52,10 @@ fn spawn(state: &std::path::Path) -> Router {
     Router {
         child,
         url: url.strip_prefix("listening on ").unwrap().to_string(),
-        admin: admin.strip_prefix("admin listening on ").unwrap().to_string(),
+        admin: admin
+            .strip_prefix("admin listening on ")
+            .unwrap()
+            .to_string(),
     }
 }
 
@@ -92,7 +103,11 @@ async fn own_answers_are_problems_and_shutdown_is_clean() {
         .unwrap();
     problem(r2, 400).await;
     // Admin routes live only on the admin listener.
-    problem(get("acme.example.test", "/__router/healthz").await.unwrap(), 502).await;
+    problem(
+        get("acme.example.test", "/__router/healthz").await.unwrap(),
+        502,
+    )
+    .await;
     let h: serde_json::Value = http
         .get(format!("{}/__router/healthz", r.admin))
         .send()
@@ -111,7 +126,10 @@ async fn own_answers_are_problems_and_shutdown_is_clean() {
         .text()
         .await
         .unwrap();
-    assert!(m.contains("cellplane_router_own_responses_total{reason=\"upstream_error\"} 2"), "{m}");
+    assert!(
+        m.contains("cellplane_router_own_responses_total{reason=\"upstream_error\"} 2"),
+        "{m}"
+    );
     assert!(m.contains("cellplane_router_routes 1"));
     // SIGTERM: a clean exit, the state file still there and loadable.
     nix_kill(r.child.id());
@@ -137,5 +155,8 @@ async fn own_answers_are_problems_and_shutdown_is_clean() {
 }
 
 fn nix_kill(pid: u32) {
-    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
 }

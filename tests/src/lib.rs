@@ -215,7 +215,12 @@ impl TestApp {
         for (k, v) in &self.options.env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().context("spawn cellplane")?;
+        let mut child = cmd.spawn().with_context(|| {
+            format!(
+                "spawn {} (build the binaries first: cargo build --workspace --bins, as scripts/test.sh does)",
+                bin_path("cellplane").display()
+            )
+        })?;
         let stdout = child.stdout.take().context("stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

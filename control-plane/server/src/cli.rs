@@ -68,6 +68,18 @@ pub struct UpArgs {
     pub listen: String,
     #[arg(long, default_value = ".cellplane")]
     pub data_dir: PathBuf,
+    /// Where the local router takes tenant traffic.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub router_listen: String,
+    /// The local router's /__router/healthz and /__router/metrics.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub router_admin_listen: String,
+    /// Tenants are `{tenant}.{base_domain}` at the router.
+    #[arg(long, default_value = "localhost")]
+    pub base_domain: String,
+    /// Do not start a router.
+    #[arg(long)]
+    pub no_router: bool,
 }
 
 #[derive(Args, Debug)]
@@ -342,7 +354,7 @@ async fn serve(a: ServeArgs) -> i32 {
             LogFormat::Text
         };
     }
-    run_server(cfg, false).await
+    run_server(cfg, None).await
 }
 
 async fn up(a: UpArgs) -> i32 {
@@ -353,12 +365,13 @@ async fn up(a: UpArgs) -> i32 {
             return 2;
         }
     };
-    cfg.listen = a.listen;
-    cfg.data_dir = a.data_dir;
-    run_server(cfg, true).await
+    cfg.listen = a.listen.clone();
+    cfg.data_dir = a.data_dir.clone();
+    run_server(cfg, Some(a)).await
 }
 
-async fn run_server(cfg: Config, banner: bool) -> i32 {
+async fn run_server(cfg: Config, up: Option<UpArgs>) -> i32 {
+    let banner = up.is_some();
     crate::telemetry::init_tracing(cfg.log_format);
     let data_dir = cfg.data_dir.clone();
     let app = match Application::build(cfg).await {
@@ -371,8 +384,28 @@ async fn run_server(cfg: Config, banner: bool) -> i32 {
     };
     // Parents (tests, scripts) read this line to learn the bound port.
     println!("listening on http://{}", app.addr());
+    let url = format!("http://{}", app.addr());
+    // The router stops with this process (its handle's drop sends SIGTERM; it also exits
+    // when its parent disappears).
+    let mut _router = None;
+    if let Some(up) = up.as_ref().filter(|u| !u.no_router) {
+        match crate::local_router::start(
+            app.service(),
+            &url,
+            &data_dir,
+            &up.router_listen,
+            &up.router_admin_listen,
+            &up.base_domain,
+        )
+        .await
+        {
+            Ok(r) => _router = Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "the local router did not start; the control plane runs without it")
+            }
+        }
+    }
     if banner {
-        let url = format!("http://{}", app.addr());
         println!();
         println!(
             "cellplane is up ({} store in {})",
@@ -381,6 +414,19 @@ async fn run_server(cfg: Config, banner: bool) -> i32 {
         );
         println!("  API:         {url}/v1  (OpenAPI: {url}/v1/openapi.json)");
         println!("  admin token: {}", app.admin_token_source());
+        let router = _router
+            .as_ref()
+            .map(|r| r.url.clone())
+            .unwrap_or_else(|| "http://ROUTER".into());
+        match &_router {
+            Some(r) => println!(
+                "  router:      {} (admin {}/__router/healthz, log {})",
+                r.url,
+                r.admin_url,
+                r.log.display()
+            ),
+            None => println!("  router:      not running"),
+        }
         println!();
         println!("In another shell, from this directory:");
         println!("  export CELLPLANE_URL={url}");
@@ -388,9 +434,15 @@ async fn run_server(cfg: Config, banner: bool) -> i32 {
             "  export CELLPLANE_TOKEN=$(cat {})",
             data_dir.join("admin-token").display()
         );
+        println!("  cellplane cell create euw1-pool-1 --region eu-west-1 --template local --wait");
+        println!("  cellplane cell create euw1-pool-2 --region eu-west-1 --template local --wait");
         println!("  cellplane org create acme-corp --name 'Acme Corp'");
-        println!("  cellplane tenant create acme --org acme-corp --region eu-west-1");
-        println!("  cellplane tenant activate acme --wait");
+        println!("  for t in acme globex initech; do");
+        println!("    cellplane tenant create $t --org acme-corp --region eu-west-1");
+        println!("    cellplane tenant activate $t --wait");
+        println!("  done");
+        println!("  curl -X PUT -H 'Host: acme.localhost' --data-binary hello {router}/v1/kv/x");
+        println!("  curl -i -H 'Host: acme.localhost' {router}/v1/kv/x   # X-Cell-ID: acme's cell");
         println!("  cellplane audit verify");
         println!("Stop with Ctrl-C.");
     }

@@ -21,7 +21,9 @@ use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
+pub use tokio_util::sync::CancellationToken;
+/// The token that stops job workers.
+pub type Shutdown = CancellationToken;
 use tracing::Instrument;
 
 /// One step of a job's pipeline. Later capabilities (placement, route publication,
@@ -546,14 +548,7 @@ impl JobEngine {
     }
 
     fn backoff(&self, attempt: i64) -> Duration {
-        let exp = 2u64.saturating_pow((attempt.max(1) - 1).min(30) as u32);
-        let full = self
-            .cfg
-            .backoff_base_ms
-            .saturating_mul(exp)
-            .min(self.cfg.backoff_cap_ms);
-        let jittered = rand::thread_rng().gen_range(full / 2..=full.max(1));
-        Duration::from_millis(jittered)
+        backoff_for(&self.cfg, attempt)
     }
 
     async fn conclude(&self, job: &JobRow, outcome: Outcome) {
@@ -898,9 +893,37 @@ async fn report(
     }
 }
 
+/// Capped exponential backoff with jitter in [half, full] of the step.
+fn backoff_for(cfg: &JobsConfig, attempt: i64) -> Duration {
+    let exp = 2u64.saturating_pow((attempt.max(1) - 1).min(30) as u32);
+    let full = cfg
+        .backoff_base_ms
+        .saturating_mul(exp)
+        .min(cfg.backoff_cap_ms);
+    let jittered = rand::thread_rng().gen_range(full / 2..=full.max(1));
+    Duration::from_millis(jittered)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_is_exponential_jittered_and_capped() {
+        let cfg = JobsConfig {
+            backoff_base_ms: 100,
+            backoff_cap_ms: 1000,
+            ..JobsConfig::default()
+        };
+        for _ in 0..50 {
+            let first = backoff_for(&cfg, 1).as_millis();
+            assert!((50..=100).contains(&first), "{first}");
+            let third = backoff_for(&cfg, 3).as_millis();
+            assert!((200..=400).contains(&third), "{third}");
+            let capped = backoff_for(&cfg, 30).as_millis();
+            assert!((500..=1000).contains(&capped), "{capped}");
+        }
+    }
 
     #[test]
     fn every_lifecycle_action_has_a_pipeline() {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod http;
 pub mod iac;
 pub mod jobs;
+pub mod local_router;
 pub mod persistence;
 pub mod placement;
 pub mod routing;

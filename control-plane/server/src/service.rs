@@ -69,6 +69,44 @@ pub struct Service {
     settings: Arc<ServiceSettings>,
     job_notify: Arc<tokio::sync::Notify>,
     routes: crate::routing::RevisionWatch,
+    tenant_batcher: tokio::sync::mpsc::Sender<BatchItem>,
+}
+
+type BatchItem = (
+    persistence::NewTenant,
+    tokio::sync::oneshot::Sender<std::result::Result<persistence::CreateOutcome, String>>,
+);
+
+/// Most tenant creations one transaction takes.
+const MAX_CREATE_BATCH: usize = 128;
+
+/// Group commit for tenant creation: requests that arrive while a transaction is running
+/// wait and go together in the next one. Under no load a batch is a single request, so
+/// latency is unchanged; under load, one commit (and one chain-head move) serves many.
+async fn run_tenant_batcher(store: Store, mut rx: tokio::sync::mpsc::Receiver<BatchItem>) {
+    while let Some(first) = rx.recv().await {
+        let mut items = vec![first];
+        while items.len() < MAX_CREATE_BATCH {
+            match rx.try_recv() {
+                Ok(item) => items.push(item),
+                Err(_) => break,
+            }
+        }
+        let (batch, replies): (Vec<_>, Vec<_>) = items.into_iter().unzip();
+        match store.create_tenants(&batch).await {
+            Ok(outcomes) => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, batch = batch.len(), "tenant creation batch failed");
+                for reply in replies {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
 }
 
 pub fn tenant_target(id: &str) -> String {
@@ -270,12 +308,16 @@ pub(crate) fn check_version(expected: Option<i64>, current: i64) -> Result<()> {
 }
 
 impl Service {
+    /// Must be called inside a tokio runtime: it starts the tenant-creation batcher.
     pub fn new(store: Store, settings: ServiceSettings) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(4 * MAX_CREATE_BATCH);
+        tokio::spawn(run_tenant_batcher(store.clone(), rx));
         Self {
             store,
             settings: Arc::new(settings),
             job_notify: Arc::new(tokio::sync::Notify::new()),
             routes: crate::routing::RevisionWatch::new(),
+            tenant_batcher: tx,
         }
     }
 
@@ -388,29 +430,11 @@ impl Service {
             endpoint: None,
             created_at: ts,
         };
-        let mut tx = self.store.write().await?;
-        // The foreign key checks the organization; no extra round trip on the hot path.
-        if let Err(e) = tx.insert_tenant(&row).await {
-            if e.is_unique_violation() {
-                return Err(ServiceError::Conflict(format!(
-                    "tenant {:?} already exists",
-                    row.tenant_id
-                )));
-            }
-            if e.is_foreign_key_violation() {
-                return Err(invalid(
-                    "organization_id",
-                    format!("organization {:?} does not exist", row.organization_id),
-                ));
-            }
-            return Err(e.into());
-        }
-        tx.insert_environment(&env).await?;
-        tx.audit(AuditInput {
-            tenant_id: Some(&row.tenant_id),
-            event_type: "TENANCY_CREATED",
-            actor: &ctx.actor,
-            target: &tenant_target(&row.tenant_id),
+        let audit = persistence::OwnedAudit {
+            tenant_id: Some(row.tenant_id.clone()),
+            event_type: "TENANCY_CREATED".into(),
+            actor: ctx.actor.clone(),
+            target: tenant_target(&row.tenant_id),
             payload: json!({
                 "organization_id": row.organization_id,
                 "profile": row.profile,
@@ -419,10 +443,43 @@ impl Service {
                 "policies": row.policies,
                 "billing": row.billing,
             }),
-            correlation_id: Some(&ctx.correlation_id),
-        })
-        .await?;
-        tx.commit().await?;
+            correlation_id: Some(ctx.correlation_id.clone()),
+        };
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let item = persistence::NewTenant {
+            row: row.clone(),
+            env: env.clone(),
+            audit,
+        };
+        let unavailable = || {
+            ServiceError::Store(StoreError::Corrupt(
+                "the tenant writer stopped; the server is shutting down".into(),
+            ))
+        };
+        self.tenant_batcher
+            .send((item, reply))
+            .await
+            .map_err(|_| unavailable())?;
+        match outcome.await.map_err(|_| unavailable())? {
+            Ok(persistence::CreateOutcome::Created) => {}
+            Ok(persistence::CreateOutcome::Duplicate) => {
+                return Err(ServiceError::Conflict(format!(
+                    "tenant {:?} already exists",
+                    row.tenant_id
+                )))
+            }
+            Ok(persistence::CreateOutcome::UnknownOrganization) => {
+                return Err(invalid(
+                    "organization_id",
+                    format!("organization {:?} does not exist", row.organization_id),
+                ))
+            }
+            Err(e) => {
+                return Err(ServiceError::Store(StoreError::Corrupt(format!(
+                    "tenant creation failed: {e}"
+                ))))
+            }
+        }
         Ok(tenant_to_wire(row, vec![env]))
     }
 

@@ -47,6 +47,36 @@ pub struct Application {
     admin_token_source: String,
 }
 
+/// The service and the job engine over `store`, configured from `config`. Exposed so tests
+/// can run the engine in-process against a store they control.
+pub fn service_and_engine(
+    config: &Config,
+    store: Store,
+) -> Result<(Service, JobEngine), StartupError> {
+    let templates = Catalog::new(templates_dir(config));
+    let service = Service::new(
+        store.clone(),
+        ServiceSettings {
+            job_max_attempts: config.jobs.max_attempts.max(1),
+            routing: config.routing.clone(),
+            placement: config.placement.clone(),
+            templates: templates.clone(),
+        },
+    );
+    let terraform = Terraform::new(runner_settings(config, store.backend()))
+        .map_err(|e| StartupError::Iac(e.to_string()))?;
+    let sample_cell = find_sample_cell(config.iac.sample_cell_bin.as_ref());
+    tracing::info!(
+        templates = %templates.dir().display(),
+        terraform = %config.iac.binary,
+        sample_cell = %sample_cell.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "not found".into()),
+        "iac configured"
+    );
+    let stamper = Stamper::new(store, templates, terraform, sample_cell);
+    let engine = JobEngine::new(service.clone(), config.jobs.clone(), stamper);
+    Ok((service, engine))
+}
+
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StartupError::DataDir {
@@ -59,32 +89,12 @@ impl Application {
             config.database_max_connections,
         )
         .await?;
-        let templates = Catalog::new(templates_dir(&config));
-        let service = Service::new(
-            store.clone(),
-            ServiceSettings {
-                job_max_attempts: config.jobs.max_attempts.max(1),
-                routing: config.routing.clone(),
-                placement: config.placement.clone(),
-                templates: templates.clone(),
-            },
-        );
-        let terraform = Terraform::new(runner_settings(&config, store.backend()))
-            .map_err(|e| StartupError::Iac(e.to_string()))?;
-        let sample_cell = find_sample_cell(config.iac.sample_cell_bin.as_ref());
-        tracing::info!(
-            templates = %templates.dir().display(),
-            terraform = %config.iac.binary,
-            sample_cell = %sample_cell.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "not found".into()),
-            "iac configured"
-        );
-        let stamper = Stamper::new(store, templates, terraform, sample_cell);
+        let (service, engine) = service_and_engine(&config, store)?;
         let (secret, admin_token_source) = admin_token(&config)?;
         service
             .install_admin_token(&secret)
             .await
             .map_err(|e| StartupError::AdminToken(e.to_string()))?;
-        let engine = JobEngine::new(service.clone(), config.jobs.clone(), stamper);
         let state = AppState {
             service,
             max_body_bytes: config.max_body_bytes,
@@ -122,6 +132,10 @@ impl Application {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    pub fn service(&self) -> &Service {
+        &self.state.service
     }
 
     /// Where the admin token came from, for the startup banner.
@@ -325,7 +339,7 @@ fn admin_token(config: &Config) -> Result<(String, String), StartupError> {
     Ok((secret, path.display().to_string()))
 }
 
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

@@ -380,3 +380,45 @@ both_backends!(sigterm_shuts_down_cleanly, |b| async move {
     assert!(status.success(), "exit status {status:?}");
     assert!(app.log().contains("control plane stopped"));
 });
+
+both_backends!(concurrent_creates_each_id_once, |b| async move {
+    let app = TestApp::spawn(b).await;
+    app.create_org("acme-corp").await;
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let id = format!("t-{}", i % 20);
+        let org = if i % 25 == 7 {
+            "ghost-corp"
+        } else {
+            "acme-corp"
+        };
+        let rb = app
+            .req(Method::POST, "/v1/tenants")
+            .json(&json!({"tenant_id": id,
+            "organization_id": org, "profile": "mt-standard", "region": "eu-west-1"}));
+        tasks.push(tokio::spawn(async move {
+            rb.send().await.unwrap().status().as_u16()
+        }));
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for t in tasks {
+        *counts.entry(t.await.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(counts.get(&201), Some(&20), "{counts:?}");
+    assert_eq!(
+        counts.get(&400).copied().unwrap_or(0) + counts.get(&409).copied().unwrap_or(0),
+        80,
+        "{counts:?}"
+    );
+    let created = app
+        .sql_i64("SELECT COUNT(*) FROM tenant_audit WHERE event_type = 'TENANCY_CREATED'")
+        .await
+        .unwrap();
+    assert_eq!(created, 20);
+    let envs = app
+        .sql_i64("SELECT COUNT(*) FROM environments")
+        .await
+        .unwrap();
+    assert_eq!(envs, 20);
+    assert!(app.admin.audit_verify().await.unwrap().ok);
+});

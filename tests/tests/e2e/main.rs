@@ -4,6 +4,7 @@
 mod audit;
 mod authz;
 mod bad_input;
+mod cli;
 mod conventions;
 mod jobs;
 mod lifecycle;

@@ -196,3 +196,45 @@ both_backends!(rolled_back_write_leaves_no_audit, |b| async move {
         cellplane::persistence::VerifyOutcome::Ok { records: 0 }
     );
 });
+
+both_backends!(
+    job_with_a_fatal_step_fails_once_with_its_reason,
+    |b| async move {
+        let (store, d) = open(b).await;
+        let config = cellplane::config::Config {
+            data_dir: d.path().to_path_buf(),
+            jobs: cellplane::config::JobsConfig {
+                poll_ms: 20,
+                max_attempts: 3,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (_service, engine) =
+            cellplane::startup::service_and_engine(&config, store.clone()).unwrap();
+        let stop = tokio_util_free_token();
+        // A payload without a tenant cannot succeed however often it is tried.
+        enqueue(&store, "job-broken", "tenant/ghost").await;
+        let handles = engine.spawn(stop.clone());
+        let job = eventually(std::time::Duration::from_secs(10), || {
+            let store = store.clone();
+            async move {
+                let j = store.get_job("job-broken").await.ok()??;
+                j.job.state.is_terminal().then_some(j)
+            }
+        })
+        .await
+        .unwrap();
+        stop.cancel();
+        for h in handles {
+            let _ = h.await;
+        }
+        assert_eq!(job.job.state, cellplane_api::JobState::Failed);
+        assert_eq!(job.job.attempts, 1, "fatal errors are not retried");
+        assert!(job.job.error.unwrap_or_default().contains("tenant_id"));
+    }
+);
+
+fn tokio_util_free_token() -> cellplane::jobs::Shutdown {
+    cellplane::jobs::Shutdown::new()
+}

@@ -159,17 +159,21 @@ CREATE TABLE leases (
     expires_at TEXT NOT NULL
 );
 
--- Appending an audit record moves the chain head and queues its outbox event in the same
--- statement, so a write pays one round trip for its audit trail.
+-- Appending audit records moves the chain head and queues their outbox events in the same
+-- statement, so a write pays one round trip for its audit trail. Statement-level with a
+-- transition table: one head update per statement, however many records it inserts.
 CREATE FUNCTION cellplane_audit_after_insert() RETURNS trigger AS $$
 BEGIN
-    UPDATE chain_head SET hash = NEW.hash WHERE id = 1;
+    UPDATE chain_head SET hash = (SELECT n.hash FROM new_audit n ORDER BY n.seq DESC LIMIT 1)
+    WHERE id = 1;
     INSERT INTO outbox (seq, event_id, event_type, tenant_id, payload, correlation_id, created_at)
-    VALUES (NEW.seq, NEW.audit_id, NEW.event_type, NEW.tenant_id, NEW.payload, NEW.correlation_id, NEW.occurred_at)
+    SELECT n.seq, n.audit_id, n.event_type, n.tenant_id, n.payload, n.correlation_id, n.occurred_at
+    FROM new_audit n
     ON CONFLICT (seq) DO NOTHING;
     RETURN NULL;
 END
 $$ LANGUAGE plpgsql;
 
 CREATE TRIGGER tenant_audit_after_insert AFTER INSERT ON tenant_audit
-    FOR EACH ROW EXECUTE FUNCTION cellplane_audit_after_insert();
+    REFERENCING NEW TABLE AS new_audit
+    FOR EACH STATEMENT EXECUTE FUNCTION cellplane_audit_after_insert();

@@ -104,6 +104,96 @@ impl WriteTx {
     }
 }
 
+/// An audit record to append, owning its fields (for batched writes).
+#[derive(Debug, Clone)]
+pub struct OwnedAudit {
+    pub tenant_id: Option<String>,
+    pub event_type: String,
+    pub actor: String,
+    pub target: String,
+    pub payload: serde_json::Value,
+    pub correlation_id: Option<String>,
+}
+
+impl WriteTx {
+    /// Appends several audit records with one chain-head move and one multi-row insert.
+    pub async fn audit_many(&mut self, inputs: &[OwnedAudit]) -> Result<()> {
+        if inputs.is_empty() {
+            return Ok(());
+        }
+        let n = inputs.len() as i64;
+        let row =
+            sqlx::query("UPDATE chain_head SET seq = seq + $1 WHERE id = 1 RETURNING seq, hash")
+                .bind(n)
+                .fetch_one(&mut *self.tx)
+                .await?;
+        let last_seq: i64 = row.try_get("seq")?;
+        let mut prev_hash: String = row.try_get("hash")?;
+        let occurred_at = now();
+        let mut records = Vec::with_capacity(inputs.len());
+        for (i, input) in inputs.iter().enumerate() {
+            let seq = last_seq - n + 1 + i as i64;
+            let audit_id = new_id("evt");
+            let payload = input.payload.to_string();
+            let hash = record_hash(
+                seq,
+                &audit_id,
+                input.tenant_id.as_deref(),
+                &input.event_type,
+                &input.actor,
+                &input.target,
+                &payload,
+                input.correlation_id.as_deref(),
+                &occurred_at,
+                &prev_hash,
+            );
+            records.push((seq, audit_id, payload, prev_hash.clone(), hash.clone()));
+            prev_hash = hash;
+        }
+        let mut sql = String::from(
+            "INSERT INTO tenant_audit (seq, audit_id, tenant_id, event_type, actor, target, payload, \
+             correlation_id, occurred_at, prev_hash, hash) VALUES ",
+        );
+        for i in 0..records.len() {
+            let b = i * 11;
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!(
+                "(${},${},${},${},${},${},${},${},${},${},${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7,
+                b + 8,
+                b + 9,
+                b + 10,
+                b + 11
+            ));
+        }
+        let mut q = sqlx::query(&sql);
+        for (input, (seq, audit_id, payload, prev, hash)) in inputs.iter().zip(&records) {
+            q = q
+                .bind(*seq)
+                .bind(audit_id.as_str())
+                .bind(input.tenant_id.as_deref())
+                .bind(input.event_type.as_str())
+                .bind(input.actor.as_str())
+                .bind(input.target.as_str())
+                .bind(payload.as_str())
+                .bind(input.correlation_id.as_deref())
+                .bind(occurred_at.as_str())
+                .bind(prev.as_str())
+                .bind(hash.as_str());
+        }
+        q.execute(&mut *self.tx).await?;
+        Ok(())
+    }
+}
+
 fn audit_from_row(row: &sqlx::any::AnyRow) -> Result<AuditRecord> {
     let payload: String = row.try_get("payload")?;
     Ok(AuditRecord {

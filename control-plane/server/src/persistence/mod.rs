@@ -18,12 +18,12 @@ mod routing;
 mod tenants;
 mod tokens;
 
-pub use audit::{AuditInput, VerifyOutcome};
+pub use audit::{AuditInput, OwnedAudit, VerifyOutcome};
 pub use idempotency::StoredResponse;
 pub use jobs::{JobRow, NewJob};
 pub use placement::Reservation;
 pub use routing::{RouteWrite, RouterRow, RoutingHead};
-pub use tenants::{Conditional, EnvironmentRow, TenantFilter, TenantRow};
+pub use tenants::{Conditional, CreateOutcome, EnvironmentRow, NewTenant, TenantFilter, TenantRow};
 pub use tokens::TokenRow;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};

@@ -253,7 +253,139 @@ impl WriteTx {
     }
 }
 
+/// One tenant creation in a batch: the tenant, its first environment and its audit record.
+#[derive(Debug, Clone)]
+pub struct NewTenant {
+    pub row: TenantRow,
+    pub env: EnvironmentRow,
+    pub audit: super::audit::OwnedAudit,
+}
+
+/// What happened to one creation of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateOutcome {
+    Created,
+    Duplicate,
+    UnknownOrganization,
+}
+
+fn placeholders(rows: usize, cols: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let cells: Vec<String> = (1..=cols).map(|c| format!("${}", r * cols + c)).collect();
+            format!("({})", cells.join(","))
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl Store {
+    /// Creates a batch of tenants in one transaction (group commit): ids that exist, repeat
+    /// within the batch or name an unknown organization are reported, the rest are inserted
+    /// with multi-row statements and one chain-head move for their audit records.
+    pub async fn create_tenants(&self, batch: &[NewTenant]) -> Result<Vec<CreateOutcome>> {
+        let mut tx = self.write().await?;
+        let ids: Vec<&str> = batch.iter().map(|n| n.row.tenant_id.as_str()).collect();
+        let orgs: Vec<&str> = batch
+            .iter()
+            .map(|n| n.row.organization_id.as_str())
+            .collect();
+        let existing: std::collections::HashSet<String> = {
+            let sql = format!(
+                "SELECT tenant_id FROM tenants WHERE tenant_id IN ({})",
+                (1..=ids.len())
+                    .map(|i| format!("${i}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&sql);
+            for id in &ids {
+                q = q.bind(*id);
+            }
+            q.fetch_all(&mut *tx.tx).await?.into_iter().collect()
+        };
+        let known_orgs: std::collections::HashSet<String> = {
+            let sql = format!(
+                "SELECT organization_id FROM organizations WHERE organization_id IN ({})",
+                (1..=orgs.len())
+                    .map(|i| format!("${i}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&sql);
+            for o in &orgs {
+                q = q.bind(*o);
+            }
+            q.fetch_all(&mut *tx.tx).await?.into_iter().collect()
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut accepted: Vec<&NewTenant> = Vec::new();
+        for n in batch {
+            // An id is taken only by a request that creates it: a request for an unknown
+            // organization must not make a valid one for the same id in this batch a
+            // duplicate (regression: concurrent_creates_each_id_once lost ids that way).
+            let outcome =
+                if existing.contains(&n.row.tenant_id) || seen.contains(n.row.tenant_id.as_str()) {
+                    CreateOutcome::Duplicate
+                } else if !known_orgs.contains(&n.row.organization_id) {
+                    CreateOutcome::UnknownOrganization
+                } else {
+                    seen.insert(n.row.tenant_id.as_str());
+                    accepted.push(n);
+                    CreateOutcome::Created
+                };
+            outcomes.push(outcome);
+        }
+        if accepted.is_empty() {
+            return Ok(outcomes);
+        }
+        let sql = format!(
+            "INSERT INTO tenants (tenant_id, organization_id, profile, state, region, quotas, policies, billing, \
+             version, created_at, updated_at) VALUES {}",
+            placeholders(accepted.len(), 11)
+        );
+        let mut q = sqlx::query(&sql);
+        for n in &accepted {
+            let t = &n.row;
+            q = q
+                .bind(t.tenant_id.as_str())
+                .bind(t.organization_id.as_str())
+                .bind(t.profile.as_str())
+                .bind(t.state.as_str())
+                .bind(t.region.as_str())
+                .bind(to_json(&t.quotas))
+                .bind(to_json(&t.policies))
+                .bind(to_json(&t.billing))
+                .bind(t.version)
+                .bind(t.created_at.as_str())
+                .bind(t.updated_at.as_str());
+        }
+        q.execute(&mut *tx.tx).await?;
+        let sql = format!(
+            "INSERT INTO environments (tenant_id, name, region, isolation_level, cell_id, endpoint, created_at) VALUES {}",
+            placeholders(accepted.len(), 7)
+        );
+        let mut q = sqlx::query(&sql);
+        for n in &accepted {
+            let e = &n.env;
+            q = q
+                .bind(e.tenant_id.as_str())
+                .bind(e.name.as_str())
+                .bind(e.region.as_str())
+                .bind(e.isolation_level.as_str())
+                .bind(e.cell_id.as_deref())
+                .bind(e.endpoint.as_deref())
+                .bind(e.created_at.as_str());
+        }
+        q.execute(&mut *tx.tx).await?;
+        let audits: Vec<super::audit::OwnedAudit> =
+            accepted.iter().map(|n| n.audit.clone()).collect();
+        tx.audit_many(&audits).await?;
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
     pub async fn get_tenant(&self, id: &str) -> Result<Option<TenantRow>> {
         let row = sqlx::query("SELECT * FROM tenants WHERE tenant_id = $1")
             .bind(id)
