@@ -37,6 +37,8 @@ pub enum Command {
     Cell(ClientArgs<CellCmd>),
     /// Jobs.
     Job(ClientArgs<JobCmd>),
+    /// Cell templates.
+    Template(ClientArgs<TemplateCmd>),
     /// The audit trail.
     Audit(ClientArgs<AuditCmd>),
     /// API tokens.
@@ -232,6 +234,39 @@ pub enum JobCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum TemplateCmd {
+    /// Templates the control plane finds in its template directory.
+    List,
+    /// One template: description, tiers, variables and required outputs.
+    Show { name: String },
+    /// Renders a template for a cell into a directory, offline (no server): what a stamp
+    /// job would run, for review or for a bare terraform run.
+    Render {
+        name: String,
+        #[arg(long)]
+        cell_id: String,
+        #[arg(long, default_value = "eu-west-1")]
+        region: String,
+        #[arg(long, default_value = "pooled")]
+        tier: String,
+        /// key=value (value parsed as JSON when it is valid JSON), repeatable.
+        #[arg(long = "var")]
+        vars: Vec<String>,
+        #[arg(long)]
+        app_version: Option<String>,
+        /// Directory to write the stack into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Template directory (default: ./cell-templates, or the one cellplane finds).
+        #[arg(long, env = "CELLPLANE__IAC__TEMPLATES_DIR")]
+        templates_dir: Option<PathBuf>,
+        /// The sample-cell binary for the local template.
+        #[arg(long, env = "CELLPLANE__IAC__SAMPLE_CELL_BIN")]
+        sample_cell_bin: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum AuditCmd {
     List {
         #[arg(long)]
@@ -280,6 +315,14 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Job(a) => {
             let (conn, json) = (conn_of(&a), a.json);
             client(conn, |c| job(c, a.cmd, json)).await
+        }
+        Command::Template(a) => {
+            if let TemplateCmd::Render { .. } = a.cmd {
+                render_offline(a.cmd)
+            } else {
+                let (conn, json) = (conn_of(&a), a.json);
+                client(conn, |c| template(c, a.cmd, json)).await
+            }
         }
         Command::Audit(a) => {
             let (conn, json) = (conn_of(&a), a.json);
@@ -945,6 +988,166 @@ async fn job(c: Client, cmd: JobCmd, json: bool) -> CliResult {
         print_json(&jobs);
     } else {
         job_rows(&jobs);
+    }
+    Ok(())
+}
+
+async fn template(c: Client, cmd: TemplateCmd, json: bool) -> CliResult {
+    match cmd {
+        TemplateCmd::List => {
+            let page: Page<TemplateInfo> = c.get("/v1/templates").await?;
+            if json {
+                print_json(&page.items);
+            } else {
+                print_table(
+                    &["template", "tiers", "variables", "description"],
+                    page.items
+                        .iter()
+                        .map(|t| {
+                            vec![
+                                t.name.clone(),
+                                t.tiers
+                                    .iter()
+                                    .map(|t| t.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                                t.variables.len().to_string(),
+                                t.description.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        TemplateCmd::Show { name } => {
+            let t: TemplateInfo = c
+                .get(&format!("/v1/templates/{}", id_arg("template", &name)?))
+                .await?;
+            if json {
+                print_json(&t);
+            } else {
+                println!("{}: {}", t.name, t.description);
+                let tiers: Vec<&str> = t.tiers.iter().map(|t| t.as_str()).collect();
+                println!("tiers: {}", tiers.join(", "));
+                println!("required outputs: {}", t.required_outputs.join(", "));
+                println!();
+                print_table(
+                    &["variable", "type", "default", "rule", "description"],
+                    t.variables
+                        .iter()
+                        .map(|v| {
+                            let default = match (&v.managed_by, &v.default) {
+                                (Some(m), _) => format!("(managed: {m})"),
+                                (None, Some(d)) => d.to_string(),
+                                (None, None) => "(required)".into(),
+                            };
+                            vec![
+                                v.name.clone(),
+                                v.type_.clone(),
+                                default,
+                                v.validation
+                                    .as_ref()
+                                    .map(|r| r.to_string())
+                                    .unwrap_or_default(),
+                                v.description.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        TemplateCmd::Render { .. } => return render_offline(cmd),
+    }
+    Ok(())
+}
+
+/// `cellplane template render`: the stack a stamp job would run, without a server.
+fn render_offline(cmd: TemplateCmd) -> CliResult {
+    let TemplateCmd::Render {
+        name,
+        cell_id,
+        region,
+        tier,
+        vars,
+        app_version,
+        out,
+        templates_dir,
+        sample_cell_bin,
+    } = cmd
+    else {
+        return Err(CliError::Usage("not a render command".into()));
+    };
+    let dir = templates_dir.unwrap_or_else(|| PathBuf::from("cell-templates"));
+    let catalog = crate::iac::Catalog::new(dir);
+    let template = catalog
+        .load(id_arg("template", &name)?.as_str())
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let mut user_vars: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    for (k, v) in kv_args("var", &vars)? {
+        let val = serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v));
+        user_vars.insert(k, val);
+    }
+    if let Err(errors) = template.validate_vars(&user_vars) {
+        let msg: Vec<String> = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect();
+        return Err(CliError::Usage(msg.join("; ")));
+    }
+    let mut secrets = BTreeMap::new();
+    for (k, spec) in &template.manifest.variables {
+        match spec.source {
+            Some(crate::iac::VarSource::Port) => {
+                let port = crate::iac::allocate_port()
+                    .map_err(|e| CliError::Usage(format!("cannot allocate a port: {e}")))?;
+                user_vars.insert(k.clone(), serde_json::json!(port));
+            }
+            Some(crate::iac::VarSource::Secret) => {
+                secrets.insert(k.clone(), serde_json::json!(crate::auth::new_secret()));
+            }
+            _ => {}
+        }
+    }
+    let now = crate::persistence::now();
+    let cell = Cell {
+        cell_id: id_arg("--cell-id", &cell_id)?.into_string(),
+        region: id_arg("--region", &region)?.into_string(),
+        tier: Tier::parse(&tier)
+            .ok_or_else(|| CliError::Usage("--tier must be pooled or dedicated".into()))?,
+        template: template.name.clone(),
+        capacity: Capacity {
+            tenants: 1,
+            units: 1,
+        },
+        used: Capacity::default(),
+        labels: BTreeMap::new(),
+        vars: user_vars,
+        state: CellState::Pending,
+        outputs: BTreeMap::new(),
+        app_version,
+        drift: None,
+        pending_job_id: None,
+        version: 1,
+        created_at: now.clone(),
+        updated_at: now,
+    };
+    let out_abs = std::path::absolute(&out).unwrap_or(out.clone());
+    let stack = template
+        .render(&crate::iac::RenderInput {
+            cell: &cell,
+            secrets: &secrets,
+            system: crate::iac::SystemValues {
+                cell_dir: out_abs.join("run"),
+                sample_cell_bin: crate::stamping::find_sample_cell(sample_cell_bin.as_ref()),
+            },
+            pg_backend: false,
+        })
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    stack
+        .write(&out)
+        .map_err(|e| CliError::Usage(format!("{}: {e}", out.display())))?;
+    for f in stack.files.keys() {
+        println!("{}", out.join(f).display());
     }
     Ok(())
 }

@@ -163,17 +163,18 @@ impl Stamper {
         phase(ctx, "plan");
         let mode = match action {
             CellAction::Destroy => PlanMode::Destroy,
-            CellAction::Plan => PlanMode::RefreshOnly,
+            CellAction::Plan => PlanMode::Drift,
             _ => PlanMode::Apply,
         };
         let plan = self.tf.plan(ctx, mode).await?;
         if action == CellAction::Plan {
-            let mut resources: Vec<String> = plan.drift.iter().map(|d| d.address.clone()).collect();
+            let mut resources: Vec<String> =
+                plan.planned.iter().map(|d| d.address.clone()).collect();
             resources.sort();
             resources.dedup();
             return Ok(CellEffect {
                 drift: Some(DriftStatus {
-                    detected: plan.changes || !resources.is_empty(),
+                    detected: plan.changes,
                     resources,
                     checked_at: crate::persistence::now(),
                     job_id: ctx.job_id.clone(),

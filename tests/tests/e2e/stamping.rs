@@ -164,3 +164,49 @@ both_backends!(local_cell_stamp_update_destroy, |b| async move {
     }
     assert!(app.admin.audit_verify().await.unwrap().ok);
 });
+
+both_backends!(periodic_drift_check_of_idle_cells, |b| async move {
+    let app = TestApp::spawn_with(
+        b,
+        AppOptions::default().with("CELLPLANE__IAC__DRIFT_INTERVAL_SECS", "1"),
+    )
+    .await;
+    app.stamp_local("drift-1", json!({})).await;
+    let admin = app.admin.clone();
+    let drift = eventually(Duration::from_secs(60), || {
+        let admin = admin.clone();
+        async move {
+            let c: cellplane_api::Cell = admin.get("/v1/cells/drift-1").await.ok()?;
+            c.drift
+        }
+    })
+    .await
+    .expect("the scheduler checked the idle active cell");
+    assert_eq!(drift["detected"], false, "{drift}");
+    let job = drift["job_id"].as_str().unwrap();
+    let j = app.admin.get_job(job).await.unwrap();
+    assert_eq!(j.kind, "cell.plan");
+    assert_eq!(j.state, JobState::Succeeded);
+    // Checks keep coming while the cell stays idle, and never reserve it.
+    let first = drift["checked_at"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(60), || {
+        let (admin, first) = (admin.clone(), first.clone());
+        async move {
+            let c: cellplane_api::Cell = admin.get("/v1/cells/drift-1").await.ok()?;
+            let at = c.drift?["checked_at"].as_str()?.to_string();
+            (at > first).then_some(())
+        }
+    })
+    .await
+    .expect("a later check");
+    let audit: Value = app
+        .admin
+        .get("/v1/audit?target=cell/drift-1")
+        .await
+        .unwrap();
+    assert!(audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["event_type"] == "CELL_DRIFT_CHECKED" && r["actor"] == "system:jobs"));
+});

@@ -93,8 +93,11 @@ impl RunCtx {
 pub enum PlanMode {
     Apply,
     Destroy,
-    /// `-refresh-only`: what changed outside terraform (drift).
-    RefreshOnly,
+    /// Drift check: a plan without a plan file. Resources it would change are drifted
+    /// (changed outside terraform in a way the configuration disagrees with). A
+    /// `-refresh-only` plan also reports attributes an API merely normalizes, so it is not
+    /// used to decide.
+    Drift,
 }
 
 /// A resource changed outside terraform.
@@ -110,7 +113,10 @@ pub struct PlanOutcome {
     pub add: u64,
     pub change: u64,
     pub remove: u64,
+    /// Resources changed outside terraform, as refresh saw them.
     pub drift: Vec<Drift>,
+    /// Resources the plan would change.
+    pub planned: Vec<Drift>,
 }
 
 /// An output of the stack.
@@ -137,6 +143,7 @@ struct ExecResult {
     planned: Option<(u64, u64, u64)>,
     applied: u64,
     drift: Vec<Drift>,
+    changes: Vec<Drift>,
     captured: String,
 }
 
@@ -307,10 +314,10 @@ impl Terraform {
         match mode {
             PlanMode::Apply => args.push("-out=tfplan"),
             PlanMode::Destroy => args.extend(["-destroy", "-out=tfplan"]),
-            PlanMode::RefreshOnly => args.push("-refresh-only"),
+            PlanMode::Drift => {}
         }
         let phase = match mode {
-            PlanMode::RefreshOnly => "drift-check",
+            PlanMode::Drift => "drift-check",
             _ => "plan",
         };
         let r = self.exec(ctx, phase, &args, Mode::Json).await?;
@@ -324,6 +331,7 @@ impl Terraform {
             change,
             remove,
             drift: r.drift,
+            planned: r.changes,
         })
     }
 
@@ -519,6 +527,17 @@ fn handle_message(ctx: &RunCtx, msg: &Value, r: &mut ExecResult) {
         "apply_complete" => {
             r.applied += 1;
             let _ = ctx.events.send(ExecEvent::Applied(r.applied));
+            ctx.log(text);
+        }
+        "planned_change" => {
+            let change = &msg["change"];
+            r.changes.push(Drift {
+                address: change["resource"]["addr"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                action: change["action"].as_str().unwrap_or_default().to_string(),
+            });
             ctx.log(text);
         }
         "resource_drift" => {
