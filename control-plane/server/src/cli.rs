@@ -190,6 +190,9 @@ pub enum CellCmd {
         vars: Vec<String>,
         #[arg(long)]
         app_version: Option<String>,
+        /// Follow the stamp job (progress bar and resource lines) until it ends.
+        #[arg(long)]
+        wait: bool,
     },
     List {
         #[arg(long)]
@@ -202,11 +205,41 @@ pub enum CellCmd {
     Get {
         id: String,
     },
+    /// Changes labels, capacity, variables or the app version; a change of variables or
+    /// app version is applied by a job.
+    Update {
+        id: String,
+        #[arg(long)]
+        app_version: Option<String>,
+        /// key=value, repeatable: replaces the cell's variables (JSON values allowed).
+        #[arg(long = "var")]
+        vars: Vec<String>,
+        /// key=value, repeatable: replaces the cell's labels.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Re-applies the cell's stack (repairs a failed stamp, reverts drift).
+    Apply {
+        id: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Checks the cell for drift now.
+    Plan {
+        id: String,
+        #[arg(long)]
+        wait: bool,
+    },
     Drain {
         id: String,
     },
+    /// Destroys the cell's stack (refused while tenants are placed on it).
     Delete {
         id: String,
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -857,7 +890,7 @@ async fn tenant(c: Client, cmd: TenantCmd, json: bool) -> CliResult {
 }
 
 async fn cell(c: Client, cmd: CellCmd, json: bool) -> CliResult {
-    let cells: Vec<Cell> = match cmd {
+    let (out, wait): (CellWithJob, bool) = match cmd {
         CellCmd::Create {
             id,
             region,
@@ -868,14 +901,8 @@ async fn cell(c: Client, cmd: CellCmd, json: bool) -> CliResult {
             labels,
             vars,
             app_version,
+            wait,
         } => {
-            let vars: BTreeMap<String, serde_json::Value> = kv_args("var", &vars)?
-                .into_iter()
-                .map(|(k, v)| {
-                    let val = serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v));
-                    (k, val)
-                })
-                .collect();
             let req = CreateCell {
                 cell_id: id_arg("cell", &id)?,
                 region: id_arg("--region", &region)?,
@@ -887,15 +914,10 @@ async fn cell(c: Client, cmd: CellCmd, json: bool) -> CliResult {
                     units: capacity_units,
                 },
                 labels: kv_args("label", &labels)?.into_iter().collect(),
-                vars,
+                vars: json_vars(&vars)?,
                 app_version,
             };
-            let out = c.create_cell(&req).await?;
-            if json {
-                print_json(&out);
-                return Ok(());
-            }
-            vec![out.cell]
+            (c.create_cell(&req).await?, wait)
         }
         CellCmd::List {
             region,
@@ -903,36 +925,279 @@ async fn cell(c: Client, cmd: CellCmd, json: bool) -> CliResult {
             state,
         } => {
             let q = query(&[("region", &region), ("tier", &tier), ("state", &state)]);
-            all(&c, &format!("/v1/cells{q}")).await?
+            let cells: Vec<Cell> = all(&c, &format!("/v1/cells{q}")).await?;
+            if json {
+                print_json(&cells);
+            } else {
+                cell_rows(&cells);
+            }
+            return Ok(());
         }
-        CellCmd::Get { id } => vec![
-            c.get(&format!("/v1/cells/{}", id_arg("cell", &id)?))
-                .await?,
-        ],
-        CellCmd::Drain { id } => vec![
+        CellCmd::Get { id } => {
+            let cell: Cell = c
+                .get(&format!("/v1/cells/{}", id_arg("cell", &id)?))
+                .await?;
+            if json {
+                print_json(&cell);
+            } else {
+                cell_detail(&cell);
+            }
+            return Ok(());
+        }
+        CellCmd::Update {
+            id,
+            app_version,
+            vars,
+            labels,
+            wait,
+        } => {
+            let body = PatchCell {
+                capacity: None,
+                labels: if labels.is_empty() {
+                    None
+                } else {
+                    Some(kv_args("label", &labels)?.into_iter().collect())
+                },
+                vars: if vars.is_empty() {
+                    None
+                } else {
+                    Some(json_vars(&vars)?)
+                },
+                app_version,
+            };
+            let cell: Cell = c
+                .patch(&format!("/v1/cells/{}", id_arg("cell", &id)?), &body)
+                .await?;
+            let job = match &cell.pending_job_id {
+                Some(j) => Some(c.get_job(j).await?),
+                None => None,
+            };
+            (CellWithJob { cell, job }, wait)
+        }
+        CellCmd::Apply { id, wait } => (
             c.post(
-                &format!("/v1/cells/{}/drain", id_arg("cell", &id)?),
+                &format!("/v1/cells/{}/apply", id_arg("cell", &id)?),
                 &serde_json::json!({}),
             )
             .await?,
-        ],
-        CellCmd::Delete { id } => {
-            let out: CellWithJob = c
-                .delete(&format!("/v1/cells/{}", id_arg("cell", &id)?))
+            wait,
+        ),
+        CellCmd::Plan { id, wait } => (
+            c.post(
+                &format!("/v1/cells/{}/plan", id_arg("cell", &id)?),
+                &serde_json::json!({}),
+            )
+            .await?,
+            wait,
+        ),
+        CellCmd::Drain { id } => {
+            let cell: Cell = c
+                .post(
+                    &format!("/v1/cells/{}/drain", id_arg("cell", &id)?),
+                    &serde_json::json!({}),
+                )
                 .await?;
-            vec![out.cell]
+            (CellWithJob { cell, job: None }, false)
         }
+        CellCmd::Delete { id, wait } => (
+            c.delete(&format!("/v1/cells/{}", id_arg("cell", &id)?))
+                .await?,
+            wait,
+        ),
     };
+    let Some(job) = out.job.clone().filter(|_| wait) else {
+        if json {
+            print_json(&out);
+        } else {
+            cell_rows(std::slice::from_ref(&out.cell));
+            if let Some(j) = &out.job {
+                println!();
+                job_rows(std::slice::from_ref(j));
+                println!();
+                println!("follow it with: cellplane job watch {}", j.job_id);
+            }
+        }
+        return Ok(());
+    };
+    let job = watch(&c, &job.job_id, json).await?;
+    let cell: Cell = c.get(&format!("/v1/cells/{}", out.cell.cell_id)).await?;
     if json {
-        print_json(&cells);
+        print_json(&CellWithJob {
+            cell: cell.clone(),
+            job: Some(job.clone()),
+        });
     } else {
-        cell_rows(&cells);
+        cell_detail(&cell);
+    }
+    if job.state != JobState::Succeeded {
+        return Err(CliError::Usage(format!(
+            "job {} ended {}: {}",
+            job.job_id,
+            job.state.as_str(),
+            opt(&job.error)
+        )));
     }
     Ok(())
 }
 
-/// Polls a job and prints each new log line until it ends.
+fn json_vars(items: &[String]) -> Result<BTreeMap<String, serde_json::Value>, CliError> {
+    Ok(kv_args("var", items)?
+        .into_iter()
+        .map(|(k, v)| {
+            let val = serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v));
+            (k, val)
+        })
+        .collect())
+}
+
+fn cell_detail(c: &Cell) {
+    cell_rows(std::slice::from_ref(c));
+    if let Some(j) = &c.pending_job_id {
+        println!("job in progress: {j}");
+    }
+    if !c.outputs.is_empty() {
+        println!();
+        print_table(
+            &["output", "value"],
+            c.outputs
+                .iter()
+                .map(|(k, v)| {
+                    let v = v
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string());
+                    vec![k.clone(), v]
+                })
+                .collect(),
+        );
+    }
+    if let Some(d) = &c.drift {
+        println!();
+        let resources: Vec<String> = d["resources"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| r.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if d["detected"] == true {
+            println!(
+                "DRIFT detected at {}: {}",
+                d["checked_at"].as_str().unwrap_or("?"),
+                resources.join(", ")
+            );
+        } else {
+            println!(
+                "no drift (checked at {})",
+                d["checked_at"].as_str().unwrap_or("?")
+            );
+        }
+    }
+}
+
+/// Follows a job through its server-sent events (`/v1/jobs/{id}/events`): a progress bar
+/// on a terminal, and the job's log lines (terraform's resource lines) as they come.
+/// Falls back to polling when the stream is unavailable.
 async fn watch(c: &Client, id: &str, json: bool) -> Result<Job, CliError> {
+    use futures_util::StreamExt;
+    use std::io::IsTerminal;
+    let tty = !json && std::io::stderr().is_terminal();
+    let bar = if tty {
+        let b = indicatif::ProgressBar::new(100);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos:>3}% {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b.set_prefix(id.to_string());
+        Some(b)
+    } else {
+        None
+    };
+    let say = |line: &str| {
+        if json {
+            return;
+        }
+        match &bar {
+            Some(b) => b.println(format!("  {line}")),
+            None => eprintln!("  {line}"),
+        }
+    };
+    loop {
+        let resp = c
+            .request(reqwest::Method::GET, &format!("/v1/jobs/{id}/events"))
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .map_err(ClientError::from)?;
+        if !resp.status().is_success() {
+            return poll_watch(c, id, json).await;
+        }
+        let mut stream = resp.bytes_stream();
+        let mut buf = String::new();
+        let (mut event, mut data) = (String::new(), String::new());
+        while let Some(chunk) = stream.next().await {
+            let Ok(chunk) = chunk else { break };
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(nl) = buf.find('\n') {
+                let line = buf[..nl].trim_end_matches('\r').to_string();
+                buf.drain(..=nl);
+                if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    if !data.is_empty() {
+                        data.push('\n');
+                    }
+                    data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                } else if line.is_empty() && !event.is_empty() {
+                    match event.as_str() {
+                        "log" => say(data.split_once(' ').map(|(_, l)| l).unwrap_or(&data)),
+                        "progress" => {
+                            if let (Some(b), Ok(p)) =
+                                (&bar, serde_json::from_str::<serde_json::Value>(&data))
+                            {
+                                b.set_position(
+                                    (p["progress"].as_f64().unwrap_or(0.0) * 100.0) as u64,
+                                );
+                                b.set_message(format!(
+                                    "{} {}",
+                                    p["state"].as_str().unwrap_or(""),
+                                    p["step"].as_str().unwrap_or("")
+                                ));
+                            }
+                        }
+                        "end" => {
+                            if let Ok(job) = serde_json::from_str::<Job>(&data) {
+                                if let Some(b) = &bar {
+                                    b.finish_with_message(job.state.as_str().to_string());
+                                }
+                                return Ok(job);
+                            }
+                        }
+                        _ => {}
+                    }
+                    event.clear();
+                    data.clear();
+                } else if line.is_empty() {
+                    data.clear();
+                }
+            }
+        }
+        // The stream ended early (server restart): the job may have ended meanwhile.
+        let job = c.get_job(id).await?;
+        if job.state.is_terminal() {
+            if let Some(b) = &bar {
+                b.finish_with_message(job.state.as_str().to_string());
+            }
+            return Ok(job);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Polls a job and prints each new log line until it ends.
+async fn poll_watch(c: &Client, id: &str, json: bool) -> Result<Job, CliError> {
     let mut printed = 0usize;
     loop {
         let job = c.get_job(id).await?;
@@ -943,17 +1208,8 @@ async fn watch(c: &Client, id: &str, json: bool) -> Result<Job, CliError> {
                 eprintln!("  {l}");
             }
             printed = printed.max(lines.len());
-            eprint!(
-                "\r{} {:>3.0}% {}",
-                job.job_id,
-                job.progress * 100.0,
-                job.state.as_str()
-            );
         }
         if job.state.is_terminal() {
-            if !json {
-                eprintln!();
-            }
             return Ok(job);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
