@@ -66,6 +66,7 @@ pub struct Service {
     store: Store,
     settings: Arc<ServiceSettings>,
     job_notify: Arc<tokio::sync::Notify>,
+    job_changed: Arc<tokio::sync::Notify>,
 }
 
 pub fn tenant_target(id: &str) -> String {
@@ -269,11 +270,18 @@ impl Service {
             store,
             settings: Arc::new(settings),
             job_notify: Arc::new(tokio::sync::Notify::new()),
+            job_changed: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Woken whenever a job of this process records progress or ends, so live followers
+    /// (server-sent events) need not wait for their poll.
+    pub fn job_changed(&self) -> Arc<tokio::sync::Notify> {
+        self.job_changed.clone()
     }
 
     /// Woken whenever this process enqueues a job, so workers do not wait for their poll.

@@ -183,8 +183,9 @@ impl Stamper {
             });
         }
         phase(ctx, "apply");
+        let mut outputs = None;
         if plan.changes {
-            self.tf.apply(ctx).await?;
+            outputs = self.tf.apply(ctx).await?;
         } else {
             let _ = ctx
                 .events
@@ -194,7 +195,10 @@ impl Stamper {
             return Ok(CellEffect::default());
         }
         phase(ctx, "outputs");
-        let outputs = self.tf.outputs(ctx).await?;
+        let outputs = match outputs {
+            Some(o) => o,
+            None => self.tf.outputs(ctx).await?,
+        };
         let template = self.catalog.load(&cell.template).map_err(IacError::from)?;
         for required in &template.manifest.required_outputs {
             if !outputs.contains_key(required) {

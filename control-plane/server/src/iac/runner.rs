@@ -144,6 +144,8 @@ struct ExecResult {
     applied: u64,
     drift: Vec<Drift>,
     changes: Vec<Drift>,
+    /// The `outputs` message of an apply (values of sensitive outputs are absent).
+    outputs: Option<BTreeMap<String, Value>>,
     captured: String,
 }
 
@@ -335,8 +337,13 @@ impl Terraform {
         })
     }
 
-    /// `apply tfplan`: applies exactly the plan that was just made.
-    pub async fn apply(&self, ctx: &RunCtx) -> Result<u64, IacError> {
+    /// `apply tfplan`: applies exactly the plan that was just made. Returns the outputs
+    /// when the apply reported all of them with their values (no sensitive output), which
+    /// saves an `output -json` run.
+    pub async fn apply(
+        &self,
+        ctx: &RunCtx,
+    ) -> Result<Option<BTreeMap<String, OutputValue>>, IacError> {
         let _permit = self.permit().await;
         let lock = format!("-lock-timeout={}s", self.s.lock_timeout_secs);
         let r = self
@@ -348,7 +355,25 @@ impl Terraform {
             )
             .await?;
         check(&r, "apply", 0)?;
-        Ok(r.applied)
+        let Some(outputs) = r.outputs else {
+            return Ok(None);
+        };
+        let mut out = BTreeMap::new();
+        for (k, v) in outputs {
+            match v.get("value") {
+                Some(value) if v["sensitive"] != true => {
+                    out.insert(
+                        k,
+                        OutputValue {
+                            value: value.clone(),
+                            sensitive: false,
+                        },
+                    );
+                }
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(out))
     }
 
     /// `output -json`.
@@ -511,7 +536,12 @@ fn handle_message(ctx: &RunCtx, msg: &Value, r: &mut ExecResult) {
     let ty = msg["type"].as_str().unwrap_or("");
     let text = msg["@message"].as_str().unwrap_or("").to_string();
     match ty {
-        "version" | "log" | "refresh_start" | "refresh_complete" | "outputs" => {}
+        "version" | "log" | "refresh_start" | "refresh_complete" => {}
+        "outputs" => {
+            if let Some(o) = msg["outputs"].as_object() {
+                r.outputs = Some(o.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+            }
+        }
         "apply_progress" => {
             let _ = ctx.events.send(ExecEvent::Heartbeat);
         }
