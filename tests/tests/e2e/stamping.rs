@@ -616,3 +616,72 @@ both_backends!(job_events_stream_and_cli_watch, |b| async move {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(app.cell("cli-1").await.state, CellState::Destroyed);
 });
+
+both_backends!(
+    failed_stamp_reports_the_diagnostic_and_is_repaired,
+    |b| async move {
+        let mut app = TestApp::spawn_with(
+            b,
+            AppOptions::default().with(
+                "CELLPLANE__IAC__SAMPLE_CELL_BIN",
+                "/nonexistent/sample-cell",
+            ),
+        )
+        .await;
+        let out = app
+            .create_cell(
+                json!({"cell_id": "fail-1", "region": "eu-west-1", "tier": "pooled",
+                "template": "local", "capacity": {"tenants": 1, "units": 1}}),
+            )
+            .await;
+        let job = out.job.unwrap();
+        let done = app.wait_job(&job.job_id, JOB_TIMEOUT).await;
+        assert_eq!(done.state, JobState::Failed);
+        let error = done.error.clone().unwrap_or_default();
+        assert!(
+            error.contains("terraform apply failed")
+                && error.contains("local-exec provisioner error"),
+            "the job error carries terraform's diagnostic: {error}"
+        );
+        assert_eq!(done.attempts, 1, "a configuration error is not retried");
+        let cell = app.cell("fail-1").await;
+        assert_eq!(cell.state, CellState::Failed);
+        assert!(cell.pending_job_id.is_none());
+        assert!(cell.outputs.is_empty());
+        // Fix the cause (the binary), then re-apply: it re-plans from the state.
+        app.terminate();
+        app.options = app.options.clone().with(
+            "CELLPLANE__IAC__SAMPLE_CELL_BIN",
+            &bin_path("sample-cell").display().to_string(),
+        );
+        app.start().await.unwrap();
+        let r = app
+            .req(Method::POST, "/v1/cells/fail-1/apply")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let out: cellplane_api::CellWithJob = r.json().await.unwrap();
+        let job = out.job.unwrap();
+        assert_eq!(job.kind, "cell.apply");
+        let done = app.wait_job(&job.job_id, JOB_TIMEOUT).await;
+        assert_eq!(
+            done.state,
+            JobState::Succeeded,
+            "{}",
+            app.job_log(&job.job_id).await
+        );
+        let cell = app.cell("fail-1").await;
+        assert_eq!(cell.state, CellState::Active);
+        let endpoint = cell.outputs["endpoint"].as_str().unwrap();
+        assert!(get_json(&format!("{endpoint}/healthz")).await.is_some());
+        assert_eq!(state_list(&app, "fail-1"), vec!["terraform_data.process"]);
+        // Applying again while the cell is busy or gone is a conflict.
+        let r = app
+            .req(Method::POST, "/v1/cells/ghost-cell/apply")
+            .send()
+            .await
+            .unwrap();
+        expect_problem(r, 404).await;
+    }
+);
