@@ -31,6 +31,7 @@ fi
 echo "starting sample-cell $APP_VERSION for cell $CELL_ID on 127.0.0.1:$PORT"
 SAMPLE_CELL_ADMIN_TOKEN="$ADMIN_TOKEN" SAMPLE_CELL_FAULT_RATE="$FAULT_RATE" \
     SAMPLE_CELL_EXTRA_LATENCY_MS="$EXTRA_LATENCY_MS" CELL_INSTANCE_CLASS="$INSTANCE_CLASS" \
+    CELL_OWNER="$CELL_OWNER" \
     setsid nohup "$SAMPLE_CELL_BIN" --listen "127.0.0.1:$PORT" --cell-id "$CELL_ID" \
     --data-dir "$DATA_DIR" --app-version "$APP_VERSION" \
     >"$LOG_FILE" 2>&1 </dev/null &

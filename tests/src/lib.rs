@@ -49,6 +49,25 @@ pub fn pg_admin_url() -> String {
     })
 }
 
+/// The URL of the moto server (AWS emulator) the AWS tests apply the `aws` template to;
+/// tests that need it fail loudly without it.
+pub fn moto_url() -> String {
+    std::env::var("CELLPLANE_TEST_MOTO_URL").unwrap_or_else(|_| {
+        panic!(
+            "CELLPLANE_TEST_MOTO_URL is not set: run the tests with ./scripts/test.sh, which starts \
+             a moto server, or start one (moto_server -H 127.0.0.1 -p 5000) and export \
+             CELLPLANE_TEST_MOTO_URL=http://127.0.0.1:5000"
+        )
+    })
+}
+
+/// Options for a control plane that stamps `aws` cells against moto (fake credentials).
+pub fn aws_options() -> AppOptions {
+    AppOptions::default()
+        .with("CELLPLANE__IAC__ENV__AWS_ACCESS_KEY_ID", "testing")
+        .with("CELLPLANE__IAC__ENV__AWS_SECRET_ACCESS_KEY", "testing")
+}
+
 /// Creates a fresh database on the test server and returns its URL.
 pub async fn fresh_pg_database() -> String {
     use sqlx::Connection;

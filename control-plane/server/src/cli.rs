@@ -37,6 +37,8 @@ pub enum Command {
     Cell(ClientArgs<CellCmd>),
     /// Jobs.
     Job(ClientArgs<JobCmd>),
+    /// Cell templates.
+    Template(ClientArgs<TemplateCmd>),
     /// The audit trail.
     Audit(ClientArgs<AuditCmd>),
     /// API tokens.
@@ -200,6 +202,9 @@ pub enum CellCmd {
         vars: Vec<String>,
         #[arg(long)]
         app_version: Option<String>,
+        /// Follow the stamp job (progress bar and resource lines) until it ends.
+        #[arg(long)]
+        wait: bool,
     },
     List {
         #[arg(long)]
@@ -212,11 +217,41 @@ pub enum CellCmd {
     Get {
         id: String,
     },
+    /// Changes labels, capacity, variables or the app version; a change of variables or
+    /// app version is applied by a job.
+    Update {
+        id: String,
+        #[arg(long)]
+        app_version: Option<String>,
+        /// key=value, repeatable: replaces the cell's variables (JSON values allowed).
+        #[arg(long = "var")]
+        vars: Vec<String>,
+        /// key=value, repeatable: replaces the cell's labels.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Re-applies the cell's stack (repairs a failed stamp, reverts drift).
+    Apply {
+        id: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Checks the cell for drift now.
+    Plan {
+        id: String,
+        #[arg(long)]
+        wait: bool,
+    },
     Drain {
         id: String,
     },
+    /// Destroys the cell's stack (refused while tenants are placed on it).
     Delete {
         id: String,
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -240,6 +275,39 @@ pub enum JobCmd {
     /// Follow a job until it ends.
     Watch {
         id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TemplateCmd {
+    /// Templates the control plane finds in its template directory.
+    List,
+    /// One template: description, tiers, variables and required outputs.
+    Show { name: String },
+    /// Renders a template for a cell into a directory, offline (no server): what a stamp
+    /// job would run, for review or for a bare terraform run.
+    Render {
+        name: String,
+        #[arg(long)]
+        cell_id: String,
+        #[arg(long, default_value = "eu-west-1")]
+        region: String,
+        #[arg(long, default_value = "pooled")]
+        tier: String,
+        /// key=value (value parsed as JSON when it is valid JSON), repeatable.
+        #[arg(long = "var")]
+        vars: Vec<String>,
+        #[arg(long)]
+        app_version: Option<String>,
+        /// Directory to write the stack into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Template directory (default: ./cell-templates, or the one cellplane finds).
+        #[arg(long, env = "CELLPLANE__IAC__TEMPLATES_DIR")]
+        templates_dir: Option<PathBuf>,
+        /// The sample-cell binary for the local template.
+        #[arg(long, env = "CELLPLANE__IAC__SAMPLE_CELL_BIN")]
+        sample_cell_bin: Option<PathBuf>,
     },
 }
 
@@ -292,6 +360,14 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Job(a) => {
             let (conn, json) = (conn_of(&a), a.json);
             client(conn, |c| job(c, a.cmd, json)).await
+        }
+        Command::Template(a) => {
+            if let TemplateCmd::Render { .. } = a.cmd {
+                render_offline(a.cmd)
+            } else {
+                let (conn, json) = (conn_of(&a), a.json);
+                client(conn, |c| template(c, a.cmd, json)).await
+            }
         }
         Command::Audit(a) => {
             let (conn, json) = (conn_of(&a), a.json);
@@ -866,7 +942,7 @@ async fn tenant(c: Client, cmd: TenantCmd, json: bool) -> CliResult {
 }
 
 async fn cell(c: Client, cmd: CellCmd, json: bool) -> CliResult {
-    let cells: Vec<Cell> = match cmd {
+    let (out, wait): (CellWithJob, bool) = match cmd {
         CellCmd::Create {
             id,
             region,
@@ -877,14 +953,8 @@ async fn cell(c: Client, cmd: CellCmd, json: bool) -> CliResult {
             labels,
             vars,
             app_version,
+            wait,
         } => {
-            let vars: BTreeMap<String, serde_json::Value> = kv_args("var", &vars)?
-                .into_iter()
-                .map(|(k, v)| {
-                    let val = serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v));
-                    (k, val)
-                })
-                .collect();
             let req = CreateCell {
                 cell_id: id_arg("cell", &id)?,
                 region: id_arg("--region", &region)?,
@@ -896,15 +966,10 @@ async fn cell(c: Client, cmd: CellCmd, json: bool) -> CliResult {
                     units: capacity_units,
                 },
                 labels: kv_args("label", &labels)?.into_iter().collect(),
-                vars,
+                vars: json_vars(&vars)?,
                 app_version,
             };
-            let out = c.create_cell(&req).await?;
-            if json {
-                print_json(&out);
-                return Ok(());
-            }
-            vec![out.cell]
+            (c.create_cell(&req).await?, wait)
         }
         CellCmd::List {
             region,
@@ -912,36 +977,279 @@ async fn cell(c: Client, cmd: CellCmd, json: bool) -> CliResult {
             state,
         } => {
             let q = query(&[("region", &region), ("tier", &tier), ("state", &state)]);
-            all(&c, &format!("/v1/cells{q}")).await?
+            let cells: Vec<Cell> = all(&c, &format!("/v1/cells{q}")).await?;
+            if json {
+                print_json(&cells);
+            } else {
+                cell_rows(&cells);
+            }
+            return Ok(());
         }
-        CellCmd::Get { id } => vec![
-            c.get(&format!("/v1/cells/{}", id_arg("cell", &id)?))
-                .await?,
-        ],
-        CellCmd::Drain { id } => vec![
+        CellCmd::Get { id } => {
+            let cell: Cell = c
+                .get(&format!("/v1/cells/{}", id_arg("cell", &id)?))
+                .await?;
+            if json {
+                print_json(&cell);
+            } else {
+                cell_detail(&cell);
+            }
+            return Ok(());
+        }
+        CellCmd::Update {
+            id,
+            app_version,
+            vars,
+            labels,
+            wait,
+        } => {
+            let body = PatchCell {
+                capacity: None,
+                labels: if labels.is_empty() {
+                    None
+                } else {
+                    Some(kv_args("label", &labels)?.into_iter().collect())
+                },
+                vars: if vars.is_empty() {
+                    None
+                } else {
+                    Some(json_vars(&vars)?)
+                },
+                app_version,
+            };
+            let cell: Cell = c
+                .patch(&format!("/v1/cells/{}", id_arg("cell", &id)?), &body)
+                .await?;
+            let job = match &cell.pending_job_id {
+                Some(j) => Some(c.get_job(j).await?),
+                None => None,
+            };
+            (CellWithJob { cell, job }, wait)
+        }
+        CellCmd::Apply { id, wait } => (
             c.post(
-                &format!("/v1/cells/{}/drain", id_arg("cell", &id)?),
+                &format!("/v1/cells/{}/apply", id_arg("cell", &id)?),
                 &serde_json::json!({}),
             )
             .await?,
-        ],
-        CellCmd::Delete { id } => {
-            let out: CellWithJob = c
-                .delete(&format!("/v1/cells/{}", id_arg("cell", &id)?))
+            wait,
+        ),
+        CellCmd::Plan { id, wait } => (
+            c.post(
+                &format!("/v1/cells/{}/plan", id_arg("cell", &id)?),
+                &serde_json::json!({}),
+            )
+            .await?,
+            wait,
+        ),
+        CellCmd::Drain { id } => {
+            let cell: Cell = c
+                .post(
+                    &format!("/v1/cells/{}/drain", id_arg("cell", &id)?),
+                    &serde_json::json!({}),
+                )
                 .await?;
-            vec![out.cell]
+            (CellWithJob { cell, job: None }, false)
         }
+        CellCmd::Delete { id, wait } => (
+            c.delete(&format!("/v1/cells/{}", id_arg("cell", &id)?))
+                .await?,
+            wait,
+        ),
     };
+    let Some(job) = out.job.clone().filter(|_| wait) else {
+        if json {
+            print_json(&out);
+        } else {
+            cell_rows(std::slice::from_ref(&out.cell));
+            if let Some(j) = &out.job {
+                println!();
+                job_rows(std::slice::from_ref(j));
+                println!();
+                println!("follow it with: cellplane job watch {}", j.job_id);
+            }
+        }
+        return Ok(());
+    };
+    let job = watch(&c, &job.job_id, json).await?;
+    let cell: Cell = c.get(&format!("/v1/cells/{}", out.cell.cell_id)).await?;
     if json {
-        print_json(&cells);
+        print_json(&CellWithJob {
+            cell: cell.clone(),
+            job: Some(job.clone()),
+        });
     } else {
-        cell_rows(&cells);
+        cell_detail(&cell);
+    }
+    if job.state != JobState::Succeeded {
+        return Err(CliError::Usage(format!(
+            "job {} ended {}: {}",
+            job.job_id,
+            job.state.as_str(),
+            opt(&job.error)
+        )));
     }
     Ok(())
 }
 
-/// Polls a job and prints each new log line until it ends.
+fn json_vars(items: &[String]) -> Result<BTreeMap<String, serde_json::Value>, CliError> {
+    Ok(kv_args("var", items)?
+        .into_iter()
+        .map(|(k, v)| {
+            let val = serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v));
+            (k, val)
+        })
+        .collect())
+}
+
+fn cell_detail(c: &Cell) {
+    cell_rows(std::slice::from_ref(c));
+    if let Some(j) = &c.pending_job_id {
+        println!("job in progress: {j}");
+    }
+    if !c.outputs.is_empty() {
+        println!();
+        print_table(
+            &["output", "value"],
+            c.outputs
+                .iter()
+                .map(|(k, v)| {
+                    let v = v
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string());
+                    vec![k.clone(), v]
+                })
+                .collect(),
+        );
+    }
+    if let Some(d) = &c.drift {
+        println!();
+        let resources: Vec<String> = d["resources"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| r.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if d["detected"] == true {
+            println!(
+                "DRIFT detected at {}: {}",
+                d["checked_at"].as_str().unwrap_or("?"),
+                resources.join(", ")
+            );
+        } else {
+            println!(
+                "no drift (checked at {})",
+                d["checked_at"].as_str().unwrap_or("?")
+            );
+        }
+    }
+}
+
+/// Follows a job through its server-sent events (`/v1/jobs/{id}/events`): a progress bar
+/// on a terminal, and the job's log lines (terraform's resource lines) as they come.
+/// Falls back to polling when the stream is unavailable.
 async fn watch(c: &Client, id: &str, json: bool) -> Result<Job, CliError> {
+    use futures_util::StreamExt;
+    use std::io::IsTerminal;
+    let tty = !json && std::io::stderr().is_terminal();
+    let bar = if tty {
+        let b = indicatif::ProgressBar::new(100);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos:>3}% {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b.set_prefix(id.to_string());
+        Some(b)
+    } else {
+        None
+    };
+    let say = |line: &str| {
+        if json {
+            return;
+        }
+        match &bar {
+            Some(b) => b.println(format!("  {line}")),
+            None => eprintln!("  {line}"),
+        }
+    };
+    loop {
+        let resp = c
+            .request(reqwest::Method::GET, &format!("/v1/jobs/{id}/events"))
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .map_err(ClientError::from)?;
+        if !resp.status().is_success() {
+            return poll_watch(c, id, json).await;
+        }
+        let mut stream = resp.bytes_stream();
+        let mut buf = String::new();
+        let (mut event, mut data) = (String::new(), String::new());
+        while let Some(chunk) = stream.next().await {
+            let Ok(chunk) = chunk else { break };
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(nl) = buf.find('\n') {
+                let line = buf[..nl].trim_end_matches('\r').to_string();
+                buf.drain(..=nl);
+                if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    if !data.is_empty() {
+                        data.push('\n');
+                    }
+                    data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                } else if line.is_empty() && !event.is_empty() {
+                    match event.as_str() {
+                        "log" => say(data.split_once(' ').map(|(_, l)| l).unwrap_or(&data)),
+                        "progress" => {
+                            if let (Some(b), Ok(p)) =
+                                (&bar, serde_json::from_str::<serde_json::Value>(&data))
+                            {
+                                b.set_position(
+                                    (p["progress"].as_f64().unwrap_or(0.0) * 100.0) as u64,
+                                );
+                                b.set_message(format!(
+                                    "{} {}",
+                                    p["state"].as_str().unwrap_or(""),
+                                    p["step"].as_str().unwrap_or("")
+                                ));
+                            }
+                        }
+                        "end" => {
+                            if let Ok(job) = serde_json::from_str::<Job>(&data) {
+                                if let Some(b) = &bar {
+                                    b.finish_with_message(job.state.as_str().to_string());
+                                }
+                                return Ok(job);
+                            }
+                        }
+                        _ => {}
+                    }
+                    event.clear();
+                    data.clear();
+                } else if line.is_empty() {
+                    data.clear();
+                }
+            }
+        }
+        // The stream ended early (server restart): the job may have ended meanwhile.
+        let job = c.get_job(id).await?;
+        if job.state.is_terminal() {
+            if let Some(b) = &bar {
+                b.finish_with_message(job.state.as_str().to_string());
+            }
+            return Ok(job);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Polls a job and prints each new log line until it ends.
+async fn poll_watch(c: &Client, id: &str, json: bool) -> Result<Job, CliError> {
     let mut printed = 0usize;
     loop {
         let job = c.get_job(id).await?;
@@ -952,17 +1260,8 @@ async fn watch(c: &Client, id: &str, json: bool) -> Result<Job, CliError> {
                 eprintln!("  {l}");
             }
             printed = printed.max(lines.len());
-            eprint!(
-                "\r{} {:>3.0}% {}",
-                job.job_id,
-                job.progress * 100.0,
-                job.state.as_str()
-            );
         }
         if job.state.is_terminal() {
-            if !json {
-                eprintln!();
-            }
             return Ok(job);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -997,6 +1296,166 @@ async fn job(c: Client, cmd: JobCmd, json: bool) -> CliResult {
         print_json(&jobs);
     } else {
         job_rows(&jobs);
+    }
+    Ok(())
+}
+
+async fn template(c: Client, cmd: TemplateCmd, json: bool) -> CliResult {
+    match cmd {
+        TemplateCmd::List => {
+            let page: Page<TemplateInfo> = c.get("/v1/templates").await?;
+            if json {
+                print_json(&page.items);
+            } else {
+                print_table(
+                    &["template", "tiers", "variables", "description"],
+                    page.items
+                        .iter()
+                        .map(|t| {
+                            vec![
+                                t.name.clone(),
+                                t.tiers
+                                    .iter()
+                                    .map(|t| t.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                                t.variables.len().to_string(),
+                                t.description.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        TemplateCmd::Show { name } => {
+            let t: TemplateInfo = c
+                .get(&format!("/v1/templates/{}", id_arg("template", &name)?))
+                .await?;
+            if json {
+                print_json(&t);
+            } else {
+                println!("{}: {}", t.name, t.description);
+                let tiers: Vec<&str> = t.tiers.iter().map(|t| t.as_str()).collect();
+                println!("tiers: {}", tiers.join(", "));
+                println!("required outputs: {}", t.required_outputs.join(", "));
+                println!();
+                print_table(
+                    &["variable", "type", "default", "rule", "description"],
+                    t.variables
+                        .iter()
+                        .map(|v| {
+                            let default = match (&v.managed_by, &v.default) {
+                                (Some(m), _) => format!("(managed: {m})"),
+                                (None, Some(d)) => d.to_string(),
+                                (None, None) => "(required)".into(),
+                            };
+                            vec![
+                                v.name.clone(),
+                                v.type_.clone(),
+                                default,
+                                v.validation
+                                    .as_ref()
+                                    .map(|r| r.to_string())
+                                    .unwrap_or_default(),
+                                v.description.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        TemplateCmd::Render { .. } => return render_offline(cmd),
+    }
+    Ok(())
+}
+
+/// `cellplane template render`: the stack a stamp job would run, without a server.
+fn render_offline(cmd: TemplateCmd) -> CliResult {
+    let TemplateCmd::Render {
+        name,
+        cell_id,
+        region,
+        tier,
+        vars,
+        app_version,
+        out,
+        templates_dir,
+        sample_cell_bin,
+    } = cmd
+    else {
+        return Err(CliError::Usage("not a render command".into()));
+    };
+    let dir = templates_dir.unwrap_or_else(|| PathBuf::from("cell-templates"));
+    let catalog = crate::iac::Catalog::new(dir);
+    let template = catalog
+        .load(id_arg("template", &name)?.as_str())
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let mut user_vars: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    for (k, v) in kv_args("var", &vars)? {
+        let val = serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v));
+        user_vars.insert(k, val);
+    }
+    if let Err(errors) = template.validate_vars(&user_vars) {
+        let msg: Vec<String> = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect();
+        return Err(CliError::Usage(msg.join("; ")));
+    }
+    let mut secrets = BTreeMap::new();
+    for (k, spec) in &template.manifest.variables {
+        match spec.source {
+            Some(crate::iac::VarSource::Port) => {
+                let port = crate::iac::allocate_port()
+                    .map_err(|e| CliError::Usage(format!("cannot allocate a port: {e}")))?;
+                user_vars.insert(k.clone(), serde_json::json!(port));
+            }
+            Some(crate::iac::VarSource::Secret) => {
+                secrets.insert(k.clone(), serde_json::json!(crate::auth::new_secret()));
+            }
+            _ => {}
+        }
+    }
+    let now = crate::persistence::now();
+    let cell = Cell {
+        cell_id: id_arg("--cell-id", &cell_id)?.into_string(),
+        region: id_arg("--region", &region)?.into_string(),
+        tier: Tier::parse(&tier)
+            .ok_or_else(|| CliError::Usage("--tier must be pooled or dedicated".into()))?,
+        template: template.name.clone(),
+        capacity: Capacity {
+            tenants: 1,
+            units: 1,
+        },
+        used: Capacity::default(),
+        labels: BTreeMap::new(),
+        vars: user_vars,
+        state: CellState::Pending,
+        outputs: BTreeMap::new(),
+        app_version,
+        drift: None,
+        pending_job_id: None,
+        version: 1,
+        created_at: now.clone(),
+        updated_at: now,
+    };
+    let out_abs = std::path::absolute(&out).unwrap_or(out.clone());
+    let stack = template
+        .render(&crate::iac::RenderInput {
+            cell: &cell,
+            secrets: &secrets,
+            system: crate::iac::SystemValues {
+                cell_dir: out_abs.join("run"),
+                sample_cell_bin: crate::stamping::find_sample_cell(sample_cell_bin.as_ref()),
+            },
+            pg_backend: false,
+        })
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    stack
+        .write(&out)
+        .map_err(|e| CliError::Usage(format!("{}: {e}", out.display())))?;
+    for f in stack.files.keys() {
+        println!("{}", out.join(f).display());
     }
     Ok(())
 }

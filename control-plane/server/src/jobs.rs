@@ -338,6 +338,7 @@ impl JobEngine {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let reporter = tokio::spawn(report(
             self.store().clone(),
+            self.service.job_changed(),
             job.job.job_id.clone(),
             self.owner.clone(),
             rx,
@@ -552,6 +553,11 @@ impl JobEngine {
     }
 
     async fn conclude(&self, job: &JobRow, outcome: Outcome) {
+        self.conclude_inner(job, outcome).await;
+        self.service.job_changed().notify_waiters();
+    }
+
+    async fn conclude_inner(&self, job: &JobRow, outcome: Outcome) {
         let id = &job.job.job_id;
         let result = match outcome {
             Outcome::Abandoned => {
@@ -827,6 +833,7 @@ pub async fn finish_cell_job(
 /// every 200 ms (and at the end). A lost lease stops the job: terraform is detached.
 async fn report(
     store: Store,
+    changed: Arc<tokio::sync::Notify>,
     job_id: String,
     owner: String,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<ExecEvent>,
@@ -879,6 +886,7 @@ async fn report(
                 Ok(true) => {
                     pending.clear();
                     dirty = false;
+                    changed.notify_waiters();
                 }
                 Ok(false) => detach.cancel(),
                 Err(e) => tracing::warn!(error = %e, "recording job progress failed"),

@@ -70,6 +70,7 @@ pub struct Service {
     job_notify: Arc<tokio::sync::Notify>,
     routes: crate::routing::RevisionWatch,
     tenant_batcher: tokio::sync::mpsc::Sender<BatchItem>,
+    job_changed: Arc<tokio::sync::Notify>,
 }
 
 type BatchItem = (
@@ -318,6 +319,7 @@ impl Service {
             job_notify: Arc::new(tokio::sync::Notify::new()),
             routes: crate::routing::RevisionWatch::new(),
             tenant_batcher: tx,
+            job_changed: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -332,6 +334,12 @@ impl Service {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Woken whenever a job of this process records progress or ends, so live followers
+    /// (server-sent events) need not wait for their poll.
+    pub fn job_changed(&self) -> Arc<tokio::sync::Notify> {
+        self.job_changed.clone()
     }
 
     /// Woken whenever this process enqueues a job, so workers do not wait for their poll.

@@ -163,17 +163,18 @@ impl Stamper {
         phase(ctx, "plan");
         let mode = match action {
             CellAction::Destroy => PlanMode::Destroy,
-            CellAction::Plan => PlanMode::RefreshOnly,
+            CellAction::Plan => PlanMode::Drift,
             _ => PlanMode::Apply,
         };
         let plan = self.tf.plan(ctx, mode).await?;
         if action == CellAction::Plan {
-            let mut resources: Vec<String> = plan.drift.iter().map(|d| d.address.clone()).collect();
+            let mut resources: Vec<String> =
+                plan.planned.iter().map(|d| d.address.clone()).collect();
             resources.sort();
             resources.dedup();
             return Ok(CellEffect {
                 drift: Some(DriftStatus {
-                    detected: plan.changes || !resources.is_empty(),
+                    detected: plan.changes,
                     resources,
                     checked_at: crate::persistence::now(),
                     job_id: ctx.job_id.clone(),
@@ -182,8 +183,9 @@ impl Stamper {
             });
         }
         phase(ctx, "apply");
+        let mut outputs = None;
         if plan.changes {
-            self.tf.apply(ctx).await?;
+            outputs = self.tf.apply(ctx).await?;
         } else {
             let _ = ctx
                 .events
@@ -193,7 +195,10 @@ impl Stamper {
             return Ok(CellEffect::default());
         }
         phase(ctx, "outputs");
-        let outputs = self.tf.outputs(ctx).await?;
+        let outputs = match outputs {
+            Some(o) => o,
+            None => self.tf.outputs(ctx).await?,
+        };
         let template = self.catalog.load(&cell.template).map_err(IacError::from)?;
         for required in &template.manifest.required_outputs {
             if !outputs.contains_key(required) {

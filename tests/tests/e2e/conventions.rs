@@ -326,6 +326,11 @@ both_backends!(operations_and_openapi, |b| async move {
         ("/v1/cells", &["get", "post"]),
         ("/v1/cells/{cell_id}", &["get", "patch", "delete"]),
         ("/v1/cells/{cell_id}/drain", &["post"]),
+        ("/v1/cells/{cell_id}/apply", &["post"]),
+        ("/v1/cells/{cell_id}/plan", &["post"]),
+        ("/v1/templates", &["get"]),
+        ("/v1/templates/{template}", &["get"]),
+        ("/v1/jobs/{job_id}/events", &["get"]),
         ("/v1/jobs", &["get"]),
         ("/v1/jobs/{job_id}", &["get"]),
         ("/v1/jobs/{job_id}/log", &["get"]),
@@ -351,6 +356,7 @@ both_backends!(operations_and_openapi, |b| async move {
             .replace("{tenant_id}", "ghost")
             .replace("{action}", "activate")
             .replace("{cell_id}", "ghost")
+            .replace("{template}", "ghost")
             .replace("{job_id}", "ghost")
             .replace("{token_id}", "ghost");
         for m in methods {

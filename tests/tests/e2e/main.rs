@@ -3,6 +3,7 @@
 
 mod audit;
 mod authz;
+mod aws;
 mod bad_input;
 mod cli;
 mod conventions;

@@ -140,7 +140,6 @@ struct Follow {
     seen_log: i64,
     last: Option<(f64, Option<String>, JobState)>,
     queue: std::collections::VecDeque<Event>,
-    first: bool,
     done: bool,
 }
 
@@ -166,7 +165,6 @@ pub async fn events(
         seen_log: 0,
         last: None,
         queue: Default::default(),
-        first: true,
         done: false,
     };
     let stream = futures_util::stream::unfold(follow, |mut f| async move {
@@ -177,15 +175,18 @@ pub async fn events(
             if f.done {
                 return None;
             }
-            if !f.first {
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            }
-            f.first = false;
+            // Registered before the read, so a change right after it still wakes us:
+            // this process's jobs wake followers at once; other replicas' are polled.
+            let changed = f.service.job_changed();
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             let (job, log, total) = match f.service.store().job_with_log(&f.id).await {
                 Ok(Some(v)) => v,
                 Ok(None) => return None,
                 Err(e) => {
                     tracing::warn!(error = %e, "following a job failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                     continue;
                 }
             };
@@ -214,6 +215,11 @@ pub async fn events(
                 let data = serde_json::to_string(&j).unwrap_or_default();
                 f.queue.push_back(Event::default().event("end").data(data));
                 f.done = true;
+            }
+            if f.queue.is_empty() {
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_millis(250), notified.as_mut())
+                        .await;
             }
         }
     });

@@ -93,8 +93,11 @@ impl RunCtx {
 pub enum PlanMode {
     Apply,
     Destroy,
-    /// `-refresh-only`: what changed outside terraform (drift).
-    RefreshOnly,
+    /// Drift check: a plan without a plan file. Resources it would change are drifted
+    /// (changed outside terraform in a way the configuration disagrees with). A
+    /// `-refresh-only` plan also reports attributes an API merely normalizes, so it is not
+    /// used to decide.
+    Drift,
 }
 
 /// A resource changed outside terraform.
@@ -110,7 +113,10 @@ pub struct PlanOutcome {
     pub add: u64,
     pub change: u64,
     pub remove: u64,
+    /// Resources changed outside terraform, as refresh saw them.
     pub drift: Vec<Drift>,
+    /// Resources the plan would change.
+    pub planned: Vec<Drift>,
 }
 
 /// An output of the stack.
@@ -137,6 +143,9 @@ struct ExecResult {
     planned: Option<(u64, u64, u64)>,
     applied: u64,
     drift: Vec<Drift>,
+    changes: Vec<Drift>,
+    /// The `outputs` message of an apply (values of sensitive outputs are absent).
+    outputs: Option<BTreeMap<String, Value>>,
     captured: String,
 }
 
@@ -307,10 +316,10 @@ impl Terraform {
         match mode {
             PlanMode::Apply => args.push("-out=tfplan"),
             PlanMode::Destroy => args.extend(["-destroy", "-out=tfplan"]),
-            PlanMode::RefreshOnly => args.push("-refresh-only"),
+            PlanMode::Drift => {}
         }
         let phase = match mode {
-            PlanMode::RefreshOnly => "drift-check",
+            PlanMode::Drift => "drift-check",
             _ => "plan",
         };
         let r = self.exec(ctx, phase, &args, Mode::Json).await?;
@@ -324,11 +333,17 @@ impl Terraform {
             change,
             remove,
             drift: r.drift,
+            planned: r.changes,
         })
     }
 
-    /// `apply tfplan`: applies exactly the plan that was just made.
-    pub async fn apply(&self, ctx: &RunCtx) -> Result<u64, IacError> {
+    /// `apply tfplan`: applies exactly the plan that was just made. Returns the outputs
+    /// when the apply reported all of them with their values (no sensitive output), which
+    /// saves an `output -json` run.
+    pub async fn apply(
+        &self,
+        ctx: &RunCtx,
+    ) -> Result<Option<BTreeMap<String, OutputValue>>, IacError> {
         let _permit = self.permit().await;
         let lock = format!("-lock-timeout={}s", self.s.lock_timeout_secs);
         let r = self
@@ -340,7 +355,25 @@ impl Terraform {
             )
             .await?;
         check(&r, "apply", 0)?;
-        Ok(r.applied)
+        let Some(outputs) = r.outputs else {
+            return Ok(None);
+        };
+        let mut out = BTreeMap::new();
+        for (k, v) in outputs {
+            match v.get("value") {
+                Some(value) if v["sensitive"] != true => {
+                    out.insert(
+                        k,
+                        OutputValue {
+                            value: value.clone(),
+                            sensitive: false,
+                        },
+                    );
+                }
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(out))
     }
 
     /// `output -json`.
@@ -503,7 +536,12 @@ fn handle_message(ctx: &RunCtx, msg: &Value, r: &mut ExecResult) {
     let ty = msg["type"].as_str().unwrap_or("");
     let text = msg["@message"].as_str().unwrap_or("").to_string();
     match ty {
-        "version" | "log" | "refresh_start" | "refresh_complete" | "outputs" => {}
+        "version" | "log" | "refresh_start" | "refresh_complete" => {}
+        "outputs" => {
+            if let Some(o) = msg["outputs"].as_object() {
+                r.outputs = Some(o.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+            }
+        }
         "apply_progress" => {
             let _ = ctx.events.send(ExecEvent::Heartbeat);
         }
@@ -519,6 +557,17 @@ fn handle_message(ctx: &RunCtx, msg: &Value, r: &mut ExecResult) {
         "apply_complete" => {
             r.applied += 1;
             let _ = ctx.events.send(ExecEvent::Applied(r.applied));
+            ctx.log(text);
+        }
+        "planned_change" => {
+            let change = &msg["change"];
+            r.changes.push(Drift {
+                address: change["resource"]["addr"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                action: change["action"].as_str().unwrap_or_default().to_string(),
+            });
             ctx.log(text);
         }
         "resource_drift" => {

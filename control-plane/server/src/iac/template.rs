@@ -831,6 +831,179 @@ mod tests {
         assert_eq!(hcl_literal(&v), r#"{ "a" = [1, "b\"", true], "k" = null }"#);
     }
 
+    fn templates() -> Catalog {
+        Catalog::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cell-templates"))
+    }
+
+    fn fixed_cell(template: &str, tier: Tier, vars: Value) -> Cell {
+        Cell {
+            cell_id: "snap-1".into(),
+            region: "eu-west-1".into(),
+            tier,
+            template: template.into(),
+            capacity: cellplane_api::Capacity {
+                tenants: 50,
+                units: 100,
+            },
+            used: Default::default(),
+            labels: [("canary".to_string(), "true".to_string())].into(),
+            vars: serde_json::from_value(vars).expect("vars"),
+            state: cellplane_api::CellState::Pending,
+            outputs: Default::default(),
+            app_version: Some("2.3.4".into()),
+            drift: None,
+            pending_job_id: None,
+            version: 1,
+            created_at: "2026-01-01T00:00:00.000000Z".into(),
+            updated_at: "2026-01-01T00:00:00.000000Z".into(),
+        }
+    }
+
+    fn render_fixed(template: &str, tier: Tier, vars: Value, pg: bool) -> RenderedStack {
+        let t = templates().load(template).expect("template loads");
+        let cell = fixed_cell(template, tier, vars);
+        let secrets: BTreeMap<String, Value> =
+            [("admin_token".to_string(), json!("snapshot-secret-token"))].into();
+        t.render(&RenderInput {
+            cell: &cell,
+            secrets: &secrets,
+            system: SystemValues {
+                cell_dir: PathBuf::from("/var/lib/cellplane/cells/snap-1/run"),
+                sample_cell_bin: Some(PathBuf::from("/usr/local/bin/sample-cell")),
+            },
+            pg_backend: pg,
+        })
+        .expect("renders")
+    }
+
+    /// Compares a rendered stack with `src/iac/snapshots/<name>/`; `UPDATE_SNAPSHOTS=1`
+    /// rewrites the snapshots.
+    fn check_snapshot(name: &str, stack: &RenderedStack) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/iac/snapshots")
+            .join(name);
+        if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("snapshot dir");
+            for (f, content) in &stack.files {
+                std::fs::write(dir.join(f), content).expect("write snapshot");
+            }
+            return;
+        }
+        let mut expected: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_SNAPSHOTS=1)", dir.display()))
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        expected.sort();
+        let got: Vec<String> = stack.files.keys().cloned().collect();
+        assert_eq!(got, expected, "files of {name}");
+        for (f, content) in &stack.files {
+            let want = std::fs::read(dir.join(f)).expect("snapshot file");
+            assert!(
+                want == *content,
+                "{name}/{f} differs from its snapshot (UPDATE_SNAPSHOTS=1 to accept):\n{}",
+                String::from_utf8_lossy(content)
+            );
+        }
+    }
+
+    #[test]
+    fn rendering_is_deterministic_and_matches_snapshots() {
+        let local = render_fixed("local", Tier::Pooled, json!({"port": 18080}), false);
+        assert_eq!(
+            local,
+            render_fixed("local", Tier::Pooled, json!({"port": 18080}), false)
+        );
+        check_snapshot("local-pooled", &local);
+        let aws = render_fixed(
+            "aws",
+            Tier::Dedicated,
+            json!({"aws_endpoint": "http://127.0.0.1:5000"}),
+            true,
+        );
+        assert_eq!(
+            aws,
+            render_fixed(
+                "aws",
+                Tier::Dedicated,
+                json!({"aws_endpoint": "http://127.0.0.1:5000"}),
+                true
+            )
+        );
+        check_snapshot("aws-dedicated", &aws);
+        // Secrets reach the tfvars only, and are listed for redaction.
+        assert!(local.secrets.contains(&"snapshot-secret-token".to_string()));
+        let main = String::from_utf8_lossy(&local.files["main.tf"]);
+        assert!(!main.contains("snapshot-secret-token"));
+    }
+
+    #[test]
+    fn pooled_and_dedicated_differ_by_variables_only() {
+        let pooled = render_fixed("aws", Tier::Pooled, json!({}), false);
+        let dedicated = render_fixed("aws", Tier::Dedicated, json!({}), false);
+        let tfvars = |s: &RenderedStack| -> Value {
+            serde_json::from_slice(&s.files[TFVARS_FILE]).expect("tfvars json")
+        };
+        assert_eq!(
+            tfvars(&pooled)["resource_mapping"]["bucket"],
+            "cells-snap-1"
+        );
+        assert_eq!(
+            tfvars(&dedicated)["resource_mapping"]["bucket"],
+            "data-snap-1"
+        );
+        // The HCL differs only in the header comment naming the tier.
+        let strip = |s: &RenderedStack| -> String {
+            String::from_utf8_lossy(&s.files["main.tf"])
+                .lines()
+                .filter(|l| !l.starts_with("# Rendered by cellplane"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(strip(&pooled), strip(&dedicated));
+    }
+
+    #[test]
+    fn variables_are_checked_against_the_manifest() {
+        let t = templates().load("local").expect("local");
+        assert!(t.validate_vars(&BTreeMap::new()).is_ok());
+        let fields = |v: Value| -> Vec<String> {
+            let vars: BTreeMap<String, Value> = serde_json::from_value(v).expect("map");
+            t.validate_vars(&vars)
+                .err()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|e| e.field)
+                .collect()
+        };
+        assert_eq!(fields(json!({"nope": 1})), ["vars.nope"]);
+        assert_eq!(fields(json!({"port": 1})), ["vars.port"]);
+        assert_eq!(fields(json!({"fault_rate": "x"})), ["vars.fault_rate"]);
+        assert_eq!(fields(json!({"fault_rate": 1.5})), ["vars.fault_rate"]);
+        assert_eq!(
+            fields(json!({"instance_class": "huge"})),
+            ["vars.instance_class"]
+        );
+        assert!(fields(json!({"fault_rate": 0.5, "instance_class": "large"})).is_empty());
+        let aws = templates().load("aws").expect("aws");
+        let vars: BTreeMap<String, Value> =
+            serde_json::from_value(json!({"vpc_cidr": "10.0.0.0/16\"}"})).expect("map");
+        assert!(aws.validate_vars(&vars).is_err());
+        let vars: BTreeMap<String, Value> =
+            serde_json::from_value(json!({"allowed_cidrs": ["10.0.0.0/8", "${x}"]})).expect("map");
+        assert!(aws.validate_vars(&vars).is_err());
+        // Unknown templates and names that are not identifiers are unknown.
+        assert!(matches!(
+            templates().load("nope"),
+            Err(TemplateError::Unknown(_))
+        ));
+        assert!(matches!(
+            templates().load("../local"),
+            Err(TemplateError::Unknown(_))
+        ));
+    }
+
     #[test]
     fn reparse_rejects_unknown_blocks_and_attributes() {
         assert!(reparse("x.tf", "resource \"a\" \"b\" {}\n").is_ok());
