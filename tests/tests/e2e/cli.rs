@@ -63,7 +63,8 @@ both_backends!(client_commands, |b| async move {
     let (code, out, _) = run(&["job", "list", "--json"]);
     assert_eq!(code, 0);
     let jobs: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(jobs.as_array().unwrap().len(), 1);
+    // The cell's stamp job and the activation.
+    assert_eq!(jobs.as_array().unwrap().len(), 2);
     let (code, out, _) = run(&["token", "create", "--role", "viewer"]);
     assert_eq!(code, 0);
     assert!(out.contains("cp_"), "{out}");
@@ -96,6 +97,12 @@ async fn up_starts_with_embedded_defaults() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(bin_path("cellplane"))
         .args(["up", "--listen", "127.0.0.1:0"])
+        .args([
+            "--router-listen",
+            "127.0.0.1:0",
+            "--router-admin-listen",
+            "127.0.0.1:0",
+        ])
         .current_dir(dir.path())
         .env_remove("CELLPLANE_ADMIN_TOKEN")
         .env_remove("DATABASE_URL")
@@ -112,6 +119,7 @@ async fn up_starts_with_embedded_defaults() {
         banner.push_str(&lines.next().unwrap().unwrap());
         banner.push('\n');
     }
+    std::thread::spawn(move || for _ in lines {});
     let token_path = dir.path().join(".cellplane/admin-token");
     let token = std::fs::read_to_string(&token_path)
         .unwrap()
@@ -128,6 +136,74 @@ async fn up_starts_with_embedded_defaults() {
     let c = cellplane_api::Client::new(url, Some(token));
     let v = c.audit_verify().await.unwrap();
     assert!(v.ok);
+    // The quick start: a router runs next to the control plane, and after two cells and
+    // three tenants, acme's requests are answered by acme's cell.
+    let router = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("router:"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no router in the banner: {banner}"))
+        .to_string();
+    for id in ["euw1-pool-1", "euw1-pool-2"] {
+        let out: serde_json::Value = c
+            .post(
+                "/v1/cells",
+                &serde_json::json!({"cell_id": id, "region": "eu-west-1", "tier": "pooled",
+                    "template": "local", "capacity": {"tenants": 10, "units": 10}}),
+            )
+            .await
+            .unwrap();
+        let job = out["job"]["job_id"].as_str().unwrap().to_string();
+        let done = c
+            .wait_job(&job, std::time::Duration::from_secs(120))
+            .await
+            .unwrap();
+        assert_eq!(done.state, cellplane_api::JobState::Succeeded, "{done:?}");
+    }
+    let _: serde_json::Value = c
+        .post(
+            "/v1/organizations",
+            &serde_json::json!({"organization_id": "acme-corp", "name": "Acme"}),
+        )
+        .await
+        .unwrap();
+    let mut cells = std::collections::BTreeMap::new();
+    for t in ["acme", "globex", "initech"] {
+        let _: serde_json::Value = c
+            .post(
+                "/v1/tenants",
+                &serde_json::json!({"tenant_id": t, "organization_id": "acme-corp",
+                "profile": "mt-standard", "region": "eu-west-1"}),
+            )
+            .await
+            .unwrap();
+        let job = c
+            .tenant_action(t, cellplane_api::LifecycleAction::Activate)
+            .await
+            .unwrap();
+        let done = c
+            .wait_job(&job.job_id, std::time::Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(done.state, cellplane_api::JobState::Succeeded, "{done:?}");
+        let tenant = c.get_tenant(t).await.unwrap();
+        cells.insert(t, tenant.environments[0].cell_id.clone().unwrap());
+    }
+    let http = reqwest::Client::new();
+    let answer = eventually(std::time::Duration::from_secs(10), || async {
+        let r = http
+            .get(format!("{router}/v1/kv/x"))
+            .header("host", "acme.localhost")
+            .send()
+            .await
+            .ok()?;
+        let cell = r.headers().get("x-cell-id")?.to_str().ok()?.to_string();
+        Some(cell)
+    })
+    .await
+    .expect("the router answers for acme");
+    assert_eq!(answer, cells["acme"]);
     let _ = child.kill();
     let _ = child.wait();
+    kill_processes_under(dir.path());
 }
