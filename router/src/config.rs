@@ -47,9 +47,13 @@ pub struct Config {
     /// Time a cell has to send the response head.
     #[arg(long, default_value_t = 30_000)]
     pub upstream_timeout_ms: u64,
-    /// Idle keep-alive connections kept per cell.
+    /// Idle keep-alive connections kept per cell (per worker).
     #[arg(long, default_value_t = 256)]
     pub upstream_idle_per_cell: usize,
+    /// Worker threads serving tenant traffic, each with its own listener (SO_REUSEPORT),
+    /// runtime and cell pools (default: one per CPU).
+    #[arg(long)]
+    pub workers: Option<usize>,
     /// Latency histogram bounds in seconds; put your SLO thresholds here.
     #[arg(
         long,
@@ -117,6 +121,12 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .clamp(1, 256)
     }
 
     pub fn router_id(&self) -> String {

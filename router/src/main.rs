@@ -3,7 +3,9 @@
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-#[tokio::main]
+/// Control work (watch, heartbeats, state file, admin) runs here; tenant traffic runs on
+/// the workers' own runtimes (see `startup`).
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cfg = cellplane_router::config::Config::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

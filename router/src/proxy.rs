@@ -490,7 +490,7 @@ pub async fn handle<P: Phases>(
     let fut = route
         .cell
         .upstream
-        .client
+        .client()
         .request(Request::from_parts(parts, body));
     let result = tokio::time::timeout(state.cfg.upstream_timeout, fut).await;
     let resp = match result {

@@ -33,7 +33,8 @@ pub struct Application {
     state: Arc<RouterState>,
     builder: Arc<Mutex<TableBuilder>>,
     status: Arc<SyncStatus>,
-    listener: TcpListener,
+    /// One listener per worker, all on the same port (SO_REUSEPORT).
+    listeners: Vec<std::net::TcpListener>,
     admin: TcpListener,
     addr: SocketAddr,
     admin_addr: SocketAddr,
@@ -62,6 +63,7 @@ impl Application {
             buckets.clone(),
             UpstreamConfig {
                 max_idle_per_cell: cfg.upstream_idle_per_cell,
+                workers: cfg.workers(),
                 ..UpstreamConfig::default()
             },
         );
@@ -91,7 +93,7 @@ impl Application {
             },
             initial,
         ));
-        let (listener, addr) = bind(&cfg.listen).await?;
+        let (listeners, addr) = bind_workers(&cfg.listen, cfg.workers())?;
         let (admin, admin_addr) = bind(&cfg.admin_listen).await?;
         Ok(Self {
             router_id: cfg.router_id(),
@@ -99,7 +101,7 @@ impl Application {
             state,
             builder: Arc::new(Mutex::new(builder)),
             status,
-            listener,
+            listeners,
             admin,
             addr,
             admin_addr,
@@ -167,17 +169,57 @@ impl Application {
         };
         tracing::info!(addr = %self.addr, admin = %self.admin_addr, router_id = %self.router_id,
             control_plane = %self.cfg.control_plane, "router listening");
-        let state = self.state.clone();
-        serve(
-            self.listener,
-            shutdown.clone(),
-            Duration::from_secs(self.cfg.shutdown_grace_secs),
-            move |req| {
-                let state = state.clone();
-                async move { crate::proxy::handle(&DefaultPhases, &state, req).await }
-            },
-        )
-        .await;
+        // Tenant traffic: one thread per worker, each with a single-threaded runtime, its
+        // own listener and its own cell pools, so a request and its upstream connection
+        // stay on one thread.
+        let grace = Duration::from_secs(self.cfg.shutdown_grace_secs);
+        let mut workers = Vec::new();
+        for (i, listener) in self.listeners.into_iter().enumerate() {
+            let (state, stop) = (self.state.clone(), shutdown.clone());
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            let spawned = std::thread::Builder::new()
+                .name(format!("router-worker-{i}"))
+                .spawn(move || {
+                    crate::upstream::set_worker_index(i);
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, worker = i, "cannot start a worker runtime");
+                            stop.cancel();
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
+                        let listener = match TcpListener::from_std(listener) {
+                            Ok(l) => l,
+                            Err(e) => {
+                                tracing::error!(error = %e, worker = i, "cannot use the listener");
+                                stop.cancel();
+                                return;
+                            }
+                        };
+                        serve(listener, stop, grace, move |req| {
+                            let state = state.clone();
+                            async move { crate::proxy::handle(&DefaultPhases, &state, req).await }
+                        })
+                        .await;
+                    });
+                    let _ = done_tx.send(());
+                });
+            match spawned {
+                Ok(_) => workers.push(done_rx),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a worker thread");
+                    shutdown.cancel();
+                }
+            }
+        }
+        for w in workers {
+            let _ = w.await;
+        }
         tracing::info!("stopped serving; writing the state file");
         background.cancel();
         let _ = watch.await;
@@ -186,6 +228,38 @@ impl Application {
         let _ = admin.await;
         tracing::info!("router stopped");
     }
+}
+
+/// Binds `n` listeners on one address with SO_REUSEPORT (the kernel spreads connections
+/// over them); with port 0 the first picks the port and the others share it.
+fn bind_workers(
+    addr: &str,
+    n: usize,
+) -> Result<(Vec<std::net::TcpListener>, SocketAddr), StartupError> {
+    let err = |source| StartupError::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    let mut target: SocketAddr = addr
+        .parse()
+        .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let sock = if target.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(err)?;
+        sock.set_reuseaddr(true).map_err(err)?;
+        sock.set_reuseport(true).map_err(err)?;
+        sock.set_nodelay(true).map_err(err)?;
+        sock.bind(target).map_err(err)?;
+        let l = sock.listen(4096).map_err(err)?;
+        target = l.local_addr().map_err(err)?;
+        out.push(l.into_std().map_err(err)?);
+    }
+    Ok((out, target))
 }
 
 /// Accepts HTTP/1.1 connections until `stop`, then gives open connections `grace` to

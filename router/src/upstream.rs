@@ -1,5 +1,7 @@
-//! The connection to one cell: an HTTP/1.1 keep-alive pool owned by the cell's handle, so
-//! a slow or dead cell never takes connections from another.
+//! The connection to one cell: HTTP/1.1 keep-alive pools owned by the cell's handle, so a
+//! slow or dead cell never takes connections from another. There is one pool per worker
+//! thread: each worker runs its own single-threaded runtime, and a connection is only ever
+//! used by the worker that opened it, so a proxied request never hops threads.
 
 use http::uri::{Authority, Scheme};
 use hyper::body::Incoming;
@@ -16,6 +18,8 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
+    /// Worker threads (one pool each).
+    pub workers: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -24,6 +28,7 @@ impl Default for UpstreamConfig {
             max_idle_per_cell: 256,
             idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(2),
+            workers: 1,
         }
     }
 }
@@ -32,10 +37,19 @@ impl Default for UpstreamConfig {
 #[error("endpoint must be http://host:port")]
 pub struct BadEndpoint;
 
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the current thread as worker `i` (its requests use pool `i`).
+pub fn set_worker_index(i: usize) {
+    WORKER.with(|w| w.set(i));
+}
+
 pub struct Upstream {
     pub scheme: Scheme,
     pub authority: Authority,
-    pub client: Client<HttpConnector, Incoming>,
+    clients: Box<[Client<HttpConnector, Incoming>]>,
 }
 
 impl Upstream {
@@ -48,18 +62,29 @@ impl Upstream {
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
             return Err(BadEndpoint);
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(cfg.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(30)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(cfg.max_idle_per_cell)
-            .pool_idle_timeout(cfg.idle_timeout)
-            .build(connector);
+        let clients = (0..cfg.workers.max(1))
+            .map(|_| {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                connector.set_connect_timeout(Some(cfg.connect_timeout));
+                connector.set_keepalive(Some(Duration::from_secs(30)));
+                Client::builder(TokioExecutor::new())
+                    .pool_max_idle_per_host(cfg.max_idle_per_cell)
+                    .pool_idle_timeout(cfg.idle_timeout)
+                    .pool_timer(hyper_util::rt::TokioTimer::new())
+                    .build(connector)
+            })
+            .collect();
         Ok(Self {
             scheme: Scheme::HTTP,
             authority,
-            client,
+            clients,
         })
+    }
+
+    /// The pool of the calling worker thread.
+    pub fn client(&self) -> &Client<HttpConnector, Incoming> {
+        let i = WORKER.with(|w| w.get());
+        &self.clients[i % self.clients.len()]
     }
 }
