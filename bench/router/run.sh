@@ -27,6 +27,7 @@ PIDS=()
 cleanup() {
     for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
     [ -f "$W/nginx.pid" ] && kill "$(cat "$W/nginx.pid")" 2>/dev/null || true
+    [ -f "$W/upstream.pid" ] && kill "$(cat "$W/upstream.pid")" 2>/dev/null || true
     sleep 0.5
 }
 trap cleanup EXIT
@@ -43,7 +44,15 @@ ADMIN=bench-admin-token-0123456789
 UP=$(free_port); NG=$(free_port)
 echo "work dir $W; upstream :$UP nginx :$NG" >&2
 
-# One nginx: the static upstream and the proxy (rewritten per table size, then reloaded).
+# The upstream is its own nginx process (a static 200), shared by every target, so both
+# proxies pay the same extra process hop; the proxy nginx is a second instance.
+{
+    echo "worker_processes 2; pid $W/upstream.pid; error_log $W/upstream-error.log warn; daemon on;"
+    echo "events { worker_connections 4096; }"
+    echo "http { access_log off; keepalive_requests 100000;"
+    echo "  server { listen 127.0.0.1:$UP; location / { default_type text/plain; return 200 \"ok\n\"; } } }"
+} > "$W/upstream.conf"
+nginx -c "$W/upstream.conf"
 write_nginx() { # N
     local n=$1
     {
@@ -51,7 +60,6 @@ write_nginx() { # N
         echo "events { worker_connections 4096; }"
         echo "http { access_log off; keepalive_requests 100000;"
         echo "  map_hash_max_size 4194304; map_hash_bucket_size 128;"
-        echo "  server { listen 127.0.0.1:$UP; location / { default_type text/plain; return 200 \"ok\n\"; } }"
         for c in 0 1 2 3; do echo "  upstream cell$c { server 127.0.0.1:$UP; keepalive 64; }"; done
         echo "  map \$http_x_tenant_env \$tenant_env { default \$http_x_tenant_env; \"\" prod; }"
         echo "  map \$host \$tenant { ~^(?<t>[a-z][a-z0-9-]+)\\.localhost\$ \$t; }"
