@@ -3,12 +3,14 @@
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 sizes = sorted({r["tenants"] for r in rows if "tenants" in r})
-print("| tenants | wrk rps direct | wrk rps nginx | wrk rps router | router/nginx | rate | added p50 nginx | added p50 router | added p99 nginx | added p99 router | router RSS MB | table load s |")
+print("| tenants | wrk rps direct | wrk rps nginx | wrk rps router | router/nginx | rate | added p50 nginx | added p50 router | added p99 nginx | added p99 router | router RSS MB (loaded / after traffic) | table load s |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for n in sizes:
     g = lambda m, t=None: [r for r in rows if r.get("tenants") == n and r["metric"] == m and (t is None or r.get("target") == t)]
     rps = {t: (g("wrk_rps", t) or [{"value": 0}])[0]["value"] for t in ("direct", "nginx", "router")}
     rss = (g("router_rss_mb") or [{"value": "?"}])[0]["value"]
+    rss_after = (g("router_rss_after_traffic_mb") or [{"value": "?"}])[0]["value"]
+    rss = f"{rss} / {rss_after}"
     load = (g("router_table_load_s") or [{"value": "?"}])[0]["value"]
     fr = g("fixed_rate")
     for rate in sorted({r["result"]["rate"] for r in fr}):

@@ -161,6 +161,8 @@ SQL
             record "{\"tenants\":$N,\"metric\":\"fixed_rate\",\"target\":\"$tgt\",\"result\":$res}"
         done
     done
+    RSS_KB=$(ps -o rss= -p "$R_PID" | tr -d ' ')
+    record "{\"tenants\":$N,\"metric\":\"router_rss_after_traffic_mb\",\"value\":$((RSS_KB / 1024))}"
     if [ "$N" = "$(echo $SIZES | awk '{print $1}')" ]; then
         python3 bench/router/propagation.py "$CP" "$ADMIN" "$R" 100 | while read -r l; do record "$l"; done
     fi

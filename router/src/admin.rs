@@ -100,7 +100,7 @@ pub fn render_metrics(state: &RouterState, status: &SyncStatus) -> String {
     let mut tenants = Vec::new();
     snap.each_tenant(|t, e| {
         if let Some(rt) = e.runtime.get() {
-            if rt.latency.count() > 0 {
+            if rt.status.total() > 0 {
                 tenants.push((t.to_string(), rt.clone()));
             }
         }
@@ -116,7 +116,10 @@ pub fn render_metrics(state: &RouterState, status: &SyncStatus) -> String {
     }
     out.push_str("# HELP cellplane_router_tenant_request_duration_seconds Time to the response head by tenant.\n# TYPE cellplane_router_tenant_request_duration_seconds histogram\n");
     for (t, rt) in &tenants {
-        rt.latency.render(
+        let Some(latency) = &rt.latency else {
+            continue;
+        };
+        latency.render(
             &mut out,
             "cellplane_router_tenant_request_duration_seconds",
             &format!("tenant=\"{t}\""),

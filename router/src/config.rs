@@ -61,6 +61,10 @@ pub struct Config {
         default_value = "0.001,0.0025,0.005,0.01,0.025,0.05,0.1,0.25,0.5,1,2.5,5,10"
     )]
     pub latency_buckets: Vec<f64>,
+    /// Tenants that get their own latency histogram (the first ones with traffic; every
+    /// tenant gets request counters). Bounds memory and series in very large tables.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_tenant_histograms: usize,
     /// Long-poll wait per watch request.
     #[arg(long, default_value_t = 30)]
     pub watch_wait_secs: u64,

@@ -69,6 +69,10 @@ impl StatusCounters {
         self.classes[i].fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn total(&self) -> u64 {
+        self.classes.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
     pub fn render(&self, out: &mut String, name: &str, labels: &str) {
         for (i, c) in self.classes.iter().enumerate() {
             let n = c.load(Ordering::Relaxed);

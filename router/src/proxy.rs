@@ -49,6 +49,8 @@ pub struct ProxyConfig {
     /// Time to the response head from a cell.
     pub upstream_timeout: Duration,
     pub buckets: Arc<[f64]>,
+    /// Tenants that get a latency histogram (the first ones with traffic).
+    pub max_tenant_histograms: usize,
 }
 
 /// Everything the request path shares.
@@ -59,12 +61,14 @@ pub struct RouterState {
     pub resolver: Resolver,
     pub cfg: ProxyConfig,
     pub counters: RouterCounters,
+    pub tenant_histograms: crate::table::SeriesBudget,
     corr_prefix: String,
     corr_seq: AtomicU64,
 }
 
 impl RouterState {
     pub fn new(resolver: Resolver, cfg: ProxyConfig, initial: Snapshot) -> Self {
+        let max_tenant_histograms = cfg.max_tenant_histograms;
         use rand::Rng;
         let mut rng = rand::thread_rng();
         let corr_prefix: String = (0..8)
@@ -76,6 +80,7 @@ impl RouterState {
             resolver,
             cfg,
             counters: RouterCounters::default(),
+            tenant_histograms: crate::table::SeriesBudget::new(max_tenant_histograms),
             corr_prefix: format!("rt-{corr_prefix}"),
             corr_seq: AtomicU64::new(1),
         }
@@ -287,9 +292,15 @@ pub trait Phases: Send + Sync + 'static {
         };
         match route.mode {
             RouteMode::Suspended => Pick::Refuse(ProxyError::Suspended(t.tenant.clone())),
-            RouteMode::Hold => Pick::Hold(Some(tenant.runtime(&state.cfg.buckets).clone())),
+            RouteMode::Hold => Pick::Hold(Some(
+                tenant
+                    .runtime(&state.cfg.buckets, &state.tenant_histograms)
+                    .clone(),
+            )),
             RouteMode::Serve => {
-                let rt = tenant.runtime(&state.cfg.buckets).clone();
+                let rt = tenant
+                    .runtime(&state.cfg.buckets, &state.tenant_histograms)
+                    .clone();
                 if let Err(retry_after) = admit(tenant, route, &rt) {
                     return Pick::Refuse(ProxyError::RateLimited {
                         tenant: t.tenant.clone(),
@@ -351,7 +362,9 @@ pub trait Phases: Send + Sync + 'static {
             r.cell.latency.observe(took);
             if let Some(rt) = rt {
                 rt.status.observe(status.as_u16());
-                rt.latency.observe(took);
+                if let Some(h) = &rt.latency {
+                    h.observe(took);
+                }
             }
         }
     }

@@ -90,6 +90,7 @@ impl Application {
                 hold_queue: cfg.hold_queue.max(1),
                 upstream_timeout: Duration::from_millis(cfg.upstream_timeout_ms.max(1)),
                 buckets,
+                max_tenant_histograms: cfg.max_tenant_histograms,
             },
             initial,
         ));

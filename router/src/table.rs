@@ -32,9 +32,28 @@ pub struct CellHandle {
 pub struct TenantRuntime {
     pub bucket: Mutex<Bucket>,
     pub status: StatusCounters,
-    pub latency: Histogram,
+    /// Present for the first `--max-tenant-histograms` tenants with traffic: bounds the
+    /// memory and the series count of a table with a million tenants.
+    pub latency: Option<Histogram>,
     /// Requests currently parked on a held route of this tenant.
     pub waiting: AtomicU32,
+}
+
+/// How many more per-tenant histograms may be created.
+pub struct SeriesBudget(std::sync::atomic::AtomicUsize);
+
+impl SeriesBudget {
+    pub fn new(n: usize) -> Self {
+        Self(std::sync::atomic::AtomicUsize::new(n))
+    }
+
+    /// Takes one from the budget, if any is left.
+    pub fn take(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
 }
 
 /// A token bucket: `tokens` refill at the route's rate up to a burst of the same size.
@@ -60,7 +79,11 @@ pub type EnvRoute = (Arc<str>, RouteEntry);
 pub struct TenantEntry {
     pub prod: Option<RouteEntry>,
     pub others: Option<Arc<[EnvRoute]>>,
-    pub runtime: Arc<OnceLock<Arc<TenantRuntime>>>,
+    /// Created on the tenant's first request. A delta copies the shard with whatever is
+    /// set at that moment; a first request racing an update of the same shard may start a
+    /// fresh one (its first counts are lost), which is cheaper than a shared cell per
+    /// tenant in a table of a million.
+    pub runtime: OnceLock<Arc<TenantRuntime>>,
 }
 
 impl TenantEntry {
@@ -104,7 +127,7 @@ impl TenantEntry {
     }
 
     /// The tenant's runtime state, created on first use.
-    pub fn runtime(&self, buckets: &[f64]) -> &Arc<TenantRuntime> {
+    pub fn runtime(&self, buckets: &[f64], histograms: &SeriesBudget) -> &Arc<TenantRuntime> {
         self.runtime.get_or_init(|| {
             Arc::new(TenantRuntime {
                 bucket: Mutex::new(Bucket {
@@ -112,7 +135,7 @@ impl TenantEntry {
                     at: std::time::Instant::now(),
                 }),
                 status: StatusCounters::default(),
-                latency: Histogram::new(buckets),
+                latency: histograms.take().then(|| Histogram::new(buckets)),
                 waiting: AtomicU32::new(0),
             })
         })
