@@ -144,6 +144,11 @@ both_backends!(local_cell_stamp_update_destroy, |b| async move {
     );
     assert!(sample_cells_of(&app, "loc-1").is_empty());
     assert!(terraform_processes_under(&app.data_dir).is_empty());
+    let metrics = app.anonymous().get_text("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("cellplane_terraform_processes 0"),
+        "{metrics}"
+    );
     let events: Vec<String> = app
         .admin
         .get::<Value>("/v1/audit?target=cell/loc-1")

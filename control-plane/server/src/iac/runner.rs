@@ -193,6 +193,11 @@ impl Terraform {
         self.running.load(Ordering::Relaxed)
     }
 
+    /// The counter behind [`Terraform::running`], for `/metrics`.
+    pub fn running_counter(&self) -> Arc<AtomicUsize> {
+        self.running.clone()
+    }
+
     pub fn backend(&self) -> &StateBackend {
         &self.s.backend
     }
