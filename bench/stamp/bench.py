@@ -195,6 +195,9 @@ def main():
           f"{single_cp / single_bare:.2f} | ≤ 1.10 |")
     print(f"| {FLEET} cells at concurrency {CONCURRENCY}: wall time | {fleet:.3f} | "
           f"{fleet / ideal:.2f} | vs {FLEET} × single ÷ {CONCURRENCY} = {ideal:.3f} s |")
+    bound = FLEET * single_cp / min(CONCURRENCY, cpu)
+    print(f"| {FLEET} cells: same wall time vs the CPU bound | {fleet:.3f} | "
+          f"{fleet / bound:.2f} | vs {FLEET} × single ÷ min({CONCURRENCY}, {cpu} CPUs) = {bound:.3f} s |")
     print()
     print(f"cellplane runs: {', '.join(f'{x:.3f}' for x in cp)}")
     print(f"bare runs:      {', '.join(f'{x:.3f}' for x in bare)}")

@@ -49,6 +49,21 @@ both_backends!(aws_cell_on_moto_stamp_drift_destroy, |b| async move {
         format!("https://{id}.eu-west-1.cells.example.com").as_str()
     );
     assert_eq!(cell.outputs["subnet_ids"].as_array().unwrap().len(), 2);
+    // A sensitive output is kept as a secret of the cell, never returned by the API.
+    assert!(
+        !cell.outputs.contains_key("secret_arn"),
+        "{:?}",
+        cell.outputs
+    );
+    let stored = app
+        .sql_i64(&format!(
+            "SELECT COUNT(*) FROM cells WHERE cell_id = '{id}' AND secret_outputs LIKE '%arn:aws:secretsmanager%'"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(stored, 1, "the sensitive output is stored as a secret");
+    let raw: Value = app.admin.get(&format!("/v1/cells/{id}")).await.unwrap();
+    assert!(!raw.to_string().contains("secretsmanager"), "{raw}");
     let log = app.job_log(&job.job_id).await;
     assert!(
         log.contains("aws_s3_bucket.data: Creation complete"),

@@ -411,7 +411,7 @@ both_backends!(sigkill_mid_apply_resumes_and_applies_once, |b| async move {
         .create_cell(
             json!({"cell_id": "kill-1", "region": "eu-west-1", "tier": "pooled",
                 "template": "local", "capacity": {"tenants": 1, "units": 1},
-                "vars": {"boot_delay_secs": 4}}),
+                "vars": {"boot_delay_secs": 6}}),
         )
         .await;
     let job = out.job.unwrap();

@@ -420,6 +420,12 @@ impl Terraform {
         args: &[&str],
         mode: Mode,
     ) -> Result<ExecResult, IacError> {
+        if ctx.detach.is_cancelled() {
+            return Err(IacError::Detached { phase });
+        }
+        if ctx.cancel.is_cancelled() {
+            return Err(IacError::Cancelled { phase });
+        }
         let dir = self.cell_dir(&ctx.cell_id);
         let runs = dir.join("runs");
         std::fs::create_dir_all(&runs).map_err(|e| IacError::io(&runs, e))?;
