@@ -72,6 +72,7 @@ impl Application {
             ServiceSettings {
                 job_max_attempts: config.jobs.max_attempts.max(1),
                 templates: templates.clone(),
+                port_range: (config.iac.port_min, config.iac.port_max),
             },
         );
         let terraform = Terraform::new(runner_settings(&config, store.backend()))

@@ -690,3 +690,44 @@ both_backends!(
         expect_problem(r, 404).await;
     }
 );
+
+both_backends!(delete_is_refused_while_tenants_are_placed, |b| async move {
+    let app = TestApp::spawn(b).await;
+    app.stamp_local("placed-1", json!({})).await;
+    app.create_org("acme-corp").await;
+    app.create_tenant("acme", "acme-corp").await;
+    // Placement is another capability; place the tenant's environment by hand.
+    app.sql("UPDATE environments SET cell_id = 'placed-1' WHERE tenant_id = 'acme'")
+        .await
+        .unwrap();
+    let r = app
+        .req(Method::DELETE, "/v1/cells/placed-1")
+        .send()
+        .await
+        .unwrap();
+    let p = expect_problem(r, 409).await;
+    assert!(p["detail"].as_str().unwrap().contains("tenant"), "{p}");
+    assert_eq!(app.cell("placed-1").await.state, CellState::Active);
+    let jobs: Value = app
+        .admin
+        .get("/v1/jobs?target=cell/placed-1")
+        .await
+        .unwrap();
+    assert!(
+        jobs["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["kind"] != "cell.destroy"),
+        "no destroy job was queued"
+    );
+    app.sql("UPDATE environments SET cell_id = NULL WHERE tenant_id = 'acme'")
+        .await
+        .unwrap();
+    let r = app
+        .req(Method::DELETE, "/v1/cells/placed-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+});

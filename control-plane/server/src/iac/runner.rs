@@ -294,8 +294,10 @@ impl Terraform {
 
     /// `init`, serialized across cells (the plugin installer is not concurrency safe).
     pub async fn init(&self, ctx: &RunCtx) -> Result<(), IacError> {
-        let _permit = self.permit().await;
+        // The init lock first: a cell queued for init holds no process slot that another
+        // cell's plan or apply could use meanwhile.
         let _init = self.init_lock.lock().await;
+        let _permit = self.permit().await;
         let r = self
             .exec(
                 ctx,
