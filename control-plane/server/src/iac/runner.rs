@@ -193,6 +193,11 @@ impl Terraform {
         self.running.load(Ordering::Relaxed)
     }
 
+    /// The counter behind [`Terraform::running`], for `/metrics`.
+    pub fn running_counter(&self) -> Arc<AtomicUsize> {
+        self.running.clone()
+    }
+
     pub fn backend(&self) -> &StateBackend {
         &self.s.backend
     }
@@ -289,8 +294,10 @@ impl Terraform {
 
     /// `init`, serialized across cells (the plugin installer is not concurrency safe).
     pub async fn init(&self, ctx: &RunCtx) -> Result<(), IacError> {
-        let _permit = self.permit().await;
+        // The init lock first: a cell queued for init holds no process slot that another
+        // cell's plan or apply could use meanwhile.
         let _init = self.init_lock.lock().await;
+        let _permit = self.permit().await;
         let r = self
             .exec(
                 ctx,
@@ -415,6 +422,12 @@ impl Terraform {
         args: &[&str],
         mode: Mode,
     ) -> Result<ExecResult, IacError> {
+        if ctx.detach.is_cancelled() {
+            return Err(IacError::Detached { phase });
+        }
+        if ctx.cancel.is_cancelled() {
+            return Err(IacError::Cancelled { phase });
+        }
         let dir = self.cell_dir(&ctx.cell_id);
         let runs = dir.join("runs");
         std::fs::create_dir_all(&runs).map_err(|e| IacError::io(&runs, e))?;
