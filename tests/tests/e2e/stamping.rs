@@ -95,6 +95,10 @@ both_backends!(local_cell_stamp_update_destroy, |b| async move {
     let apply_id = patched.pending_job_id.expect("an apply job");
     let done = app.wait_job(&apply_id, JOB_TIMEOUT).await;
     assert_eq!(done.kind, "cell.apply");
+    assert!(
+        app.job_log(&apply_id).await.contains("already initialized"),
+        "an unchanged configuration is not initialized again"
+    );
     assert_eq!(
         done.state,
         JobState::Succeeded,

@@ -293,7 +293,25 @@ impl Terraform {
     }
 
     /// `init`, serialized across cells (the plugin installer is not concurrency safe).
-    pub async fn init(&self, ctx: &RunCtx) -> Result<(), IacError> {
+    /// Skipped when this working directory was initialized for the same stack
+    /// (`fingerprint` of its configuration) by an earlier run.
+    pub async fn init(&self, ctx: &RunCtx, fingerprint: &str) -> Result<(), IacError> {
+        let marker = self
+            .cell_dir(&ctx.cell_id)
+            .join(".terraform")
+            .join("cellplane-init");
+        let fingerprint = format!(
+            "{fingerprint} {} {}",
+            self.s.binary,
+            match self.s.backend {
+                StateBackend::Local => "local",
+                StateBackend::Pg { .. } => "pg",
+            }
+        );
+        if std::fs::read_to_string(&marker).ok().as_deref() == Some(fingerprint.as_str()) {
+            ctx.log("working directory already initialized for this configuration");
+            return Ok(());
+        }
         // The init lock first: a cell queued for init holds no process slot that another
         // cell's plan or apply could use meanwhile.
         let _init = self.init_lock.lock().await;
@@ -306,7 +324,12 @@ impl Terraform {
                 Mode::Text,
             )
             .await?;
-        check(&r, "init", 0)
+        check(&r, "init", 0)?;
+        if let Some(parent) = marker.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let _ = std::fs::write(&marker, fingerprint);
+        Ok(())
     }
 
     /// `plan -out=tfplan` (or `-refresh-only` without a plan file, for drift).
