@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Body = Either<crate::upstream::PooledBody, Full<Bytes>>;
 
 pub static X_TENANT_ID: HeaderName = HeaderName::from_static("x-tenant-id");
 pub static X_TENANT_ENV: HeaderName = HeaderName::from_static("x-tenant-env");
@@ -316,16 +316,20 @@ pub trait Phases: Send + Sync + 'static {
     /// Phase 3: rewrites the request for the cell: absolute URI of the cell, hop-by-hop and
     /// trusted headers dropped, the router's own identity headers set.
     fn filter_request(&self, parts: &mut Parts, route: &RouteEntry, t: &Target) {
+        // Origin-form: the connection already goes to the cell.
         let pq = match &t.forward_path {
             Some(p) => p.parse().ok(),
             None => parts.uri.path_and_query().cloned(),
         };
         let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(route.cell.upstream.scheme.clone());
-        uri.authority = Some(route.cell.upstream.authority.clone());
         uri.path_and_query = pq.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
         if let Ok(u) = http::Uri::from_parts(uri) {
             parts.uri = u;
+        }
+        if !parts.headers.contains_key(http::header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(route.cell.upstream.authority.as_str()) {
+                parts.headers.insert(http::header::HOST, v);
+            }
         }
         let h = &mut parts.headers;
         strip_hop_by_hop(h);
@@ -500,11 +504,7 @@ pub async fn handle<P: Phases>(
         Pick::Hold(_) => unreachable!("wait_for_release never returns Hold"),
     };
     phases.filter_request(&mut parts, &route, &target);
-    let fut = route
-        .cell
-        .upstream
-        .client()
-        .request(Request::from_parts(parts, body));
+    let fut = route.cell.upstream.send(Request::from_parts(parts, body));
     let result = tokio::time::timeout(state.cfg.upstream_timeout, fut).await;
     let resp = match result {
         Ok(Ok(resp)) => resp,

@@ -262,5 +262,10 @@ pub async fn run_heartbeats(
             r = rx.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(every) => {}
         }
+        // A burst of table changes is acked once it settles, not once per change.
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
     }
 }

@@ -582,8 +582,16 @@ impl JobEngine {
             }
             Outcome::Retry(err) => self.finalize(job, JobState::Failed, Some(&err)).await,
             Outcome::Defer(why) => {
-                let after =
-                    Duration::from_millis(self.service.settings().placement.stamp_poll_ms.max(50));
+                // Look again soon at first, then less often (at most every 2 s).
+                let poll = self.service.settings().placement.stamp_poll_ms.max(50);
+                let waited = job
+                    .job
+                    .started_at
+                    .as_deref()
+                    .and_then(persistence::parse_time)
+                    .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as u64)
+                    .unwrap_or(0);
+                let after = Duration::from_millis((waited / 10).clamp(poll, poll.max(2000)));
                 tracing::debug!(reason = %why, "job waits");
                 let at = chrono::Utc::now()
                     + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::seconds(1));

@@ -182,6 +182,31 @@ impl Service {
         Ok(envs_changed)
     }
 
+    /// Re-publishes the tenant's routes with its current rate limit, keeping each route's
+    /// mode unless it is held (a hold belongs to an operator or a move and is kept).
+    pub async fn republish_rate_limit(
+        &self,
+        tenant_id: &str,
+        mode: RouteMode,
+        correlation_id: &str,
+    ) -> Result<Vec<String>> {
+        let held = {
+            let envs = self.store().list_environments(tenant_id).await?;
+            let mut any = false;
+            for e in &envs {
+                if let Some(r) = self.store().get_route(tenant_id, &e.name).await? {
+                    any |= r.mode == RouteMode::Hold;
+                }
+            }
+            any
+        };
+        if held {
+            return Ok(Vec::new());
+        }
+        self.publish_tenant_routes(tenant_id, mode, Some(correlation_id))
+            .await
+    }
+
     /// Removes every route of the tenant.
     pub async fn remove_tenant_routes(
         &self,

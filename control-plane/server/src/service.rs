@@ -572,6 +572,22 @@ impl Service {
             .await?
             .ok_or_else(|| not_found("tenant", id))?;
         tx.commit().await?;
+        // A new rate limit reaches the routers with the next revision. Routes already say
+        // what the lifecycle decided, so only the rate changes here; a tenant with a
+        // lifecycle job in flight gets it when that job publishes.
+        if updated.quotas.api_rate_limit != current.quotas.api_rate_limit
+            && updated.pending_job_id.is_none()
+        {
+            let mode = match updated.state {
+                TenantState::Active => Some(RouteMode::Serve),
+                TenantState::Suspended => Some(RouteMode::Suspended),
+                _ => None,
+            };
+            if let Some(mode) = mode {
+                self.republish_rate_limit(id, mode, &ctx.correlation_id)
+                    .await?;
+            }
+        }
         let envs = self.store.list_environments(id).await?;
         Ok(tenant_to_wire(updated, envs))
     }

@@ -279,3 +279,60 @@ both_backends!(
         );
     }
 );
+
+both_backends!(pre_stamps_past_the_utilization_threshold, |b| async move {
+    let app = TestApp::spawn_with(b, fast_placement()).await;
+    app.stamp_cells(&[("pool-a", "eu-west-1", "pooled", 2, 2)])
+        .await;
+    let r = app
+        .req(Method::PUT, "/v1/regions/eu-west-1")
+        .json(&json!({"auto_stamp": true, "prestamp_threshold": 0.5,
+                      "pooled_capacity": {"tenants": 5, "units": 5}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    app.create_org("acme-corp").await;
+    app.create_tenant("one", "acme-corp").await;
+    assert_eq!(
+        app.lifecycle("one", "activate").await.state,
+        JobState::Succeeded
+    );
+    let cells: Value = app.admin.get("/v1/cells").await.unwrap();
+    assert_eq!(
+        cells["items"].as_array().unwrap().len(),
+        1,
+        "50% is not past 50%"
+    );
+    app.create_tenant("two", "acme-corp").await;
+    assert_eq!(
+        app.lifecycle("two", "activate").await.state,
+        JobState::Succeeded
+    );
+    let cells: Value = app.admin.get("/v1/cells").await.unwrap();
+    let cells = cells["items"].as_array().unwrap();
+    assert_eq!(
+        cells.len(),
+        2,
+        "a pooled cell is pre-stamped at 100%: {cells:?}"
+    );
+    let new = cells.iter().find(|c| c["cell_id"] != "pool-a").unwrap();
+    assert_eq!(new["labels"]["origin"], "auto-stamp");
+    assert_eq!(new["capacity"]["tenants"], 5);
+    // The third tenant goes to the pre-stamped cell once it is active.
+    let id = new["cell_id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(120), || async {
+        (app.cell(&id).await.state == cellplane_api::CellState::Active).then_some(())
+    })
+    .await
+    .expect("the pre-stamped cell becomes active");
+    app.create_tenant("three", "acme-corp").await;
+    assert_eq!(
+        app.lifecycle("three", "activate").await.state,
+        JobState::Succeeded
+    );
+    assert_eq!(
+        tenant(&app, "three").await["environments"][0]["cell_id"],
+        id.as_str()
+    );
+});

@@ -149,6 +149,30 @@ both_backends!(router_sends_each_tenant_to_its_own_cell, |b| async move {
         }
     }
     assert!(limited >= 5, "{limited} of 10 limited");
+    // A quota change reaches the router without a lifecycle action.
+    let r = app
+        .req(Method::PATCH, "/v1/tenants/globex")
+        .json(&json!({"quotas": {"apiRateLimit": 2}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let route: Value = app.admin.get("/v1/routes/globex/prod").await.unwrap();
+    assert_eq!(route["rate_limit"], 2);
+    router.wait_revision(app.routing_revision().await).await;
+    let mut limited = 0;
+    for _ in 0..8 {
+        let r = router
+            .tenant_req(Method::GET, "globex", "/v1/kv/owner")
+            .send()
+            .await
+            .unwrap();
+        limited += (r.status() == 429) as usize;
+    }
+    assert!(
+        limited >= 4,
+        "{limited} of 8 limited after the quota change"
+    );
     // Per-cell and per-tenant metrics on the admin listener.
     let m = router.metrics().await;
     for t in ["acme", "globex"] {

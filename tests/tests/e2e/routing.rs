@@ -235,3 +235,63 @@ both_backends!(
         assert_eq!(routes["upserts"], json!([]));
     }
 );
+
+both_backends!(
+    watch_serves_deltas_removals_and_bounded_history,
+    |b| async move {
+        let app = TestApp::spawn_with(
+            b,
+            AppOptions::default().with("CELLPLANE__ROUTING__HISTORY_LIMIT", "2"),
+        )
+        .await;
+        app.stamp_local("euw1-pool-1", json!({})).await;
+        app.create_org("acme-corp").await;
+        for t in ["acme", "globex"] {
+            app.create_tenant(t, "acme-corp").await;
+            assert_eq!(
+                app.lifecycle(t, "activate").await.state,
+                JobState::Succeeded
+            );
+        }
+        let r1 = app.routing_revision().await;
+        assert_eq!(r1, 2, "one revision per published route");
+        // A delta carries only what changed since.
+        let d: Value = app.admin.get("/v1/routes?since=1").await.unwrap();
+        assert_eq!(d["full"], false);
+        assert_eq!(d["upserts"].as_array().unwrap().len(), 1);
+        assert_eq!(d["upserts"][0]["tenant_id"], "globex");
+        // A waiting watch answers as soon as the table changes.
+        let watcher = {
+            let c = app.admin.clone();
+            tokio::spawn(async move {
+                c.get::<Value>(&format!("/v1/routes?since={r1}&wait=30"))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t0 = Instant::now();
+        app.lifecycle("globex", "suspend").await;
+        let got = watcher.await.unwrap().unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert_eq!(got["revision"], r1 + 1);
+        assert_eq!(got["upserts"][0]["mode"], "suspended");
+        // Archive removes the route: a removal in the delta.
+        app.lifecycle("globex", "archive").await;
+        let d: Value = app
+            .admin
+            .get(&format!("/v1/routes?since={}", r1 + 1))
+            .await
+            .unwrap();
+        assert_eq!(
+            d["removals"],
+            json!([{"tenant_id": "globex", "env": "prod"}])
+        );
+        assert_eq!(d["upserts"], json!([]));
+        // Only 2 changes are kept: older watchers get the full table.
+        let d: Value = app.admin.get("/v1/routes?since=1").await.unwrap();
+        assert_eq!(d["full"], true);
+        assert_eq!(d["upserts"].as_array().unwrap().len(), 1, "acme only");
+        let h: Value = app.admin.get("/v1/routes/history").await.unwrap();
+        assert_eq!(h["items"].as_array().unwrap().len(), 2);
+    }
+);

@@ -1,5 +1,7 @@
-//! The durable job queue. Claiming is a conditional update of the oldest runnable job
-//! (queued and due, or running with an expired lease); on PostgreSQL the candidate row is
+//! The durable job queue. Claiming is a conditional update of the runnable job that has
+//! been due longest (queued and due, or running with an expired lease), so jobs that keep
+//! waiting (a placement deferred until its cell is stamped) cannot starve the job they
+//! wait for; on PostgreSQL the candidate row is
 //! locked with `FOR UPDATE SKIP LOCKED` so replicas never wait on each other. A partial
 //! unique index keeps at most one running job per target.
 
@@ -164,7 +166,7 @@ impl Store {
              WHERE job_id = (SELECT j.job_id FROM jobs j WHERE \
                ((j.state = 'queued' AND j.run_after <= $3) OR (j.state = 'running' AND j.lease_expires_at < $3)) \
                AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.target = j.target AND r.state = 'running' AND r.job_id <> j.job_id) \
-               ORDER BY j.created_at, j.job_id LIMIT 1{lock}) \
+               ORDER BY j.run_after, j.created_at, j.job_id LIMIT 1{lock}) \
              AND ((state = 'queued' AND run_after <= $3) OR (state = 'running' AND lease_expires_at < $3)) \
              RETURNING *"
         );
