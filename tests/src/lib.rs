@@ -143,7 +143,7 @@ impl Default for AppOptions {
                 ("CELLPLANE__IAC__CANCEL_GRACE_SECS".into(), "3".into()),
                 ("CELLPLANE__IAC__DRIFT_INTERVAL_SECS".into(), "0".into()),
                 ("CELLPLANE__JOBS__POLL_MS".into(), "50".into()),
-                ("CELLPLANE__JOBS__LEASE_SECS".into(), "3".into()),
+                ("CELLPLANE__JOBS__LEASE_SECS".into(), "10".into()),
                 ("CELLPLANE__JOBS__BACKOFF_BASE_MS".into(), "100".into()),
                 (
                     "CELLPLANE__RATE_LIMIT__AUTHORING_PER_SEC".into(),
