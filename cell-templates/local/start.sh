@@ -55,6 +55,8 @@ while [ "$i" -lt 300 ]; do
     sleep 0.05
     i=$((i + 1))
 done
-echo "sample-cell did not start listening within 15s; its log:" >&2
+echo "sample-cell did not start listening within 15s; stopping it. Its log:" >&2
 tail -n 20 "$LOG_FILE" >&2 || true
+kill -9 "$pid" 2>/dev/null || true
+rm -f "$PID_FILE"
 exit 1

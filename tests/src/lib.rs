@@ -472,6 +472,19 @@ pub fn terraform_processes_under(dir: &Path) -> Vec<ProcInfo> {
         .collect()
 }
 
+/// Whether `pid` is still a live (not zombie) process.
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 1..];
+            rest.split_whitespace()
+                .next()
+                .map(|st| st != "Z" && st != "X")
+        })
+        .unwrap_or(false)
+}
+
 pub fn kill_processes_under(dir: &Path) {
     for p in processes_under(dir) {
         let _ = nix::sys::signal::kill(

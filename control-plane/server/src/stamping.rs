@@ -13,8 +13,9 @@ use crate::iac::{
 use crate::persistence::{Store, StoreError};
 use cellplane_api::{Cell, CellState, DriftStatus};
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// What a cell job does; the job kind is `cell.<action>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +109,11 @@ pub struct Stamper {
     catalog: Catalog,
     tf: Terraform,
     sample_cell_bin: Option<PathBuf>,
+    /// One run per cell at a time in this process. A worker whose lease expired (a
+    /// stalled process) may not have noticed yet when another worker re-claims the job:
+    /// the new attempt waits here until the old one stops, then for any terraform it left
+    /// running (pid file), so two attempts never drive one cell's terraform at once.
+    cell_locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl Stamper {
@@ -122,7 +128,13 @@ impl Stamper {
             catalog,
             tf,
             sample_cell_bin,
+            cell_locks: Default::default(),
         }
+    }
+
+    fn cell_lock(&self, cell_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.cell_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(cell_id.to_string()).or_default().clone()
     }
 
     pub fn terraform(&self) -> &Terraform {
@@ -135,6 +147,24 @@ impl Stamper {
         cell_id: &str,
         ctx: &RunCtx,
     ) -> Result<CellEffect, StampError> {
+        let lock = self.cell_lock(cell_id);
+        let _running = match lock.clone().try_lock_owned() {
+            Ok(g) => g,
+            Err(_) => {
+                let _ = ctx.events.send(ExecEvent::Log(
+                    "waiting for an earlier attempt of this cell's job to stop".into(),
+                ));
+                tokio::select! {
+                    g = lock.lock_owned() => g,
+                    _ = ctx.detach.cancelled() => {
+                        return Err(IacError::Detached { phase: "wait" }.into())
+                    }
+                    _ = ctx.cancel.cancelled() => {
+                        return Err(IacError::Cancelled { phase: "wait" }.into())
+                    }
+                }
+            }
+        };
         let cell = self
             .store
             .get_cell(cell_id)

@@ -324,7 +324,10 @@ both_backends!(injection_is_rejected_or_inert, |b| async move {
     )
     .unwrap();
     assert_eq!(tfvars["owner"], evil);
-    assert_eq!(state_list(&app, "inj-1"), vec!["terraform_data.process"]);
+    assert_eq!(
+        state_list(&app, "inj-1"),
+        vec!["terraform_data.process", "terraform_data.reaper"]
+    );
     let state = state_cmd(&app, "inj-1", &["state", "pull"]);
     assert!(
         !state.contains("root:x:0:0"),
@@ -444,7 +447,10 @@ both_backends!(sigkill_mid_apply_resumes_and_applies_once, |b| async move {
     assert_eq!(cell.state, CellState::Active);
     let endpoint = cell.outputs["endpoint"].as_str().unwrap();
     assert!(get_json(&format!("{endpoint}/healthz")).await.is_some());
-    assert_eq!(state_list(&app, "kill-1"), vec!["terraform_data.process"]);
+    assert_eq!(
+        state_list(&app, "kill-1"),
+        vec!["terraform_data.process", "terraform_data.reaper"]
+    );
     assert_eq!(
         sample_cells_of(&app, "kill-1").len(),
         1,
@@ -474,15 +480,23 @@ both_backends!(
             let (dir, stop) = (app.data_dir.clone(), stop.clone());
             std::thread::spawn(move || {
                 let mut max = 0;
+                let mut at_max = Vec::new();
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    let n = processes_under(&dir)
-                        .iter()
+                    // A scan of /proc is not a snapshot: count only the processes still
+                    // alive when re-checked after the scan, which were all alive at once
+                    // (at the moment the scan read the last of them).
+                    let seen: Vec<ProcInfo> = processes_under(&dir)
+                        .into_iter()
                         .filter(|p| p.name == "terraform")
-                        .count();
-                    max = max.max(n);
+                        .collect();
+                    let live: Vec<ProcInfo> = seen.into_iter().filter(|p| alive(p.pid)).collect();
+                    if live.len() > max {
+                        max = live.len();
+                        at_max = live;
+                    }
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                max
+                (max, at_max)
             })
         };
         let mut jobs = Vec::new();
@@ -501,10 +515,17 @@ both_backends!(
             assert_eq!(done.state, JobState::Succeeded, "{}", app.job_log(j).await);
         }
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        let max = sampler.join().unwrap();
+        let (max, at_max) = sampler.join().unwrap();
         assert!(
             max <= 2,
-            "saw {max} terraform processes at once with a limit of 2"
+            "saw {max} terraform processes at once with a limit of 2: {at_max:#?}\n{}",
+            app.log()
+                .lines()
+                .filter(|l| l.contains("leaving terraform")
+                    || l.contains("lease")
+                    || l.contains("WARN"))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         assert_eq!(max, 2, "the six stamps did overlap up to the limit");
     }
@@ -684,7 +705,10 @@ both_backends!(
         assert_eq!(cell.state, CellState::Active);
         let endpoint = cell.outputs["endpoint"].as_str().unwrap();
         assert!(get_json(&format!("{endpoint}/healthz")).await.is_some());
-        assert_eq!(state_list(&app, "fail-1"), vec!["terraform_data.process"]);
+        assert_eq!(
+            state_list(&app, "fail-1"),
+            vec!["terraform_data.process", "terraform_data.reaper"]
+        );
         // Applying again while the cell is busy or gone is a conflict.
         let r = app
             .req(Method::POST, "/v1/cells/ghost-cell/apply")

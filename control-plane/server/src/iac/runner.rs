@@ -315,10 +315,11 @@ impl Terraform {
         // The init lock first: a cell queued for init holds no process slot that another
         // cell's plan or apply could use meanwhile.
         let _init = self.init_lock.lock().await;
-        let _permit = self.permit().await;
+        let permit = self.permit().await;
         let r = self
             .exec(
                 ctx,
+                permit,
                 "init",
                 &["init", "-input=false", "-no-color"],
                 Mode::Text,
@@ -334,7 +335,7 @@ impl Terraform {
 
     /// `plan -out=tfplan` (or `-refresh-only` without a plan file, for drift).
     pub async fn plan(&self, ctx: &RunCtx, mode: PlanMode) -> Result<PlanOutcome, IacError> {
-        let _permit = self.permit().await;
+        let permit = self.permit().await;
         let lock = format!("-lock-timeout={}s", self.s.lock_timeout_secs);
         let mut args = vec![
             "plan",
@@ -352,7 +353,7 @@ impl Terraform {
             PlanMode::Drift => "drift-check",
             _ => "plan",
         };
-        let r = self.exec(ctx, phase, &args, Mode::Json).await?;
+        let r = self.exec(ctx, permit, phase, &args, Mode::Json).await?;
         if r.code != 0 && r.code != 2 {
             return Err(failure(&r, phase));
         }
@@ -374,11 +375,12 @@ impl Terraform {
         &self,
         ctx: &RunCtx,
     ) -> Result<Option<BTreeMap<String, OutputValue>>, IacError> {
-        let _permit = self.permit().await;
+        let permit = self.permit().await;
         let lock = format!("-lock-timeout={}s", self.s.lock_timeout_secs);
         let r = self
             .exec(
                 ctx,
+                permit,
                 "apply",
                 &["apply", "-input=false", "-json", lock.as_str(), "tfplan"],
                 Mode::Json,
@@ -408,9 +410,9 @@ impl Terraform {
 
     /// `output -json`.
     pub async fn outputs(&self, ctx: &RunCtx) -> Result<BTreeMap<String, OutputValue>, IacError> {
-        let _permit = self.permit().await;
+        let permit = self.permit().await;
         let r = self
-            .exec(ctx, "output", &["output", "-json"], Mode::Capture)
+            .exec(ctx, permit, "output", &["output", "-json"], Mode::Capture)
             .await?;
         check(&r, "output", 0)?;
         let doc: BTreeMap<String, Value> =
@@ -430,17 +432,21 @@ impl Terraform {
             .collect())
     }
 
-    async fn permit(&self) -> tokio::sync::SemaphorePermit<'_> {
+    async fn permit(&self) -> tokio::sync::OwnedSemaphorePermit {
         self.sem
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .expect("the terraform semaphore is never closed")
     }
 
     /// Runs one terraform command in the cell's directory and follows its output.
+    /// `permit` is the process slot it runs in: it is released when terraform has exited,
+    /// also when the runner stops waiting for it (detach), so the limit holds.
     async fn exec(
         &self,
         ctx: &RunCtx,
+        permit: tokio::sync::OwnedSemaphorePermit,
         phase: &'static str,
         args: &[&str],
         mode: Mode,
@@ -479,7 +485,7 @@ impl Terraform {
             let _ = std::fs::write(&pid_file, format!("{pid} {start}\n"));
         }
         self.running.fetch_add(1, Ordering::Relaxed);
-        let _running = RunningGuard(self.running.clone());
+        let running = RunningGuard(self.running.clone());
         tracing::debug!(pid, phase, "terraform started");
 
         let mut result = ExecResult::default();
@@ -510,6 +516,11 @@ impl Terraform {
                 }
                 _ = ctx.detach.cancelled(), if interrupted.is_none() => {
                     tracing::info!(pid, phase, "leaving terraform running for the next lease holder");
+                    // Its slot stays taken until it exits.
+                    tokio::spawn(async move {
+                        let _ = child.wait().await;
+                        drop((permit, running));
+                    });
                     return Err(IacError::Detached { phase });
                 }
             }
@@ -522,6 +533,7 @@ impl Terraform {
         }
         // Providers and anything else terraform left in its process group go with it.
         kill_group(pid);
+        drop((permit, running));
         let _ = std::fs::remove_file(&pid_file);
         let status = status.map_err(|e| IacError::io(&binary, e))?;
         result.code = status.code().unwrap_or(-1);

@@ -10,9 +10,30 @@ locals {
   data_dir = "${var.cell_dir}/data"
 }
 
+# Stops whatever process the pid file names when the cell is destroyed, even if the
+# process resource was left tainted (an interrupted or failed start), whose own destroy
+# provisioner terraform does not run. Created first, so destroyed last.
+resource "terraform_data" "reaper" {
+  input = {
+    pid_file   = local.pid_file
+    script_dir = abspath(path.module)
+  }
+
+  provisioner "local-exec" {
+    when    = destroy
+    command = "sh \"$SCRIPT_DIR/stop.sh\""
+    environment = {
+      PID_FILE   = self.input.pid_file
+      SCRIPT_DIR = self.input.script_dir
+    }
+  }
+}
+
 # One sample-cell process. A new app_version or release variable replaces it (the destroy
 # provisioner stops the old process, then the create provisioner starts the new one).
 resource "terraform_data" "process" {
+  depends_on = [terraform_data.reaper]
+
   triggers_replace = {
     app_version      = var.app_version
     port             = var.port
