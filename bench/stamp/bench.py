@@ -137,20 +137,46 @@ def tf_env(work):
             "CHECKPOINT_DISABLE": "1", "TF_CLI_CONFIG_FILE": rc}
 
 
-def bare_once(work, i):
-    d = os.path.join(work, f"bare-{i}")
-    subprocess.run([CELLPLANE, "template", "render", "local", "--cell-id", f"bare-{i}",
+def bare_render(work, name):
+    d = os.path.join(work, name)
+    subprocess.run([CELLPLANE, "template", "render", "local", "--cell-id", name,
                     "--out", d, "--templates-dir", TEMPLATES, "--sample-cell-bin", SAMPLE_CELL],
                    check=True, stdout=subprocess.DEVNULL)
+    return d
+
+
+def bare_apply(work, d):
     env = tf_env(work)
-    t0 = time.monotonic()
     for cmd in (["terraform", "init", "-input=false"],
                 ["terraform", "plan", "-input=false", "-out=tfplan"],
                 ["terraform", "apply", "-input=false", "tfplan"]):
         subprocess.run(cmd, cwd=d, env=env, check=True, stdout=subprocess.DEVNULL)
-    elapsed = time.monotonic() - t0
+
+
+def bare_destroy(work, d):
     subprocess.run(["terraform", "apply", "-destroy", "-auto-approve", "-input=false"], cwd=d,
-                   env=env, check=True, stdout=subprocess.DEVNULL)
+                   env=tf_env(work), check=True, stdout=subprocess.DEVNULL)
+
+
+def bare_once(work, i):
+    d = bare_render(work, f"bare-{i}")
+    t0 = time.monotonic()
+    bare_apply(work, d)
+    elapsed = time.monotonic() - t0
+    bare_destroy(work, d)
+    return elapsed
+
+
+def bare_fleet(work):
+    """The same number of bare stacks, CONCURRENCY at a time: what the machine allows."""
+    from concurrent.futures import ThreadPoolExecutor
+    dirs = [bare_render(work, f"bare-fleet-{i}") for i in range(FLEET)]
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        list(pool.map(lambda d: bare_apply(work, d), dirs))
+    elapsed = time.monotonic() - t0
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        list(pool.map(lambda d: bare_destroy(work, d), dirs))
     return elapsed
 
 
@@ -180,6 +206,7 @@ def main():
         ideal = FLEET * single_cp / CONCURRENCY
         jobs = [api(base, "DELETE", f"/v1/cells/{c}")["job"]["job_id"] for c in ids]
         wait_jobs(base, jobs)
+        fleet_bare = bare_fleet(work)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -195,6 +222,12 @@ def main():
           f"{single_cp / single_bare:.2f} | ≤ 1.10 |")
     print(f"| {FLEET} cells at concurrency {CONCURRENCY}: wall time | {fleet:.3f} | "
           f"{fleet / ideal:.2f} | vs {FLEET} × single ÷ {CONCURRENCY} = {ideal:.3f} s |")
+    print(f"| bare terraform, {FLEET} stacks {CONCURRENCY} at a time: wall time | {fleet_bare:.3f} | "
+          f"{fleet_bare / ideal:.2f} | same ideal; cellplane's fleet ÷ bare fleet = "
+          f"{fleet / fleet_bare:.2f} |")
+    bound = FLEET * single_cp / min(CONCURRENCY, cpu)
+    print(f"| {FLEET} cells: same wall time vs the CPU bound | {fleet:.3f} | "
+          f"{fleet / bound:.2f} | vs {FLEET} × single ÷ min({CONCURRENCY}, {cpu} CPUs) = {bound:.3f} s |")
     print()
     print(f"cellplane runs: {', '.join(f'{x:.3f}' for x in cp)}")
     print(f"bare runs:      {', '.join(f'{x:.3f}' for x in bare)}")

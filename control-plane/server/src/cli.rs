@@ -1406,8 +1406,9 @@ fn render_offline(cmd: TemplateCmd) -> CliResult {
     for (k, spec) in &template.manifest.variables {
         match spec.source {
             Some(crate::iac::VarSource::Port) => {
-                let port = crate::iac::allocate_port()
-                    .map_err(|e| CliError::Usage(format!("cannot allocate a port: {e}")))?;
+                let port =
+                    crate::iac::allocate_port(crate::iac::DEFAULT_PORT_RANGE, &Default::default())
+                        .map_err(|e| CliError::Usage(format!("cannot allocate a port: {e}")))?;
                 user_vars.insert(k.clone(), serde_json::json!(port));
             }
             Some(crate::iac::VarSource::Secret) => {

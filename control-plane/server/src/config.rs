@@ -74,6 +74,10 @@ pub struct IacConfig {
     pub sample_cell_bin: Option<PathBuf>,
     /// Seconds between drift checks of an idle active cell; 0 disables them.
     pub drift_interval_secs: u64,
+    /// Lowest and highest port handed to cells (variables with `source = "port"`); keep
+    /// the range out of the kernel's ephemeral ports.
+    pub port_min: u16,
+    pub port_max: u16,
     /// Connection string of terraform's `pg` state backend. Default: the store's URL
     /// (with `sslmode=disable` added when it names none).
     pub state_conn_str: Option<Secret>,
@@ -93,6 +97,8 @@ impl Default for IacConfig {
             env: Default::default(),
             sample_cell_bin: None,
             drift_interval_secs: 3600,
+            port_min: crate::iac::DEFAULT_PORT_RANGE.0,
+            port_max: crate::iac::DEFAULT_PORT_RANGE.1,
             state_conn_str: None,
         }
     }

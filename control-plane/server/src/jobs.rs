@@ -117,6 +117,8 @@ pub struct JobMetrics {
     pub failed: AtomicU64,
     pub retried: AtomicU64,
     pub cancelled: AtomicU64,
+    /// Terraform processes running now (shared with the runner).
+    pub terraform_running: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[derive(Clone)]
@@ -145,8 +147,11 @@ impl JobEngine {
             service,
             cfg: Arc::new(cfg),
             owner: persistence::new_id("worker"),
+            metrics: Arc::new(JobMetrics {
+                terraform_running: stamper.terraform().running_counter(),
+                ..Default::default()
+            }),
             stamper,
-            metrics: Arc::new(JobMetrics::default()),
         }
     }
 
@@ -794,6 +799,7 @@ pub async fn finish_cell_job(
         cell.outputs = e.outputs.clone();
         if action == CellAction::Destroy {
             cell.outputs.clear();
+            cell.drift = None;
         }
     }
     cell.version += 1;

@@ -61,6 +61,8 @@ pub struct ServiceSettings {
     pub placement: crate::config::PlacementConfig,
     /// The cell template directory.
     pub templates: Catalog,
+    /// Ports handed to cells (`source = "port"` variables).
+    pub port_range: (u16, u16),
 }
 
 #[derive(Clone)]
@@ -800,9 +802,11 @@ impl Service {
         for (name, spec) in &template.manifest.variables {
             match spec.source {
                 Some(VarSource::Port) => {
-                    let port = crate::iac::allocate_port().map_err(|e| {
-                        ServiceError::Unavailable(format!("cannot allocate a port: {e}"))
-                    })?;
+                    let in_use = self.store.cell_ports_in_use(name).await?;
+                    let port = crate::iac::allocate_port(self.settings.port_range, &in_use)
+                        .map_err(|e| {
+                            ServiceError::Unavailable(format!("cannot allocate a port: {e}"))
+                        })?;
                     vars.insert(name.clone(), json!(port));
                 }
                 Some(VarSource::Secret) => {

@@ -155,11 +155,11 @@ impl Stamper {
             .get_cell_secrets(cell_id)
             .await?
             .unwrap_or_default();
-        let ctx = self.render(&cell, &secrets.vars, ctx)?;
+        let (ctx, fingerprint) = self.render(&cell, &secrets.vars, ctx)?;
         let ctx = &ctx;
         self.tf.wait_leftover(ctx).await?;
         phase(ctx, "init");
-        self.tf.init(ctx).await?;
+        self.tf.init(ctx, &fingerprint).await?;
         phase(ctx, "plan");
         let mode = match action {
             CellAction::Destroy => PlanMode::Destroy,
@@ -219,13 +219,13 @@ impl Stamper {
     }
 
     /// Renders and writes the cell's stack; returns the context with the stack's secrets
-    /// added to what is redacted.
+    /// added to what is redacted, and the fingerprint of the stack's configuration.
     fn render(
         &self,
         cell: &Cell,
         secret_vars: &BTreeMap<String, Value>,
         ctx: &RunCtx,
-    ) -> Result<RunCtx, StampError> {
+    ) -> Result<(RunCtx, String), StampError> {
         let template = self.catalog.load(&cell.template).map_err(IacError::from)?;
         let dir = self.tf.cell_dir(&cell.cell_id);
         let stack = template
@@ -252,7 +252,7 @@ impl Stamper {
             template.name,
             dir.display()
         )));
-        Ok(ctx)
+        Ok((ctx, stack.config_fingerprint()))
     }
 }
 

@@ -61,6 +61,7 @@ pub fn service_and_engine(
             routing: config.routing.clone(),
             placement: config.placement.clone(),
             templates: templates.clone(),
+            port_range: (config.iac.port_min, config.iac.port_max),
         },
     );
     let terraform = Terraform::new(runner_settings(config, store.backend()))
@@ -78,11 +79,18 @@ pub fn service_and_engine(
 }
 
 impl Application {
-    pub async fn build(config: Config) -> Result<Self, StartupError> {
+    pub async fn build(mut config: Config) -> Result<Self, StartupError> {
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StartupError::DataDir {
             path: config.data_dir.clone(),
             source,
         })?;
+        // Terraform and the processes it starts run in the cells' directories: every path
+        // handed to them must be absolute.
+        config.data_dir =
+            std::path::absolute(&config.data_dir).map_err(|source| StartupError::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            })?;
         let store = Store::open(
             config.database_url.as_ref().map(|s| s.expose()),
             &config.data_dir,

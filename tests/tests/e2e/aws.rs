@@ -49,6 +49,21 @@ both_backends!(aws_cell_on_moto_stamp_drift_destroy, |b| async move {
         format!("https://{id}.eu-west-1.cells.example.com").as_str()
     );
     assert_eq!(cell.outputs["subnet_ids"].as_array().unwrap().len(), 2);
+    // A sensitive output is kept as a secret of the cell, never returned by the API.
+    assert!(
+        !cell.outputs.contains_key("secret_arn"),
+        "{:?}",
+        cell.outputs
+    );
+    let stored = app
+        .sql_i64(&format!(
+            "SELECT COUNT(*) FROM cells WHERE cell_id = '{id}' AND secret_outputs LIKE '%arn:aws:secretsmanager%'"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(stored, 1, "the sensitive output is stored as a secret");
+    let raw: Value = app.admin.get(&format!("/v1/cells/{id}")).await.unwrap();
+    assert!(!raw.to_string().contains("secretsmanager"), "{raw}");
     let log = app.job_log(&job.job_id).await;
     assert!(
         log.contains("aws_s3_bucket.data: Creation complete"),
@@ -183,3 +198,54 @@ async fn plan_logs(app: &TestApp, id: &str) -> String {
     }
     out
 }
+
+both_backends!(
+    aws_cancel_mid_apply_leaves_no_provider_behind,
+    |b| async move {
+        let moto = moto_url();
+        let app = TestApp::spawn_with(b, aws_options()).await;
+        let id = format!("awsc-{}", random_suffix(6));
+        let out = app
+            .create_cell(
+                json!({"cell_id": id, "region": "eu-west-1", "tier": "pooled",
+            "template": "aws", "capacity": {"tenants": 1, "units": 1},
+            "vars": {"aws_endpoint": moto}}),
+            )
+            .await;
+        let job = out.job.expect("stamp job");
+        let (admin, jid) = (app.admin.clone(), job.job_id.clone());
+        eventually(AWS_TIMEOUT, || {
+            let (admin, jid) = (admin.clone(), jid.clone());
+            async move {
+                let log = admin.get_text(&format!("/v1/jobs/{jid}/log")).await.ok()?;
+                log.contains("Creating...").then_some(())
+            }
+        })
+        .await
+        .expect("the apply starts creating resources");
+        let running = terraform_processes_under(&app.data_dir);
+        assert!(
+            running.iter().any(|p| p.name.starts_with("terraform-prov")),
+            "the AWS provider runs during apply: {running:?}"
+        );
+        let c: Value = app
+            .admin
+            .post(&format!("/v1/jobs/{}/cancel", job.job_id), &json!({}))
+            .await
+            .unwrap();
+        assert_eq!(c["cancel_requested"], true);
+        let done = app.wait_job(&job.job_id, AWS_TIMEOUT).await;
+        assert_eq!(
+            done.state,
+            JobState::Cancelled,
+            "{}",
+            app.job_log(&job.job_id).await
+        );
+        let left = terraform_processes_under(&app.data_dir);
+        assert!(
+            left.is_empty(),
+            "terraform or provider left behind: {left:?}"
+        );
+        assert_eq!(app.cell(&id).await.state, CellState::Failed);
+    }
+);

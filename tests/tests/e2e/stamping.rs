@@ -95,6 +95,10 @@ both_backends!(local_cell_stamp_update_destroy, |b| async move {
     let apply_id = patched.pending_job_id.expect("an apply job");
     let done = app.wait_job(&apply_id, JOB_TIMEOUT).await;
     assert_eq!(done.kind, "cell.apply");
+    assert!(
+        app.job_log(&apply_id).await.contains("already initialized"),
+        "an unchanged configuration is not initialized again"
+    );
     assert_eq!(
         done.state,
         JobState::Succeeded,
@@ -144,6 +148,11 @@ both_backends!(local_cell_stamp_update_destroy, |b| async move {
     );
     assert!(sample_cells_of(&app, "loc-1").is_empty());
     assert!(terraform_processes_under(&app.data_dir).is_empty());
+    let metrics = app.anonymous().get_text("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("cellplane_terraform_processes 0"),
+        "{metrics}"
+    );
     let events: Vec<String> = app
         .admin
         .get::<Value>("/v1/audit?target=cell/loc-1")
@@ -406,7 +415,7 @@ both_backends!(sigkill_mid_apply_resumes_and_applies_once, |b| async move {
         .create_cell(
             json!({"cell_id": "kill-1", "region": "eu-west-1", "tier": "pooled",
                 "template": "local", "capacity": {"tenants": 1, "units": 1},
-                "vars": {"boot_delay_secs": 4}}),
+                "vars": {"boot_delay_secs": 6}}),
         )
         .await;
     let job = out.job.unwrap();
@@ -685,3 +694,44 @@ both_backends!(
         expect_problem(r, 404).await;
     }
 );
+
+both_backends!(delete_is_refused_while_tenants_are_placed, |b| async move {
+    let app = TestApp::spawn(b).await;
+    app.stamp_local("placed-1", json!({})).await;
+    app.create_org("acme-corp").await;
+    app.create_tenant("acme", "acme-corp").await;
+    // Placement is another capability; place the tenant's environment by hand.
+    app.sql("UPDATE environments SET cell_id = 'placed-1' WHERE tenant_id = 'acme'")
+        .await
+        .unwrap();
+    let r = app
+        .req(Method::DELETE, "/v1/cells/placed-1")
+        .send()
+        .await
+        .unwrap();
+    let p = expect_problem(r, 409).await;
+    assert!(p["detail"].as_str().unwrap().contains("tenant"), "{p}");
+    assert_eq!(app.cell("placed-1").await.state, CellState::Active);
+    let jobs: Value = app
+        .admin
+        .get("/v1/jobs?target=cell/placed-1")
+        .await
+        .unwrap();
+    assert!(
+        jobs["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["kind"] != "cell.destroy"),
+        "no destroy job was queued"
+    );
+    app.sql("UPDATE environments SET cell_id = NULL WHERE tenant_id = 'acme'")
+        .await
+        .unwrap();
+    let r = app
+        .req(Method::DELETE, "/v1/cells/placed-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+});

@@ -52,6 +52,14 @@ pub async fn metrics(State(s): State<AppState>) -> Response {
             v.load(Ordering::Relaxed)
         ));
     }
+    out.push_str(
+        "# HELP cellplane_terraform_processes Terraform processes this control plane runs now.\n",
+    );
+    out.push_str("# TYPE cellplane_terraform_processes gauge\n");
+    out.push_str(&format!(
+        "cellplane_terraform_processes {}\n",
+        jm.terraform_running.load(Ordering::Relaxed)
+    ));
     if let Ok(counts) = s.service.store().job_counts().await {
         out.push_str("# HELP cellplane_jobs Jobs in the store, by state.\n");
         out.push_str("# TYPE cellplane_jobs gauge\n");

@@ -64,9 +64,31 @@ impl IacError {
     }
 }
 
-/// Binds 127.0.0.1:0, reads the port the kernel chose and releases it. The `local`
-/// template's cells keep the port for their life.
-pub fn allocate_port() -> std::io::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+/// Ports the control plane hands to cells (`source = "port"`), by default below the
+/// kernel's ephemeral range (32768–60999 on Linux) so that no outgoing connection can take
+/// a cell's port between its allocation and the process binding it.
+pub const DEFAULT_PORT_RANGE: (u16, u16) = (20000, 29999);
+
+/// Picks a free TCP port on 127.0.0.1 in `range` that no other cell holds (`in_use`): a
+/// random candidate is bound and released. The cell keeps the port for its life.
+pub fn allocate_port(
+    range: (u16, u16),
+    in_use: &std::collections::HashSet<u16>,
+) -> std::io::Result<u16> {
+    use rand::Rng;
+    let (lo, hi) = (range.0.min(range.1).max(1), range.0.max(range.1).max(1));
+    let mut rng = rand::thread_rng();
+    for _ in 0..200 {
+        let port = rng.gen_range(lo..=hi);
+        if in_use.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no free port in {lo}-{hi}"),
+    ))
 }

@@ -193,6 +193,11 @@ impl Terraform {
         self.running.load(Ordering::Relaxed)
     }
 
+    /// The counter behind [`Terraform::running`], for `/metrics`.
+    pub fn running_counter(&self) -> Arc<AtomicUsize> {
+        self.running.clone()
+    }
+
     pub fn backend(&self) -> &StateBackend {
         &self.s.backend
     }
@@ -288,9 +293,29 @@ impl Terraform {
     }
 
     /// `init`, serialized across cells (the plugin installer is not concurrency safe).
-    pub async fn init(&self, ctx: &RunCtx) -> Result<(), IacError> {
-        let _permit = self.permit().await;
+    /// Skipped when this working directory was initialized for the same stack
+    /// (`fingerprint` of its configuration) by an earlier run.
+    pub async fn init(&self, ctx: &RunCtx, fingerprint: &str) -> Result<(), IacError> {
+        let marker = self
+            .cell_dir(&ctx.cell_id)
+            .join(".terraform")
+            .join("cellplane-init");
+        let fingerprint = format!(
+            "{fingerprint} {} {}",
+            self.s.binary,
+            match self.s.backend {
+                StateBackend::Local => "local",
+                StateBackend::Pg { .. } => "pg",
+            }
+        );
+        if std::fs::read_to_string(&marker).ok().as_deref() == Some(fingerprint.as_str()) {
+            ctx.log("working directory already initialized for this configuration");
+            return Ok(());
+        }
+        // The init lock first: a cell queued for init holds no process slot that another
+        // cell's plan or apply could use meanwhile.
         let _init = self.init_lock.lock().await;
+        let _permit = self.permit().await;
         let r = self
             .exec(
                 ctx,
@@ -299,7 +324,12 @@ impl Terraform {
                 Mode::Text,
             )
             .await?;
-        check(&r, "init", 0)
+        check(&r, "init", 0)?;
+        if let Some(parent) = marker.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let _ = std::fs::write(&marker, fingerprint);
+        Ok(())
     }
 
     /// `plan -out=tfplan` (or `-refresh-only` without a plan file, for drift).
@@ -415,6 +445,12 @@ impl Terraform {
         args: &[&str],
         mode: Mode,
     ) -> Result<ExecResult, IacError> {
+        if ctx.detach.is_cancelled() {
+            return Err(IacError::Detached { phase });
+        }
+        if ctx.cancel.is_cancelled() {
+            return Err(IacError::Cancelled { phase });
+        }
         let dir = self.cell_dir(&ctx.cell_id);
         let runs = dir.join("runs");
         std::fs::create_dir_all(&runs).map_err(|e| IacError::io(&runs, e))?;

@@ -323,6 +323,20 @@ pub struct RenderedStack {
 }
 
 impl RenderedStack {
+    /// A digest of the stack's configuration (its `.tf` files, not the variable values):
+    /// what `terraform init` depends on.
+    pub fn config_fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (name, content) in self.files.iter().filter(|(n, _)| n.ends_with(".tf")) {
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update(content);
+            h.update([0]);
+        }
+        hex::encode(h.finalize())
+    }
+
     /// Writes the stack into `dir`, first removing files an earlier render left that this
     /// one does not have (terraform's own files and the state are kept).
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {

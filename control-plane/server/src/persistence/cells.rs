@@ -180,6 +180,23 @@ impl Store {
         row.as_ref().map(secrets_from_row).transpose()
     }
 
+    /// Ports recorded in variable `var` of the cells that are not destroyed.
+    pub async fn cell_ports_in_use(&self, var: &str) -> Result<std::collections::HashSet<u16>> {
+        let rows: Vec<String> =
+            sqlx::query_scalar("SELECT vars FROM cells WHERE state <> 'destroyed'")
+                .fetch_all(&self.pool)
+                .await?;
+        let mut out = std::collections::HashSet::new();
+        for text in rows {
+            let vars: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| StoreError::Corrupt(format!("column vars: {e}")))?;
+            if let Some(p) = vars[var].as_u64().and_then(|p| u16::try_from(p).ok()) {
+                out.insert(p);
+            }
+        }
+        Ok(out)
+    }
+
     /// Active cells with no job reserved whose last drift check is older than `before`
     /// (or that were never checked): candidates for the periodic drift check.
     pub async fn cells_due_for_drift_check(&self, before: &str, limit: i64) -> Result<Vec<Cell>> {

@@ -195,8 +195,10 @@ output "kms_alias" {
   value = aws_kms_alias.cell.name
 }
 
+# Sensitive: kept by cellplane as a secret of the cell, never returned by its API.
 output "secret_arn" {
-  value = aws_secretsmanager_secret.app.arn
+  value     = aws_secretsmanager_secret.app.arn
+  sensitive = true
 }
 
 output "role_arn" {

@@ -29,6 +29,8 @@ if [ "${BOOT_DELAY_SECS:-0}" != 0 ]; then
 fi
 
 echo "starting sample-cell $APP_VERSION for cell $CELL_ID on 127.0.0.1:$PORT"
+# A fresh log: the readiness check below must not see an earlier process's banner.
+: >"$LOG_FILE"
 SAMPLE_CELL_ADMIN_TOKEN="$ADMIN_TOKEN" SAMPLE_CELL_FAULT_RATE="$FAULT_RATE" \
     SAMPLE_CELL_EXTRA_LATENCY_MS="$EXTRA_LATENCY_MS" CELL_INSTANCE_CLASS="$INSTANCE_CLASS" \
     CELL_OWNER="$CELL_OWNER" \
