@@ -35,6 +35,9 @@ pub fn handle(
                 "cells": snap.cells.len(),
                 "source": status.source_name(),
                 "control_plane_last_ok_ms_ago": status.since_last_ok_ms(),
+                "state_file_revision": state
+                    .persisted_revision
+                    .load(std::sync::atomic::Ordering::Relaxed),
             });
             text(StatusCode::OK, "application/json", body.to_string())
         }

@@ -62,6 +62,8 @@ pub struct RouterState {
     pub cfg: ProxyConfig,
     pub counters: RouterCounters,
     pub tenant_histograms: crate::table::SeriesBudget,
+    /// The revision last written to the state file (-1: none this run).
+    pub persisted_revision: std::sync::atomic::AtomicI64,
     corr_prefix: String,
     corr_seq: AtomicU64,
 }
@@ -81,6 +83,7 @@ impl RouterState {
             cfg,
             counters: RouterCounters::default(),
             tenant_histograms: crate::table::SeriesBudget::new(max_tenant_histograms),
+            persisted_revision: std::sync::atomic::AtomicI64::new(-1),
             corr_prefix: format!("rt-{corr_prefix}"),
             corr_seq: AtomicU64::new(1),
         }

@@ -193,6 +193,9 @@ pub async fn run_persister(
             match res {
                 Ok(Ok(())) => {
                     written = snap.revision;
+                    state
+                        .persisted_revision
+                        .store(written, std::sync::atomic::Ordering::Relaxed);
                     crate::metrics::RouterCounters::inc(&state.counters.state_writes);
                 }
                 Ok(Err(e)) => tracing::error!(error = %e, "writing the state file failed"),

@@ -775,6 +775,21 @@ impl TestRouter {
             .expect("metrics text")
     }
 
+    /// Waits until the router's state file holds revision `rev` or later.
+    pub async fn wait_persisted(&self, rev: i64) {
+        let ok = eventually(Duration::from_secs(10), || async {
+            let h = self.healthz().await;
+            (h["state_file_revision"].as_i64().unwrap_or(-1) >= rev).then_some(())
+        })
+        .await;
+        ok.unwrap_or_else(|_| {
+            panic!(
+                "state file never reached revision {rev}; log: {}",
+                self.log()
+            )
+        });
+    }
+
     /// Waits until the router serves revision `rev` or later.
     pub async fn wait_revision(&self, rev: i64) {
         let ok = eventually(Duration::from_secs(10), || async {

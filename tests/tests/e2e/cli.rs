@@ -135,7 +135,7 @@ async fn up_starts_with_embedded_defaults() {
     );
     let c = cellplane_api::Client::new(url, Some(token));
     let v = c.audit_verify().await.unwrap();
-    assert!(v.ok);
+    assert!(v.ok, "{v:?}");
     // The quick start: a router runs next to the control plane, and after two cells and
     // three tenants, acme's requests are answered by acme's cell.
     let router = banner

@@ -255,6 +255,8 @@ both_backends!(router_survives_control_plane_loss, |b| async move {
             .unwrap();
         assert!(r.status().is_success());
     }
+    // The last-known table is on disk before anything goes away.
+    router.wait_persisted(app.routing_revision().await).await;
     app.kill9();
     // Every request is still served, by the right cell.
     for i in 0..60 {
