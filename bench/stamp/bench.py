@@ -210,6 +210,7 @@ def main():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        reap(work)
         shutil.rmtree(work, ignore_errors=True)
 
     cpu = os.cpu_count()
@@ -231,6 +232,23 @@ def main():
     print()
     print(f"cellplane runs: {', '.join(f'{x:.3f}' for x in cp)}")
     print(f"bare runs:      {', '.join(f'{x:.3f}' for x in bare)}")
+
+
+def reap(work):
+    """Stops every process a failed run left under its work dir (cells' sample-cells)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if work in cmdline:
+            try:
+                os.kill(int(pid), 9)
+            except OSError:
+                pass
 
 
 def terraform_version():

@@ -784,7 +784,10 @@ pub async fn finish_cell_job(
         .as_str()
         .and_then(CellState::parse)
         .unwrap_or(cell.state);
-    let never_ran = state == JobState::Cancelled && effect.is_none() && job.job.attempts == 0;
+    // Cancelled before any attempt recorded progress: nothing was touched.
+    let never_ran = state == JobState::Cancelled
+        && effect.is_none()
+        && (job.job.attempts == 0 || job.job.step.is_none());
     let end = if never_ran && action != CellAction::Stamp {
         // Cancelled in the queue: nothing was touched.
         Some(prior)
