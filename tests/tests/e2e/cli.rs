@@ -111,6 +111,17 @@ async fn up_starts_with_embedded_defaults() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    // Whatever happens below, `up` (and the router and cells it started) must not outlive
+    // the test.
+    struct Reap(std::process::Child, std::path::PathBuf);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            kill_processes_under(&self.1);
+        }
+    }
+    let _reap = Reap(child, dir.path().to_path_buf());
     let mut lines = BufReader::new(stdout).lines();
     let first = lines.next().unwrap().unwrap();
     let url = first.strip_prefix("listening on ").unwrap().to_string();
@@ -203,7 +214,4 @@ async fn up_starts_with_embedded_defaults() {
     .await
     .expect("the router answers for acme");
     assert_eq!(answer, cells["acme"]);
-    let _ = child.kill();
-    let _ = child.wait();
-    kill_processes_under(dir.path());
 }
