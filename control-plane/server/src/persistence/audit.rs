@@ -2,10 +2,10 @@
 //! previous record's hash; `chain_head` holds the last sequence number and hash, and the
 //! `UPDATE … RETURNING` on it is the row lock that orders concurrent writers on PostgreSQL.
 
-use super::{new_id, now, Result, Store, StoreError, WriteTx};
+use super::{new_id, now, Backend, Result, Store, StoreError, WriteTx};
 use cellplane_api::AuditRecord;
 use sha2::{Digest, Sha256};
-use sqlx::Row;
+use sqlx::{Any, Row, Transaction};
 
 /// What a write records about itself.
 #[derive(Debug, Clone)]
@@ -248,7 +248,23 @@ impl Store {
     /// Walks the whole chain in sequence order and reports the first record that does not
     /// hold: a modified field (hash mismatch), a removed or inserted record (sequence gap or
     /// broken link), or a truncated tail (head does not match the last record).
+    ///
+    /// The walk and the head are read in one read-only snapshot (a deferred transaction on
+    /// SQLite's WAL, `REPEATABLE READ` on PostgreSQL): writes that commit while a long chain
+    /// is walked must not look like a truncated tail.
     pub async fn verify_audit(&self) -> Result<VerifyOutcome> {
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut *tx)
+                .await?;
+        }
+        let outcome = self.verify_audit_in(&mut tx).await;
+        tx.rollback().await?;
+        outcome
+    }
+
+    async fn verify_audit_in(&self, tx: &mut Transaction<'static, Any>) -> Result<VerifyOutcome> {
         let mut expected_prev =
             "0000000000000000000000000000000000000000000000000000000000000000".to_string();
         let mut expected_seq = 1i64;
@@ -258,7 +274,7 @@ impl Store {
             let rows =
                 sqlx::query("SELECT * FROM tenant_audit WHERE seq > $1 ORDER BY seq LIMIT 5000")
                     .bind(after)
-                    .fetch_all(&self.pool)
+                    .fetch_all(&mut **tx)
                     .await?;
             if rows.is_empty() {
                 break;
@@ -312,7 +328,7 @@ impl Store {
             }
         }
         let head = sqlx::query("SELECT seq, hash FROM chain_head WHERE id = 1")
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut **tx)
             .await?
             .ok_or_else(|| StoreError::Corrupt("chain_head row is missing".into()))?;
         let head_seq: i64 = head.try_get("seq")?;
