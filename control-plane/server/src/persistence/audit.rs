@@ -2,7 +2,7 @@
 //! previous record's hash; `chain_head` holds the last sequence number and hash, and the
 //! `UPDATE … RETURNING` on it is the row lock that orders concurrent writers on PostgreSQL.
 
-use super::{new_id, now, Backend, Result, Store, StoreError, WriteTx};
+use super::{new_id, now, Result, Store, StoreError, WriteTx};
 use cellplane_api::AuditRecord;
 use sha2::{Digest, Sha256};
 use sqlx::{Any, Row, Transaction};
@@ -253,12 +253,7 @@ impl Store {
     /// SQLite's WAL, `REPEATABLE READ` on PostgreSQL): writes that commit while a long chain
     /// is walked must not look like a truncated tail.
     pub async fn verify_audit(&self) -> Result<VerifyOutcome> {
-        let mut tx = self.pool.begin().await?;
-        if self.backend == Backend::Postgres {
-            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                .execute(&mut *tx)
-                .await?;
-        }
+        let mut tx = self.read_snapshot().await?;
         let outcome = self.verify_audit_in(&mut tx).await;
         tx.rollback().await?;
         outcome

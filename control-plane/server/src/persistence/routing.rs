@@ -277,9 +277,10 @@ impl Store {
     }
 
     /// The changes after `since`: a delta from the history when it reaches back that far,
-    /// else the full table. Both are read in one transaction so they match `revision`.
+    /// else the full table. Both are read in one snapshot so they match `revision` (a
+    /// route rewritten between two statements would otherwise drop out of a full table).
     pub async fn route_changes(&self, since: i64) -> Result<RouteChanges> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.read_snapshot().await?;
         let head = sqlx::query("SELECT revision, horizon FROM routing_revision WHERE id = 1")
             .fetch_one(&mut *tx)
             .await?;
@@ -324,7 +325,7 @@ impl Store {
                 }
             }
         }
-        tx.commit().await?;
+        tx.rollback().await?;
         Ok(out)
     }
 
