@@ -25,6 +25,8 @@ pub enum StartupError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("data directory {path} is in use by another cellplane process{holder}; stop it or choose another --data-dir")]
+    DataDirInUse { path: PathBuf, holder: String },
     #[error("cannot open the store: {0}")]
     Store(#[from] crate::persistence::StoreError),
     #[error("cannot install the admin token: {0}")]
@@ -45,6 +47,9 @@ pub struct Application {
     engine: JobEngine,
     config: Config,
     admin_token_source: String,
+    /// Held for the life of the process: one control plane per data directory (the cells'
+    /// terraform working dirs and, on SQLite, the store live there).
+    _data_dir_lock: std::fs::File,
 }
 
 /// The service and the job engine over `store`, configured from `config`. Exposed so tests
@@ -91,6 +96,7 @@ impl Application {
                 path: config.data_dir.clone(),
                 source,
             })?;
+        let data_dir_lock = lock_data_dir(&config.data_dir)?;
         let store = Store::open(
             config.database_url.as_ref().map(|s| s.expose()),
             &config.data_dir,
@@ -131,6 +137,7 @@ impl Application {
             engine,
             config,
             admin_token_source,
+            _data_dir_lock: data_dir_lock,
         })
     }
 
@@ -384,4 +391,43 @@ pub async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutdown signal received");
+}
+
+/// Takes an exclusive advisory lock on `<data_dir>/cellplane.lock` (released by the kernel
+/// when the process exits, however it exits) and writes our pid into it.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartupError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("cellplane.lock");
+    let io_err = |source| StartupError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(StartupError::DataDirInUse {
+                path: dir.to_path_buf(),
+                holder: if pid.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {pid})")
+                },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io_err(e)),
+    }
+    file.set_len(0).map_err(io_err)?;
+    file.rewind().map_err(io_err)?;
+    writeln!(file, "{}", std::process::id()).map_err(io_err)?;
+    Ok(file)
 }

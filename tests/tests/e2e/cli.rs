@@ -215,3 +215,36 @@ async fn up_starts_with_embedded_defaults() {
     .expect("the router answers for acme");
     assert_eq!(answer, cells["acme"]);
 }
+
+// Two control planes on one data directory would run terraform in the same cell dirs (and
+// share one SQLite file): the second is refused at start, naming the holder, and the first
+// keeps serving. After the first stops, the directory can be used again.
+#[tokio::test]
+async fn second_control_plane_on_a_data_dir_is_refused() {
+    let mut app = TestApp::spawn(Backend::Sqlite).await;
+    let pid = app.pid().unwrap();
+    let out = Command::new(bin_path("cellplane"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&app.data_dir)
+        .env("CELLPLANE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run cellplane");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is in use by another cellplane process")
+            && stderr.contains(&format!("pid {pid}")),
+        "{stderr}"
+    );
+    app.admin
+        .get::<serde_json::Value>("/v1/tenants")
+        .await
+        .unwrap();
+    app.kill9();
+    app.start().await.expect("restart after the holder died");
+    app.admin
+        .get::<serde_json::Value>("/v1/tenants")
+        .await
+        .unwrap();
+}
