@@ -282,6 +282,12 @@ pub struct Environment {
     #[schema(value_type = Object)]
     pub resource_mapping: BTreeMap<String, String>,
     pub created_at: String,
+    /// On `POST …/environments` for an active tenant (or one with a lifecycle job in
+    /// progress): the `tenant.place` job that places the new environment and publishes its
+    /// route. Absent otherwise: a draft or suspended tenant's environments are placed on
+    /// activate or resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement_job_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

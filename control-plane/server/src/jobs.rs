@@ -32,6 +32,9 @@ use tracing::Instrument;
 pub enum Step {
     /// The tenant still exists and is reserved for this job.
     CheckTenant,
+    /// The tenant is active (a `tenant.place` job); otherwise the job ends here with nothing
+    /// to do: a suspended tenant's environments are placed when it resumes.
+    CheckActive,
     /// Every environment of the tenant has its resource mapping recorded.
     PrepareEnvironments,
     /// Every environment holds capacity on a cell (pooled, or its dedicated cell).
@@ -40,6 +43,8 @@ pub enum Step {
     PublishServe,
     /// Every placed environment has a `suspended` route.
     PublishSuspended,
+    /// Every placed environment without a route gets a `serve` route; others stay as they are.
+    PublishMissing,
     /// The tenant has no routes.
     RemoveRoutes,
     /// The tenant's environments hold no capacity (they keep their cell: the data is there).
@@ -52,10 +57,12 @@ impl Step {
     pub fn name(self) -> &'static str {
         match self {
             Step::CheckTenant => "check-tenant",
+            Step::CheckActive => "check-active",
             Step::PrepareEnvironments => "prepare-environments",
             Step::Place => "place",
             Step::PublishServe => "publish-routes",
             Step::PublishSuspended => "suspend-routes",
+            Step::PublishMissing => "publish-new-routes",
             Step::RemoveRoutes => "remove-routes",
             Step::ReleaseCapacity => "release-capacity",
             Step::ForgetCells => "forget-cells",
@@ -72,6 +79,8 @@ pub fn pipeline(kind: &str) -> Option<&'static [Step]> {
             Step::Place,
             Step::PublishServe,
         ]),
+        // An environment created on an active tenant: place what is unplaced and publish.
+        "tenant.place" => Some(&[Step::CheckActive, Step::Place, Step::PublishMissing]),
         "tenant.suspend" => Some(&[Step::CheckTenant, Step::PublishSuspended]),
         "tenant.resume" => Some(&[Step::CheckTenant, Step::Place, Step::PublishServe]),
         "tenant.archive" => Some(&[Step::CheckTenant, Step::RemoveRoutes, Step::ReleaseCapacity]),
@@ -92,6 +101,9 @@ enum StepError {
     /// without spending an attempt.
     #[error("{0}")]
     Wait(String),
+    /// Nothing (more) to do: the job succeeds without running its remaining steps.
+    #[error("{0}")]
+    Skip(String),
 }
 
 impl From<crate::service::ServiceError> for StepError {
@@ -284,6 +296,29 @@ impl JobEngine {
                     return Outcome::Retry(format!("{}: {e}", step.name()))
                 }
                 Err(StepError::Wait(e)) => return self.defer_or_give_up(job, *step, e),
+                Err(StepError::Skip(why)) => {
+                    let log = format!(
+                        "{} step {} ends the job: {why}\n",
+                        persistence::now(),
+                        step.name()
+                    );
+                    let recorded = self
+                        .store()
+                        .job_progress(
+                            &job.job.job_id,
+                            &self.owner,
+                            1.0 - 1.0 / total,
+                            steps.len() as i64,
+                            step.name(),
+                            &log,
+                        )
+                        .await;
+                    return match recorded {
+                        Ok(true) => Outcome::Succeeded(None),
+                        Ok(false) => Outcome::Abandoned,
+                        Err(e) => Outcome::Retry(format!("recording progress: {e}")),
+                    };
+                }
             };
             let log = format!("{} step {} done: {line}\n", persistence::now(), step.name());
             match self
@@ -471,6 +506,20 @@ impl JobEngine {
                 }
                 Ok(format!("tenant {tenant_id} is {}", t.state.as_str()))
             }
+            Step::CheckActive => {
+                let t = self
+                    .store()
+                    .get_tenant(tenant_id)
+                    .await?
+                    .ok_or_else(|| StepError::Skip(format!("tenant {tenant_id} is gone")))?;
+                if t.state != TenantState::Active {
+                    return Err(StepError::Skip(format!(
+                        "tenant {tenant_id} is {}: its environments are placed when it is active",
+                        t.state.as_str()
+                    )));
+                }
+                Ok(format!("tenant {tenant_id} is active"))
+            }
             Step::PrepareEnvironments => {
                 let envs = self.store().list_environments(tenant_id).await?;
                 let names: Vec<&str> = envs.iter().map(|e| e.name.as_str()).collect();
@@ -504,16 +553,22 @@ impl JobEngine {
                 }
                 Ok(format!("placed: {}", done.join("; ")))
             }
-            Step::PublishServe | Step::PublishSuspended => {
-                let mode = if step == Step::PublishServe {
-                    RouteMode::Serve
-                } else {
+            Step::PublishServe | Step::PublishSuspended | Step::PublishMissing => {
+                let mode = if step == Step::PublishSuspended {
                     RouteMode::Suspended
+                } else {
+                    RouteMode::Serve
                 };
-                let changed = self
-                    .service
-                    .publish_tenant_routes(tenant_id, mode, job.job.correlation_id.as_deref())
-                    .await?;
+                let corr = job.job.correlation_id.as_deref();
+                let changed = if step == Step::PublishMissing {
+                    self.service
+                        .publish_missing_routes(tenant_id, mode, corr)
+                        .await?
+                } else {
+                    self.service
+                        .publish_tenant_routes(tenant_id, mode, corr)
+                        .await?
+                };
                 Ok(format!(
                     "routes {}: {}",
                     mode.as_str(),

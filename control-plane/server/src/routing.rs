@@ -134,6 +134,29 @@ impl Service {
         mode: RouteMode,
         correlation_id: Option<&str>,
     ) -> Result<Vec<String>> {
+        self.publish_routes(tenant_id, mode, false, correlation_id)
+            .await
+    }
+
+    /// Publishes `mode` for the placed environments that have no route yet, leaving the
+    /// others as they are (an operator's `hold` on another environment stays).
+    pub async fn publish_missing_routes(
+        &self,
+        tenant_id: &str,
+        mode: RouteMode,
+        correlation_id: Option<&str>,
+    ) -> Result<Vec<String>> {
+        self.publish_routes(tenant_id, mode, true, correlation_id)
+            .await
+    }
+
+    async fn publish_routes(
+        &self,
+        tenant_id: &str,
+        mode: RouteMode,
+        only_missing: bool,
+        correlation_id: Option<&str>,
+    ) -> Result<Vec<String>> {
         let limit = self.settings().routing.history_limit;
         let t = self
             .store()
@@ -148,6 +171,9 @@ impl Service {
             let (Some(cell), Some(endpoint)) = (&e.cell_id, &e.endpoint) else {
                 continue;
             };
+            if only_missing && tx.get_route_tx(tenant_id, &e.name).await?.is_some() {
+                continue;
+            }
             let route = Route {
                 tenant_id: tenant_id.to_string(),
                 env: e.name.clone(),

@@ -156,6 +156,7 @@ fn env_to_wire(e: EnvironmentRow, profile: Profile) -> Environment {
         cell_id: e.cell_id,
         endpoint: e.endpoint,
         created_at: e.created_at,
+        placement_job_id: None,
     }
 }
 
@@ -739,8 +740,30 @@ impl Service {
             correlation_id: Some(&ctx.correlation_id),
         })
         .await?;
+        // An active tenant serves its new environment without another lifecycle action. A
+        // tenant with a lifecycle job in progress gets the job too: it runs after that one
+        // (one running job per target) and places only if the tenant ended up active.
+        let mut placement_job_id = None;
+        if t.state == TenantState::Active || t.pending_job_id.is_some() {
+            let job_id = persistence::new_id("job");
+            tx.insert_job(&NewJob {
+                job_id: &job_id,
+                kind: "tenant.place",
+                target: &tenant_target(tenant_id),
+                payload: json!({"tenant_id": tenant_id, "env": env.name}),
+                max_attempts: self.settings.job_max_attempts,
+                correlation_id: Some(&ctx.correlation_id),
+            })
+            .await?;
+            placement_job_id = Some(job_id);
+        }
         tx.commit().await?;
-        Ok(env_to_wire(env, t.profile))
+        if placement_job_id.is_some() {
+            self.job_notify.notify_waiters();
+        }
+        let mut wire = env_to_wire(env, t.profile);
+        wire.placement_job_id = placement_job_id;
+        Ok(wire)
     }
 
     pub async fn list_environments(&self, tenant_id: &str) -> Result<Vec<Environment>> {

@@ -336,3 +336,106 @@ both_backends!(pre_stamps_past_the_utilization_threshold, |b| async move {
         id.as_str()
     );
 });
+
+// An environment created on an active tenant is placed and routed by its own job, without
+// touching the routes of the tenant's other environments (an operator's hold stays). On a
+// suspended tenant it waits for resume; on a draft tenant, for activate.
+both_backends!(
+    new_environment_of_an_active_tenant_is_placed,
+    |b| async move {
+        let app = TestApp::spawn_with(b, fast_placement()).await;
+        app.stamp_cells(&[("euw1-pool", "eu-west-1", "pooled", 10, 10)])
+            .await;
+        app.create_org("acme-corp").await;
+        app.create_tenant("acme", "acme-corp").await;
+        // Draft: no job; activate places both.
+        let e: Value = app
+            .admin
+            .post(
+                "/v1/tenants/acme/environments",
+                &json!({"name": "stage", "isolation_level": "shared"}),
+            )
+            .await
+            .unwrap();
+        assert!(e.get("placement_job_id").is_none(), "{e}");
+        assert_eq!(
+            app.lifecycle("acme", "activate").await.state,
+            JobState::Succeeded
+        );
+        let t = tenant(&app, "acme").await;
+        let placed: Vec<&Value> = t["environments"].as_array().unwrap().iter().collect();
+        assert!(placed.iter().all(|e| e["cell_id"] == "euw1-pool"), "{t}");
+        // Active: hold prod, then add dev; dev is placed and served, prod stays held.
+        let _: Value = app
+            .admin
+            .patch("/v1/routes/acme/prod", &json!({"mode": "hold"}))
+            .await
+            .unwrap();
+        let e: Value = app
+            .admin
+            .post(
+                "/v1/tenants/acme/environments",
+                &json!({"name": "dev", "isolation_level": "shared"}),
+            )
+            .await
+            .unwrap();
+        let job = e["placement_job_id"]
+            .as_str()
+            .expect("a placement job")
+            .to_string();
+        let done = app.wait_job(&job, Duration::from_secs(60)).await;
+        assert_eq!(
+            done.state,
+            JobState::Succeeded,
+            "{done:?}\n{}",
+            app.job_log(&job).await
+        );
+        let t = tenant(&app, "acme").await;
+        let dev = t["environments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "dev")
+            .unwrap();
+        assert_eq!(dev["cell_id"], "euw1-pool", "{t}");
+        assert_eq!(t["placement"]["dev"]["cell_id"], "euw1-pool", "{t}");
+        let r: Value = app.admin.get("/v1/routes/acme/dev").await.unwrap();
+        assert_eq!(r["mode"], "serve", "{r}");
+        assert_eq!(r["endpoint"], dev["endpoint"]);
+        let r: Value = app.admin.get("/v1/routes/acme/prod").await.unwrap();
+        assert_eq!(r["mode"], "hold", "{r}");
+        assert_eq!(app.cell("euw1-pool").await.used.tenants, 3);
+        // Suspended: the new environment waits for resume, which places and routes it.
+        app.create_tenant("beta", "acme-corp").await;
+        assert_eq!(
+            app.lifecycle("beta", "activate").await.state,
+            JobState::Succeeded
+        );
+        assert_eq!(
+            app.lifecycle("beta", "suspend").await.state,
+            JobState::Succeeded
+        );
+        let e: Value = app
+            .admin
+            .post(
+                "/v1/tenants/beta/environments",
+                &json!({"name": "dev", "isolation_level": "shared"}),
+            )
+            .await
+            .unwrap();
+        assert!(e.get("placement_job_id").is_none(), "{e}");
+        let r = app
+            .req(Method::GET, "/v1/routes/beta/dev")
+            .send()
+            .await
+            .unwrap();
+        expect_problem(r, 404).await;
+        assert_eq!(
+            app.lifecycle("beta", "resume").await.state,
+            JobState::Succeeded
+        );
+        let r: Value = app.admin.get("/v1/routes/beta/dev").await.unwrap();
+        assert_eq!(r["mode"], "serve", "{r}");
+        assert!(app.audit_verify_ok().await);
+    }
+);
