@@ -27,12 +27,20 @@ pub fn handle(
     match (req.method().as_str(), req.uri().path()) {
         ("GET", "/__router/healthz") => {
             let snap = state.table.load();
+            let mut down: Vec<&str> = snap
+                .cells
+                .iter()
+                .filter(|c| !c.health.is_up())
+                .map(|c| &*c.cell_id)
+                .collect();
+            down.sort_unstable();
             let body = serde_json::json!({
                 "status": "ok",
                 "router_id": router_id,
                 "revision": snap.revision,
                 "routes": snap.routes,
                 "cells": snap.cells.len(),
+                "cells_down": down,
                 "source": status.source_name(),
                 "control_plane_last_ok_ms_ago": status.since_last_ok_ms(),
                 "state_file_revision": state
@@ -83,6 +91,15 @@ pub fn render_metrics(state: &RouterState, status: &SyncStatus) -> String {
             .unwrap_or(-1.0)
     );
     state.counters.render(&mut out);
+    out.push_str("# HELP cellplane_router_cell_up Whether the cell passes its health checks (1) or not (0).\n# TYPE cellplane_router_cell_up gauge\n");
+    for c in snap.cells.iter() {
+        let _ = writeln!(
+            out,
+            "cellplane_router_cell_up{{cell=\"{}\"}} {}",
+            c.cell_id,
+            u8::from(c.health.is_up())
+        );
+    }
     out.push_str("# HELP cellplane_router_cell_requests_total Forwarded requests by cell and status class.\n# TYPE cellplane_router_cell_requests_total counter\n");
     for c in snap.cells.iter() {
         c.status.render(

@@ -65,6 +65,20 @@ pub struct Config {
     /// tenant gets request counters). Bounds memory and series in very large tables.
     #[arg(long, default_value_t = 10_000)]
     pub max_tenant_histograms: usize,
+    /// Time between health probes of each cell (`GET <endpoint><health-path>`); 0 turns
+    /// probing off.
+    #[arg(long, default_value_t = 1000)]
+    pub health_interval_ms: u64,
+    /// Time a health probe may take.
+    #[arg(long, default_value_t = 500)]
+    pub health_timeout_ms: u64,
+    /// Path of the cells' health check (the cell contract's `/healthz`).
+    #[arg(long, default_value = "/healthz")]
+    pub health_path: String,
+    /// Consecutive failed probes (or connect errors of forwarded requests) that take a
+    /// cell down; one good probe brings it back.
+    #[arg(long, default_value_t = 2)]
+    pub health_fails: u32,
     /// Long-poll wait per watch request.
     #[arg(long, default_value_t = 30)]
     pub watch_wait_secs: u64,
@@ -115,6 +129,14 @@ impl Config {
                 .any(|b| !b.is_finite() || *b <= 0.0)
         {
             return Err("--latency-buckets must be increasing positive seconds".into());
+        }
+        if !self.health_path.starts_with('/')
+            || self.health_path.parse::<http::uri::PathAndQuery>().is_err()
+        {
+            return Err("--health-path must be an absolute path such as /healthz".into());
+        }
+        if self.health_fails == 0 {
+            return Err("--health-fails must be at least 1".into());
         }
         if self.watch_wait_secs > 60 {
             return Err("--watch-wait-secs must be at most 60".into());

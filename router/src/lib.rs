@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod resolve;

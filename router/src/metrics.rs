@@ -95,6 +95,7 @@ pub struct RouterCounters {
     pub rate_limited: AtomicU64,
     pub upstream_error: AtomicU64,
     pub upstream_timeout: AtomicU64,
+    pub cell_down: AtomicU64,
     pub forwarded: AtomicU64,
     pub sync_ok: AtomicU64,
     pub sync_errors: AtomicU64,
@@ -118,6 +119,7 @@ impl RouterCounters {
             ("rate_limited", &self.rate_limited),
             ("upstream_error", &self.upstream_error),
             ("upstream_timeout", &self.upstream_timeout),
+            ("cell_down", &self.cell_down),
         ] {
             let _ = writeln!(
                 out,

@@ -51,6 +51,8 @@ pub struct ProxyConfig {
     pub buckets: Arc<[f64]>,
     /// Tenants that get a latency histogram (the first ones with traffic).
     pub max_tenant_histograms: usize,
+    /// Consecutive failed health probes (or connect errors) that take a cell down.
+    pub health_fails: u32,
 }
 
 /// Everything the request path shares.
@@ -130,6 +132,8 @@ pub enum ProxyError {
     Upstream { cell: String, reason: String },
     #[error("cell {0} did not answer in time")]
     UpstreamTimeout(String),
+    #[error("cell {0} is down (failing its health checks); retry shortly")]
+    CellDown(String),
 }
 
 impl ProxyError {
@@ -180,6 +184,12 @@ impl ProxyError {
                 "cell timed out",
                 None,
             ),
+            ProxyError::CellDown(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cell-unavailable",
+                "cell unavailable",
+                Some(1),
+            ),
         }
     }
 
@@ -193,6 +203,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => &c.rate_limited,
             ProxyError::Upstream { .. } => &c.upstream_error,
             ProxyError::UpstreamTimeout(_) => &c.upstream_timeout,
+            ProxyError::CellDown(_) => &c.cell_down,
         }
     }
 
@@ -301,6 +312,9 @@ pub trait Phases: Send + Sync + 'static {
                     .clone(),
             )),
             RouteMode::Serve => {
+                if !route.cell.health.is_up() {
+                    return Pick::Refuse(ProxyError::CellDown(route.cell.cell_id.to_string()));
+                }
                 let rt = tenant
                     .runtime(&state.cfg.buckets, &state.tenant_histograms)
                     .clone();
@@ -512,6 +526,13 @@ pub async fn handle<P: Phases>(
     let resp = match result {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
+            if matches!(
+                e,
+                crate::upstream::UpstreamError::Connect { .. }
+                    | crate::upstream::UpstreamError::ConnectTimeout(_)
+            ) {
+                crate::health::record(&route.cell, Err(e.to_string()), state.cfg.health_fails);
+            }
             let err = ProxyError::Upstream {
                 cell: route.cell.cell_id.to_string(),
                 reason: error_chain(&e),

@@ -91,6 +91,7 @@ impl Application {
                 upstream_timeout: Duration::from_millis(cfg.upstream_timeout_ms.max(1)),
                 buckets,
                 max_tenant_histograms: cfg.max_tenant_histograms,
+                health_fails: cfg.health_fails,
             },
             initial,
         ));
@@ -142,6 +143,16 @@ impl Application {
             self.state.clone(),
             self.cfg.state_file.clone(),
             Duration::from_millis(self.cfg.state_flush_ms),
+            background.clone(),
+        ));
+        let prober = tokio::spawn(crate::health::run_prober(
+            self.state.clone(),
+            crate::health::ProbeConfig {
+                interval: Duration::from_millis(self.cfg.health_interval_ms),
+                timeout: Duration::from_millis(self.cfg.health_timeout_ms.max(1)),
+                path: self.cfg.health_path.clone(),
+                fails: self.cfg.health_fails,
+            },
             background.clone(),
         ));
         let heartbeats = tokio::spawn(crate::sync::run_heartbeats(
@@ -225,6 +236,7 @@ impl Application {
         background.cancel();
         let _ = watch.await;
         let _ = heartbeats.await;
+        let _ = prober.await;
         let _ = persister.await;
         let _ = admin.await;
         tracing::info!("router stopped");

@@ -26,6 +26,8 @@ pub struct CellHandle {
     pub upstream: crate::upstream::Upstream,
     pub status: StatusCounters,
     pub latency: Histogram,
+    /// Kept up to date by the health prober; shared by every snapshot that holds the cell.
+    pub health: crate::health::CellHealth,
 }
 
 /// State of one tenant that outlives snapshots: created on its first request.
@@ -251,6 +253,7 @@ impl TableBuilder {
             upstream,
             status: StatusCounters::default(),
             latency: Histogram::new(&self.buckets),
+            health: Default::default(),
         });
         self.cells.insert(key, handle.clone());
         Ok(handle)

@@ -84,6 +84,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// `host:port` of the cell.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
     pub fn new(endpoint: &str, cfg: &UpstreamConfig) -> Result<Self, BadEndpoint> {
         let uri: http::Uri = endpoint.parse().map_err(|_| BadEndpoint)?;
         if uri.scheme() != Some(&Scheme::HTTP) {

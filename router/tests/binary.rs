@@ -1,7 +1,7 @@
 //! The router binary on its own (no control plane): it serves from its state file, answers
 //! for itself with problem documents (404 unknown or missing tenant, 400 bad environment,
-//! 502 unreachable cell), keeps the admin endpoints off the tenant listener, and on
-//! SIGTERM drains and exits cleanly.
+//! 502 unreachable cell, 503 for a cell failing its health checks), keeps the admin
+//! endpoints off the tenant listener, and on SIGTERM drains and exits cleanly.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -25,7 +25,7 @@ fn dead_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-fn spawn(state: &std::path::Path) -> Router {
+fn spawn(state: &std::path::Path, extra: &[&str]) -> Router {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cellplane-router"))
         .args([
             "--control-plane",
@@ -40,6 +40,7 @@ fn spawn(state: &std::path::Path) -> Router {
             "--upstream-timeout-ms",
             "2000",
         ])
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -81,7 +82,8 @@ async fn own_answers_are_problems_and_shutdown_is_clean() {
         ),
     )
     .unwrap();
-    let mut r = spawn(&state);
+    // Probing off: the dead cell is only found by forwarding to it.
+    let mut r = spawn(&state, &["--health-interval-ms", "0"]);
     let http = reqwest::Client::new();
     let get = |host: &str, path: &str| {
         http.get(format!("{}{path}", r.url))
@@ -142,7 +144,7 @@ async fn own_answers_are_problems_and_shutdown_is_clean() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(status.expect("exited after SIGTERM").success());
-    let again = spawn(&state);
+    let again = spawn(&state, &[]);
     let h: serde_json::Value = http
         .get(format!("{}/__router/healthz", again.admin))
         .send()
@@ -159,4 +161,127 @@ fn nix_kill(pid: u32) {
         .arg("-TERM")
         .arg(pid.to_string())
         .status();
+}
+
+fn write_state(path: &std::path::Path, port: u16) {
+    std::fs::write(
+        path,
+        format!(
+            r#"{{"revision":1,"full":true,"upserts":[
+            {{"tenant_id":"acme","env":"prod","cell_id":"c-1","endpoint":"http://127.0.0.1:{port}","mode":"serve"}}],
+            "removals":[]}}"#
+        ),
+    )
+    .unwrap();
+}
+
+/// A cell stand-in on `listener`: answers every request `200 ok` and closes.
+fn serve_ok(listener: std::net::TcpListener) {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\nx-cell-id: c-1\r\n\r\nok",
+            );
+        }
+    });
+}
+
+async fn health(http: &reqwest::Client, admin: &str) -> serde_json::Value {
+    http.get(format!("{admin}/__router/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn wait_until<F: Fn(&serde_json::Value) -> bool>(
+    http: &reqwest::Client,
+    admin: &str,
+    f: F,
+) -> serde_json::Value {
+    for _ in 0..100 {
+        let h = health(http, admin).await;
+        if f(&h) {
+            return h;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("router health never matched: {}", health(http, admin).await);
+}
+
+// Cell health is part of the table: a cell whose /healthz does not answer is marked down
+// by the prober and its tenants get 503 cell-unavailable with Retry-After at once (not a
+// connect error per request); when the cell answers again it is served again.
+#[tokio::test]
+async fn a_cell_failing_health_checks_is_refused_until_it_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    // Reserve a port, then free it: the cell is down from the start.
+    let port = dead_port();
+    write_state(&state, port);
+    let r = spawn(
+        &state,
+        &[
+            "--health-interval-ms",
+            "100",
+            "--health-timeout-ms",
+            "200",
+            "--health-fails",
+            "2",
+        ],
+    );
+    let http = reqwest::Client::new();
+    let h = wait_until(&http, &r.admin, |h| {
+        h["cells_down"] == serde_json::json!(["c-1"])
+    })
+    .await;
+    assert_eq!(h["cells"], 1);
+    let resp = http
+        .get(format!("{}/x", r.url))
+        .header("host", "acme.example.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let p = problem(resp, 503).await;
+    assert_eq!(p["type"], "https://cellplane.dev/problems/cell-unavailable");
+    assert!(p["detail"].as_str().unwrap().contains("c-1"), "{p}");
+    let m = http
+        .get(format!("{}/__router/metrics", r.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("cellplane_router_cell_up{cell=\"c-1\"} 0"),
+        "{m}"
+    );
+    assert!(
+        m.contains("cellplane_router_own_responses_total{reason=\"cell_down\"} 1"),
+        "{m}"
+    );
+    // The cell comes up on its port: the next good probe brings it back.
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("rebind the cell port");
+    serve_ok(listener);
+    wait_until(&http, &r.admin, |h| {
+        h["cells_down"] == serde_json::json!([])
+    })
+    .await;
+    let resp = http
+        .get(format!("{}/x", r.url))
+        .header("host", "acme.example.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-cell-id"], "c-1");
+    assert_eq!(resp.text().await.unwrap(), "ok");
 }

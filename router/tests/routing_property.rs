@@ -137,6 +137,7 @@ async fn requests_only_reach_their_own_tenants_current_route() {
                 hold_queue: 10,
                 upstream_timeout: Duration::from_secs(1),
                 buckets: Arc::from(vec![0.01]),
+                health_fails: 2,
                 max_tenant_histograms: 100,
             },
             Snapshot::empty(),

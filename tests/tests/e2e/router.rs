@@ -375,3 +375,72 @@ both_backends!(held_requests_wait_for_release_or_time_out, |b| async move {
         .unwrap();
     expect_problem(r, 403).await;
 });
+
+// Cell health travels with the routes: a hung cell (its sample-cell process stopped with
+// SIGSTOP: connections are accepted, nothing answers) fails its /healthz probes, and its
+// tenants get 503 cell-unavailable at once instead of waiting for the upstream timeout;
+// tenants on the other cell are untouched. SIGCONT brings it back.
+#[tokio::test]
+async fn a_hung_cell_is_taken_out_until_it_answers_again() {
+    let (app, router, cells) = routed(
+        Backend::Sqlite,
+        &["--health-interval-ms", "100", "--health-timeout-ms", "300"],
+        false,
+    )
+    .await;
+    let hung = cells["globex"].clone();
+    let pid: i32 = std::fs::read_to_string(app.cell_dir(&hung).join("run/sample-cell.pid"))
+        .expect("the cell's pid file")
+        .trim()
+        .parse()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    struct Cont(nix::unistd::Pid);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    let cont = Cont(pid);
+    let r = eventually(Duration::from_secs(10), || async {
+        let r = router
+            .tenant_req(Method::GET, "globex", "/v1/kv/x")
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 503).then_some(r)
+    })
+    .await
+    .expect("the hung cell's tenant is refused");
+    assert_eq!(r.headers()["retry-after"], "1");
+    let p = expect_problem(r, 503).await;
+    assert_eq!(p["type"], "https://cellplane.dev/problems/cell-unavailable");
+    let h = router.healthz().await;
+    assert_eq!(h["cells_down"], json!([hung]), "{h}");
+    for t in TENANTS.iter().filter(|t| cells[**t] != hung) {
+        let r = router
+            .tenant_req(Method::GET, t, "/v1/kv/x")
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{t} is served by its own cell");
+        assert_eq!(cell_of(&r), cells[*t]);
+    }
+    drop(cont);
+    let r = eventually(Duration::from_secs(10), || async {
+        let r = router
+            .tenant_req(Method::GET, "globex", "/v1/kv/x")
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 404).then_some(r)
+    })
+    .await
+    .expect("served again once the cell answers");
+    assert_eq!(cell_of(&r), hung);
+    assert_eq!(router.healthz().await["cells_down"], json!([]));
+}
