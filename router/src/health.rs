@@ -75,8 +75,8 @@ pub async fn run_prober(state: Arc<RouterState>, cfg: ProbeConfig, stop: Cancell
         }
         let cells = state.table.load().cells.clone();
         let mut round = tokio::task::JoinSet::new();
-        for cell in cells.iter().cloned() {
-            let cfg = cfg.clone();
+        for cell in cells.iter() {
+            let (cell, cfg) = (Arc::clone(cell), cfg.clone());
             round.spawn(async move {
                 let result = probe(&cell, &cfg).await;
                 record(&cell, result, cfg.fails);
