@@ -162,6 +162,23 @@ pub enum TenantCmd {
         #[arg(long)]
         if_match: Option<i64>,
     },
+    /// Adds an environment. On an active tenant it is placed and routed by a job
+    /// (`--wait` follows it); a draft or suspended tenant's is placed on activate/resume.
+    EnvAdd {
+        id: String,
+        /// dev, stage or prod.
+        #[arg(long)]
+        name: String,
+        /// Defaults to the tenant's region.
+        #[arg(long)]
+        region: Option<String>,
+        /// shared or strict.
+        #[arg(long, default_value = "shared")]
+        isolation: String,
+        /// Wait for the placement job to finish.
+        #[arg(long)]
+        wait: bool,
+    },
     Activate(ActionArgs),
     Suspend(ActionArgs),
     Resume(ActionArgs),
@@ -924,6 +941,42 @@ async fn tenant(c: Client, cmd: TenantCmd, json: bool) -> CliResult {
                 tenant_rows(&[t]);
             }
             return Ok(());
+        }
+        TenantCmd::EnvAdd {
+            id,
+            name,
+            region,
+            isolation,
+            wait,
+        } => {
+            let id = id_arg("tenant", &id)?;
+            let mut body = serde_json::json!({"name": name, "isolation_level": isolation});
+            if let Some(r) = region {
+                body["region"] = serde_json::Value::String(r);
+            }
+            let env: cellplane_api::Environment = c
+                .post(&format!("/v1/tenants/{id}/environments"), &body)
+                .await?;
+            match &env.placement_job_id {
+                Some(job) => {
+                    if !json {
+                        println!("environment {} added; placement job {job}", env.name);
+                    }
+                    let job = c.get_job(job).await?;
+                    return wait_and_show(&c, job, wait, json).await;
+                }
+                None => {
+                    if json {
+                        print_json(&env);
+                    } else {
+                        println!(
+                            "environment {} added; it is placed when the tenant is activated or resumed",
+                            env.name
+                        );
+                    }
+                    return Ok(());
+                }
+            }
         }
         TenantCmd::Activate(a) => action(a, LifecycleAction::Activate),
         TenantCmd::Suspend(a) => action(a, LifecycleAction::Suspend),

@@ -51,6 +51,23 @@ both_backends!(client_commands, |b| async move {
     let t: serde_json::Value = serde_json::from_str(&out).expect("--json prints JSON");
     assert_eq!(t["state"], "active");
     assert_eq!(t["quotas"]["units"], 2);
+    // A new environment of the active tenant is placed by its job.
+    let (code, out, err) = run(&["tenant", "env-add", "acme", "--name", "dev", "--wait"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("placement job") && out.contains("succeeded"),
+        "{out}"
+    );
+    let (code, out, _) = run(&["tenant", "get", "acme"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("dev") && l.contains("euw1-pool-1")),
+        "{out}"
+    );
+    let (code, _, err) = run(&["tenant", "env-add", "acme", "--name", "qa"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("name"), "{err}");
     let (code, out, _) = run(&["tenant", "list"]);
     assert_eq!(code, 0);
     assert!(
@@ -63,8 +80,8 @@ both_backends!(client_commands, |b| async move {
     let (code, out, _) = run(&["job", "list", "--json"]);
     assert_eq!(code, 0);
     let jobs: serde_json::Value = serde_json::from_str(&out).unwrap();
-    // The cell's stamp job and the activation.
-    assert_eq!(jobs.as_array().unwrap().len(), 2);
+    // The cell's stamp job, the activation and the new environment's placement.
+    assert_eq!(jobs.as_array().unwrap().len(), 3);
     let (code, out, _) = run(&["token", "create", "--role", "viewer"]);
     assert_eq!(code, 0);
     assert!(out.contains("cp_"), "{out}");
