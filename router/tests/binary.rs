@@ -110,24 +110,10 @@ async fn own_answers_are_problems_and_shutdown_is_clean() {
         502,
     )
     .await;
-    let h: serde_json::Value = http
-        .get(format!("{}/__router/healthz", r.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h = health(&http, &r.admin).await;
     assert_eq!(h["revision"], 3);
     assert_eq!(h["source"], "state-file");
-    let m = http
-        .get(format!("{}/__router/metrics", r.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(&http, &r.admin).await;
     assert!(
         m.contains("cellplane_router_own_responses_total{reason=\"upstream_error\"} 2"),
         "{m}"
@@ -145,14 +131,7 @@ async fn own_answers_are_problems_and_shutdown_is_clean() {
     }
     assert!(status.expect("exited after SIGTERM").success());
     let again = spawn(&state, &[]);
-    let h: serde_json::Value = http
-        .get(format!("{}/__router/healthz", again.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h = health(&http, &again.admin).await;
     assert_eq!(h["routes"], 1);
 }
 
@@ -188,6 +167,16 @@ fn serve_ok(listener: std::net::TcpListener) {
             );
         }
     });
+}
+
+async fn metrics(http: &reqwest::Client, admin: &str) -> String {
+    http.get(format!("{admin}/__router/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 async fn health(http: &reqwest::Client, admin: &str) -> serde_json::Value {
@@ -252,14 +241,7 @@ async fn a_cell_failing_health_checks_is_refused_until_it_recovers() {
     let p = problem(resp, 503).await;
     assert_eq!(p["type"], "https://cellplane.dev/problems/cell-unavailable");
     assert!(p["detail"].as_str().unwrap().contains("c-1"), "{p}");
-    let m = http
-        .get(format!("{}/__router/metrics", r.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(&http, &r.admin).await;
     assert!(
         m.contains("cellplane_router_cell_up{cell=\"c-1\"} 0"),
         "{m}"

@@ -376,6 +376,20 @@ both_backends!(held_requests_wait_for_release_or_time_out, |b| async move {
     expect_problem(r, 403).await;
 });
 
+/// Polls globex's `GET /v1/kv/x` through the router until it answers `status`.
+async fn globex_answers(router: &TestRouter, status: u16) -> anyhow::Result<reqwest::Response> {
+    eventually(Duration::from_secs(10), || async {
+        let r = router
+            .tenant_req(Method::GET, "globex", "/v1/kv/x")
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == status).then_some(r)
+    })
+    .await
+}
+
 // Cell health travels with the routes: a hung cell (its sample-cell process stopped with
 // SIGSTOP: connections are accepted, nothing answers) fails its /healthz probes, and its
 // tenants get 503 cell-unavailable at once instead of waiting for the upstream timeout;
@@ -403,17 +417,9 @@ async fn a_hung_cell_is_taken_out_until_it_answers_again() {
         }
     }
     let cont = Cont(pid);
-    let r = eventually(Duration::from_secs(10), || async {
-        let r = router
-            .tenant_req(Method::GET, "globex", "/v1/kv/x")
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .ok()?;
-        (r.status() == 503).then_some(r)
-    })
-    .await
-    .expect("the hung cell's tenant is refused");
+    let r = globex_answers(&router, 503)
+        .await
+        .expect("the hung cell's tenant is refused");
     assert_eq!(r.headers()["retry-after"], "1");
     let p = expect_problem(r, 503).await;
     assert_eq!(p["type"], "https://cellplane.dev/problems/cell-unavailable");
@@ -430,17 +436,9 @@ async fn a_hung_cell_is_taken_out_until_it_answers_again() {
         assert_eq!(cell_of(&r), cells[*t]);
     }
     drop(cont);
-    let r = eventually(Duration::from_secs(10), || async {
-        let r = router
-            .tenant_req(Method::GET, "globex", "/v1/kv/x")
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .ok()?;
-        (r.status() == 404).then_some(r)
-    })
-    .await
-    .expect("served again once the cell answers");
+    let r = globex_answers(&router, 404)
+        .await
+        .expect("served again once the cell answers");
     assert_eq!(cell_of(&r), hung);
     assert_eq!(router.healthz().await["cells_down"], json!([]));
 }
