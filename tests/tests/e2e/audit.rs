@@ -142,3 +142,33 @@ both_backends!(
         assert!(v.ok, "{v:?}");
     }
 );
+
+both_backends!(record_past_the_head_is_found, |b| async move {
+    let app = seeded(b).await;
+    let last = app
+        .sql_i64("SELECT MAX(seq) FROM tenant_audit")
+        .await
+        .unwrap();
+    // Append a copy of the last record one past it, then put the head back where it was:
+    // a record the head never reached.
+    app.sql(&format!(
+        "INSERT INTO tenant_audit (seq, audit_id, tenant_id, event_type, actor, target, payload, correlation_id, occurred_at, prev_hash, hash) \
+         SELECT seq + 1, 'evt-appended', tenant_id, event_type, 'mallory', target, payload, NULL, occurred_at, hash, hash FROM tenant_audit WHERE seq = {last}"
+    ))
+    .await
+    .unwrap();
+    app.sql(&format!(
+        "UPDATE chain_head SET seq = {last}, hash = (SELECT hash FROM tenant_audit WHERE seq = {last}) WHERE id = 1"
+    ))
+    .await
+    .unwrap();
+    let v = app.admin.audit_verify().await.unwrap();
+    assert_eq!((v.ok, v.broken_seq), (false, Some(last + 1)), "{v:?}");
+    assert!(
+        v.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("past the chain head"),
+        "{v:?}"
+    );
+});

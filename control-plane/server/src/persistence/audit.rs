@@ -5,7 +5,7 @@
 use super::{new_id, now, Result, Store, StoreError, WriteTx};
 use cellplane_api::AuditRecord;
 use sha2::{Digest, Sha256};
-use sqlx::{Any, Row, Transaction};
+use sqlx::Row;
 
 /// What a write records about itself.
 #[derive(Debug, Clone)]
@@ -247,30 +247,28 @@ impl Store {
 
     /// Walks the whole chain in sequence order and reports the first record that does not
     /// hold: a modified field (hash mismatch), a removed or inserted record (sequence gap or
-    /// broken link), or a truncated tail (head does not match the last record).
+    /// broken link), a truncated tail (the head is past the last record), or records past
+    /// the head (appended without moving it).
     ///
-    /// The walk and the head are read in one read-only snapshot (a deferred transaction on
-    /// SQLite's WAL, `REPEATABLE READ` on PostgreSQL): writes that commit while a long chain
-    /// is walked must not look like a truncated tail.
+    /// Writes may commit while a long chain is walked. A record and the head move commit
+    /// together (the insert trigger), so the walk reads the head first and checks records
+    /// up to it; anything newer is judged at the end against a head read after it. This
+    /// needs no isolation level beyond each statement's own, the same on both stores.
     pub async fn verify_audit(&self) -> Result<VerifyOutcome> {
-        let mut tx = self.read_snapshot().await?;
-        let outcome = self.verify_audit_in(&mut tx).await;
-        tx.rollback().await?;
-        outcome
-    }
-
-    async fn verify_audit_in(&self, tx: &mut Transaction<'static, Any>) -> Result<VerifyOutcome> {
+        let (head_seq, head_hash) = self.chain_head().await?;
         let mut expected_prev =
             "0000000000000000000000000000000000000000000000000000000000000000".to_string();
         let mut expected_seq = 1i64;
         let mut count = 0i64;
         let mut after = 0i64;
         loop {
-            let rows =
-                sqlx::query("SELECT * FROM tenant_audit WHERE seq > $1 ORDER BY seq LIMIT 5000")
-                    .bind(after)
-                    .fetch_all(&mut **tx)
-                    .await?;
+            let rows = sqlx::query(
+                "SELECT * FROM tenant_audit WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT 5000",
+            )
+            .bind(after)
+            .bind(head_seq)
+            .fetch_all(&self.pool)
+            .await?;
             if rows.is_empty() {
                 break;
             }
@@ -322,13 +320,7 @@ impl Store {
                 after = seq;
             }
         }
-        let head = sqlx::query("SELECT seq, hash FROM chain_head WHERE id = 1")
-            .fetch_optional(&mut **tx)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt("chain_head row is missing".into()))?;
-        let head_seq: i64 = head.try_get("seq")?;
-        let head_hash: String = head.try_get("hash")?;
-        if head_seq != count || head_hash != expected_prev {
+        if count != head_seq {
             return Ok(VerifyOutcome::Broken {
                 records: count,
                 seq: count + 1,
@@ -337,6 +329,37 @@ impl Store {
                 ),
             });
         }
+        if head_hash != expected_prev {
+            return Ok(VerifyOutcome::Broken {
+                records: count,
+                seq: count,
+                reason: "chain head does not match the last record's hash".into(),
+            });
+        }
+        // Records past the head: legitimate ones committed with their head move, so a head
+        // read after the highest record covers it; a record the head never reached was
+        // appended around the trigger.
+        let max_seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM tenant_audit")
+            .fetch_one(&self.pool)
+            .await?;
+        let (head_now, _) = self.chain_head().await?;
+        if let Some(max) = max_seq.filter(|m| *m > head_now) {
+            return Ok(VerifyOutcome::Broken {
+                records: count,
+                seq: head_now + 1,
+                reason: format!(
+                    "record {max} is past the chain head ({head_now}): records were appended without moving the head"
+                ),
+            });
+        }
         Ok(VerifyOutcome::Ok { records: count })
+    }
+
+    async fn chain_head(&self) -> Result<(i64, String)> {
+        let head = sqlx::query("SELECT seq, hash FROM chain_head WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("chain_head row is missing".into()))?;
+        Ok((head.try_get("seq")?, head.try_get("hash")?))
     }
 }

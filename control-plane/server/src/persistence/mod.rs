@@ -254,20 +254,6 @@ impl Store {
         })
     }
 
-    /// Begins a read-only transaction whose statements all see one snapshot: a deferred
-    /// transaction on SQLite's WAL (the snapshot starts at its first read), `REPEATABLE
-    /// READ` on PostgreSQL (whose default, `READ COMMITTED`, gives each statement its own).
-    /// Callers end it with `rollback`.
-    pub async fn read_snapshot(&self) -> Result<Transaction<'static, Any>> {
-        let mut tx = self.pool.begin().await?;
-        if self.backend == Backend::Postgres {
-            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                .execute(&mut *tx)
-                .await?;
-        }
-        Ok(tx)
-    }
-
     /// `/readyz`: the store answers a trivial query.
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;

@@ -277,10 +277,12 @@ impl Store {
     }
 
     /// The changes after `since`: a delta from the history when it reaches back that far,
-    /// else the full table. Both are read in one snapshot so they match `revision` (a
-    /// route rewritten between two statements would otherwise drop out of a full table).
+    /// else the full table. The revision is read first and the rows after it, so the rows
+    /// are at least as new as `revision`: a change that commits in between is also in the
+    /// next delta (upserts and removals are idempotent), and none is ever missed. Filtering
+    /// the rows by `revision` instead would drop a route rewritten in between.
     pub async fn route_changes(&self, since: i64) -> Result<RouteChanges> {
-        let mut tx = self.read_snapshot().await?;
+        let mut tx = self.pool.begin().await?;
         let head = sqlx::query("SELECT revision, horizon FROM routing_revision WHERE id = 1")
             .fetch_one(&mut *tx)
             .await?;
@@ -296,11 +298,9 @@ impl Store {
             removals: Vec::new(),
         };
         if full {
-            let rows =
-                sqlx::query("SELECT * FROM routes WHERE revision <= $1 ORDER BY tenant_id, env")
-                    .bind(revision)
-                    .fetch_all(&mut *tx)
-                    .await?;
+            let rows = sqlx::query("SELECT * FROM routes ORDER BY tenant_id, env")
+                .fetch_all(&mut *tx)
+                .await?;
             out.upserts = rows.iter().map(route_from_row).collect::<Result<_>>()?;
         } else if since < revision {
             let rows = sqlx::query(
