@@ -5,6 +5,8 @@
 #
 #   bench/control-plane/tenant-create.sh            # both stores
 #   DURATION=20 CONNECTIONS=50 bench/control-plane/tenant-create.sh
+#   BACKENDS=postgres BIN=/tmp/cellplane-old bench/control-plane/tenant-create.sh
+#                                                 # one store; a prebuilt binary
 #
 # Needs wrk (apt-get install wrk). Starts its own PostgreSQL unless CELLPLANE_TEST_PG_URL
 # names a superuser URL. Prints a markdown table.
@@ -16,8 +18,11 @@ THREADS=${THREADS:-2}
 TOKEN=bench-admin-token-0123456789
 
 command -v wrk >/dev/null || { echo "wrk is required: apt-get install wrk" >&2; exit 2; }
-cargo build --release -p cellplane >&2
-BIN=target/release/cellplane
+BACKENDS=${BACKENDS:-sqlite postgres}
+if [ -z "${BIN:-}" ]; then
+    cargo build --release -p cellplane >&2
+    BIN=${CARGO_TARGET_DIR:-target}/release/cellplane
+fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/cp-bench.XXXXXX")
 chmod 755 "$work"
@@ -42,7 +47,7 @@ run_wrk() { # script url -> "rps p50 p99 non2xx"
 }
 
 rows=()
-for backend in sqlite postgres; do
+for backend in $BACKENDS; do
     dir="$work/$backend"; mkdir -p "$dir"
     args=()
     if [ "$backend" = postgres ]; then
@@ -70,7 +75,7 @@ for backend in sqlite postgres; do
 done
 
 echo
-echo "Tenant create, $CONNECTIONS concurrent clients, ${DURATION}s, audit + outbox in the same transaction ($(nproc) cores, client on the same machine)"
+echo "Tenant create, $CONNECTIONS concurrent clients, ${DURATION}s, audit + outbox in the same transaction ($(nproc) cores, client on the same machine, load average $(cut -d' ' -f1-3 /proc/loadavg))"
 echo
 echo "| store | creates/s | p50 ms | p99 ms | non-2xx | vs target (2000/s SQLite, 1000/s PG) | baseline GET /healthz req/s | creates ÷ healthz | audit chain |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"

@@ -238,3 +238,97 @@ both_backends!(
 fn tokio_util_free_token() -> cellplane::jobs::Shutdown {
     cellplane::jobs::Shutdown::new()
 }
+
+fn new_tenant(id: &str, org: &str) -> cellplane::persistence::NewTenant {
+    let ts = cellplane::persistence::now();
+    cellplane::persistence::NewTenant {
+        row: cellplane::persistence::TenantRow {
+            tenant_id: id.into(),
+            organization_id: org.into(),
+            profile: cellplane_api::Profile::MtStandard,
+            state: cellplane_api::TenantState::Draft,
+            region: "eu-west-1".into(),
+            quotas: Default::default(),
+            policies: Default::default(),
+            billing: Default::default(),
+            placement: None,
+            pending_job_id: None,
+            archived_at: None,
+            version: 1,
+            created_at: ts.clone(),
+            updated_at: ts.clone(),
+        },
+        env: cellplane::persistence::EnvironmentRow {
+            tenant_id: id.into(),
+            name: "prod".into(),
+            region: "eu-west-1".into(),
+            isolation_level: "shared".into(),
+            cell_id: None,
+            endpoint: None,
+            created_at: ts,
+        },
+        audit: cellplane::persistence::OwnedAudit {
+            tenant_id: Some(id.into()),
+            event_type: "TENANCY_CREATED".into(),
+            actor: "test".into(),
+            target: format!("tenant/{id}"),
+            payload: json!({}),
+            correlation_id: None,
+        },
+    }
+}
+
+both_backends!(
+    a_creation_batch_reports_each_creation_on_its_own,
+    |b| async move {
+        use cellplane::persistence::CreateOutcome::*;
+        let (store, _d) = open(b).await;
+        let mut tx = store.write().await.unwrap();
+        tx.insert_organization("org-a", "A").await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            store
+                .create_tenants(&[new_tenant("old", "org-a")])
+                .await
+                .unwrap(),
+            vec![Created]
+        );
+        let batch = [
+            new_tenant("fresh", "org-a"),
+            new_tenant("old", "org-a"),
+            new_tenant("fresh", "org-a"),
+            new_tenant("orphan", "org-missing"),
+            new_tenant("orphan", "org-a"),
+            new_tenant("lonely", "org-missing"),
+        ];
+        assert_eq!(
+            store.create_tenants(&batch).await.unwrap(),
+            vec![
+                Created,
+                Duplicate,
+                Duplicate,
+                UnknownOrganization,
+                Created,
+                UnknownOrganization
+            ]
+        );
+        for (id, org) in [("fresh", "org-a"), ("orphan", "org-a")] {
+            let t = store.get_tenant(id).await.unwrap().expect(id);
+            assert_eq!(t.organization_id, org);
+            assert_eq!(store.list_environments(id).await.unwrap().len(), 1);
+        }
+        assert!(store.get_tenant("lonely").await.unwrap().is_none());
+        // A batch with nothing to write leaves the store as it was.
+        assert_eq!(
+            store
+                .create_tenants(&[new_tenant("old", "org-a")])
+                .await
+                .unwrap(),
+            vec![Duplicate]
+        );
+        assert_eq!(
+            store.verify_audit().await.unwrap(),
+            cellplane::persistence::VerifyOutcome::Ok { records: 3 }
+        );
+    }
+);

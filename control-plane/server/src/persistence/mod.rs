@@ -110,6 +110,9 @@ impl WriteTx {
     }
 }
 
+/// A pooled connection idle for longer than this is pinged before it is handed out.
+const IDLE_CHECK_AFTER: Duration = Duration::from_secs(1);
+
 const MIGRATIONS_SQLITE: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../../migrations/sqlite/0002_stamping.sql")),
@@ -160,6 +163,19 @@ impl Store {
                 Backend::Postgres => max_connections,
             })
             .acquire_timeout(Duration::from_secs(10))
+            // sqlx pings every connection on checkout by default: one extra round trip per
+            // statement on PostgreSQL. Only a connection that sat idle long enough to have
+            // been dropped by a server or proxy is checked; a broken busy one fails its
+            // statement, which callers already handle.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for > IDLE_CHECK_AFTER {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
@@ -266,6 +282,26 @@ impl Store {
     }
 }
 
+/// `(…),(…)` placeholders for `rows` rows of `cols` columns, numbered from `$1`.
+pub(crate) fn values_placeholders(rows: usize, cols: usize) -> String {
+    let mut s = String::with_capacity(rows * cols * 5);
+    for r in 0..rows {
+        if r > 0 {
+            s.push(',');
+        }
+        s.push('(');
+        for c in 1..=cols {
+            if c > 1 {
+                s.push(',');
+            }
+            s.push('$');
+            s.push_str(&(r * cols + c).to_string());
+        }
+        s.push(')');
+    }
+    s
+}
+
 /// Current time as fixed-width RFC 3339 UTC with microseconds, so text order is time order.
 pub fn now() -> String {
     fmt_time(chrono::Utc::now())
@@ -332,6 +368,12 @@ pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn values_placeholders_number_rows_then_columns() {
+        assert_eq!(super::values_placeholders(1, 1), "($1)");
+        assert_eq!(super::values_placeholders(2, 3), "($1,$2,$3),($4,$5,$6)");
+    }
+
     #[test]
     fn redacts_password() {
         assert_eq!(

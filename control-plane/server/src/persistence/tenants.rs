@@ -269,55 +269,39 @@ pub enum CreateOutcome {
     UnknownOrganization,
 }
 
-fn placeholders(rows: usize, cols: usize) -> String {
-    (0..rows)
-        .map(|r| {
-            let cells: Vec<String> = (1..=cols).map(|c| format!("${}", r * cols + c)).collect();
-            format!("({})", cells.join(","))
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 impl Store {
     /// Creates a batch of tenants in one transaction (group commit): ids that exist, repeat
     /// within the batch or name an unknown organization are reported, the rest are inserted
     /// with multi-row statements and one chain-head move for their audit records.
     pub async fn create_tenants(&self, batch: &[NewTenant]) -> Result<Vec<CreateOutcome>> {
         let mut tx = self.write().await?;
-        let ids: Vec<&str> = batch.iter().map(|n| n.row.tenant_id.as_str()).collect();
-        let orgs: Vec<&str> = batch
-            .iter()
-            .map(|n| n.row.organization_id.as_str())
-            .collect();
-        let existing: std::collections::HashSet<String> = {
-            let sql = format!(
-                "SELECT tenant_id FROM tenants WHERE tenant_id IN ({})",
-                (1..=ids.len())
-                    .map(|i| format!("${i}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            );
-            let mut q = sqlx::query_scalar::<_, String>(&sql);
-            for id in &ids {
-                q = q.bind(*id);
+        // One statement answers both questions for every id of the batch, each by an index
+        // probe (a correlated EXISTS on a primary key), whatever plan the server caches.
+        let sql = format!(
+            "SELECT v.column1 AS tenant_id, v.column2 AS organization_id, \
+             CASE WHEN EXISTS (SELECT 1 FROM tenants t WHERE t.tenant_id = v.column1) THEN 'y' ELSE 'n' END AS taken, \
+             CASE WHEN EXISTS (SELECT 1 FROM organizations o WHERE o.organization_id = v.column2) THEN 'y' ELSE 'n' END AS org_known \
+             FROM (VALUES {}) AS v",
+            super::values_placeholders(batch.len(), 2)
+        );
+        let mut q = sqlx::query(&sql);
+        for n in batch {
+            q = q
+                .bind(n.row.tenant_id.as_str())
+                .bind(n.row.organization_id.as_str());
+        }
+        let mut existing = std::collections::HashSet::new();
+        let mut known_orgs = std::collections::HashSet::new();
+        for row in q.fetch_all(&mut *tx.tx).await? {
+            let id: String = row.try_get("tenant_id")?;
+            let org: String = row.try_get("organization_id")?;
+            if row.try_get::<String, _>("taken")? == "y" {
+                existing.insert(id);
             }
-            q.fetch_all(&mut *tx.tx).await?.into_iter().collect()
-        };
-        let known_orgs: std::collections::HashSet<String> = {
-            let sql = format!(
-                "SELECT organization_id FROM organizations WHERE organization_id IN ({})",
-                (1..=orgs.len())
-                    .map(|i| format!("${i}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            );
-            let mut q = sqlx::query_scalar::<_, String>(&sql);
-            for o in &orgs {
-                q = q.bind(*o);
+            if row.try_get::<String, _>("org_known")? == "y" {
+                known_orgs.insert(org);
             }
-            q.fetch_all(&mut *tx.tx).await?.into_iter().collect()
-        };
+        }
         let mut seen = std::collections::HashSet::new();
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut accepted: Vec<&NewTenant> = Vec::new();
@@ -338,12 +322,15 @@ impl Store {
             outcomes.push(outcome);
         }
         if accepted.is_empty() {
+            // Nothing to write: end the transaction now rather than when the pool reuses
+            // the connection (a dropped transaction rolls back lazily).
+            tx.tx.rollback().await?;
             return Ok(outcomes);
         }
         let sql = format!(
             "INSERT INTO tenants (tenant_id, organization_id, profile, state, region, quotas, policies, billing, \
              version, created_at, updated_at) VALUES {}",
-            placeholders(accepted.len(), 11)
+            super::values_placeholders(accepted.len(), 11)
         );
         let mut q = sqlx::query(&sql);
         for n in &accepted {
@@ -364,7 +351,7 @@ impl Store {
         q.execute(&mut *tx.tx).await?;
         let sql = format!(
             "INSERT INTO environments (tenant_id, name, region, isolation_level, cell_id, endpoint, created_at) VALUES {}",
-            placeholders(accepted.len(), 7)
+            super::values_placeholders(accepted.len(), 7)
         );
         let mut q = sqlx::query(&sql);
         for n in &accepted {
