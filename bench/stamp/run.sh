@@ -15,7 +15,7 @@ else
     cargo build -p cellplane -p sample-cell >&2
     dir=debug
 fi
-target=${CARGO_TARGET_DIR:-target}
+target=${CARGO_TARGET_DIR:-$PWD/target}
 export CELLPLANE_BIN="$target/$dir/cellplane" SAMPLE_CELL_BIN="$target/$dir/sample-cell"
 export TEMPLATES_DIR="$PWD/cell-templates"
 exec python3 bench/stamp/bench.py
