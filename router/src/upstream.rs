@@ -9,7 +9,8 @@
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::http1::{Connection, SendRequest};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -68,8 +69,45 @@ fn worker() -> usize {
     WORKER.with(|w| w.get())
 }
 
-struct Idle {
+type Io = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+
+/// One keep-alive connection to a cell: the handle requests are sent with and the
+/// connection state machine itself. Nobody else polls the connection: the request task
+/// that uses it drives it together with its own response (no extra task and no cross-task
+/// wakeup per request), and an idle one is checked when it is taken from the pool and by
+/// the worker's sweeper.
+struct Link {
     sender: SendRequest<Incoming>,
+    /// `None` once the connection has ended.
+    conn: Option<Connection<Io, Incoming>>,
+}
+
+impl Link {
+    /// Lets the connection make progress (read, write, parse); false once it has ended.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(conn) = self.conn.as_mut() else {
+            return false;
+        };
+        match Pin::new(conn).poll(cx) {
+            Poll::Pending => true,
+            Poll::Ready(r) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "cell connection ended with an error");
+                }
+                self.conn = None;
+                false
+            }
+        }
+    }
+
+    /// Whether the connection can be pooled for another request.
+    fn reusable(&self) -> bool {
+        self.conn.is_some() && !self.sender.is_closed()
+    }
+}
+
+struct Idle {
+    link: Link,
     since: Instant,
 }
 
@@ -114,11 +152,11 @@ impl Upstream {
         })
     }
 
-    fn pool(&self) -> (Arc<[Pool]>, usize) {
-        (self.pools.clone(), worker() % self.pools.len())
+    fn pool_index(&self) -> usize {
+        worker() % self.pools.len()
     }
 
-    async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
+    async fn connect(&self) -> Result<Link, UpstreamError> {
         let stream = match tokio::time::timeout(
             self.cfg.connect_timeout,
             tokio::net::TcpStream::connect(&self.addr),
@@ -135,48 +173,62 @@ impl Upstream {
             Err(_) => return Err(UpstreamError::ConnectTimeout(self.addr.clone())),
         };
         let _ = stream.set_nodelay(true);
-        let (sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "cell connection ended with an error");
-            }
-        });
-        Ok(sender)
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await?;
+        Ok(Link {
+            sender,
+            conn: Some(conn),
+        })
     }
 
     /// An idle connection of this worker's pool that is still usable, or a new one.
-    async fn checkout(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
-        let (pools, i) = self.pool();
+    async fn checkout(&self) -> Result<Link, UpstreamError> {
+        let pool = &self.pools[self.pool_index()];
         loop {
-            let idle = pools[i].lock().unwrap_or_else(|p| p.into_inner()).pop();
-            let Some(mut idle) = idle else {
+            let idle = pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let Some(idle) = idle else {
                 return self.connect().await;
             };
-            if idle.sender.is_closed() || idle.since.elapsed() > self.cfg.idle_timeout {
+            if idle.since.elapsed() > self.cfg.idle_timeout {
                 continue;
             }
-            if idle.sender.ready().await.is_ok() {
-                return Ok(idle.sender);
+            let mut link = idle.link;
+            // Driving the connection first notices a cell that closed it while it was
+            // idle (and lets it finish the previous exchange).
+            let ready = std::future::poll_fn(|cx| {
+                if !link.drive(cx) {
+                    return Poll::Ready(false);
+                }
+                link.sender.poll_ready(cx).map(|r| r.is_ok())
+            })
+            .await;
+            if ready {
+                return Ok(link);
             }
         }
     }
 
-    /// Sends `req` (origin-form URI) on a pooled connection.
+    /// Sends `req` (origin-form URI) on a pooled connection, driving the connection from
+    /// the calling task.
     pub async fn send(
         &self,
         req: http::Request<Incoming>,
     ) -> Result<http::Response<PooledBody>, UpstreamError> {
-        let mut sender = self.checkout().await?;
-        let resp = sender.send_request(req).await?;
-        let (pools, i) = self.pool();
+        let mut link = self.checkout().await?;
+        let mut resp = std::pin::pin!(link.sender.send_request(req));
+        let resp = std::future::poll_fn(|cx| {
+            link.drive(cx);
+            resp.as_mut().poll(cx)
+        })
+        .await?;
         let (parts, body) = resp.into_parts();
         let mut pooled = PooledBody {
             inner: body,
+            link: Some(link),
             back: Some(Back {
-                sender,
-                pools,
-                index: i,
+                pools: self.pools.clone(),
+                index: self.pool_index(),
                 max_idle: self.cfg.max_idle_per_cell,
             }),
         };
@@ -185,31 +237,58 @@ impl Upstream {
         }
         Ok(http::Response::from_parts(parts, pooled))
     }
+
+    /// Drops this worker's idle connections that timed out or that the cell closed (so
+    /// they do not linger half-closed until the next request). Run by each worker.
+    pub fn sweep(&self) {
+        let timeout = self.cfg.idle_timeout;
+        let waker = futures_util::task::noop_waker_ref();
+        let mut cx = Context::from_waker(waker);
+        let mut pool = self.pools[self.pool_index()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        pool.retain_mut(|i| {
+            i.since.elapsed() <= timeout && i.link.drive(&mut cx) && i.link.reusable()
+        });
+    }
+
+    /// Idle connections in this worker's pool.
+    pub fn idle(&self) -> usize {
+        self.pools[self.pool_index()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
 }
 
 struct Back {
-    sender: SendRequest<Incoming>,
     pools: Arc<[Pool]>,
     index: usize,
     max_idle: usize,
 }
 
-/// A cell's response body; its connection returns to the pool when the body ends.
+/// A cell's response body. Polling it also drives the cell connection; the connection
+/// returns to the pool when the body ends.
 pub struct PooledBody {
     inner: Incoming,
+    link: Option<Link>,
     back: Option<Back>,
 }
 
 impl PooledBody {
     fn release(&mut self) {
-        if let Some(b) = self.back.take() {
-            let mut pool = b.pools[b.index].lock().unwrap_or_else(|p| p.into_inner());
-            if pool.len() < b.max_idle {
-                pool.push(Idle {
-                    sender: b.sender,
-                    since: Instant::now(),
-                });
-            }
+        let (Some(link), Some(b)) = (self.link.take(), self.back.take()) else {
+            return;
+        };
+        if !link.reusable() {
+            return;
+        }
+        let mut pool = b.pools[b.index].lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < b.max_idle {
+            pool.push(Idle {
+                link,
+                since: Instant::now(),
+            });
         }
     }
 }
@@ -222,11 +301,17 @@ impl Body for PooledBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(link) = self.link.as_mut() {
+            link.drive(cx);
+        }
         let res = Pin::new(&mut self.inner).poll_frame(cx);
         match &res {
             Poll::Ready(None) => self.release(),
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            Poll::Ready(Some(Err(_))) => self.back = None,
+            Poll::Ready(Some(Err(_))) => {
+                self.link = None;
+                self.back = None;
+            }
             _ => {}
         }
         res
