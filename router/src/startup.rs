@@ -237,7 +237,11 @@ impl Application {
                         };
                         serve(listener, stop, grace, move |req| {
                             let state = state.clone();
-                            async move { crate::proxy::handle(&DefaultPhases, &state, req).await }
+                            // Boxed once per request: the request's state is several
+                            // kilobytes, and hyper moves the service future around.
+                            Box::pin(async move {
+                                crate::proxy::handle(&DefaultPhases, &state, req).await
+                            })
                         })
                         .await;
                         sweeper.abort();
@@ -308,6 +312,7 @@ where
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(true)
+        .writev(false)
         .header_read_timeout(Duration::from_secs(30))
         .timer(hyper_util::rt::TokioTimer::new());
     loop {

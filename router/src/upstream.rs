@@ -78,8 +78,9 @@ type Io = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
 /// the worker's sweeper.
 struct Link {
     sender: SendRequest<Incoming>,
-    /// `None` once the connection has ended.
-    conn: Option<Connection<Io, Incoming>>,
+    /// `None` once the connection has ended. Boxed: the connection state is large and a
+    /// link moves in and out of the pool and the response body.
+    conn: Option<Pin<Box<Connection<Io, Incoming>>>>,
 }
 
 impl Link {
@@ -88,7 +89,7 @@ impl Link {
         let Some(conn) = self.conn.as_mut() else {
             return false;
         };
-        match Pin::new(conn).poll(cx) {
+        match conn.as_mut().poll(cx) {
             Poll::Pending => true,
             Poll::Ready(r) => {
                 if let Err(e) = r {
@@ -174,11 +175,12 @@ impl Upstream {
         };
         let _ = stream.set_nodelay(true);
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .writev(false)
             .handshake(hyper_util::rt::TokioIo::new(stream))
             .await?;
         Ok(Link {
             sender,
-            conn: Some(conn),
+            conn: Some(Box::pin(conn)),
         })
     }
 
@@ -188,7 +190,9 @@ impl Upstream {
         loop {
             let idle = pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let Some(idle) = idle else {
-                return self.connect().await;
+                // Boxed: a rare path (DNS, connect) whose state would otherwise enlarge
+                // every request's future.
+                return Box::pin(self.connect()).await;
             };
             if idle.since.elapsed() > self.cfg.idle_timeout {
                 continue;
