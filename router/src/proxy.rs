@@ -29,7 +29,6 @@ pub static X_CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation
 /// Headers only the router may set; whatever a client sends under these names is dropped.
 pub const TRUSTED_HEADERS: [&str; 3] = ["x-tenant-id", "x-tenant-env", "x-correlation-id"];
 
-
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     /// How long a request waits on a held route before it is answered 503.
