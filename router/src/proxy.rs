@@ -574,11 +574,26 @@ pub async fn handle<P: Phases>(
         Pick::Hold(_) => unreachable!("wait_for_release never returns Hold"),
     };
     phases.filter_request(&mut parts, &route, &target);
-    let fut = route.cell.upstream.send(Request::from_parts(parts, body));
-    let result = tokio::time::timeout(state.cfg.upstream_timeout, fut).await;
+    let deadline = tokio::time::Instant::now() + state.cfg.upstream_timeout;
+    let result = route
+        .cell
+        .upstream
+        .send(Request::from_parts(parts, body), deadline)
+        .await;
     let resp = match result {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => {
+        Ok(resp) => resp,
+        Err(crate::upstream::UpstreamError::Timeout) => {
+            let err = ProxyError::UpstreamTimeout(route.cell.cell_id.to_string());
+            phases.log(
+                state,
+                Some((&route, rt.as_deref())),
+                err.status(),
+                started.elapsed(),
+                Some(&err),
+            );
+            return err.to_response(&target.correlation_id);
+        }
+        Err(e) => {
             if matches!(
                 e,
                 crate::upstream::UpstreamError::Connect { .. }
@@ -592,17 +607,6 @@ pub async fn handle<P: Phases>(
             };
             tracing::warn!(cell_id = %route.cell.cell_id, tenant_id = %target.tenant,
                 correlation_id = %target.correlation_id, error = %err, "forwarding failed");
-            phases.log(
-                state,
-                Some((&route, rt.as_deref())),
-                err.status(),
-                started.elapsed(),
-                Some(&err),
-            );
-            return err.to_response(&target.correlation_id);
-        }
-        Err(_) => {
-            let err = ProxyError::UpstreamTimeout(route.cell.cell_id.to_string());
             phases.log(
                 state,
                 Some((&route, rt.as_deref())),

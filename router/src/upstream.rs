@@ -54,6 +54,9 @@ pub enum UpstreamError {
     ConnectTimeout(String),
     #[error("{0}")]
     Http(#[from] hyper::Error),
+    /// No response head before the deadline.
+    #[error("no response head in time")]
+    Timeout,
 }
 
 thread_local! {
@@ -81,6 +84,10 @@ struct Link {
     /// `None` once the connection has ended. Boxed: the connection state is large and a
     /// link moves in and out of the pool and the response body.
     conn: Option<Pin<Box<Connection<Io, Incoming>>>>,
+    /// The deadline of the request in flight. One timer per connection, moved later for
+    /// each request: cheaper than a timer per request (moving a registered deadline later
+    /// does not touch the timer wheel).
+    timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Link {
@@ -157,9 +164,10 @@ impl Upstream {
         worker() % self.pools.len()
     }
 
-    async fn connect(&self) -> Result<Link, UpstreamError> {
+    async fn connect(&self, deadline: tokio::time::Instant) -> Result<Link, UpstreamError> {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let stream = match tokio::time::timeout(
-            self.cfg.connect_timeout,
+            self.cfg.connect_timeout.min(left),
             tokio::net::TcpStream::connect(&self.addr),
         )
         .await
@@ -171,6 +179,7 @@ impl Upstream {
                     source,
                 })
             }
+            Err(_) if left < self.cfg.connect_timeout => return Err(UpstreamError::Timeout),
             Err(_) => return Err(UpstreamError::ConnectTimeout(self.addr.clone())),
         };
         let _ = stream.set_nodelay(true);
@@ -181,33 +190,36 @@ impl Upstream {
         Ok(Link {
             sender,
             conn: Some(Box::pin(conn)),
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
         })
     }
 
     /// An idle connection of this worker's pool that is still usable, or a new one.
-    async fn checkout(&self) -> Result<Link, UpstreamError> {
+    async fn checkout(&self, deadline: tokio::time::Instant) -> Result<Link, UpstreamError> {
         let pool = &self.pools[self.pool_index()];
         loop {
             let idle = pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let Some(idle) = idle else {
                 // Boxed: a rare path (DNS, connect) whose state would otherwise enlarge
                 // every request's future.
-                return Box::pin(self.connect()).await;
+                return Box::pin(self.connect(deadline)).await;
             };
             if idle.since.elapsed() > self.cfg.idle_timeout {
                 continue;
             }
             let mut link = idle.link;
             // Driving the connection first notices a cell that closed it while it was
-            // idle (and lets it finish the previous exchange).
+            // idle and lets it finish the previous exchange; a connection that cannot take
+            // a request right away (say the cell has not read all of the previous request's
+            // body) is dropped rather than waited for.
             let ready = std::future::poll_fn(|cx| {
-                if !link.drive(cx) {
-                    return Poll::Ready(false);
-                }
-                link.sender.poll_ready(cx).map(|r| r.is_ok())
+                Poll::Ready(
+                    link.drive(cx) && matches!(link.sender.poll_ready(cx), Poll::Ready(Ok(()))),
+                )
             })
             .await;
             if ready {
+                link.timer.as_mut().reset(deadline);
                 return Ok(link);
             }
         }
@@ -215,15 +227,25 @@ impl Upstream {
 
     /// Sends `req` (origin-form URI) on a pooled connection, driving the connection from
     /// the calling task.
+    ///
+    /// Fails with [`UpstreamError::Timeout`] when the response head has not arrived by
+    /// `deadline` (the connection is closed then).
     pub async fn send(
         &self,
         req: http::Request<Incoming>,
+        deadline: tokio::time::Instant,
     ) -> Result<http::Response<PooledBody>, UpstreamError> {
-        let mut link = self.checkout().await?;
+        let mut link = self.checkout(deadline).await?;
         let mut resp = std::pin::pin!(link.sender.send_request(req));
         let resp = std::future::poll_fn(|cx| {
             link.drive(cx);
-            resp.as_mut().poll(cx)
+            match resp.as_mut().poll(cx) {
+                Poll::Ready(r) => Poll::Ready(r.map_err(UpstreamError::from)),
+                Poll::Pending => match link.timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(UpstreamError::Timeout)),
+                    Poll::Pending => Poll::Pending,
+                },
+            }
         })
         .await?;
         let (parts, body) = resp.into_parts();

@@ -357,3 +357,39 @@ async fn cell_connections_are_reused_and_replaced_when_the_cell_closes_them() {
     }
     assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
+
+// A cell that takes the request and never answers gets 504 cell-timeout once the upstream
+// timeout (2 s here) has passed, and a later request is bounded the same way.
+#[tokio::test]
+async fn a_cell_that_never_answers_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            let Ok(c) = conn else { return };
+            held.push(c);
+        }
+    });
+    write_state(&state, port);
+    let r = spawn(&state, &["--workers", "1", "--health-interval-ms", "0"]);
+    let http = reqwest::Client::new();
+    for _ in 0..2 {
+        let t0 = std::time::Instant::now();
+        let resp = http
+            .get(format!("{}/x", r.url))
+            .header("host", "acme.example.test")
+            .send()
+            .await
+            .unwrap();
+        let took = t0.elapsed();
+        let p = problem(resp, 504).await;
+        assert_eq!(p["type"], "https://cellplane.dev/problems/cell-timeout");
+        assert!(
+            took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
+            "{took:?}"
+        );
+    }
+}
