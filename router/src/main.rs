@@ -3,11 +3,6 @@
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-/// A request allocates a dozen small objects (header maps, buffers, ids) on two threads;
-/// mimalloc's thread-local free lists make that cheaper than the system allocator.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Control work (watch, heartbeats, state file, admin) runs here; tenant traffic runs on
 /// the workers' own runtimes (see `startup`).
 #[tokio::main(flavor = "current_thread")]
