@@ -15,13 +15,15 @@ SIZES=${*:-10 10000 1000000}
 RATES=${RATES:-2000 8000}
 DUR=${DUR:-10}
 WRK_CONNS=${WRK_CONNS:-64}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-cargo build --release -q -p cellplane -p cellplane-router --bins
-cargo build --release -q -p cellplane-router --example fixed_rate
-BIN=$CARGO_TARGET_DIR/release
-LOADGEN=$CARGO_TARGET_DIR/release/examples/fixed_rate
+ROUNDS=${ROUNDS:-3}
 W=$(mktemp -d /tmp/cellplane-bench.XXXXXX)
 chmod 755 "$W"
+. bench/router/lib.sh
+cargo build --release -q -p cellplane --bins
+cargo build --profile "$PROFILE" -q -p cellplane-router --bins --example fixed_rate
+BIN=$CARGO_TARGET_DIR/release
+RBIN=$CARGO_TARGET_DIR/$PROFILE
+LOADGEN=$RBIN/examples/fixed_rate
 OUT=${OUT:-$W/results.jsonl}
 PIDS=()
 cleanup() {
@@ -31,59 +33,10 @@ cleanup() {
     sleep 0.5
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-wait_line() { # file prefix -> rest of first matching line
-    for _ in $(seq 1 300); do
-        l=$(grep -m1 "^$2" "$1" 2>/dev/null || true)
-        if [ -n "$l" ]; then echo "${l#"$2"}"; return; fi
-        sleep 0.1
-    done
-    echo "timeout waiting for '$2' in $1" >&2; cat "$1" >&2; exit 1
-}
 ADMIN=bench-admin-token-0123456789
 UP=$(free_port); NG=$(free_port)
-echo "work dir $W; upstream :$UP nginx :$NG" >&2
-
-# The upstream is its own nginx process (a static 200), shared by every target, so both
-# proxies pay the same extra process hop; the proxy nginx is a second instance.
-{
-    echo "worker_processes 2; pid $W/upstream.pid; error_log $W/upstream-error.log warn; daemon on;"
-    echo "events { worker_connections 4096; }"
-    echo "http { access_log off; keepalive_requests 100000;"
-    echo "  server { listen 127.0.0.1:$UP; location / { default_type text/plain; return 200 \"ok\n\"; } } }"
-} > "$W/upstream.conf"
-nginx -c "$W/upstream.conf"
-write_nginx() { # N
-    local n=$1
-    {
-        echo "worker_processes 2; pid $W/nginx.pid; error_log $W/nginx-error.log warn; daemon on;"
-        echo "events { worker_connections 4096; }"
-        echo "http { access_log off; keepalive_requests 100000;"
-        echo "  map_hash_max_size 4194304; map_hash_bucket_size 128;"
-        for c in 0 1 2 3; do echo "  upstream cell$c { server 127.0.0.1:$UP; keepalive 64; }"; done
-        echo "  map \$http_x_tenant_env \$tenant_env { default \$http_x_tenant_env; \"\" prod; }"
-        echo "  map \$host \$tenant { ~^(?<t>[a-z][a-z0-9-]+)\\.localhost\$ \$t; }"
-        echo "  map \$host \$cell { hostnames; default \"\"; include $W/nginx-map.conf; }"
-        echo "  server { listen 127.0.0.1:$NG;"
-        echo "    location / { if (\$cell = \"\") { return 404; }"
-        echo "      proxy_http_version 1.1; proxy_set_header Connection \"\";"
-        echo "      proxy_set_header X-Tenant-ID \$tenant; proxy_set_header X-Tenant-Env \$tenant_env;"
-        echo "      proxy_set_header X-Correlation-ID \$request_id; proxy_pass http://\$cell; } }"
-        echo "}"
-    } > "$W/nginx.conf"
-    python3 - "$n" "$W/nginx-map.conf" <<'PY'
-import sys
-n, path = int(sys.argv[1]), sys.argv[2]
-with open(path, "w") as f:
-    for i in range(n):
-        f.write(f"t{i}.localhost cell{i % 4};\n")
-PY
-    if [ -f "$W/nginx.pid" ] && kill -0 "$(cat "$W/nginx.pid")" 2>/dev/null; then
-        nginx -c "$W/nginx.conf" -s reload; sleep 3
-    else
-        nginx -c "$W/nginx.conf"
-    fi
-}
+echo "work dir $W; upstream :$UP nginx :$NG; router profile $PROFILE" >&2
+start_upstream "$UP"
 
 cat > "$W/random-host.lua" <<'EOF_LUA'
 local n = tonumber(os.getenv("TENANTS") or "0")
@@ -99,11 +52,13 @@ wrk_rps() { # url tenants -> requests/sec
         | awk '/Requests\/sec/ {print $2}'
 }
 
-record() { echo "$1" | tee -a "$OUT"; }
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+# Every result carries the 1-minute load average at the moment it was taken.
+record() { echo "${1%\}},\"load1\":$(load1)}" | tee -a "$OUT"; }
 
 for N in $SIZES; do
     echo "== $N tenants" >&2
-    write_nginx "$N"
+    write_nginx "$N" "$NG" "$UP"
     # Control plane with N routes seeded into its store (2 of 4 cells' endpoints are the
     # same upstream; the router keeps one pool per cell, nginx one upstream block per cell).
     D=$W/cp-$N; mkdir -p "$D"
@@ -126,7 +81,7 @@ SQL
     TOKEN=$(curl -sf -H "Authorization: Bearer $ADMIN" -H 'content-type: application/json' \
         -d '{"role":"router"}' "$CP/v1/tokens" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
     T0=$(date +%s.%N)
-    CELLPLANE_TOKEN=$TOKEN "$BIN/cellplane-router" --control-plane "$CP" --listen 127.0.0.1:0 \
+    CELLPLANE_TOKEN=$TOKEN "$RBIN/cellplane-router" --workers 2 --control-plane "$CP" --listen 127.0.0.1:0 \
         --admin-listen 127.0.0.1:0 --state-file "$D/router-state.json" --base-domain localhost \
         --hold-timeout-ms 1 >"$D/router.out" 2>"$D/router.log" &
     R_PID=$!; PIDS+=("$R_PID")
@@ -148,8 +103,17 @@ SQL
     TENANTS=$N wrk -t2 -c"$WRK_CONNS" -d2s -s "$W/random-host.lua" "$R/" >/dev/null 2>&1
     TENANTS=$N wrk -t2 -c"$WRK_CONNS" -d2s -s "$W/random-host.lua" "http://127.0.0.1:$NG/" >/dev/null 2>&1
     record "{\"tenants\":$N,\"metric\":\"wrk_rps\",\"target\":\"direct\",\"value\":$(wrk_rps "http://127.0.0.1:$UP/" 0)}"
-    record "{\"tenants\":$N,\"metric\":\"wrk_rps\",\"target\":\"nginx\",\"value\":$(wrk_rps "http://127.0.0.1:$NG/" "$N")}"
-    record "{\"tenants\":$N,\"metric\":\"wrk_rps\",\"target\":\"router\",\"value\":$(wrk_rps "$R/" "$N")}"
+    # Saturation in alternating rounds (nginx, router, nginx, router, ...): both see the
+    # same drift of the shared machine; the medians are reported.
+    NG_R=(); RT_R=()
+    for round in $(seq 1 "$ROUNDS"); do
+        v=$(wrk_rps "http://127.0.0.1:$NG/" "$N"); NG_R+=("$v")
+        record "{\"tenants\":$N,\"metric\":\"wrk_rps_round\",\"target\":\"nginx\",\"round\":$round,\"value\":$v}"
+        v=$(wrk_rps "$R/" "$N"); RT_R+=("$v")
+        record "{\"tenants\":$N,\"metric\":\"wrk_rps_round\",\"target\":\"router\",\"round\":$round,\"value\":$v}"
+    done
+    record "{\"tenants\":$N,\"metric\":\"wrk_rps\",\"target\":\"nginx\",\"value\":$(median "${NG_R[@]}")}"
+    record "{\"tenants\":$N,\"metric\":\"wrk_rps\",\"target\":\"router\",\"value\":$(median "${RT_R[@]}")}"
     for RATE in $RATES; do
         for tgt in direct nginx router; do
             case $tgt in

@@ -29,17 +29,6 @@ pub static X_CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation
 /// Headers only the router may set; whatever a client sends under these names is dropped.
 pub const TRUSTED_HEADERS: [&str; 3] = ["x-tenant-id", "x-tenant-env", "x-correlation-id"];
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
-];
-
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     /// How long a request waits on a held route before it is answered 503.
@@ -98,12 +87,24 @@ impl RouterState {
         self.swaps.send_replace(rev);
     }
 
+    /// `{prefix}-{sequence in hex}`, built without the formatting machinery.
     fn correlation_id(&self) -> String {
-        format!(
-            "{}-{:x}",
-            self.corr_prefix,
-            self.corr_seq.fetch_add(1, Ordering::Relaxed)
-        )
+        let mut n = self.corr_seq.fetch_add(1, Ordering::Relaxed);
+        let mut digits = [0u8; 16];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b"0123456789abcdef"[(n & 15) as usize];
+            n >>= 4;
+            if n == 0 {
+                break;
+            }
+        }
+        let mut s = String::with_capacity(self.corr_prefix.len() + 1 + digits.len() - i);
+        s.push_str(&self.corr_prefix);
+        s.push('-');
+        s.extend(digits[i..].iter().map(|&b| b as char));
+        s
     }
 }
 
@@ -268,8 +269,8 @@ pub enum Pick {
 pub trait Phases: Send + Sync + 'static {
     /// Phase 1: which tenant and environment the request is for.
     fn resolve(&self, state: &RouterState, parts: &Parts) -> Result<Target, ProxyError> {
-        let h = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok());
-        let host = h("host").or_else(|| parts.uri.host());
+        let h = |n: &HeaderName| parts.headers.get(n).and_then(|v| v.to_str().ok());
+        let host = h(&http::header::HOST).or_else(|| parts.uri.host());
         let path = parts
             .uri
             .path_and_query()
@@ -277,8 +278,8 @@ pub trait Phases: Send + Sync + 'static {
             .unwrap_or("/");
         let r = state
             .resolver
-            .resolve(host, h("x-tenant-id"), h("x-tenant-env"), path)?;
-        let correlation_id = h("x-correlation-id")
+            .resolve(host, h(&X_TENANT_ID), h(&X_TENANT_ENV), path)?;
+        let correlation_id = h(&X_CORRELATION_ID)
             .filter(|c| valid_correlation_id(c))
             .map(str::to_string)
             .unwrap_or_else(|| state.correlation_id());
@@ -351,18 +352,28 @@ pub trait Phases: Send + Sync + 'static {
         let h = &mut parts.headers;
         strip_hop_by_hop(h);
         h.remove(http::header::TRANSFER_ENCODING);
-        for name in TRUSTED_HEADERS {
-            h.remove(name);
-        }
-        if let Ok(v) = HeaderValue::from_str(&t.tenant) {
-            h.insert(X_TENANT_ID.clone(), v);
-        }
-        if let Ok(v) = HeaderValue::from_str(&t.env) {
-            h.insert(X_TENANT_ENV.clone(), v);
-        }
-        if let Ok(v) = HeaderValue::from_str(&t.correlation_id) {
-            h.insert(X_CORRELATION_ID.clone(), v);
-        }
+        // `insert` replaces every value a client sent under the same name; a value that
+        // cannot be a header value (never the case for valid ids) removes them instead.
+        let set = |h: &mut http::HeaderMap, name: &HeaderName, v: Option<HeaderValue>| match v {
+            Some(v) => {
+                h.insert(name.clone(), v);
+            }
+            None => {
+                h.remove(name);
+            }
+        };
+        set(h, &X_TENANT_ID, HeaderValue::from_str(&t.tenant).ok());
+        let env = if t.env == "prod" {
+            Some(HeaderValue::from_static("prod"))
+        } else {
+            HeaderValue::from_str(&t.env).ok()
+        };
+        set(h, &X_TENANT_ENV, env);
+        set(
+            h,
+            &X_CORRELATION_ID,
+            HeaderValue::from_str(&t.correlation_id).ok(),
+        );
         parts.version = http::Version::HTTP_11;
     }
 
@@ -402,20 +413,61 @@ fn valid_correlation_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
+/// Hop-by-hop headers (RFC 9110 §7.6.1 and the usual non-standard ones), as header names:
+/// removing by name skips parsing the name each time.
+static HOP_BY_HOP_NAMES: [HeaderName; 8] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::UPGRADE,
+];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP_NAMES.contains(name)
+}
+
 fn strip_hop_by_hop(h: &mut http::HeaderMap) {
-    let listed: Vec<HeaderName> = h
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
+    // One pass over the names finds which hop-by-hop headers are present (usually none,
+    // or only `connection`); only those are removed.
+    let mut present = 0u8;
+    for name in h.keys() {
+        if let Some(i) = HOP_BY_HOP_NAMES.iter().position(|n| n == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    // What the Connection header lists is hop-by-hop too (`keep-alive` is one of ours
+    // already; nothing is allocated unless it names another header).
+    let mut listed: Vec<HeaderName> = Vec::new();
+    for v in h.get_all(http::header::CONNECTION) {
+        let Ok(v) = v.to_str() else { continue };
+        for token in v.split(',').map(str::trim) {
+            if HOP_BY_HOP_NAMES
+                .iter()
+                .any(|n| n.as_str().eq_ignore_ascii_case(token))
+            {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                listed.push(n);
+            }
+        }
+    }
     for n in listed {
         h.remove(n);
     }
-    for n in HOP_BY_HOP {
-        h.remove(n);
+    for (i, n) in HOP_BY_HOP_NAMES.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            h.remove(n);
+        }
     }
+    debug_assert!(!h.keys().any(is_hop_by_hop));
 }
 
 /// The per-tenant token bucket: rate = burst = the route's `rate_limit`.
@@ -510,7 +562,8 @@ pub async fn handle<P: Phases>(
         phases.pick(state, &snap, &target)
     };
     if let Pick::Hold(rt) = pick {
-        pick = wait_for_release(phases, state, &target, rt).await;
+        // Boxed: a rare path whose state would otherwise enlarge every request's future.
+        pick = Box::pin(wait_for_release(phases, state, &target, rt)).await;
     }
     let (route, rt) = match pick {
         Pick::Forward(r, rt) => (r, rt),
@@ -521,11 +574,26 @@ pub async fn handle<P: Phases>(
         Pick::Hold(_) => unreachable!("wait_for_release never returns Hold"),
     };
     phases.filter_request(&mut parts, &route, &target);
-    let fut = route.cell.upstream.send(Request::from_parts(parts, body));
-    let result = tokio::time::timeout(state.cfg.upstream_timeout, fut).await;
+    let deadline = tokio::time::Instant::now() + state.cfg.upstream_timeout;
+    let result = route
+        .cell
+        .upstream
+        .send(Request::from_parts(parts, body), deadline)
+        .await;
     let resp = match result {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => {
+        Ok(resp) => resp,
+        Err(crate::upstream::UpstreamError::Timeout) => {
+            let err = ProxyError::UpstreamTimeout(route.cell.cell_id.to_string());
+            phases.log(
+                state,
+                Some((&route, rt.as_deref())),
+                err.status(),
+                started.elapsed(),
+                Some(&err),
+            );
+            return err.to_response(&target.correlation_id);
+        }
+        Err(e) => {
             if matches!(
                 e,
                 crate::upstream::UpstreamError::Connect { .. }
@@ -539,17 +607,6 @@ pub async fn handle<P: Phases>(
             };
             tracing::warn!(cell_id = %route.cell.cell_id, tenant_id = %target.tenant,
                 correlation_id = %target.correlation_id, error = %err, "forwarding failed");
-            phases.log(
-                state,
-                Some((&route, rt.as_deref())),
-                err.status(),
-                started.elapsed(),
-                Some(&err),
-            );
-            return err.to_response(&target.correlation_id);
-        }
-        Err(_) => {
-            let err = ProxyError::UpstreamTimeout(route.cell.cell_id.to_string());
             phases.log(
                 state,
                 Some((&route, rt.as_deref())),

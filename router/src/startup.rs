@@ -213,11 +213,38 @@ impl Application {
                                 return;
                             }
                         };
+                        // Idle cell connections of this worker's pools are only looked
+                        // at when taken; the sweeper closes those a cell closed or that
+                        // timed out in between.
+                        let sweeper = {
+                            let (state, stop) = (state.clone(), stop.clone());
+                            tokio::spawn(async move {
+                                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                                tick.set_missed_tick_behavior(
+                                    tokio::time::MissedTickBehavior::Delay,
+                                );
+                                loop {
+                                    tokio::select! {
+                                        _ = stop.cancelled() => return,
+                                        _ = tick.tick() => {}
+                                    }
+                                    let cells = state.table.load().cells.clone();
+                                    for cell in cells.iter() {
+                                        cell.upstream.sweep();
+                                    }
+                                }
+                            })
+                        };
                         serve(listener, stop, grace, move |req| {
                             let state = state.clone();
-                            async move { crate::proxy::handle(&DefaultPhases, &state, req).await }
+                            // Boxed once per request: the request's state is several
+                            // kilobytes, and hyper moves the service future around.
+                            Box::pin(async move {
+                                crate::proxy::handle(&DefaultPhases, &state, req).await
+                            })
                         })
                         .await;
+                        sweeper.abort();
                     });
                     let _ = done_tx.send(());
                 });
@@ -285,6 +312,7 @@ where
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(true)
+        .writev(false)
         .header_read_timeout(Duration::from_secs(30))
         .timer(hyper_util::rt::TokioTimer::new());
     loop {

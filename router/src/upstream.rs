@@ -9,7 +9,8 @@
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::http1::{Connection, SendRequest};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -53,6 +54,9 @@ pub enum UpstreamError {
     ConnectTimeout(String),
     #[error("{0}")]
     Http(#[from] hyper::Error),
+    /// No response head before the deadline.
+    #[error("no response head in time")]
+    Timeout,
 }
 
 thread_local! {
@@ -68,8 +72,50 @@ fn worker() -> usize {
     WORKER.with(|w| w.get())
 }
 
-struct Idle {
+type Io = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+
+/// One keep-alive connection to a cell: the handle requests are sent with and the
+/// connection state machine itself. Nobody else polls the connection: the request task
+/// that uses it drives it together with its own response (no extra task and no cross-task
+/// wakeup per request), and an idle one is checked when it is taken from the pool and by
+/// the worker's sweeper.
+struct Link {
     sender: SendRequest<Incoming>,
+    /// `None` once the connection has ended. Boxed: the connection state is large and a
+    /// link moves in and out of the pool and the response body.
+    conn: Option<Pin<Box<Connection<Io, Incoming>>>>,
+    /// The deadline of the request in flight. One timer per connection, moved later for
+    /// each request: cheaper than a timer per request (moving a registered deadline later
+    /// does not touch the timer wheel).
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Link {
+    /// Lets the connection make progress (read, write, parse); false once it has ended.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(conn) = self.conn.as_mut() else {
+            return false;
+        };
+        match conn.as_mut().poll(cx) {
+            Poll::Pending => true,
+            Poll::Ready(r) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "cell connection ended with an error");
+                }
+                self.conn = None;
+                false
+            }
+        }
+    }
+
+    /// Whether the connection can be pooled for another request.
+    fn reusable(&self) -> bool {
+        self.conn.is_some() && !self.sender.is_closed()
+    }
+}
+
+struct Idle {
+    link: Link,
     since: Instant,
 }
 
@@ -114,13 +160,14 @@ impl Upstream {
         })
     }
 
-    fn pool(&self) -> (Arc<[Pool]>, usize) {
-        (self.pools.clone(), worker() % self.pools.len())
+    fn pool_index(&self) -> usize {
+        worker() % self.pools.len()
     }
 
-    async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
+    async fn connect(&self, deadline: tokio::time::Instant) -> Result<Link, UpstreamError> {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let stream = match tokio::time::timeout(
-            self.cfg.connect_timeout,
+            self.cfg.connect_timeout.min(left),
             tokio::net::TcpStream::connect(&self.addr),
         )
         .await
@@ -132,51 +179,82 @@ impl Upstream {
                     source,
                 })
             }
+            Err(_) if left < self.cfg.connect_timeout => return Err(UpstreamError::Timeout),
             Err(_) => return Err(UpstreamError::ConnectTimeout(self.addr.clone())),
         };
         let _ = stream.set_nodelay(true);
-        let (sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "cell connection ended with an error");
-            }
-        });
-        Ok(sender)
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .writev(false)
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await?;
+        Ok(Link {
+            sender,
+            conn: Some(Box::pin(conn)),
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
+        })
     }
 
     /// An idle connection of this worker's pool that is still usable, or a new one.
-    async fn checkout(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
-        let (pools, i) = self.pool();
+    async fn checkout(&self, deadline: tokio::time::Instant) -> Result<Link, UpstreamError> {
+        let pool = &self.pools[self.pool_index()];
         loop {
-            let idle = pools[i].lock().unwrap_or_else(|p| p.into_inner()).pop();
-            let Some(mut idle) = idle else {
-                return self.connect().await;
+            let idle = pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let Some(idle) = idle else {
+                // Boxed: a rare path (DNS, connect) whose state would otherwise enlarge
+                // every request's future.
+                return Box::pin(self.connect(deadline)).await;
             };
-            if idle.sender.is_closed() || idle.since.elapsed() > self.cfg.idle_timeout {
+            if idle.since.elapsed() > self.cfg.idle_timeout {
                 continue;
             }
-            if idle.sender.ready().await.is_ok() {
-                return Ok(idle.sender);
+            let mut link = idle.link;
+            // Driving the connection first notices a cell that closed it while it was
+            // idle and lets it finish the previous exchange; a connection that cannot take
+            // a request right away (say the cell has not read all of the previous request's
+            // body) is dropped rather than waited for.
+            let ready = std::future::poll_fn(|cx| {
+                Poll::Ready(
+                    link.drive(cx) && matches!(link.sender.poll_ready(cx), Poll::Ready(Ok(()))),
+                )
+            })
+            .await;
+            if ready {
+                link.timer.as_mut().reset(deadline);
+                return Ok(link);
             }
         }
     }
 
-    /// Sends `req` (origin-form URI) on a pooled connection.
+    /// Sends `req` (origin-form URI) on a pooled connection, driving the connection from
+    /// the calling task.
+    ///
+    /// Fails with [`UpstreamError::Timeout`] when the response head has not arrived by
+    /// `deadline` (the connection is closed then).
     pub async fn send(
         &self,
         req: http::Request<Incoming>,
+        deadline: tokio::time::Instant,
     ) -> Result<http::Response<PooledBody>, UpstreamError> {
-        let mut sender = self.checkout().await?;
-        let resp = sender.send_request(req).await?;
-        let (pools, i) = self.pool();
+        let mut link = self.checkout(deadline).await?;
+        let mut resp = std::pin::pin!(link.sender.send_request(req));
+        let resp = std::future::poll_fn(|cx| {
+            link.drive(cx);
+            match resp.as_mut().poll(cx) {
+                Poll::Ready(r) => Poll::Ready(r.map_err(UpstreamError::from)),
+                Poll::Pending => match link.timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(UpstreamError::Timeout)),
+                    Poll::Pending => Poll::Pending,
+                },
+            }
+        })
+        .await?;
         let (parts, body) = resp.into_parts();
         let mut pooled = PooledBody {
             inner: body,
+            link: Some(link),
             back: Some(Back {
-                sender,
-                pools,
-                index: i,
+                pools: self.pools.clone(),
+                index: self.pool_index(),
                 max_idle: self.cfg.max_idle_per_cell,
             }),
         };
@@ -185,31 +263,58 @@ impl Upstream {
         }
         Ok(http::Response::from_parts(parts, pooled))
     }
+
+    /// Drops this worker's idle connections that timed out or that the cell closed (so
+    /// they do not linger half-closed until the next request). Run by each worker.
+    pub fn sweep(&self) {
+        let timeout = self.cfg.idle_timeout;
+        let waker = futures_util::task::noop_waker_ref();
+        let mut cx = Context::from_waker(waker);
+        let mut pool = self.pools[self.pool_index()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        pool.retain_mut(|i| {
+            i.since.elapsed() <= timeout && i.link.drive(&mut cx) && i.link.reusable()
+        });
+    }
+
+    /// Idle connections in this worker's pool.
+    pub fn idle(&self) -> usize {
+        self.pools[self.pool_index()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
 }
 
 struct Back {
-    sender: SendRequest<Incoming>,
     pools: Arc<[Pool]>,
     index: usize,
     max_idle: usize,
 }
 
-/// A cell's response body; its connection returns to the pool when the body ends.
+/// A cell's response body. Polling it also drives the cell connection; the connection
+/// returns to the pool when the body ends.
 pub struct PooledBody {
     inner: Incoming,
+    link: Option<Link>,
     back: Option<Back>,
 }
 
 impl PooledBody {
     fn release(&mut self) {
-        if let Some(b) = self.back.take() {
-            let mut pool = b.pools[b.index].lock().unwrap_or_else(|p| p.into_inner());
-            if pool.len() < b.max_idle {
-                pool.push(Idle {
-                    sender: b.sender,
-                    since: Instant::now(),
-                });
-            }
+        let (Some(link), Some(b)) = (self.link.take(), self.back.take()) else {
+            return;
+        };
+        if !link.reusable() {
+            return;
+        }
+        let mut pool = b.pools[b.index].lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < b.max_idle {
+            pool.push(Idle {
+                link,
+                since: Instant::now(),
+            });
         }
     }
 }
@@ -222,11 +327,17 @@ impl Body for PooledBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(link) = self.link.as_mut() {
+            link.drive(cx);
+        }
         let res = Pin::new(&mut self.inner).poll_frame(cx);
         match &res {
             Poll::Ready(None) => self.release(),
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            Poll::Ready(Some(Err(_))) => self.back = None,
+            Poll::Ready(Some(Err(_))) => {
+                self.link = None;
+                self.back = None;
+            }
             _ => {}
         }
         res

@@ -267,3 +267,129 @@ async fn a_cell_failing_health_checks_is_refused_until_it_recovers() {
     assert_eq!(resp.headers()["x-cell-id"], "c-1");
     assert_eq!(resp.text().await.unwrap(), "ok");
 }
+
+/// A cell stand-in that keeps a connection open for `per_conn` requests answered `200 ok`
+/// with the trusted headers it received echoed back, then closes it; counts connections.
+fn serve_keep_alive(
+    listener: std::net::TcpListener,
+    per_conn: usize,
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::io::{Read, Write};
+    let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = conns.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                for _ in 0..per_conn {
+                    let head = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
+                            buf.drain(..i + 4);
+                            break head;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match c.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let echo = |name: &str| {
+                        head.lines()
+                            .filter_map(|l| l.strip_prefix(&format!("{name}: ")))
+                            .collect::<Vec<_>>()
+                            .join("|")
+                    };
+                    let body = format!(
+                        "{};{};{};{}",
+                        echo("x-tenant-id"),
+                        echo("x-tenant-env"),
+                        echo("connection"),
+                        echo("x-secret")
+                    );
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\nx-hop: 1\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if c.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+                // Closes the connection (the router may hold it idle in its pool).
+            });
+        }
+    });
+    conns
+}
+
+// Cell connections are kept alive and reused; one the cell closes while it sits idle in
+// the pool is noticed and replaced, not answered 502. Trusted and hop-by-hop headers from
+// the client never reach the cell, and hop-by-hop headers of the cell never reach the client.
+#[tokio::test]
+async fn cell_connections_are_reused_and_replaced_when_the_cell_closes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let conns = serve_keep_alive(listener, 3);
+    write_state(&state, port);
+    let r = spawn(&state, &["--workers", "1", "--health-interval-ms", "0"]);
+    let http = reqwest::Client::new();
+    for i in 0..7 {
+        let resp = http
+            .get(format!("{}/x", r.url))
+            .header("host", "acme.example.test")
+            .header("x-tenant-id", "globex")
+            .header("connection", "x-secret")
+            .header("x-secret", "s")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "request {i}");
+        assert!(resp.headers().get("keep-alive").is_none());
+        assert!(resp.headers().get("connection").is_none());
+        assert!(resp.headers().get("x-correlation-id").is_some());
+        assert_eq!(resp.text().await.unwrap(), "acme;prod;;", "request {i}");
+        // Give the cell time to close after its third answer, and the router to see it.
+        tokio::time::sleep(Duration::from_millis(if i % 3 == 2 { 300 } else { 10 })).await;
+    }
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+// A cell that takes the request and never answers gets 504 cell-timeout once the upstream
+// timeout (2 s here) has passed, and a later request is bounded the same way.
+#[tokio::test]
+async fn a_cell_that_never_answers_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            let Ok(c) = conn else { return };
+            held.push(c);
+        }
+    });
+    write_state(&state, port);
+    let r = spawn(&state, &["--workers", "1", "--health-interval-ms", "0"]);
+    let http = reqwest::Client::new();
+    for _ in 0..2 {
+        let t0 = std::time::Instant::now();
+        let resp = http
+            .get(format!("{}/x", r.url))
+            .header("host", "acme.example.test")
+            .send()
+            .await
+            .unwrap();
+        let took = t0.elapsed();
+        let p = problem(resp, 504).await;
+        assert_eq!(p["type"], "https://cellplane.dev/problems/cell-timeout");
+        assert!(
+            took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
+            "{took:?}"
+        );
+    }
+}
