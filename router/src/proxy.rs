@@ -580,18 +580,10 @@ pub async fn handle<P: Phases>(
         .upstream
         .send(Request::from_parts(parts, body), deadline)
         .await;
-    let resp = match result {
-        Ok(resp) => resp,
+    let outcome = match result {
+        Ok(resp) => Ok(resp),
         Err(crate::upstream::UpstreamError::Timeout) => {
-            let err = ProxyError::UpstreamTimeout(route.cell.cell_id.to_string());
-            phases.log(
-                state,
-                Some((&route, rt.as_deref())),
-                err.status(),
-                started.elapsed(),
-                Some(&err),
-            );
-            return err.to_response(&target.correlation_id);
+            Err(ProxyError::UpstreamTimeout(route.cell.cell_id.to_string()))
         }
         Err(e) => {
             if matches!(
@@ -607,6 +599,12 @@ pub async fn handle<P: Phases>(
             };
             tracing::warn!(cell_id = %route.cell.cell_id, tenant_id = %target.tenant,
                 correlation_id = %target.correlation_id, error = %err, "forwarding failed");
+            Err(err)
+        }
+    };
+    let resp = match outcome {
+        Ok(resp) => resp,
+        Err(err) => {
             phases.log(
                 state,
                 Some((&route, rt.as_deref())),

@@ -324,15 +324,26 @@ fn serve_keep_alive(
     conns
 }
 
+/// A temp dir with the router's state-file path, and a listener on a free port for a cell.
+fn cell_socket() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::net::TcpListener,
+    u16,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    (dir, state, listener, port)
+}
+
 // Cell connections are kept alive and reused; one the cell closes while it sits idle in
 // the pool is noticed and replaced, not answered 502. Trusted and hop-by-hop headers from
 // the client never reach the cell, and hop-by-hop headers of the cell never reach the client.
 #[tokio::test]
 async fn cell_connections_are_reused_and_replaced_when_the_cell_closes_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state.json");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (_dir, state, listener, port) = cell_socket();
     let conns = serve_keep_alive(listener, 3);
     write_state(&state, port);
     let r = spawn(&state, &["--workers", "1", "--health-interval-ms", "0"]);
@@ -362,10 +373,7 @@ async fn cell_connections_are_reused_and_replaced_when_the_cell_closes_them() {
 // timeout (2 s here) has passed, and a later request is bounded the same way.
 #[tokio::test]
 async fn a_cell_that_never_answers_times_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state.json");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (_dir, state, listener, port) = cell_socket();
     std::thread::spawn(move || {
         let mut held = Vec::new();
         for conn in listener.incoming() {
