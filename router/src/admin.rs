@@ -1,17 +1,20 @@
 //! The admin listener: `GET /__router/healthz` and `GET /__router/metrics`, apart from
 //! tenant traffic so a tenant can never reach them.
 
-use crate::proxy::{Body, RouterState};
+use crate::proxy::RouterState;
 use crate::sync::SyncStatus;
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+/// Bodies of admin responses.
+pub type Body = Full<Bytes>;
+
 fn text(status: StatusCode, ct: &'static str, body: String) -> Response<Body> {
-    let mut r = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));

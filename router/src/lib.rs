@@ -9,6 +9,8 @@
 
 pub mod admin;
 pub mod config;
+pub mod forward;
+pub mod h1;
 pub mod health;
 pub mod metrics;
 pub mod proxy;

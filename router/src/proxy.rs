@@ -4,30 +4,17 @@
 //! one snapshot; only a held request looks again, after each swap, until it is released or
 //! its deadline passes. Every response the router makes itself is `application/problem+json`.
 
+use crate::h1;
 use crate::metrics::RouterCounters;
 use crate::resolve::{ResolveError, Resolver};
 use crate::table::{RouteEntry, Snapshot, TenantEntry, TenantRuntime};
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use cellplane_api::RouteMode;
-use http::header::{HeaderName, HeaderValue};
-use http::request::Parts;
-use http::{Request, Response, StatusCode};
-use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use http::StatusCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-
-pub type Body = Either<crate::upstream::PooledBody, Full<Bytes>>;
-
-pub static X_TENANT_ID: HeaderName = HeaderName::from_static("x-tenant-id");
-pub static X_TENANT_ENV: HeaderName = HeaderName::from_static("x-tenant-env");
-pub static X_CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
-
-/// Headers only the router may set; whatever a client sends under these names is dropped.
-pub const TRUSTED_HEADERS: [&str; 3] = ["x-tenant-id", "x-tenant-env", "x-correlation-id"];
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -88,7 +75,7 @@ impl RouterState {
     }
 
     /// `{prefix}-{sequence in hex}`, built without the formatting machinery.
-    fn correlation_id(&self) -> String {
+    pub fn correlation_id(&self) -> String {
         let mut n = self.corr_seq.fetch_add(1, Ordering::Relaxed);
         let mut digits = [0u8; 16];
         let mut i = digits.len();
@@ -113,6 +100,14 @@ impl RouterState {
 pub enum ProxyError {
     #[error("{0}")]
     BadRequest(String),
+    #[error("the request head was not complete in time")]
+    RequestTimeout,
+    #[error(
+        "the request head is too large (at most {} bytes and {} fields)",
+        crate::h1::MAX_HEAD,
+        crate::h1::MAX_HEADERS
+    )]
+    HeadTooLarge,
     #[error("no route for tenant {tenant:?} (env {env:?})")]
     UnknownTenant { tenant: String, env: String },
     #[error("{0}")]
@@ -143,6 +138,18 @@ impl ProxyError {
             ProxyError::BadRequest(_) => {
                 (StatusCode::BAD_REQUEST, "bad-request", "bad request", None)
             }
+            ProxyError::RequestTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                "request timeout",
+                None,
+            ),
+            ProxyError::HeadTooLarge => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "head-too-large",
+                "request header fields too large",
+                None,
+            ),
             ProxyError::UnknownTenant { .. } | ProxyError::NoTenant(_) => (
                 StatusCode::NOT_FOUND,
                 "unknown-tenant",
@@ -196,7 +203,9 @@ impl ProxyError {
 
     fn counter<'a>(&self, c: &'a RouterCounters) -> &'a AtomicU64 {
         match self {
-            ProxyError::BadRequest(_) => &c.bad_request,
+            ProxyError::BadRequest(_) | ProxyError::RequestTimeout | ProxyError::HeadTooLarge => {
+                &c.bad_request
+            }
             ProxyError::UnknownTenant { .. } | ProxyError::NoTenant(_) => &c.unknown_tenant,
             ProxyError::Suspended(_) => &c.suspended,
             ProxyError::HoldTimeout { .. } => &c.hold_timeout,
@@ -212,8 +221,9 @@ impl ProxyError {
         self.parts().0
     }
 
-    /// The problem document the client gets.
-    pub fn to_response(&self, correlation_id: &str) -> Response<Body> {
+    /// Writes the problem document the client gets, as a whole response; `close` adds
+    /// `Connection: close`.
+    pub fn write_response(&self, correlation_id: &str, close: bool, out: &mut Vec<u8>) {
         let (status, kind, title, retry) = self.parts();
         let body = serde_json::json!({
             "type": format!("https://cellplane.dev/problems/{kind}"),
@@ -221,21 +231,21 @@ impl ProxyError {
             "status": status.as_u16(),
             "detail": self.to_string(),
             "correlation_id": correlation_id,
+        })
+        .to_string();
+        crate::h1::with_date(|date| {
+            crate::h1::write_own_response(
+                status.as_u16(),
+                status.canonical_reason().unwrap_or(""),
+                "application/problem+json",
+                correlation_id,
+                retry,
+                close,
+                date,
+                body.as_bytes(),
+                out,
+            )
         });
-        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
-        *resp.status_mut() = status;
-        let h = resp.headers_mut();
-        h.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if let Ok(v) = HeaderValue::from_str(correlation_id) {
-            h.insert(X_CORRELATION_ID.clone(), v);
-        }
-        if let Some(s) = retry {
-            h.insert(http::header::RETRY_AFTER, HeaderValue::from(s));
-        }
-        resp
     }
 }
 
@@ -268,18 +278,16 @@ pub enum Pick {
 /// The request path. Every hook has a default; a deployment can override any of them.
 pub trait Phases: Send + Sync + 'static {
     /// Phase 1: which tenant and environment the request is for.
-    fn resolve(&self, state: &RouterState, parts: &Parts) -> Result<Target, ProxyError> {
-        let h = |n: &HeaderName| parts.headers.get(n).and_then(|v| v.to_str().ok());
-        let host = h(&http::header::HOST).or_else(|| parts.uri.host());
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
+    fn resolve(
+        &self,
+        state: &RouterState,
+        req: &h1::Request<'_, '_>,
+    ) -> Result<Target, ProxyError> {
         let r = state
             .resolver
-            .resolve(host, h(&X_TENANT_ID), h(&X_TENANT_ENV), path)?;
-        let correlation_id = h(&X_CORRELATION_ID)
+            .resolve(req.host, req.tenant_header, req.env_header, req.path)?;
+        let correlation_id = req
+            .correlation_id
             .filter(|c| valid_correlation_id(c))
             .map(str::to_string)
             .unwrap_or_else(|| state.correlation_id());
@@ -331,50 +339,23 @@ pub trait Phases: Send + Sync + 'static {
         }
     }
 
-    /// Phase 3: rewrites the request for the cell: absolute URI of the cell, hop-by-hop and
-    /// trusted headers dropped, the router's own identity headers set.
-    fn filter_request(&self, parts: &mut Parts, route: &RouteEntry, t: &Target) {
-        // Origin-form: the connection already goes to the cell.
-        let pq = match &t.forward_path {
-            Some(p) => p.parse().ok(),
-            None => parts.uri.path_and_query().cloned(),
+    /// Phase 3: writes the request head for the cell into `out`: origin-form target (the
+    /// `/t/{tenant}` prefix removed when the tenant came from the path), hop-by-hop and
+    /// trusted headers dropped, the router's own identity headers set (see [`h1`]).
+    fn filter_request(
+        &self,
+        req: &h1::Request<'_, '_>,
+        route: &RouteEntry,
+        t: &Target,
+        out: &mut Vec<u8>,
+    ) {
+        let path = t.forward_path.as_deref().unwrap_or(req.path);
+        let id = h1::Identity {
+            tenant: &t.tenant,
+            env: &t.env,
+            correlation_id: &t.correlation_id,
         };
-        let mut uri = http::uri::Parts::default();
-        uri.path_and_query = pq.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
-        if let Ok(u) = http::Uri::from_parts(uri) {
-            parts.uri = u;
-        }
-        if !parts.headers.contains_key(http::header::HOST) {
-            if let Ok(v) = HeaderValue::from_str(route.cell.upstream.authority.as_str()) {
-                parts.headers.insert(http::header::HOST, v);
-            }
-        }
-        let h = &mut parts.headers;
-        strip_hop_by_hop(h);
-        h.remove(http::header::TRANSFER_ENCODING);
-        // `insert` replaces every value a client sent under the same name; a value that
-        // cannot be a header value (never the case for valid ids) removes them instead.
-        let set = |h: &mut http::HeaderMap, name: &HeaderName, v: Option<HeaderValue>| match v {
-            Some(v) => {
-                h.insert(name.clone(), v);
-            }
-            None => {
-                h.remove(name);
-            }
-        };
-        set(h, &X_TENANT_ID, HeaderValue::from_str(&t.tenant).ok());
-        let env = if t.env == "prod" {
-            Some(HeaderValue::from_static("prod"))
-        } else {
-            HeaderValue::from_str(&t.env).ok()
-        };
-        set(h, &X_TENANT_ENV, env);
-        set(
-            h,
-            &X_CORRELATION_ID,
-            HeaderValue::from_str(&t.correlation_id).ok(),
-        );
-        parts.version = http::Version::HTTP_11;
+        h1::write_request_head(req, path, route.cell.upstream.authority.as_str(), &id, out);
     }
 
     /// Phase 5: after the response head, whoever produced it.
@@ -382,7 +363,7 @@ pub trait Phases: Send + Sync + 'static {
         &self,
         state: &RouterState,
         route: Option<(&RouteEntry, Option<&TenantRuntime>)>,
-        status: StatusCode,
+        status: u16,
         took: Duration,
         error: Option<&ProxyError>,
     ) {
@@ -390,10 +371,10 @@ pub trait Phases: Send + Sync + 'static {
             RouterCounters::inc(e.counter(&state.counters));
         }
         if let Some((r, rt)) = route {
-            r.cell.status.observe(status.as_u16());
+            r.cell.status.observe(status);
             r.cell.latency.observe(took);
             if let Some(rt) = rt {
-                rt.status.observe(status.as_u16());
+                rt.status.observe(status);
                 if let Some(h) = &rt.latency {
                     h.observe(took);
                 }
@@ -411,63 +392,6 @@ fn valid_correlation_id(s: &str) -> bool {
         && s.len() <= 128
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-}
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1 and the usual non-standard ones), as header names:
-/// removing by name skips parsing the name each time.
-static HOP_BY_HOP_NAMES: [HeaderName; 8] = [
-    http::header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    http::header::PROXY_AUTHENTICATE,
-    http::header::PROXY_AUTHORIZATION,
-    http::header::TE,
-    http::header::TRAILER,
-    http::header::UPGRADE,
-];
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP_NAMES.contains(name)
-}
-
-fn strip_hop_by_hop(h: &mut http::HeaderMap) {
-    // One pass over the names finds which hop-by-hop headers are present (usually none,
-    // or only `connection`); only those are removed.
-    let mut present = 0u8;
-    for name in h.keys() {
-        if let Some(i) = HOP_BY_HOP_NAMES.iter().position(|n| n == name) {
-            present |= 1 << i;
-        }
-    }
-    if present == 0 {
-        return;
-    }
-    // What the Connection header lists is hop-by-hop too (`keep-alive` is one of ours
-    // already; nothing is allocated unless it names another header).
-    let mut listed: Vec<HeaderName> = Vec::new();
-    for v in h.get_all(http::header::CONNECTION) {
-        let Ok(v) = v.to_str() else { continue };
-        for token in v.split(',').map(str::trim) {
-            if HOP_BY_HOP_NAMES
-                .iter()
-                .any(|n| n.as_str().eq_ignore_ascii_case(token))
-            {
-                continue;
-            }
-            if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
-                listed.push(n);
-            }
-        }
-    }
-    for n in listed {
-        h.remove(n);
-    }
-    for (i, n) in HOP_BY_HOP_NAMES.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            h.remove(n);
-        }
-    }
-    debug_assert!(!h.keys().any(is_hop_by_hop));
 }
 
 /// The per-tenant token bucket: rate = burst = the route's `rate_limit`.
@@ -490,7 +414,7 @@ fn admit(_t: &TenantEntry, route: &RouteEntry, rt: &TenantRuntime) -> Result<(),
 }
 
 /// Waits on a held route until a swap releases it or the deadline passes.
-async fn wait_for_release<P: Phases>(
+pub(crate) async fn wait_for_release<P: Phases>(
     phases: &P,
     state: &RouterState,
     t: &Target,
@@ -539,107 +463,4 @@ async fn wait_for_release<P: Phases>(
         tenant: t.tenant.clone(),
         waited_ms: started.elapsed().as_millis() as u64,
     })
-}
-
-/// Handles one request through the phases.
-pub async fn handle<P: Phases>(
-    phases: &P,
-    state: &RouterState,
-    req: Request<Incoming>,
-) -> Response<Body> {
-    let started = Instant::now();
-    let (mut parts, body) = req.into_parts();
-    let target = match phases.resolve(state, &parts) {
-        Ok(t) => t,
-        Err(e) => {
-            let corr = state.correlation_id();
-            phases.log(state, None, e.status(), started.elapsed(), Some(&e));
-            return e.to_response(&corr);
-        }
-    };
-    let mut pick = {
-        let snap = state.table.load();
-        phases.pick(state, &snap, &target)
-    };
-    if let Pick::Hold(rt) = pick {
-        // Boxed: a rare path whose state would otherwise enlarge every request's future.
-        pick = Box::pin(wait_for_release(phases, state, &target, rt)).await;
-    }
-    let (route, rt) = match pick {
-        Pick::Forward(r, rt) => (r, rt),
-        Pick::Refuse(e) => {
-            phases.log(state, None, e.status(), started.elapsed(), Some(&e));
-            return e.to_response(&target.correlation_id);
-        }
-        Pick::Hold(_) => unreachable!("wait_for_release never returns Hold"),
-    };
-    phases.filter_request(&mut parts, &route, &target);
-    let deadline = tokio::time::Instant::now() + state.cfg.upstream_timeout;
-    let result = route
-        .cell
-        .upstream
-        .send(Request::from_parts(parts, body), deadline)
-        .await;
-    let outcome = match result {
-        Ok(resp) => Ok(resp),
-        Err(crate::upstream::UpstreamError::Timeout) => {
-            Err(ProxyError::UpstreamTimeout(route.cell.cell_id.to_string()))
-        }
-        Err(e) => {
-            if matches!(
-                e,
-                crate::upstream::UpstreamError::Connect { .. }
-                    | crate::upstream::UpstreamError::ConnectTimeout(_)
-            ) {
-                crate::health::record(&route.cell, Err(e.to_string()), state.cfg.health_fails);
-            }
-            let err = ProxyError::Upstream {
-                cell: route.cell.cell_id.to_string(),
-                reason: error_chain(&e),
-            };
-            tracing::warn!(cell_id = %route.cell.cell_id, tenant_id = %target.tenant,
-                correlation_id = %target.correlation_id, error = %err, "forwarding failed");
-            Err(err)
-        }
-    };
-    let resp = match outcome {
-        Ok(resp) => resp,
-        Err(err) => {
-            phases.log(
-                state,
-                Some((&route, rt.as_deref())),
-                err.status(),
-                started.elapsed(),
-                Some(&err),
-            );
-            return err.to_response(&target.correlation_id);
-        }
-    };
-    RouterCounters::inc(&state.counters.forwarded);
-    phases.log(
-        state,
-        Some((&route, rt.as_deref())),
-        resp.status(),
-        started.elapsed(),
-        None,
-    );
-    let (mut rparts, rbody) = resp.into_parts();
-    strip_hop_by_hop(&mut rparts.headers);
-    if !rparts.headers.contains_key(&X_CORRELATION_ID) {
-        if let Ok(v) = HeaderValue::from_str(&target.correlation_id) {
-            rparts.headers.insert(X_CORRELATION_ID.clone(), v);
-        }
-    }
-    Response::from_parts(rparts, Either::Left(rbody))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

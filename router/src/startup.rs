@@ -4,6 +4,7 @@
 //! write the state file one last time.
 
 use crate::config::Config;
+use crate::forward::ClientLimits;
 use crate::proxy::{DefaultPhases, ProxyConfig, RouterState};
 use crate::resolve::Resolver;
 use crate::sync::{SyncStatus, Syncer};
@@ -235,15 +236,7 @@ impl Application {
                                 }
                             })
                         };
-                        serve(listener, stop, grace, move |req| {
-                            let state = state.clone();
-                            // Boxed once per request: the request's state is several
-                            // kilobytes, and hyper moves the service future around.
-                            Box::pin(async move {
-                                crate::proxy::handle(&DefaultPhases, &state, req).await
-                            })
-                        })
-                        .await;
+                        serve_tenants(listener, stop, grace, state).await;
                         sweeper.abort();
                     });
                     let _ = done_tx.send(());
@@ -302,12 +295,50 @@ fn bind_workers(
     Ok((out, target))
 }
 
-/// Accepts HTTP/1.1 connections until `stop`, then gives open connections `grace` to
-/// finish their requests.
+/// Accepts tenant connections until `stop`, then gives open connections `grace` to finish
+/// the request they are in (idle ones close at once).
+async fn serve_tenants(
+    listener: TcpListener,
+    stop: CancellationToken,
+    grace: Duration,
+    state: Arc<RouterState>,
+) {
+    let tracker = tokio_util::task::TaskTracker::new();
+    let limits = Arc::new(ClientLimits::default());
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let (state, limits, stop) = (state.clone(), limits.clone(), stop.clone());
+        tracker.spawn(async move {
+            crate::forward::serve_connection(&DefaultPhases, &state, &limits, &stop, stream).await
+        });
+    }
+    drop(listener);
+    tracker.close();
+    tokio::select! {
+        _ = tracker.wait() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!("connections still open after the grace period; closing them");
+        }
+    }
+}
+
+/// Accepts HTTP/1.1 connections on the admin listener until `stop`, then gives open
+/// connections `grace` to finish their requests.
 async fn serve<F, Fut>(listener: TcpListener, stop: CancellationToken, grace: Duration, f: F)
 where
     F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = http::Response<crate::proxy::Body>> + Send + 'static,
+    Fut: std::future::Future<Output = http::Response<crate::admin::Body>> + Send + 'static,
 {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();

@@ -1,20 +1,21 @@
-//! The connection to one cell: HTTP/1.1 keep-alive pools owned by the cell's handle, so a
+//! The connections to one cell: HTTP/1.1 keep-alive pools owned by the cell's handle, so a
 //! slow or dead cell never takes connections from another. There is one pool per worker
 //! thread: each worker runs its own single-threaded runtime, and a connection is only ever
 //! used by the worker that opened it, so a proxied request never hops threads.
 //!
-//! A connection goes back to its pool when the response body has been read to the end (a
-//! body dropped half-way closes the connection instead: it cannot carry another request).
+//! A pooled connection is a bare TCP stream: the request path (`forward.rs`) writes the
+//! request and reads the response on it itself, and hands it back only after a response
+//! that left it clean (body read to the end, nothing more sent, keep-alive). Whether an idle
+//! connection is still open is told without a system call: after the last response its
+//! read readiness is cleared, so any readiness seen later means the cell sent something
+//! (it can only be a close) and the connection is dropped.
 
-use bytes::Bytes;
 use http::uri::{Authority, Scheme};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{Connection, SendRequest};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
@@ -52,9 +53,7 @@ pub enum UpstreamError {
     },
     #[error("connect to {0}: timed out")]
     ConnectTimeout(String),
-    #[error("{0}")]
-    Http(#[from] hyper::Error),
-    /// No response head before the deadline.
+    /// The deadline passed while connecting.
     #[error("no response head in time")]
     Timeout,
 }
@@ -72,51 +71,32 @@ fn worker() -> usize {
     WORKER.with(|w| w.get())
 }
 
-type Io = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
-
-/// One keep-alive connection to a cell: the handle requests are sent with and the
-/// connection state machine itself. Nobody else polls the connection: the request task
-/// that uses it drives it together with its own response (no extra task and no cross-task
-/// wakeup per request), and an idle one is checked when it is taken from the pool and by
-/// the worker's sweeper.
-struct Link {
-    sender: SendRequest<Incoming>,
-    /// `None` once the connection has ended. Boxed: the connection state is large and a
-    /// link moves in and out of the pool and the response body.
-    conn: Option<Pin<Box<Connection<Io, Incoming>>>>,
-    /// The deadline of the request in flight. One timer per connection, moved later for
-    /// each request: cheaper than a timer per request (moving a registered deadline later
-    /// does not touch the timer wheel).
-    timer: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl Link {
-    /// Lets the connection make progress (read, write, parse); false once it has ended.
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(conn) = self.conn.as_mut() else {
-            return false;
-        };
-        match conn.as_mut().poll(cx) {
-            Poll::Pending => true,
-            Poll::Ready(r) => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "cell connection ended with an error");
-                }
-                self.conn = None;
-                false
-            }
-        }
-    }
-
-    /// Whether the connection can be pooled for another request.
-    fn reusable(&self) -> bool {
-        self.conn.is_some() && !self.sender.is_closed()
-    }
+/// A connection to a cell, checked out for one exchange.
+pub struct Conn {
+    pub io: TcpStream,
+    /// Taken from the pool (it served an earlier exchange): a failure before any byte of
+    /// the response may be the cell having closed it meanwhile, and the request can be
+    /// retried on a new connection.
+    pub reused: bool,
 }
 
 struct Idle {
-    link: Link,
+    io: TcpStream,
     since: Instant,
+}
+
+/// Whether an idle connection is still usable: no readiness since it was parked (the
+/// common case, no system call), or readiness that turns out to be spurious.
+fn still_open(io: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+    match io.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        Poll::Ready(Ok(())) => {
+            let mut b = [0u8; 1];
+            matches!(io.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        }
+    }
 }
 
 type Pool = Mutex<Vec<Idle>>;
@@ -160,15 +140,16 @@ impl Upstream {
         })
     }
 
-    fn pool_index(&self) -> usize {
-        worker() % self.pools.len()
+    fn pool(&self) -> &Pool {
+        &self.pools[worker() % self.pools.len()]
     }
 
-    async fn connect(&self, deadline: tokio::time::Instant) -> Result<Link, UpstreamError> {
+    /// A new connection, within the connect timeout and what is left until `deadline`.
+    pub async fn connect(&self, deadline: tokio::time::Instant) -> Result<Conn, UpstreamError> {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let stream = match tokio::time::timeout(
+        let io = match tokio::time::timeout(
             self.cfg.connect_timeout.min(left),
-            tokio::net::TcpStream::connect(&self.addr),
+            TcpStream::connect(&self.addr),
         )
         .await
         {
@@ -182,172 +163,55 @@ impl Upstream {
             Err(_) if left < self.cfg.connect_timeout => return Err(UpstreamError::Timeout),
             Err(_) => return Err(UpstreamError::ConnectTimeout(self.addr.clone())),
         };
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .writev(false)
-            .handshake(hyper_util::rt::TokioIo::new(stream))
-            .await?;
-        Ok(Link {
-            sender,
-            conn: Some(Box::pin(conn)),
-            timer: Box::pin(tokio::time::sleep_until(deadline)),
-        })
+        let _ = io.set_nodelay(true);
+        Ok(Conn { io, reused: false })
     }
 
-    /// An idle connection of this worker's pool that is still usable, or a new one.
-    async fn checkout(&self, deadline: tokio::time::Instant) -> Result<Link, UpstreamError> {
-        let pool = &self.pools[self.pool_index()];
+    /// An idle connection of this worker's pool that is still open, or a new one.
+    pub async fn checkout(&self, deadline: tokio::time::Instant) -> Result<Conn, UpstreamError> {
+        let pool = self.pool();
         loop {
             let idle = pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let Some(idle) = idle else {
-                // Boxed: a rare path (DNS, connect) whose state would otherwise enlarge
-                // every request's future.
+                // Boxed: a rare path (connect) whose state would otherwise enlarge every
+                // request's future.
                 return Box::pin(self.connect(deadline)).await;
             };
-            if idle.since.elapsed() > self.cfg.idle_timeout {
-                continue;
-            }
-            let mut link = idle.link;
-            // Driving the connection first notices a cell that closed it while it was
-            // idle and lets it finish the previous exchange; a connection that cannot take
-            // a request right away (say the cell has not read all of the previous request's
-            // body) is dropped rather than waited for.
-            let ready = std::future::poll_fn(|cx| {
-                Poll::Ready(
-                    link.drive(cx) && matches!(link.sender.poll_ready(cx), Poll::Ready(Ok(()))),
-                )
-            })
-            .await;
-            if ready {
-                link.timer.as_mut().reset(deadline);
-                return Ok(link);
+            if idle.since.elapsed() <= self.cfg.idle_timeout && still_open(&idle.io) {
+                return Ok(Conn {
+                    io: idle.io,
+                    reused: true,
+                });
             }
         }
     }
 
-    /// Sends `req` (origin-form URI) on a pooled connection, driving the connection from
-    /// the calling task.
-    ///
-    /// Fails with [`UpstreamError::Timeout`] when the response head has not arrived by
-    /// `deadline` (the connection is closed then).
-    pub async fn send(
-        &self,
-        req: http::Request<Incoming>,
-        deadline: tokio::time::Instant,
-    ) -> Result<http::Response<PooledBody>, UpstreamError> {
-        let mut link = self.checkout(deadline).await?;
-        let mut resp = std::pin::pin!(link.sender.send_request(req));
-        let resp = std::future::poll_fn(|cx| {
-            link.drive(cx);
-            match resp.as_mut().poll(cx) {
-                Poll::Ready(r) => Poll::Ready(r.map_err(UpstreamError::from)),
-                Poll::Pending => match link.timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(UpstreamError::Timeout)),
-                    Poll::Pending => Poll::Pending,
-                },
-            }
-        })
-        .await?;
-        let (parts, body) = resp.into_parts();
-        let mut pooled = PooledBody {
-            inner: body,
-            link: Some(link),
-            back: Some(Back {
-                pools: self.pools.clone(),
-                index: self.pool_index(),
-                max_idle: self.cfg.max_idle_per_cell,
-            }),
-        };
-        if pooled.inner.is_end_stream() {
-            pooled.release();
+    /// Parks a connection whose last exchange ended cleanly.
+    pub fn checkin(&self, conn: Conn) {
+        // Clears the read readiness left by the response just read (no system call), so
+        // that readiness seen later means the cell sent something while it was idle.
+        let _ = conn.io.try_io(Interest::READABLE, || {
+            Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+        });
+        let mut pool = self.pool().lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < self.cfg.max_idle_per_cell {
+            pool.push(Idle {
+                io: conn.io,
+                since: Instant::now(),
+            });
         }
-        Ok(http::Response::from_parts(parts, pooled))
     }
 
     /// Drops this worker's idle connections that timed out or that the cell closed (so
     /// they do not linger half-closed until the next request). Run by each worker.
     pub fn sweep(&self) {
         let timeout = self.cfg.idle_timeout;
-        let waker = futures_util::task::noop_waker_ref();
-        let mut cx = Context::from_waker(waker);
-        let mut pool = self.pools[self.pool_index()]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        pool.retain_mut(|i| {
-            i.since.elapsed() <= timeout && i.link.drive(&mut cx) && i.link.reusable()
-        });
+        let mut pool = self.pool().lock().unwrap_or_else(|p| p.into_inner());
+        pool.retain(|i| i.since.elapsed() <= timeout && still_open(&i.io));
     }
 
     /// Idle connections in this worker's pool.
     pub fn idle(&self) -> usize {
-        self.pools[self.pool_index()]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
-    }
-}
-
-struct Back {
-    pools: Arc<[Pool]>,
-    index: usize,
-    max_idle: usize,
-}
-
-/// A cell's response body. Polling it also drives the cell connection; the connection
-/// returns to the pool when the body ends.
-pub struct PooledBody {
-    inner: Incoming,
-    link: Option<Link>,
-    back: Option<Back>,
-}
-
-impl PooledBody {
-    fn release(&mut self) {
-        let (Some(link), Some(b)) = (self.link.take(), self.back.take()) else {
-            return;
-        };
-        if !link.reusable() {
-            return;
-        }
-        let mut pool = b.pools[b.index].lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < b.max_idle {
-            pool.push(Idle {
-                link,
-                since: Instant::now(),
-            });
-        }
-    }
-}
-
-impl Body for PooledBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if let Some(link) = self.link.as_mut() {
-            link.drive(cx);
-        }
-        let res = Pin::new(&mut self.inner).poll_frame(cx);
-        match &res {
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            Poll::Ready(Some(Err(_))) => {
-                self.link = None;
-                self.back = None;
-            }
-            _ => {}
-        }
-        res
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.pool().lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
