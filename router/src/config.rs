@@ -47,6 +47,15 @@ pub struct Config {
     /// Time a cell has to send the response head.
     #[arg(long, default_value_t = 30_000)]
     pub upstream_timeout_ms: u64,
+    /// How long a client's keep-alive connection may sit idle between requests.
+    #[arg(long, default_value_t = 75_000)]
+    pub client_idle_timeout_ms: u64,
+    /// Time a client has to send a whole request head once it started one (then 408).
+    #[arg(long, default_value_t = 30_000)]
+    pub client_header_timeout_ms: u64,
+    /// Longest wait for each read or write of a body, from the client or from a cell.
+    #[arg(long, default_value_t = 60_000)]
+    pub body_timeout_ms: u64,
     /// Idle keep-alive connections kept per cell (per worker).
     #[arg(long, default_value_t = 256)]
     pub upstream_idle_per_cell: usize,
@@ -147,6 +156,16 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The waits on a client connection.
+    pub fn client_limits(&self) -> crate::forward::ClientLimits {
+        use std::time::Duration;
+        crate::forward::ClientLimits {
+            idle: Duration::from_millis(self.client_idle_timeout_ms.max(1)),
+            head: Duration::from_millis(self.client_header_timeout_ms.max(1)),
+            body: Duration::from_millis(self.body_timeout_ms.max(1)),
+        }
     }
 
     pub fn workers(&self) -> usize {

@@ -189,6 +189,7 @@ impl Application {
         let mut workers = Vec::new();
         for (i, listener) in self.listeners.into_iter().enumerate() {
             let (state, stop) = (self.state.clone(), shutdown.clone());
+            let limits = Arc::new(self.cfg.client_limits());
             let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
             let spawned = std::thread::Builder::new()
                 .name(format!("router-worker-{i}"))
@@ -236,7 +237,7 @@ impl Application {
                                 }
                             })
                         };
-                        serve_tenants(listener, stop, grace, state).await;
+                        serve_tenants(listener, stop, grace, state, limits).await;
                         sweeper.abort();
                     });
                     let _ = done_tx.send(());
@@ -302,9 +303,9 @@ async fn serve_tenants(
     stop: CancellationToken,
     grace: Duration,
     state: Arc<RouterState>,
+    limits: Arc<ClientLimits>,
 ) {
     let tracker = tokio_util::task::TaskTracker::new();
-    let limits = Arc::new(ClientLimits::default());
     loop {
         let (stream, _peer) = tokio::select! {
             _ = stop.cancelled() => break,
