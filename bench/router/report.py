@@ -20,17 +20,21 @@ for n in sizes:
     lr = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "?"
     print(f"| {n} | {fmt(rps['direct'])} | {rr('nginx')} | {rr('router')} | {ratio} | {lr} | {rss} / {rss_after} | {load} |")
 print()
-print("| tenants | rate | added p50 ms nginx | added p50 ms router | added p99 ms nginx | added p99 ms router |")
-print("|---|---|---|---|---|---|")
+print("| tenants | rate | rounds | added p50 ms nginx | added p50 ms router | added p99 ms nginx (median; rounds) | added p99 ms router (median; rounds) |")
+print("|---|---|---|---|---|---|---|")
 for n in sizes:
     fr = [r for r in rows if r.get("tenants") == n and r["metric"] == "fixed_rate"]
     for rate in sorted({r["result"]["rate"] for r in fr}):
-        res = {r["target"]: r["result"] for r in fr if r["result"]["rate"] == rate}
-        if "direct" not in res:
+        at = [r for r in fr if r["result"]["rate"] == rate]
+        res = {t: [r["result"] for r in at if r["target"] == t] for t in ("direct", "nginx", "router")}
+        if not res["direct"]:
             continue
-        d = res["direct"]
-        add = lambda t, q: round(res[t][q] - d[q], 3) if t in res else "?"
-        print(f"| {n} | {int(rate)} | {add('nginx','p50_ms')} | {add('router','p50_ms')} | {add('nginx','p99_ms')} | {add('router','p99_ms')} |")
+        med = lambda t, q: statistics.median(x[q] for x in res[t]) if res[t] else float("nan")
+        add = lambda t, q: round(med(t, q) - med("direct", q), 3)
+        # Per round: the proxy's percentile minus direct's in the same round.
+        per = lambda t: "/".join(f"{a['p99_ms'] - d['p99_ms']:.3f}" for a, d in zip(res[t], res["direct"]))
+        print(f"| {n} | {int(rate)} | {len(res['direct'])} | {add('nginx','p50_ms')} | {add('router','p50_ms')} | "
+              f"{add('nginx','p99_ms')}; {per('nginx')} | {add('router','p99_ms')}; {per('router')} |")
 for r in rows:
     if r["metric"] == "propagation_ms":
         print(f"\nRoute-update propagation over {r['updates']} updates: p50 {r['p50']} ms, p99 {r['p99']} ms, max {r['max']} ms")

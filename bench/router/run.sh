@@ -114,15 +114,19 @@ SQL
     done
     record "{\"tenants\":$N,\"metric\":\"wrk_rps\",\"target\":\"nginx\",\"value\":$(median "${NG_R[@]}")}"
     record "{\"tenants\":$N,\"metric\":\"wrk_rps\",\"target\":\"router\",\"value\":$(median "${RT_R[@]}")}"
+    # Fixed rates, also in alternating rounds (direct, nginx, router, direct, ...): the
+    # report takes the median of each percentile per target.
     for RATE in $RATES; do
-        for tgt in direct nginx router; do
-            case $tgt in
-                direct) url="http://127.0.0.1:$UP/v1/kv/x"; tn=0 ;;
-                nginx) url="http://127.0.0.1:$NG/v1/kv/x"; tn=$N ;;
-                router) url="$R/v1/kv/x"; tn=$N ;;
-            esac
-            res=$("$LOADGEN" "$url" "$RATE" "$DUR" 32 "$tn")
-            record "{\"tenants\":$N,\"metric\":\"fixed_rate\",\"target\":\"$tgt\",\"result\":$res}"
+        for round in $(seq 1 "$ROUNDS"); do
+            for tgt in direct nginx router; do
+                case $tgt in
+                    direct) url="http://127.0.0.1:$UP/v1/kv/x"; tn=0 ;;
+                    nginx) url="http://127.0.0.1:$NG/v1/kv/x"; tn=$N ;;
+                    router) url="$R/v1/kv/x"; tn=$N ;;
+                esac
+                res=$("$LOADGEN" "$url" "$RATE" "$DUR" 32 "$tn")
+                record "{\"tenants\":$N,\"metric\":\"fixed_rate\",\"target\":\"$tgt\",\"round\":$round,\"result\":$res}"
+            done
         done
     done
     RSS_KB=$(ps -o rss= -p "$R_PID" | tr -d ' ')

@@ -75,8 +75,8 @@ impl Waits {
         deadline: tokio::time::Instant,
         idle: bool,
     ) -> Result<usize, Fail> {
-        if buf.capacity() - buf.len() < 2048 {
-            buf.reserve(16 * 1024);
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(8 * 1024);
         }
         std::future::poll_fn(|cx| loop {
             match io.try_read_buf(buf) {
@@ -237,9 +237,9 @@ pub async fn serve_connection<P: Phases>(
         limits,
         stop,
         io,
-        rbuf: BytesMut::with_capacity(8 * 1024),
+        rbuf: BytesMut::with_capacity(4 * 1024),
         ubuf: BytesMut::new(),
-        wbuf: Vec::with_capacity(4 * 1024),
+        wbuf: Vec::with_capacity(2 * 1024),
         waits: Waits {
             timer: Box::pin(tokio::time::sleep(limits.idle)),
             stopped: Box::pin(stop.clone().cancelled_owned()),
@@ -253,22 +253,27 @@ impl<P: Phases> Session<'_, P> {
     /// One request; false when the connection is done.
     async fn one(&mut self) -> bool {
         let mut started = None;
+        // Set at the first byte of the head: the whole head must arrive by then.
+        let mut head_deadline = None;
         let mut held: Option<(Target, Pick)> = None;
         let step = loop {
             if !self.rbuf.is_empty() {
                 started.get_or_insert_with(Instant::now);
+                head_deadline.get_or_insert_with(|| after(self.limits.head));
                 self.wbuf.clear();
-                let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                let step = match h1::parse_request(&self.rbuf, &mut hs) {
-                    Err(HeadError::Partial) => None,
-                    Err(e) => Some(Step::Bad(e)),
-                    Ok(req) => Some(decide(
-                        self.phases,
-                        self.state,
-                        &req,
-                        held.take(),
-                        &mut self.wbuf,
-                    )),
+                let step = {
+                    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    match h1::parse_request(&self.rbuf, &mut hs) {
+                        Err(HeadError::Partial) => None,
+                        Err(e) => Some(Step::Bad(e)),
+                        Ok(req) => Some(decide(
+                            self.phases,
+                            self.state,
+                            &req,
+                            held.take(),
+                            &mut self.wbuf,
+                        )),
+                    }
                 };
                 match step {
                     None => {}
@@ -283,10 +288,9 @@ impl<P: Phases> Session<'_, P> {
                     Some(step) => break step,
                 }
             }
-            let (deadline, idle) = if self.rbuf.is_empty() {
-                (after(self.limits.idle), true)
-            } else {
-                (after(self.limits.head), false)
+            let (deadline, idle) = match head_deadline {
+                None => (after(self.limits.idle), true),
+                Some(d) => (d, false),
             };
             if let Err(f) = self
                 .waits
@@ -404,7 +408,7 @@ impl<P: Phases> Session<'_, P> {
         started: Instant,
     ) -> bool {
         let cell = &route.cell;
-        let unreachable = |reason: &str| ProxyError::Upstream {
+        let cell_error = |reason: &str| ProxyError::Upstream {
             cell: cell.cell_id.to_string(),
             reason: reason.to_string(),
         };
@@ -442,7 +446,7 @@ impl<P: Phases> Session<'_, P> {
         let mut retried = false;
         let mut conn = loop {
             let got = if retried {
-                cell.upstream.connect(deadline).await
+                Box::pin(cell.upstream.connect(deadline)).await
             } else {
                 cell.upstream.checkout(deadline).await
             };
@@ -454,7 +458,7 @@ impl<P: Phases> Session<'_, P> {
                 }
                 Err(e) => {
                     crate::health::record(cell, Err(e.to_string()), self.state.cfg.health_fails);
-                    let e = unreachable(&e.to_string());
+                    let e = cell_error(&e.to_string());
                     return self.failed(&route, rt.as_deref(), e, &corr, started).await;
                 }
             };
@@ -471,9 +475,10 @@ impl<P: Phases> Session<'_, P> {
                     retried = true;
                     continue;
                 }
-                let e = unreachable("sending the request failed");
+                let e = cell_error("sending the request failed");
                 return self.failed(&route, rt.as_deref(), e, &corr, started).await;
             }
+            let streamed = !body_done;
             while !body_done {
                 let got = self
                     .waits
@@ -496,13 +501,19 @@ impl<P: Phases> Session<'_, P> {
                     .await
                     .is_err()
                 {
-                    let e = unreachable("sending the request body failed");
+                    let e = cell_error("sending the request body failed");
                     return self.failed(&route, rt.as_deref(), e, &corr, started).await;
                 }
             }
+            // The cell's time to answer runs from the end of a streamed body.
+            let answer_by = if streamed {
+                after(self.state.cfg.upstream_timeout)
+            } else {
+                deadline
+            };
             self.ubuf.clear();
             match self
-                .read_response_head(&mut conn, meta.is_head, deadline)
+                .read_response_head(&mut conn, meta.is_head, answer_by)
                 .await
             {
                 Ok(()) => break conn,
@@ -515,7 +526,7 @@ impl<P: Phases> Session<'_, P> {
                     return self.failed(&route, rt.as_deref(), e, &corr, started).await;
                 }
                 Err(_) => {
-                    let e = unreachable("the connection closed before a response");
+                    let e = cell_error("the connection closed before a response");
                     return self.failed(&route, rt.as_deref(), e, &corr, started).await;
                 }
             }
@@ -544,7 +555,7 @@ impl<P: Phases> Session<'_, P> {
                     _ => "response head too large".into(),
                 };
                 return self
-                    .failed(&route, rt.as_deref(), unreachable(&reason), &corr, started)
+                    .failed(&route, rt.as_deref(), cell_error(&reason), &corr, started)
                     .await;
             }
         };
