@@ -129,6 +129,8 @@ struct Meta {
     keep_alive: bool,
     http10: bool,
     is_head: bool,
+    /// May be sent again (RFC 9110 §9.2.2) when a reused cell connection fails.
+    idempotent: bool,
     expect_continue: bool,
 }
 
@@ -140,6 +142,10 @@ impl Meta {
             keep_alive: req.keep_alive,
             http10: req.http10,
             is_head: req.is_head(),
+            idempotent: matches!(
+                req.method,
+                "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+            ),
             expect_continue: req.expect_continue,
         }
     }
@@ -462,9 +468,10 @@ impl<P: Phases> Session<'_, P> {
                     return self.failed(&route, rt.as_deref(), e, &corr, started).await;
                 }
             };
-            // A request that is whole in `wbuf` can be sent again if a reused connection
-            // turns out to be closed before any of the response arrives.
-            let may_retry = conn.reused && body_done && !retried;
+            // An idempotent request that is whole in `wbuf` is sent again if a reused
+            // connection turns out to be closed before any of the response arrives (the
+            // cell closed it while idle); anything else gets 502 rather than a repeat.
+            let may_retry = conn.reused && body_done && meta.idempotent && !retried;
             if self
                 .waits
                 .write_all(&mut conn.io, &self.wbuf, deadline)

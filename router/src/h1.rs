@@ -278,7 +278,9 @@ pub fn parse_request<'h, 'b>(
         correlation_id,
         framing,
         keep_alive,
-        expect_continue: expect_continue && framing != Framing::None,
+        // An HTTP/1.0 client gets no interim response (RFC 9110 §15.2): it sends the body
+        // without waiting for one.
+        expect_continue: expect_continue && !http10 && framing != Framing::None,
         listed,
         head_len,
     })
@@ -318,12 +320,19 @@ pub fn write_request_head(
 ) {
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
+    // `http://host?q` has an empty path: origin-form needs the `/` (RFC 9112 §3.2.1).
+    if !path.starts_with('/') && path != "*" {
+        out.push(b'/');
+    }
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for h in req.headers {
         let keep = match kind(h.name) {
             Kind::Plain | Kind::Date => !req.listed.contains(h.name),
             Kind::Host => !req.absolute,
+            // The client's codings as sent (`gzip, chunked` stays that): the body is
+            // forwarded as it came.
+            Kind::TransferEncoding => req.framing == Framing::Chunked,
             _ => false,
         };
         if keep {
@@ -347,8 +356,7 @@ pub fn write_request_head(
             push_u64(out, n);
             out.extend_from_slice(b"\r\n");
         }
-        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        Framing::None | Framing::Close => {}
+        Framing::Chunked | Framing::None | Framing::Close => {}
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -385,6 +393,9 @@ pub struct Response<'h, 'b> {
     pub keep_alive: bool,
     has_correlation_id: bool,
     has_date: bool,
+    /// `Transfer-Encoding` was sent: it overrides any `Content-Length`, which is then
+    /// dropped (RFC 9112 §6.3).
+    te: bool,
     chunked_te_value: bool,
     listed: Listed<'b>,
     pub head_len: usize,
@@ -462,6 +473,7 @@ pub fn parse_response<'h, 'b>(
         keep_alive,
         has_correlation_id,
         has_date,
+        te,
         chunked_te_value: te && chunked,
         listed,
         head_len,
@@ -507,6 +519,7 @@ impl Response<'_, '_> {
         for h in self.headers {
             let keep = match kind(h.name) {
                 Kind::TransferEncoding => !relay.dechunk,
+                Kind::ContentLength => !self.te,
                 Kind::Connection | Kind::HopByHop => false,
                 _ => !self.listed.contains(h.name),
             };

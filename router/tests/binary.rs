@@ -3,62 +3,11 @@
 //! 502 unreachable cell, 503 for a cell failing its health checks), keeps the admin
 //! endpoints off the tenant listener, and on SIGTERM drains and exits cleanly.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::{cell_socket, dead_port, spawn, write_state};
+use std::process::Command;
 use std::time::Duration;
-
-struct Router {
-    child: Child,
-    url: String,
-    admin: String,
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn dead_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-fn spawn(state: &std::path::Path, extra: &[&str]) -> Router {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cellplane-router"))
-        .args([
-            "--control-plane",
-            &format!("http://127.0.0.1:{}", dead_port()),
-        ])
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .arg("--state-file")
-        .arg(state)
-        .args([
-            "--base-domain",
-            "example.test",
-            "--upstream-timeout-ms",
-            "2000",
-        ])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn router");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = lines.next().unwrap().unwrap();
-    let admin = lines.next().unwrap().unwrap();
-    std::thread::spawn(move || for _ in lines {});
-    Router {
-        child,
-        url: url.strip_prefix("listening on ").unwrap().to_string(),
-        admin: admin
-            .strip_prefix("admin listening on ")
-            .unwrap()
-            .to_string(),
-    }
-}
 
 async fn problem(r: reqwest::Response, status: u16) -> serde_json::Value {
     assert_eq!(r.status(), status);
@@ -140,18 +89,6 @@ fn nix_kill(pid: u32) {
         .arg("-TERM")
         .arg(pid.to_string())
         .status();
-}
-
-fn write_state(path: &std::path::Path, port: u16) {
-    std::fs::write(
-        path,
-        format!(
-            r#"{{"revision":1,"full":true,"upserts":[
-            {{"tenant_id":"acme","env":"prod","cell_id":"c-1","endpoint":"http://127.0.0.1:{port}","mode":"serve"}}],
-            "removals":[]}}"#
-        ),
-    )
-    .unwrap();
 }
 
 /// A cell stand-in on `listener`: answers every request `200 ok` and closes.
@@ -322,20 +259,6 @@ fn serve_keep_alive(
         }
     });
     conns
-}
-
-/// A temp dir with the router's state-file path, and a listener on a free port for a cell.
-fn cell_socket() -> (
-    tempfile::TempDir,
-    std::path::PathBuf,
-    std::net::TcpListener,
-    u16,
-) {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state.json");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    (dir, state, listener, port)
 }
 
 // Cell connections are kept alive and reused; one the cell closes while it sits idle in
