@@ -79,9 +79,21 @@ impl Waits {
             buf.reserve(8 * 1024);
         }
         std::future::poll_fn(|cx| loop {
+            let room = buf.capacity() - buf.len();
             match io.try_read_buf(buf) {
                 Ok(0) => return Poll::Ready(Err(Fail::Eof)),
-                Ok(n) => return Poll::Ready(Ok(n)),
+                Ok(n) => {
+                    if n < room {
+                        // A short read took all there was: forget the readiness now rather
+                        // than learn it from a read that fails with EAGAIN (what tokio's
+                        // own `poll_read` does). Data arriving later raises it again, and
+                        // a close seen by the poller is never forgotten.
+                        let _ = io.try_io(tokio::io::Interest::READABLE, || {
+                            Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+                        });
+                    }
+                    return Poll::Ready(Ok(n));
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => return Poll::Ready(Err(Fail::Io)),
             }
@@ -264,8 +276,10 @@ impl<P: Phases> Session<'_, P> {
         let mut held: Option<(Target, Pick)> = None;
         let step = loop {
             if !self.rbuf.is_empty() {
-                started.get_or_insert_with(Instant::now);
-                head_deadline.get_or_insert_with(|| after(self.limits.head));
+                let first = *started.get_or_insert_with(Instant::now);
+                head_deadline.get_or_insert_with(|| {
+                    tokio::time::Instant::from_std(first) + self.limits.head
+                });
                 self.wbuf.clear();
                 let step = {
                     let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -546,9 +560,13 @@ impl<P: Phases> Session<'_, P> {
             match h1::parse_response(&self.ubuf, &mut hs, meta.is_head) {
                 Ok(r) => {
                     let relay = r.relay(meta.http10, meta.keep_alive, stopping);
-                    h1::with_date(|date| {
-                        r.write_head(relay, meta.http10, &corr, date, &mut self.wbuf)
-                    });
+                    if r.needs_date() {
+                        h1::with_date(|date| {
+                            r.write_head(relay, meta.http10, &corr, date, &mut self.wbuf)
+                        });
+                    } else {
+                        r.write_head(relay, meta.http10, &corr, b"", &mut self.wbuf);
+                    }
                     Ok((r.head_len, r.code, r.framing, r.keep_alive, relay))
                 }
                 Err(e) => Err(e),
@@ -567,14 +585,16 @@ impl<P: Phases> Session<'_, P> {
             }
         };
         self.ubuf.advance(head_len);
-        RouterCounters::inc(&self.state.counters.forwarded);
+        RouterCounters::inc(self.state.counters.forwarded.local());
+        let answered = tokio::time::Instant::now();
         self.phases.log(
             self.state,
             Some((&route, rt.as_deref())),
             code,
-            started.elapsed(),
+            answered.into_std().saturating_duration_since(started),
             None,
         );
+        let mut write_by = answered + self.limits.body;
         // The body, as far as it is here, goes out with the head; then the rest.
         let mut left = match framing {
             Framing::Length(n) => n,
@@ -598,7 +618,7 @@ impl<P: Phases> Session<'_, P> {
             if !self.wbuf.is_empty() {
                 if self
                     .waits
-                    .write_all(&mut self.io, &self.wbuf, after(self.limits.body))
+                    .write_all(&mut self.io, &self.wbuf, write_by)
                     .await
                     .is_err()
                 {
@@ -609,6 +629,7 @@ impl<P: Phases> Session<'_, P> {
             if done {
                 break;
             }
+            write_by = after(self.limits.body);
             match self
                 .waits
                 .read(&conn.io, &mut self.ubuf, after(self.limits.body), false)

@@ -501,6 +501,11 @@ impl Response<'_, '_> {
         }
     }
 
+    /// The cell sent no `Date`: [`Response::write_head`] adds the router's.
+    pub fn needs_date(&self) -> bool {
+        !self.has_date
+    }
+
     /// Writes the head sent to the client: the cell's status and fields minus hop-by-hop
     /// and listed ones, plus the correlation id and `Date` when the cell sent none.
     pub fn write_head(

@@ -57,6 +57,63 @@ impl Histogram {
     }
 }
 
+/// One copy of `T` per worker thread, each on cache lines of its own: the workers record
+/// a busy cell's requests without pulling the same lines back and forth between cores.
+/// Read by summing the copies (only when metrics are rendered).
+pub struct PerWorker<T> {
+    slots: Box<[Padded<T>]>,
+}
+
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> PerWorker<T> {
+    pub fn new(workers: usize, f: impl Fn() -> T) -> Self {
+        Self {
+            slots: (0..workers.max(1)).map(|_| Padded(f())).collect(),
+        }
+    }
+
+    /// This thread's copy (threads that are not workers share the first).
+    pub fn local(&self) -> &T {
+        &self.slots[crate::upstream::worker() % self.slots.len()].0
+    }
+
+    pub fn each(&self) -> impl Iterator<Item = &T> {
+        self.slots.iter().map(|p| &p.0)
+    }
+}
+
+impl PerWorker<Histogram> {
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut it = self.each();
+        let Some(first) = it.next() else { return };
+        let sum = Histogram::new(&first.bounds);
+        for h in self.each() {
+            for (a, b) in sum.counts.iter().zip(h.counts.iter()) {
+                a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+            sum.sum_micros
+                .fetch_add(h.sum_micros.load(Ordering::Relaxed), Ordering::Relaxed);
+            sum.count
+                .fetch_add(h.count.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        sum.render(out, name, labels);
+    }
+}
+
+impl PerWorker<StatusCounters> {
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sum = StatusCounters::default();
+        for c in self.each() {
+            for (a, b) in sum.classes.iter().zip(c.classes.iter()) {
+                a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+        sum.render(out, name, labels);
+    }
+}
+
 /// Responses by status class.
 #[derive(Default)]
 pub struct StatusCounters {
@@ -84,7 +141,6 @@ impl StatusCounters {
 }
 
 /// Responses the router produced itself, by reason.
-#[derive(Default)]
 pub struct RouterCounters {
     pub unknown_tenant: AtomicU64,
     pub bad_request: AtomicU64,
@@ -96,13 +152,41 @@ pub struct RouterCounters {
     pub upstream_error: AtomicU64,
     pub upstream_timeout: AtomicU64,
     pub cell_down: AtomicU64,
-    pub forwarded: AtomicU64,
+    /// Per worker: every forwarded request counts here.
+    pub forwarded: PerWorker<AtomicU64>,
     pub sync_ok: AtomicU64,
     pub sync_errors: AtomicU64,
     pub state_writes: AtomicU64,
 }
 
 impl RouterCounters {
+    pub fn new(workers: usize) -> Self {
+        let z = || AtomicU64::new(0);
+        Self {
+            unknown_tenant: z(),
+            bad_request: z(),
+            suspended: z(),
+            held: z(),
+            hold_timeout: z(),
+            hold_overflow: z(),
+            rate_limited: z(),
+            upstream_error: z(),
+            upstream_timeout: z(),
+            cell_down: z(),
+            forwarded: PerWorker::new(workers, z),
+            sync_ok: z(),
+            sync_errors: z(),
+            state_writes: z(),
+        }
+    }
+
+    pub fn forwarded_total(&self) -> u64 {
+        self.forwarded
+            .each()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -127,11 +211,12 @@ impl RouterCounters {
                 c.load(Ordering::Relaxed)
             );
         }
+        let forwarded = AtomicU64::new(self.forwarded_total());
         for (name, help, c) in [
             (
                 "cellplane_router_forwarded_total",
                 "Requests forwarded to a cell.",
-                &self.forwarded,
+                &forwarded,
             ),
             (
                 "cellplane_router_held_total",
@@ -166,6 +251,37 @@ impl RouterCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_worker_copies_render_as_one_series() {
+        let status = std::sync::Arc::new(PerWorker::new(2, StatusCounters::default));
+        let latency = std::sync::Arc::new(PerWorker::new(2, || Histogram::new(&[0.01])));
+        let (s, l) = (status.clone(), latency.clone());
+        std::thread::spawn(move || {
+            crate::upstream::set_worker_index(1);
+            s.local().observe(200);
+            l.local().observe(std::time::Duration::from_millis(5));
+        })
+        .join()
+        .unwrap();
+        status.local().observe(204);
+        status.local().observe(503);
+        latency.local().observe(std::time::Duration::from_secs(1));
+        assert_eq!(
+            status.each().map(StatusCounters::total).collect::<Vec<_>>(),
+            [2, 1]
+        );
+        let mut out = String::new();
+        status.render(&mut out, "r", "cell=\"c\"");
+        latency.render(&mut out, "d", "cell=\"c\"");
+        assert!(out.contains("r{cell=\"c\",code=\"2xx\"} 2\n"), "{out}");
+        assert!(out.contains("r{cell=\"c\",code=\"5xx\"} 1\n"), "{out}");
+        assert!(
+            out.contains("d_bucket{cell=\"c\",le=\"0.01\"} 1\n"),
+            "{out}"
+        );
+        assert!(out.contains("d_count{cell=\"c\"} 2\n"), "{out}");
+    }
 
     #[test]
     fn histogram_is_cumulative_when_rendered() {

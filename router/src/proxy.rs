@@ -29,6 +29,8 @@ pub struct ProxyConfig {
     pub max_tenant_histograms: usize,
     /// Consecutive failed health probes (or connect errors) that take a cell down.
     pub health_fails: u32,
+    /// Worker threads (per-worker metric copies).
+    pub workers: usize,
 }
 
 /// Everything the request path shares.
@@ -49,6 +51,7 @@ pub struct RouterState {
 impl RouterState {
     pub fn new(resolver: Resolver, cfg: ProxyConfig, initial: Snapshot) -> Self {
         let max_tenant_histograms = cfg.max_tenant_histograms;
+        let counters = RouterCounters::new(cfg.workers);
         use rand::Rng;
         let mut rng = rand::thread_rng();
         let corr_prefix: String = (0..8)
@@ -59,7 +62,7 @@ impl RouterState {
             table: ArcSwap::from_pointee(initial),
             resolver,
             cfg,
-            counters: RouterCounters::default(),
+            counters,
             tenant_histograms: crate::table::SeriesBudget::new(max_tenant_histograms),
             persisted_revision: std::sync::atomic::AtomicI64::new(-1),
             corr_prefix: format!("rt-{corr_prefix}"),
@@ -371,8 +374,8 @@ pub trait Phases: Send + Sync + 'static {
             RouterCounters::inc(e.counter(&state.counters));
         }
         if let Some((r, rt)) = route {
-            r.cell.status.observe(status);
-            r.cell.latency.observe(took);
+            r.cell.status.local().observe(status);
+            r.cell.latency.local().observe(took);
             if let Some(rt) = rt {
                 rt.status.observe(status);
                 if let Some(h) = &rt.latency {

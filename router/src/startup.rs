@@ -93,6 +93,7 @@ impl Application {
                 buckets,
                 max_tenant_histograms: cfg.max_tenant_histograms,
                 health_fails: cfg.health_fails,
+                workers: cfg.workers(),
             },
             initial,
         ));

@@ -233,7 +233,7 @@ pub async fn run_heartbeats(
             "stats": {
                 "routes": routes,
                 "source": status.source_name(),
-                "forwarded": state.counters.forwarded.load(Ordering::Relaxed),
+                "forwarded": state.counters.forwarded_total(),
             }
         });
         let res = client

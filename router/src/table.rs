@@ -10,7 +10,7 @@
 //! state (rate bucket, metrics, hold waiters) is created on a tenant's first request and
 //! carried into later snapshots. Nothing here does I/O.
 
-use crate::metrics::{Histogram, StatusCounters};
+use crate::metrics::{Histogram, PerWorker, StatusCounters};
 use cellplane_api::RouteMode;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -24,8 +24,8 @@ pub struct CellHandle {
     pub cell_id: Arc<str>,
     pub endpoint: Arc<str>,
     pub upstream: crate::upstream::Upstream,
-    pub status: StatusCounters,
-    pub latency: Histogram,
+    pub status: PerWorker<StatusCounters>,
+    pub latency: PerWorker<Histogram>,
     /// Kept up to date by the health prober; shared by every snapshot that holds the cell.
     pub health: crate::health::CellHealth,
 }
@@ -251,8 +251,8 @@ impl TableBuilder {
             cell_id: key.0.clone(),
             endpoint: key.1.clone(),
             upstream,
-            status: StatusCounters::default(),
-            latency: Histogram::new(&self.buckets),
+            status: PerWorker::new(self.upstream.workers, StatusCounters::default),
+            latency: PerWorker::new(self.upstream.workers, || Histogram::new(&self.buckets)),
             health: Default::default(),
         });
         self.cells.insert(key, handle.clone());

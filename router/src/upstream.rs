@@ -67,7 +67,7 @@ pub fn set_worker_index(i: usize) {
     WORKER.with(|w| w.set(i));
 }
 
-fn worker() -> usize {
+pub(crate) fn worker() -> usize {
     WORKER.with(|w| w.get())
 }
 
@@ -177,7 +177,8 @@ impl Upstream {
                 // request's future.
                 return Box::pin(self.connect(deadline)).await;
             };
-            if idle.since.elapsed() <= self.cfg.idle_timeout && still_open(&idle.io) {
+            // Connections idle for too long are dropped by the sweeper (once a second).
+            if still_open(&idle.io) {
                 return Ok(Conn {
                     io: idle.io,
                     reused: true,

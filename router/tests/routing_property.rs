@@ -140,6 +140,7 @@ async fn requests_only_reach_their_own_tenants_current_route() {
                 buckets: Arc::from(vec![0.01]),
                 health_fails: 2,
                 max_tenant_histograms: 100,
+                workers: 1,
             },
             Snapshot::empty(),
         );
