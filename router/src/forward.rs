@@ -326,38 +326,36 @@ impl<P: Phases> Session<'_, P> {
             }
         };
         let started = started.unwrap_or_else(Instant::now);
-        match step {
+        let (e, answer) = match step {
             Step::Bad(e) => {
                 let e = match e {
                     HeadError::TooLarge => ProxyError::HeadTooLarge,
                     HeadError::Bad(m) => ProxyError::BadRequest(m),
                     HeadError::Partial => unreachable!("a partial head is read further"),
                 };
-                self.phases.log(
-                    self.state,
-                    None,
-                    e.status().as_u16(),
-                    started.elapsed(),
-                    Some(&e),
-                );
-                self.answer_and_close(&e, &self.state.correlation_id())
-                    .await;
-                false
+                (e, None)
             }
-            Step::Answer(meta, e, corr) => {
-                self.phases.log(
-                    self.state,
-                    None,
-                    e.status().as_u16(),
-                    started.elapsed(),
-                    Some(&e),
-                );
-                self.answer(meta, &e, &corr).await
-            }
+            Step::Answer(meta, e, corr) => (e, Some((meta, corr))),
             Step::Forward(meta, route, rt, corr) => {
-                self.forward(meta, route, rt, corr, started).await
+                return self.forward(meta, route, rt, corr, started).await;
             }
             Step::Hold(..) => unreachable!("a held request waits above"),
+        };
+        self.phases.log(
+            self.state,
+            None,
+            e.status().as_u16(),
+            started.elapsed(),
+            Some(&e),
+        );
+        match answer {
+            Some((meta, corr)) => self.answer(meta, &e, &corr).await,
+            // A head that cannot be read leaves nothing to resynchronize on: close.
+            None => {
+                let corr = self.state.correlation_id();
+                self.answer_and_close(&e, &corr).await;
+                false
+            }
         }
     }
 

@@ -297,6 +297,26 @@ fn bind_workers(
     Ok((out, target))
 }
 
+/// The next connection (TCP_NODELAY set), or `None` once `stop` is cancelled. A failed
+/// accept (say, out of file descriptors) is logged and retried after a short pause.
+async fn accept(listener: &TcpListener, stop: &CancellationToken) -> Option<tokio::net::TcpStream> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some(stream);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+        }
+    }
+}
+
 /// Accepts tenant connections until `stop`, then gives open connections `grace` to finish
 /// the request they are in (idle ones close at once).
 async fn serve_tenants(
@@ -308,18 +328,9 @@ async fn serve_tenants(
 ) {
     let tracker = tokio_util::task::TaskTracker::new();
     loop {
-        let (stream, _peer) = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
+        let Some(stream) = accept(&listener, &stop).await else {
+            break;
         };
-        let _ = stream.set_nodelay(true);
         let (state, limits, stop) = (state.clone(), limits.clone(), stop.clone());
         tracker.spawn(async move {
             crate::forward::serve_connection(&DefaultPhases, &state, &limits, &stop, stream).await
@@ -349,18 +360,9 @@ where
         .header_read_timeout(Duration::from_secs(30))
         .timer(hyper_util::rt::TokioTimer::new());
     loop {
-        let (stream, _peer) = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
+        let Some(stream) = accept(&listener, &stop).await else {
+            break;
         };
-        let _ = stream.set_nodelay(true);
         let f = f.clone();
         let svc = service_fn(move |req| {
             let fut = f(req);

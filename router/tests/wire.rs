@@ -1331,17 +1331,21 @@ fn transfer_codings_before_chunked_are_not_dropped() {
 // ---------------------------------------------------------------------------------------
 // Retrying on a reused cell connection.
 
+/// A cell that reads the second request on its first connection and closes it unanswered;
+/// everything else is echoed.
+fn hang_up_on_the_second_request(s: &Seen) -> Reply {
+    if s.conn == 0 && s.nth == 1 {
+        Reply::Hangup
+    } else {
+        echo(s)
+    }
+}
+
 // A reused cell connection that closes without a byte of response is replaced and an
 // idempotent request sent again on a new one: the client gets the answer.
 #[test]
 fn a_get_is_retried_when_a_reused_cell_connection_closes_before_answering() {
-    let t = setup(&[], |s| {
-        if s.conn == 0 && s.nth == 1 {
-            Reply::Hangup
-        } else {
-            echo(s)
-        }
-    });
+    let t = setup(&[], hang_up_on_the_second_request);
     let mut c = t.client();
     assert_eq!(c.call(&get("/1")).text(), "/1:");
     let r = c.call(&get("/2"));
@@ -1367,13 +1371,7 @@ fn a_get_is_retried_when_a_reused_cell_connection_closes_before_answering() {
 // the cell sees the POST once.
 #[test]
 fn a_post_is_not_retried_after_the_cell_read_it() {
-    let t = setup(&[], |s| {
-        if s.conn == 0 && s.nth == 1 {
-            Reply::Hangup
-        } else {
-            echo(s)
-        }
-    });
+    let t = setup(&[], hang_up_on_the_second_request);
     let mut c = t.client();
     assert_eq!(c.call(&get("/1")).text(), "/1:");
     let r = c.call(&format!(
