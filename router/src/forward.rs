@@ -226,6 +226,23 @@ fn body_part(
     })
 }
 
+/// A final response head from a cell, as far as the relay needs it.
+struct RespHead {
+    code: u16,
+    framing: Framing,
+    /// The cell keeps the connection open after this response.
+    keep_alive: bool,
+    relay: h1::Relay,
+}
+
+/// Why no response head was read.
+enum HeadFail {
+    /// The wait for it failed (closed, reset, timed out).
+    Wait(Fail),
+    /// What came is not a usable response head.
+    Bad(String),
+}
+
 struct Session<'a, P: Phases> {
     phases: &'a P,
     state: &'a RouterState,
@@ -462,7 +479,7 @@ impl<P: Phases> Session<'_, P> {
         }
         let deadline = after(self.state.cfg.upstream_timeout);
         let mut retried = false;
-        let mut conn = loop {
+        let (mut conn, head) = loop {
             let got = if retried {
                 Box::pin(cell.upstream.connect(deadline)).await
             } else {
@@ -532,57 +549,36 @@ impl<P: Phases> Session<'_, P> {
             };
             self.ubuf.clear();
             match self
-                .read_response_head(&mut conn, meta.is_head, answer_by)
+                .read_response_head(&mut conn, &meta, &corr, answer_by)
                 .await
             {
-                Ok(()) => break conn,
-                Err(Fail::Eof) | Err(Fail::Io) if may_retry && self.ubuf.is_empty() => {
+                Ok(head) => break (conn, head),
+                Err(HeadFail::Wait(Fail::Eof | Fail::Io)) if may_retry && self.ubuf.is_empty() => {
                     retried = true;
                     continue;
                 }
-                Err(Fail::Timeout) => {
+                Err(HeadFail::Wait(Fail::Timeout)) => {
                     let e = ProxyError::UpstreamTimeout(cell.cell_id.to_string());
                     return self.failed(&route, rt.as_deref(), e, &corr, started).await;
                 }
-                Err(_) => {
+                Err(HeadFail::Wait(_)) => {
                     let e = cell_error("the connection closed before a response");
                     return self.failed(&route, rt.as_deref(), e, &corr, started).await;
                 }
-            }
-        };
-        // The response head is complete at the start of `ubuf`.
-        let stopping = self.stop.is_cancelled();
-        self.wbuf.clear();
-        let head = {
-            let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            match h1::parse_response(&self.ubuf, &mut hs, meta.is_head) {
-                Ok(r) => {
-                    let relay = r.relay(meta.http10, meta.keep_alive, stopping);
-                    if r.needs_date() {
-                        h1::with_date(|date| {
-                            r.write_head(relay, meta.http10, &corr, date, &mut self.wbuf)
-                        });
-                    } else {
-                        r.write_head(relay, meta.http10, &corr, b"", &mut self.wbuf);
-                    }
-                    Ok((r.head_len, r.code, r.framing, r.keep_alive, relay))
+                Err(HeadFail::Bad(reason)) => {
+                    return self
+                        .failed(&route, rt.as_deref(), cell_error(&reason), &corr, started)
+                        .await;
                 }
-                Err(e) => Err(e),
             }
         };
-        let (head_len, code, framing, cell_keep_alive, relay) = match head {
-            Ok(x) => x,
-            Err(e) => {
-                let reason = match e {
-                    HeadError::Bad(m) => m,
-                    _ => "response head too large".into(),
-                };
-                return self
-                    .failed(&route, rt.as_deref(), cell_error(&reason), &corr, started)
-                    .await;
-            }
-        };
-        self.ubuf.advance(head_len);
+        // The head for the client is in `wbuf`, the response head consumed from `ubuf`.
+        let RespHead {
+            code,
+            framing,
+            keep_alive: cell_keep_alive,
+            relay,
+        } = head;
         RouterCounters::inc(self.state.counters.forwarded.local());
         let answered = tokio::time::Instant::now();
         self.phases.log(
@@ -650,31 +646,63 @@ impl<P: Phases> Session<'_, P> {
         !relay.close
     }
 
-    /// Reads until `ubuf` starts with a final (non-1xx) response head; interim responses
-    /// are dropped (the router answers `Expect` itself and does not upgrade connections).
+    /// Reads until `ubuf` starts with a final (non-1xx) response head, consumes it and
+    /// writes the head for the client into `wbuf`. Interim responses are dropped (the
+    /// router answers `Expect` itself and does not upgrade connections).
     async fn read_response_head(
         &mut self,
         conn: &mut Conn,
-        is_head: bool,
+        meta: &Meta,
+        corr: &str,
         deadline: tokio::time::Instant,
-    ) -> Result<(), Fail> {
+    ) -> Result<RespHead, HeadFail> {
         loop {
             if !self.ubuf.is_empty() {
-                let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                match h1::parse_response(&self.ubuf, &mut hs, is_head) {
-                    Ok(r) if r.code == 101 => return Err(Fail::Io),
-                    Ok(r) if (100..200).contains(&r.code) => {
-                        let n = r.head_len;
-                        self.ubuf.advance(n);
-                        continue;
+                let parsed = {
+                    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    match h1::parse_response(&self.ubuf, &mut hs, meta.is_head) {
+                        Ok(r) if r.code == 101 => {
+                            return Err(HeadFail::Bad("the cell switched protocols".into()))
+                        }
+                        Ok(r) if (100..200).contains(&r.code) => Some((r.head_len, None)),
+                        Ok(r) => {
+                            let relay =
+                                r.relay(meta.http10, meta.keep_alive, self.stop.is_cancelled());
+                            self.wbuf.clear();
+                            if r.needs_date() {
+                                h1::with_date(|date| {
+                                    r.write_head(relay, meta.http10, corr, date, &mut self.wbuf)
+                                });
+                            } else {
+                                r.write_head(relay, meta.http10, corr, b"", &mut self.wbuf);
+                            }
+                            let head = RespHead {
+                                code: r.code,
+                                framing: r.framing,
+                                keep_alive: r.keep_alive,
+                                relay,
+                            };
+                            Some((r.head_len, Some(head)))
+                        }
+                        Err(HeadError::Partial) => None,
+                        Err(HeadError::Bad(m)) => return Err(HeadFail::Bad(m)),
+                        Err(HeadError::TooLarge) => {
+                            return Err(HeadFail::Bad("response head too large".into()))
+                        }
                     }
-                    Ok(_) | Err(HeadError::Bad(_)) | Err(HeadError::TooLarge) => return Ok(()),
-                    Err(HeadError::Partial) => {}
+                };
+                if let Some((n, head)) = parsed {
+                    self.ubuf.advance(n);
+                    if let Some(head) = head {
+                        return Ok(head);
+                    }
+                    continue;
                 }
             }
             self.waits
                 .read(&conn.io, &mut self.ubuf, deadline, false)
-                .await?;
+                .await
+                .map_err(HeadFail::Wait)?;
         }
     }
 }
