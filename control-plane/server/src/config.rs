@@ -131,6 +131,14 @@ pub struct JobsConfig {
     /// Pause after each pipeline step. A debugging aid that makes crash/resume windows
     /// observable; 0 in production.
     pub step_delay_ms: u64,
+    /// How long a job step may keep waiting on something slow (counted from the job's
+    /// first start) before the job fails, for kinds that set no limit of their own.
+    pub wait_secs: u64,
+    /// How often a waiting job looks again at first (then less often, at most every 2 s).
+    pub wait_poll_ms: u64,
+    /// Named failpoints, `name=action[@attempt];…` (see `failpoints.rs`). Honoured only by
+    /// debug builds; for crash and failure tests.
+    pub failpoints: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -221,6 +229,9 @@ impl Default for JobsConfig {
             backoff_base_ms: 1000,
             backoff_cap_ms: 60_000,
             step_delay_ms: 0,
+            wait_secs: 900,
+            wait_poll_ms: 500,
+            failpoints: String::new(),
         }
     }
 }

@@ -3,7 +3,9 @@
 
 pub mod auth;
 pub mod cli;
+pub mod clock;
 pub mod config;
+pub mod failpoints;
 pub mod http;
 pub mod iac;
 pub mod jobs;

@@ -6,7 +6,7 @@
 //! so waiting watchers answer at once. A poller re-reads the revision from the store so a
 //! watch served by one replica also sees changes committed by another.
 
-use crate::persistence::{self, AuditInput, RouteWrite};
+use crate::persistence::{self, AuditInput, RouteWrite, WriteTx};
 use crate::service::{invalid, not_found, tenant_target, Ctx, Result, Service, ServiceError};
 use cellplane_api::{
     Route, RouteChanges, RouteHistoryEntry, RouteMode, RouterHeartbeat, RouterInfo,
@@ -158,54 +158,21 @@ impl Service {
         correlation_id: Option<&str>,
     ) -> Result<Vec<String>> {
         let limit = self.settings().routing.history_limit;
-        let t = self
-            .store()
-            .get_tenant(tenant_id)
-            .await?
-            .ok_or_else(|| not_found("tenant", tenant_id))?;
-        let envs = self.store().list_environments(tenant_id).await?;
         let mut tx = self.store().write().await?;
-        let mut changed = Vec::new();
-        let mut last = None;
-        for e in &envs {
-            let (Some(cell), Some(endpoint)) = (&e.cell_id, &e.endpoint) else {
-                continue;
-            };
-            if only_missing && tx.get_route_tx(tenant_id, &e.name).await?.is_some() {
-                continue;
-            }
-            let route = Route {
-                tenant_id: tenant_id.to_string(),
-                env: e.name.clone(),
-                cell_id: cell.clone(),
-                endpoint: endpoint.clone(),
-                mode,
-                rate_limit: t.quotas.api_rate_limit,
-            };
-            if let RouteWrite::Changed(rev) = tx.put_route(&route, limit).await? {
-                changed.push(json!({"env": e.name, "cell_id": cell, "endpoint": endpoint,
-                                    "mode": mode, "rate_limit": route.rate_limit, "revision": rev}));
-                last = Some(rev);
-            }
-        }
-        let envs_changed: Vec<String> = changed
-            .iter()
-            .filter_map(|c| c["env"].as_str().map(str::to_string))
-            .collect();
+        let (changed, last) = publish_in(
+            &mut tx,
+            tenant_id,
+            mode,
+            only_missing,
+            limit,
+            correlation_id,
+        )
+        .await?;
         if let Some(rev) = last {
-            tx.audit(AuditInput {
-                tenant_id: Some(tenant_id),
-                event_type: "ROUTE_CHANGED",
-                actor: "system:jobs",
-                target: &tenant_target(tenant_id),
-                payload: json!({"routes": changed, "revision": rev}),
-                correlation_id,
-            })
-            .await?;
             tx.commit().await?;
             self.route_revisions().observe(rev);
         }
-        Ok(envs_changed)
+        Ok(changed)
     }
 
     /// Re-publishes the tenant's routes with its current rate limit, keeping each route's
@@ -240,26 +207,9 @@ impl Service {
         correlation_id: Option<&str>,
     ) -> Result<Vec<String>> {
         let limit = self.settings().routing.history_limit;
-        let envs = self.store().list_environments(tenant_id).await?;
         let mut tx = self.store().write().await?;
-        let mut removed = Vec::new();
-        let mut last = None;
-        for e in &envs {
-            if let RouteWrite::Changed(rev) = tx.remove_route(tenant_id, &e.name, limit).await? {
-                removed.push(e.name.clone());
-                last = Some(rev);
-            }
-        }
+        let (removed, last) = remove_in(&mut tx, tenant_id, limit, correlation_id).await?;
         if let Some(rev) = last {
-            tx.audit(AuditInput {
-                tenant_id: Some(tenant_id),
-                event_type: "ROUTE_REMOVED",
-                actor: "system:jobs",
-                target: &tenant_target(tenant_id),
-                payload: json!({"envs": removed, "revision": rev}),
-                correlation_id,
-            })
-            .await?;
             tx.commit().await?;
             self.route_revisions().observe(rev);
         }
@@ -378,4 +328,93 @@ impl Service {
             })
             .collect())
     }
+}
+
+/// Publishes `mode` for every placed environment of the tenant (or only those without a
+/// route) in the caller's transaction, with its audit record. Idempotent: routes that
+/// already say this are left alone and do not bump the revision. Returns the environments
+/// changed and the last revision written.
+pub async fn publish_in(
+    tx: &mut WriteTx,
+    tenant_id: &str,
+    mode: RouteMode,
+    only_missing: bool,
+    history_limit: i64,
+    correlation_id: Option<&str>,
+) -> Result<(Vec<String>, Option<i64>)> {
+    let t = tx
+        .get_tenant_tx(tenant_id)
+        .await?
+        .ok_or_else(|| not_found("tenant", tenant_id))?;
+    let envs = tx.list_environments_tx(tenant_id).await?;
+    let mut changed = Vec::new();
+    let mut last = None;
+    for e in &envs {
+        let (Some(cell), Some(endpoint)) = (&e.cell_id, &e.endpoint) else {
+            continue;
+        };
+        if only_missing && tx.get_route_tx(tenant_id, &e.name).await?.is_some() {
+            continue;
+        }
+        let route = Route {
+            tenant_id: tenant_id.to_string(),
+            env: e.name.clone(),
+            cell_id: cell.clone(),
+            endpoint: endpoint.clone(),
+            mode,
+            rate_limit: t.quotas.api_rate_limit,
+        };
+        if let RouteWrite::Changed(rev) = tx.put_route(&route, history_limit).await? {
+            changed.push(json!({"env": e.name, "cell_id": cell, "endpoint": endpoint,
+                                "mode": mode, "rate_limit": route.rate_limit, "revision": rev}));
+            last = Some(rev);
+        }
+    }
+    let envs_changed: Vec<String> = changed
+        .iter()
+        .filter_map(|c| c["env"].as_str().map(str::to_string))
+        .collect();
+    if let Some(rev) = last {
+        tx.audit(AuditInput {
+            tenant_id: Some(tenant_id),
+            event_type: "ROUTE_CHANGED",
+            actor: "system:jobs",
+            target: &tenant_target(tenant_id),
+            payload: json!({"routes": changed, "revision": rev}),
+            correlation_id,
+        })
+        .await?;
+    }
+    Ok((envs_changed, last))
+}
+
+/// Removes every route of the tenant in the caller's transaction, with its audit record.
+pub async fn remove_in(
+    tx: &mut WriteTx,
+    tenant_id: &str,
+    history_limit: i64,
+    correlation_id: Option<&str>,
+) -> Result<(Vec<String>, Option<i64>)> {
+    let envs = tx.list_environments_tx(tenant_id).await?;
+    let mut removed = Vec::new();
+    let mut last = None;
+    for e in &envs {
+        if let RouteWrite::Changed(rev) = tx.remove_route(tenant_id, &e.name, history_limit).await?
+        {
+            removed.push(e.name.clone());
+            last = Some(rev);
+        }
+    }
+    if let Some(rev) = last {
+        tx.audit(AuditInput {
+            tenant_id: Some(tenant_id),
+            event_type: "ROUTE_REMOVED",
+            actor: "system:jobs",
+            target: &tenant_target(tenant_id),
+            payload: json!({"envs": removed, "revision": rev}),
+            correlation_id,
+        })
+        .await?;
+    }
+    Ok((removed, last))
 }

@@ -4,8 +4,8 @@
 
 use crate::iac::{Catalog, TemplateError, VarSource};
 use crate::persistence::{
-    self, AuditInput, CellFilter, CellSecrets, Conditional, EnvironmentRow, NewJob, Store,
-    StoreError, TenantFilter, TenantRow,
+    self, AuditInput, CellFilter, CellSecrets, Conditional, EnvironmentRow, Store, StoreError,
+    TenantFilter, TenantRow,
 };
 use crate::stamping::CellAction;
 use cellplane_api::*;
@@ -27,7 +27,19 @@ pub enum ServiceError {
     #[error("{0}")]
     Unavailable(String),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            // A job could not take what it needs: someone else's job holds it.
+            StoreError::Locked { resource, job_id } => {
+                ServiceError::Conflict(format!("{resource} is held by job {job_id}"))
+            }
+            other => ServiceError::Store(other),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, ServiceError>;
@@ -57,6 +69,10 @@ pub struct Ctx {
 #[derive(Debug, Clone)]
 pub struct ServiceSettings {
     pub job_max_attempts: i64,
+    /// How long a waiting job step may wait, for kinds that set no limit of their own.
+    pub job_wait_secs: u64,
+    /// How soon a waiting job step looks again at first.
+    pub job_wait_poll_ms: u64,
     pub routing: crate::config::RoutingConfig,
     pub placement: crate::config::PlacementConfig,
     /// The cell template directory.
@@ -604,7 +620,6 @@ impl Service {
         force: bool,
     ) -> Result<Job> {
         let (from, to) = action.transition();
-        let job_id = persistence::new_id("job");
         let mut tx = self.store.write().await?;
         let current = tx
             .get_tenant_tx(id)
@@ -613,7 +628,7 @@ impl Service {
         check_version(if_match, current.version)?;
         if let Some(pending) = &current.pending_job_id {
             return Err(ServiceError::Conflict(format!(
-                "tenant {id:?} already has lifecycle job {pending} in progress"
+                "tenant {id:?} already has job {pending} in progress"
             )));
         }
         if !from.contains(&current.state) {
@@ -640,7 +655,7 @@ impl Service {
             }
         }
         match tx
-            .claim_tenant_for_job(id, from, Some(current.version), &job_id)
+            .check_tenant_state(id, from, Some(current.version))
             .await?
         {
             Conditional::Done => {}
@@ -657,16 +672,19 @@ impl Service {
             }
         }
         let target = tenant_target(id);
-        let job = tx
-            .insert_job(&NewJob {
-                job_id: &job_id,
-                kind: &format!("tenant.{}", action.as_str()),
-                target: &target,
-                payload: json!({"tenant_id": id, "action": action, "to": to}),
-                max_attempts: self.settings.job_max_attempts,
-                correlation_id: Some(&ctx.correlation_id),
-            })
+        let spec = crate::jobs::TenantSpec {
+            tenant_id: id.to_string(),
+            env: None,
+        };
+        let job = crate::jobs::lifecycle_kind(action)
+            .enqueue_json(
+                &mut tx,
+                serde_json::to_value(&spec).expect("specs serialize"),
+                self.settings.job_max_attempts,
+                Some(&ctx.correlation_id),
+            )
             .await?;
+        let job_id = job.job_id.clone();
         tx.audit(AuditInput {
             tenant_id: Some(id),
             event_type: &format!("TENANCY_{}_REQUESTED", action.as_str().to_uppercase()),
@@ -692,6 +710,13 @@ impl Service {
             .get_tenant_tx(tenant_id)
             .await?
             .ok_or_else(|| not_found("tenant", tenant_id))?;
+        // The job that holds the tenant decides where its environments go; an environment
+        // added meanwhile could be missed by it, so it waits until that job ends.
+        if let Some(pending) = &t.pending_job_id {
+            return Err(ServiceError::Conflict(format!(
+                "tenant {tenant_id:?} has job {pending} in progress; add the environment after it ends"
+            )));
+        }
         if matches!(t.state, TenantState::Archived | TenantState::Deleted) {
             return Err(ServiceError::Conflict(format!(
                 "tenant {tenant_id:?} is {} and cannot get environments",
@@ -740,22 +765,22 @@ impl Service {
             correlation_id: Some(&ctx.correlation_id),
         })
         .await?;
-        // An active tenant serves its new environment without another lifecycle action. A
-        // tenant with a lifecycle job in progress gets the job too: it runs after that one
-        // (one running job per target) and places only if the tenant ended up active.
+        // An active tenant serves its new environment without another lifecycle action:
+        // a `tenant.place` job holds the tenant until the environment is placed and routed.
         let mut placement_job_id = None;
-        if t.state == TenantState::Active || t.pending_job_id.is_some() {
-            let job_id = persistence::new_id("job");
-            tx.insert_job(&NewJob {
-                job_id: &job_id,
-                kind: "tenant.place",
-                target: &tenant_target(tenant_id),
-                payload: json!({"tenant_id": tenant_id, "env": env.name}),
-                max_attempts: self.settings.job_max_attempts,
-                correlation_id: Some(&ctx.correlation_id),
-            })
+        if t.state == TenantState::Active {
+            let spec = crate::jobs::TenantSpec {
+                tenant_id: tenant_id.to_string(),
+                env: Some(env.name.clone()),
+            };
+            let job = crate::jobs::enqueue::<crate::jobs::tenant_place::TenantPlace>(
+                &mut tx,
+                &spec,
+                self.settings.job_max_attempts,
+                Some(&ctx.correlation_id),
+            )
             .await?;
-            placement_job_id = Some(job_id);
+            placement_job_id = Some(job.job_id);
         }
         tx.commit().await?;
         if placement_job_id.is_some() {
@@ -841,7 +866,6 @@ impl Service {
             }
         }
         let ts = persistence::now();
-        let job_id = persistence::new_id("job");
         let cell = Cell {
             cell_id: req.cell_id.into_string(),
             region: req.region.into_string(),
@@ -855,7 +879,7 @@ impl Service {
             outputs: BTreeMap::new(),
             app_version: req.app_version,
             drift: None,
-            pending_job_id: Some(job_id.clone()),
+            pending_job_id: None,
             version: 1,
             created_at: ts.clone(),
             updated_at: ts,
@@ -872,16 +896,11 @@ impl Service {
         }
         tx.set_cell_secrets(&cell.cell_id, &secrets).await?;
         let target = cell_target(&cell.cell_id);
-        let job = tx
-            .insert_job(&NewJob {
-                job_id: &job_id,
-                kind: &CellAction::Stamp.kind(),
-                target: &target,
-                payload: json!({"cell_id": cell.cell_id, "action": "stamp", "prior_state": "pending"}),
-                max_attempts: self.settings.job_max_attempts,
-                correlation_id: Some(&ctx.correlation_id),
-            })
+        let mut cell = cell;
+        let job = self
+            .enqueue_cell_job(&mut tx, ctx, &mut cell, CellAction::Stamp)
             .await?;
+        let job_id = job.job_id.clone();
         tx.audit(AuditInput {
             tenant_id: None,
             event_type: "CELL_REGISTERED",
@@ -943,22 +962,22 @@ impl Service {
         cell: &mut Cell,
         action: CellAction,
     ) -> Result<Job> {
-        let job_id = persistence::new_id("job");
-        let target = cell_target(&cell.cell_id);
-        let job = tx
-            .insert_job(&NewJob {
-                job_id: &job_id,
-                kind: &action.kind(),
-                target: &target,
-                payload: json!({"cell_id": cell.cell_id, "action": action.as_str(),
-                                "prior_state": cell.state}),
-                max_attempts: self.settings.job_max_attempts,
-                correlation_id: Some(&ctx.correlation_id),
-            })
-            .await?;
-        if action.reserves() {
-            cell.pending_job_id = Some(job_id);
-        }
+        let spec = crate::jobs::CellSpec {
+            cell_id: cell.cell_id.clone(),
+            prior_state: Some(cell.state),
+        };
+        let max = self.settings.job_max_attempts;
+        let corr = Some(ctx.correlation_id.as_str());
+        use crate::jobs::{cell_apply, cell_destroy, cell_plan, cell_stamp, enqueue};
+        let job = match action {
+            CellAction::Stamp => enqueue::<cell_stamp::CellStamp>(tx, &spec, max, corr).await?,
+            CellAction::Apply => enqueue::<cell_apply::CellApply>(tx, &spec, max, corr).await?,
+            CellAction::Destroy => {
+                enqueue::<cell_destroy::CellDestroy>(tx, &spec, max, corr).await?
+            }
+            CellAction::Plan => enqueue::<cell_plan::CellPlan>(tx, &spec, max, corr).await?,
+        };
+        cell.pending_job_id = Some(job.job_id.clone());
         Ok(job)
     }
 
@@ -1166,11 +1185,16 @@ impl Service {
             )));
         }
         let target = cell_target(id);
-        if let Some(open) = tx.has_open_job(&CellAction::Plan.kind(), &target).await? {
+        if let Some(open) = cell.pending_job_id.clone() {
             let job = tx
                 .get_job_tx(&open)
                 .await?
                 .ok_or_else(|| not_found("job", &open))?;
+            if job.job.kind != <crate::jobs::cell_plan::CellPlan as crate::jobs::Kind>::NAME {
+                return Err(ServiceError::Conflict(format!(
+                    "cell {id:?} has job {open} in progress"
+                )));
+            }
             return Ok(CellWithJob {
                 cell,
                 job: Some(job.job),
@@ -1352,6 +1376,7 @@ impl Service {
     }
 
     pub async fn cancel_job(&self, ctx: &Ctx, id: &str) -> Result<Job> {
+        let mut revision = None;
         let mut tx = self.store.write().await?;
         let job = tx
             .get_job_tx(id)
@@ -1364,27 +1389,22 @@ impl Service {
             )));
         }
         let state = tx.request_cancel(id).await?;
-        let tenant_id = job.job.target.strip_prefix("tenant/").map(str::to_string);
+        let kind = crate::jobs::kind(&job.job.kind);
+        let tenant_id = kind.and_then(|k| k.tenant_of(&job));
         if state == Some(JobState::Cancelled) {
-            // Cancelled before it ran: release what it reserved.
-            if let Some(t) = &tenant_id {
-                tx.finish_tenant_transition(t, id, None).await?;
-            }
-            if let Some(action) = CellAction::from_kind(&job.job.kind) {
+            // Cancelled before it ran (or while it waited for a retry): its kind undoes what
+            // earlier attempts did, and its locks go.
+            if let Some(k) = kind {
                 let row = tx
                     .get_job_tx(id)
                     .await?
                     .ok_or_else(|| not_found("job", id))?;
-                crate::jobs::finish_cell_job(
-                    &mut tx,
-                    &row,
-                    action,
-                    JobState::Cancelled,
-                    Some("cancelled before it started"),
-                    None,
-                )
-                .await?;
+                let finished = k
+                    .finish_unclaimed(&mut tx, self, &row, &crate::jobs::End::Cancelled)
+                    .await?;
+                revision = finished.routes_revision;
             }
+            tx.release_locks(id).await?;
         }
         let prefix = if tenant_id.is_some() {
             "TENANCY"
@@ -1405,6 +1425,10 @@ impl Service {
             .await?
             .ok_or_else(|| not_found("job", id))?;
         tx.commit().await?;
+        if let Some(rev) = revision {
+            self.routes.observe(rev);
+        }
+        self.job_changed.notify_waiters();
         Ok(after.job)
     }
 

@@ -7,6 +7,7 @@
 //! It reads the registry but never writes it: the job engine commits the effect together
 //! with the job's end.
 
+use crate::failpoints::{Action, Failpoints};
 use crate::iac::{
     self, Catalog, ExecEvent, IacError, PlanMode, RenderInput, RunCtx, SystemValues, Terraform,
 };
@@ -87,6 +88,9 @@ pub enum StampError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Invalid(String),
+    /// A test failpoint asked for a retryable failure.
+    #[error("failpoint {0}")]
+    Failpoint(String),
 }
 
 /// What a successful run changes on the cell.
@@ -114,6 +118,7 @@ pub struct Stamper {
     /// the new attempt waits here until the old one stops, then for any terraform it left
     /// running (pid file), so two attempts never drive one cell's terraform at once.
     cell_locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    failpoints: Failpoints,
 }
 
 impl Stamper {
@@ -129,6 +134,35 @@ impl Stamper {
             tf,
             sample_cell_bin,
             cell_locks: Default::default(),
+            failpoints: Failpoints::default(),
+        }
+    }
+
+    /// Stops runs at named phases (`cell.stamp/apply`, …) in tests; see [`crate::failpoints`].
+    pub fn with_failpoints(mut self, failpoints: Failpoints) -> Self {
+        self.failpoints = failpoints;
+        self
+    }
+
+    /// Reports a phase and applies a failpoint configured for it.
+    async fn phase(
+        &self,
+        action: CellAction,
+        ctx: &RunCtx,
+        name: &'static str,
+    ) -> Result<(), StampError> {
+        phase(ctx, name);
+        let point = format!("{}/{name}", action.kind());
+        match self.failpoints.hit(&point, ctx.attempt) {
+            None | Some(Action::Kill) => Ok(()),
+            Some(Action::Error) => Err(StampError::Failpoint(point)),
+            Some(Action::Fatal) => Err(StampError::Invalid(format!("failpoint {point}"))),
+            Some(Action::Wait) | Some(Action::Pause) => {
+                tokio::select! {
+                    _ = ctx.cancel.cancelled() => Err(IacError::Cancelled { phase: name }.into()),
+                    _ = ctx.detach.cancelled() => Err(IacError::Detached { phase: name }.into()),
+                }
+            }
         }
     }
 
@@ -179,7 +213,7 @@ impl Stamper {
             )));
             return Ok(CellEffect::default());
         }
-        phase(ctx, "render");
+        self.phase(action, ctx, "render").await?;
         let secrets = self
             .store
             .get_cell_secrets(cell_id)
@@ -188,9 +222,9 @@ impl Stamper {
         let (ctx, fingerprint) = self.render(&cell, &secrets.vars, ctx)?;
         let ctx = &ctx;
         self.tf.wait_leftover(ctx).await?;
-        phase(ctx, "init");
+        self.phase(action, ctx, "init").await?;
         self.tf.init(ctx, &fingerprint).await?;
-        phase(ctx, "plan");
+        self.phase(action, ctx, "plan").await?;
         let mode = match action {
             CellAction::Destroy => PlanMode::Destroy,
             CellAction::Plan => PlanMode::Drift,
@@ -212,7 +246,7 @@ impl Stamper {
                 ..Default::default()
             });
         }
-        phase(ctx, "apply");
+        self.phase(action, ctx, "apply").await?;
         let mut outputs = None;
         if plan.changes {
             outputs = self.tf.apply(ctx).await?;
@@ -224,7 +258,7 @@ impl Stamper {
         if action == CellAction::Destroy {
             return Ok(CellEffect::default());
         }
-        phase(ctx, "outputs");
+        self.phase(action, ctx, "outputs").await?;
         let outputs = match outputs {
             Some(o) => o,
             None => self.tf.outputs(ctx).await?,

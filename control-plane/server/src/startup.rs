@@ -33,6 +33,8 @@ pub enum StartupError {
     AdminToken(String),
     #[error("cannot set up terraform: {0}")]
     Iac(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -63,6 +65,8 @@ pub fn service_and_engine(
         store.clone(),
         ServiceSettings {
             job_max_attempts: config.jobs.max_attempts.max(1),
+            job_wait_secs: config.jobs.wait_secs,
+            job_wait_poll_ms: config.jobs.wait_poll_ms,
             routing: config.routing.clone(),
             placement: config.placement.clone(),
             templates: templates.clone(),
@@ -78,8 +82,20 @@ pub fn service_and_engine(
         sample_cell = %sample_cell.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "not found".into()),
         "iac configured"
     );
-    let stamper = Stamper::new(store, templates, terraform, sample_cell);
-    let engine = JobEngine::new(service.clone(), config.jobs.clone(), stamper);
+    let failpoints = crate::failpoints::Failpoints::parse(&config.jobs.failpoints)
+        .map_err(|e| StartupError::Config(e.to_string()))?;
+    if !failpoints.is_empty() {
+        tracing::warn!(failpoints = %config.jobs.failpoints, "failpoints are enabled");
+    }
+    let stamper =
+        Stamper::new(store, templates, terraform, sample_cell).with_failpoints(failpoints.clone());
+    let engine = JobEngine::new(
+        service.clone(),
+        config.jobs.clone(),
+        stamper,
+        crate::clock::system(),
+        failpoints,
+    );
     Ok((service, engine))
 }
 

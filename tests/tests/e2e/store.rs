@@ -21,6 +21,15 @@ fn lease(secs: i64) -> String {
 }
 
 async fn enqueue(store: &Store, id: &str, target: &str) {
+    try_enqueue(store, id, target, &[target]).await.unwrap();
+}
+
+async fn try_enqueue(
+    store: &Store,
+    id: &str,
+    target: &str,
+    locks: &[&str],
+) -> Result<(), cellplane::persistence::StoreError> {
     let mut tx = store.write().await.unwrap();
     tx.insert_job(&NewJob {
         job_id: id,
@@ -29,10 +38,18 @@ async fn enqueue(store: &Store, id: &str, target: &str) {
         payload: json!({}),
         max_attempts: 3,
         correlation_id: None,
+        locks: locks.iter().map(|l| l.to_string()).collect(),
     })
-    .await
-    .unwrap();
+    .await?;
     tx.commit().await.unwrap();
+    Ok(())
+}
+
+fn holder(e: cellplane::persistence::StoreError) -> (String, String) {
+    match e {
+        cellplane::persistence::StoreError::Locked { resource, job_id } => (resource, job_id),
+        other => panic!("expected a lock conflict, got {other}"),
+    }
 }
 
 both_backends!(migrations_are_idempotent, |b| async move {
@@ -47,24 +64,65 @@ both_backends!(migrations_are_idempotent, |b| async move {
     s2.ping().await.unwrap();
 });
 
-both_backends!(one_running_job_per_target, |b| async move {
+// One job at a time per resource, from enqueue to end: a job's locks hold while it is
+// queued, running, backing off or waiting, and go in the transaction that ends it.
+both_backends!(one_job_per_resource_from_enqueue_to_end, |b| async move {
     let (store, _d) = open(b).await;
-    enqueue(&store, "job-a1", "tenant/a").await;
-    enqueue(&store, "job-a2", "tenant/a").await;
-    enqueue(&store, "job-b1", "tenant/b").await;
-    let first = store.claim_job("w1", &lease(30)).await.unwrap().unwrap();
-    assert_eq!(first.job.job_id, "job-a1");
-    let second = store.claim_job("w2", &lease(30)).await.unwrap().unwrap();
-    assert_eq!(second.job.job_id, "job-b1", "job-a2 waits for job-a1");
-    assert!(store.claim_job("w3", &lease(30)).await.unwrap().is_none());
-    let mut tx = store.write().await.unwrap();
-    assert!(tx
-        .finish_job("job-a1", "w1", cellplane_api::JobState::Succeeded, None)
+    try_enqueue(
+        &store,
+        "job-big",
+        "tenant/t",
+        &["tenant/t", "cell/a", "cell/b"],
+    )
+    .await
+    .unwrap();
+    for r in ["tenant/t", "cell/a", "cell/b"] {
+        let e = try_enqueue(&store, "job-other", r, &[r]).await.unwrap_err();
+        assert_eq!(holder(e), (r.to_string(), "job-big".to_string()));
+    }
+    // Taking several resources is all or nothing.
+    let e = try_enqueue(&store, "job-mixed", "cell/c", &["cell/c", "cell/a"])
+        .await
+        .unwrap_err();
+    assert_eq!(holder(e).1, "job-big");
+    try_enqueue(&store, "job-c", "cell/c", &["cell/c"])
+        .await
+        .unwrap();
+    // Claimed, then put back for a retry: still held.
+    let j = store.claim_job("w1", &lease(30)).await.unwrap().unwrap();
+    assert_eq!(j.job.job_id, "job-big");
+    assert!(store
+        .requeue_job("job-big", "w1", "boom", chrono::Utc::now())
         .await
         .unwrap());
+    assert!(try_enqueue(&store, "job-other", "cell/b", &["cell/b"])
+        .await
+        .is_err());
+    let j = store.claim_job("w1", &lease(30)).await.unwrap().unwrap();
+    let j = if j.job.job_id == "job-big" {
+        j
+    } else {
+        store.claim_job("w2", &lease(30)).await.unwrap().unwrap()
+    };
+    assert_eq!(j.job.job_id, "job-big");
+    let owner = j.lease_owner.clone().unwrap();
+    let mut tx = store.write().await.unwrap();
+    assert!(tx
+        .finish_job("job-big", &owner, cellplane_api::JobState::Succeeded, None)
+        .await
+        .unwrap());
+    tx.release_locks("job-big").await.unwrap();
     tx.commit().await.unwrap();
-    let third = store.claim_job("w3", &lease(30)).await.unwrap().unwrap();
-    assert_eq!(third.job.job_id, "job-a2");
+    for r in ["tenant/t", "cell/a", "cell/b"] {
+        try_enqueue(
+            &store,
+            &format!("job-after-{}", r.replace('/', "-")),
+            r,
+            &[r],
+        )
+        .await
+        .unwrap();
+    }
 });
 
 both_backends!(
@@ -101,7 +159,7 @@ both_backends!(
             Some(false)
         );
         assert!(!store
-            .job_progress("job-x", "dead-worker", 0.5, 1, "s", "x\n")
+            .job_progress("job-x", "dead-worker", 0.5, Some(1), "s", "x\n", None)
             .await
             .unwrap());
         let mut tx = store.write().await.unwrap();

@@ -4,6 +4,9 @@ use super::{json_col, now, opt_json_col, to_json, Result, Store, StoreError, Wri
 use cellplane_api::{Capacity, Cell, CellState, Tier};
 use sqlx::Row;
 
+/// Cell rows with the job that holds the cell (from `job_locks`) as `pending_job_id`.
+pub(super) const CELL_SELECT: &str = "SELECT cells.*, (SELECT l.job_id FROM job_locks l WHERE l.resource = 'cell/' || cells.cell_id) AS pending_job_id FROM cells";
+
 pub(super) fn cell_from_row(row: &sqlx::any::AnyRow) -> Result<Cell> {
     let tier: String = row.try_get("tier")?;
     let state: String = row.try_get("state")?;
@@ -64,8 +67,8 @@ impl WriteTx {
     pub async fn insert_cell(&mut self, c: &Cell) -> Result<()> {
         sqlx::query(
             "INSERT INTO cells (cell_id, region, tier, template, capacity_tenants, capacity_units, used_tenants, used_units, \
-             labels, vars, state, outputs, app_version, drift, pending_job_id, version, created_at, updated_at) \
-             VALUES ($1,$2,$3,$4,$5,$6,0,0,$7,$8,$9,$10,$11,NULL,$12,$13,$14,$15)",
+             labels, vars, state, outputs, app_version, drift, version, created_at, updated_at) \
+             VALUES ($1,$2,$3,$4,$5,$6,0,0,$7,$8,$9,$10,$11,NULL,$12,$13,$14)",
         )
         .bind(&c.cell_id)
         .bind(&c.region)
@@ -78,7 +81,6 @@ impl WriteTx {
         .bind(c.state.as_str())
         .bind(to_json(&c.outputs))
         .bind(c.app_version.as_deref())
-        .bind(c.pending_job_id.as_deref())
         .bind(c.version)
         .bind(&c.created_at)
         .bind(&c.updated_at)
@@ -88,7 +90,7 @@ impl WriteTx {
     }
 
     pub async fn get_cell_tx(&mut self, id: &str) -> Result<Option<Cell>> {
-        let row = sqlx::query("SELECT * FROM cells WHERE cell_id = $1")
+        let row = sqlx::query(&format!("{CELL_SELECT} WHERE cell_id = $1"))
             .bind(id)
             .fetch_optional(&mut *self.tx)
             .await?;
@@ -99,8 +101,8 @@ impl WriteTx {
     pub async fn update_cell(&mut self, c: &Cell) -> Result<bool> {
         let res = sqlx::query(
             "UPDATE cells SET capacity_tenants = $1, capacity_units = $2, labels = $3, vars = $4, state = $5, \
-             outputs = $6, app_version = $7, drift = $8, pending_job_id = $9, version = $10, updated_at = $11 \
-             WHERE cell_id = $12 AND version = $13",
+             outputs = $6, app_version = $7, drift = $8, version = $9, updated_at = $10 \
+             WHERE cell_id = $11 AND version = $12",
         )
         .bind(c.capacity.tenants as i64)
         .bind(c.capacity.units as i64)
@@ -110,7 +112,6 @@ impl WriteTx {
         .bind(to_json(&c.outputs))
         .bind(c.app_version.as_deref())
         .bind(c.drift.as_ref().map(|d| d.to_string()))
-        .bind(c.pending_job_id.as_deref())
         .bind(c.version)
         .bind(now())
         .bind(&c.cell_id)
@@ -201,7 +202,8 @@ impl Store {
     /// (or that were never checked): candidates for the periodic drift check.
     pub async fn cells_due_for_drift_check(&self, before: &str, limit: i64) -> Result<Vec<Cell>> {
         let rows = sqlx::query(
-            "SELECT * FROM cells WHERE state = 'active' AND pending_job_id IS NULL ORDER BY cell_id LIMIT $1",
+            &format!("{CELL_SELECT} WHERE state = 'active' AND NOT EXISTS \
+             (SELECT 1 FROM job_locks k WHERE k.resource = 'cell/' || cells.cell_id) ORDER BY cell_id LIMIT $1"),
         )
         .bind(limit)
         .fetch_all(&self.pool)
@@ -226,7 +228,7 @@ impl Store {
     }
 
     pub async fn get_cell(&self, id: &str) -> Result<Option<Cell>> {
-        let row = sqlx::query("SELECT * FROM cells WHERE cell_id = $1")
+        let row = sqlx::query(&format!("{CELL_SELECT} WHERE cell_id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -234,7 +236,7 @@ impl Store {
     }
 
     pub async fn list_cells(&self, f: &CellFilter, after: &str, limit: i64) -> Result<Vec<Cell>> {
-        let mut sql = String::from("SELECT * FROM cells WHERE cell_id > $1");
+        let mut sql = format!("{CELL_SELECT} WHERE cell_id > $1");
         let mut binds: Vec<&str> = vec![after];
         for (col, val) in [
             ("region", &f.region),

@@ -2,8 +2,11 @@
 //! been due longest (queued and due, or running with an expired lease), so jobs that keep
 //! waiting (a placement deferred until its cell is stamped) cannot starve the job they
 //! wait for; on PostgreSQL the candidate row is
-//! locked with `FOR UPDATE SKIP LOCKED` so replicas never wait on each other. A partial
-//! unique index keeps at most one running job per target.
+//! locked with `FOR UPDATE SKIP LOCKED` so replicas never wait on each other.
+//!
+//! One job at a time per resource: a job's locks (`job_locks`, primary key on the resource)
+//! are taken in the transaction that enqueues it and released in the one that ends it, so
+//! they hold through retries, backoff and waits.
 
 use super::Backend;
 use super::{fmt_time, now, Result, Store, StoreError, WriteTx};
@@ -21,6 +24,8 @@ pub struct NewJob<'a> {
     pub payload: serde_json::Value,
     pub max_attempts: i64,
     pub correlation_id: Option<&'a str>,
+    /// Resources the job holds until it ends (`tenant/{id}`, `cell/{id}`, …).
+    pub locks: Vec<String>,
 }
 
 /// A job as the worker sees it: the wire view plus its payload and step cursor.
@@ -30,12 +35,18 @@ pub struct JobRow {
     pub payload: serde_json::Value,
     pub step_index: i64,
     pub lease_owner: Option<String>,
+    /// The job kind's own state, persisted with the job.
+    pub state: serde_json::Value,
+    /// The resources the job holds (or held).
+    pub locks: Vec<String>,
 }
 
 fn job_from_row(row: &sqlx::any::AnyRow) -> Result<JobRow> {
     let state: String = row.try_get("state")?;
     let payload: String = row.try_get("payload")?;
     let cancel: i64 = row.try_get("cancel_requested")?;
+    let job_state: String = row.try_get("job_state")?;
+    let locks: String = row.try_get("locks")?;
     Ok(JobRow {
         job: Job {
             job_id: row.try_get("job_id")?,
@@ -59,15 +70,94 @@ fn job_from_row(row: &sqlx::any::AnyRow) -> Result<JobRow> {
             .map_err(|e| StoreError::Corrupt(format!("job payload: {e}")))?,
         step_index: row.try_get("step_index")?,
         lease_owner: row.try_get("lease_owner")?,
+        state: serde_json::from_str(&job_state)
+            .map_err(|e| StoreError::Corrupt(format!("job state: {e}")))?,
+        locks: serde_json::from_str(&locks)
+            .map_err(|e| StoreError::Corrupt(format!("job locks: {e}")))?,
     })
 }
 
 impl WriteTx {
+    /// Takes `resources` for `job_id`. Nothing is taken when one of them is held by another
+    /// job: the error names it (and the caller's transaction is to be dropped).
+    pub async fn acquire_locks(&mut self, job_id: &str, resources: &[String]) -> Result<()> {
+        let ts = now();
+        for r in resources {
+            // `ON CONFLICT DO NOTHING` keeps the transaction usable on PostgreSQL, and waits
+            // for a concurrent holder's transaction to end before deciding.
+            let res = sqlx::query(
+                "INSERT INTO job_locks (resource, job_id, acquired_at) VALUES ($1,$2,$3) \
+                 ON CONFLICT (resource) DO NOTHING",
+            )
+            .bind(r)
+            .bind(job_id)
+            .bind(&ts)
+            .execute(&mut *self.tx)
+            .await?;
+            if res.rows_affected() == 0 {
+                let holder = self.lock_holder(r).await?.unwrap_or_default();
+                if holder != job_id {
+                    return Err(StoreError::Locked {
+                        resource: r.clone(),
+                        job_id: holder,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The job that holds `resource`, if any.
+    pub async fn lock_holder(&mut self, resource: &str) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT job_id FROM job_locks WHERE resource = $1")
+                .bind(resource)
+                .fetch_optional(&mut *self.tx)
+                .await?,
+        )
+    }
+
+    /// Releases every lock of `job_id`.
+    pub async fn release_locks(&mut self, job_id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM job_locks WHERE job_id = $1")
+            .bind(job_id)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Records a step's cursor and the job's state in the caller's transaction, so a step's
+    /// effect and the job's memory of it commit together. False when the lease was lost.
+    pub async fn record_job_step(
+        &mut self,
+        id: &str,
+        owner: &str,
+        step_index: i64,
+        step: &str,
+        state: &serde_json::Value,
+    ) -> Result<bool> {
+        let res = sqlx::query(
+            "UPDATE jobs SET step_index = $1, step = $2, job_state = $3, updated_at = $4 \
+             WHERE job_id = $5 AND lease_owner = $6 AND state = 'running'",
+        )
+        .bind(step_index)
+        .bind(step)
+        .bind(state.to_string())
+        .bind(now())
+        .bind(id)
+        .bind(owner)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    /// Enqueues a job and takes its locks in the caller's transaction.
     pub async fn insert_job(&mut self, j: &NewJob<'_>) -> Result<Job> {
+        self.acquire_locks(j.job_id, &j.locks).await?;
         let ts = now();
         sqlx::query(
-            "INSERT INTO jobs (job_id, kind, target, state, payload, max_attempts, run_after, correlation_id, created_at, updated_at) \
-             VALUES ($1,$2,$3,'queued',$4,$5,$6,$7,$6,$6)",
+            "INSERT INTO jobs (job_id, kind, target, state, payload, max_attempts, run_after, correlation_id, created_at, updated_at, locks) \
+             VALUES ($1,$2,$3,'queued',$4,$5,$6,$7,$6,$6,$8)",
         )
         .bind(j.job_id)
         .bind(j.kind)
@@ -76,6 +166,7 @@ impl WriteTx {
         .bind(j.max_attempts)
         .bind(&ts)
         .bind(j.correlation_id)
+        .bind(serde_json::to_string(&j.locks).expect("strings serialize"))
         .execute(&mut *self.tx)
         .await?;
         Ok(Job {
@@ -165,7 +256,6 @@ impl Store {
              started_at = COALESCE(started_at, $3), updated_at = $3 \
              WHERE job_id = (SELECT j.job_id FROM jobs j WHERE \
                ((j.state = 'queued' AND j.run_after <= $3) OR (j.state = 'running' AND j.lease_expires_at < $3)) \
-               AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.target = j.target AND r.state = 'running' AND r.job_id <> j.job_id) \
                ORDER BY j.run_after, j.created_at, j.job_id LIMIT 1{lock}) \
              AND ((state = 'queued' AND run_after <= $3) OR (state = 'running' AND lease_expires_at < $3)) \
              RETURNING *"
@@ -177,18 +267,7 @@ impl Store {
             .bind(&ts)
             .fetch_optional(&self.pool)
             .await;
-        match res {
-            Ok(row) => row.as_ref().map(job_from_row).transpose(),
-            Err(e) => {
-                let e = StoreError::from(e);
-                // Another replica claimed a job of the same target first.
-                if e.is_unique_violation() {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        res?.as_ref().map(job_from_row).transpose()
     }
 
     /// Extends the lease; returns the cancel flag, or None when the lease is lost.
@@ -217,15 +296,18 @@ impl Store {
         }
     }
 
-    /// Records progress, the current step and log text for a job held by `owner`.
+    /// Records progress (never lower than before), the current step, log text and, when
+    /// given, the step cursor and the job's state, for a job held by `owner`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn job_progress(
         &self,
         id: &str,
         owner: &str,
         progress: f64,
-        step_index: i64,
+        step_index: Option<i64>,
         step: &str,
         log_append: &str,
+        state: Option<&serde_json::Value>,
     ) -> Result<bool> {
         let _guard = self.lock_writer().await;
         let mut tx = self.pool.begin().await?;
@@ -241,8 +323,10 @@ impl Store {
         log.push_str(log_append);
         let log = bound_log(log);
         sqlx::query(
-            "UPDATE jobs SET progress = $1, step_index = $2, step = $3, log = $4, updated_at = $5, \
-             log_total = log_total + $8 WHERE job_id = $6 AND lease_owner = $7",
+            "UPDATE jobs SET progress = CASE WHEN $1 > progress THEN $1 ELSE progress END, \
+             step_index = COALESCE($2, step_index), step = $3, log = $4, updated_at = $5, \
+             log_total = log_total + $8, job_state = COALESCE($9, job_state) \
+             WHERE job_id = $6 AND lease_owner = $7",
         )
         .bind(progress.clamp(0.0, 1.0))
         .bind(step_index)
@@ -252,6 +336,7 @@ impl Store {
         .bind(id)
         .bind(owner)
         .bind(log_append.len() as i64)
+        .bind(state.map(|s| s.to_string()))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

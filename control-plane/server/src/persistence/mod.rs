@@ -45,6 +45,9 @@ pub enum StoreError {
     },
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A job could not take a resource because another job holds it.
+    #[error("{resource} is held by job {job_id}")]
+    Locked { resource: String, job_id: String },
 }
 
 impl StoreError {
@@ -117,6 +120,10 @@ const MIGRATIONS_SQLITE: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../../migrations/sqlite/0002_stamping.sql")),
     (3, include_str!("../../migrations/sqlite/0003_routing.sql")),
+    (
+        5,
+        include_str!("../../migrations/sqlite/0005_job_locks.sql"),
+    ),
 ];
 const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
@@ -127,6 +134,10 @@ const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (
         3,
         include_str!("../../migrations/postgres/0003_routing.sql"),
+    ),
+    (
+        5,
+        include_str!("../../migrations/postgres/0005_job_locks.sql"),
     ),
 ];
 

@@ -119,7 +119,8 @@ impl Store {
         }
         let placeholders: Vec<String> = (0..regions.len()).map(|i| format!("${}", i + 2)).collect();
         let sql = format!(
-            "SELECT * FROM cells WHERE tier = $1 AND state = 'active' AND region IN ({})",
+            "{} WHERE tier = $1 AND state = 'active' AND region IN ({})",
+            super::cells::CELL_SELECT,
             placeholders.join(",")
         );
         let mut q = sqlx::query(&sql).bind(tier);
@@ -132,9 +133,10 @@ impl Store {
 
     /// Pooled cells of a region that are on their way to active (stamped, not yet live).
     pub async fn upcoming_cells_in(&self, tier: &str, region: &str) -> Result<Vec<Cell>> {
-        let rows = sqlx::query(
-            "SELECT * FROM cells WHERE tier = $1 AND region = $2 AND state IN ('pending', 'provisioning')",
-        )
+        let rows = sqlx::query(&format!(
+            "{} WHERE tier = $1 AND region = $2 AND state IN ('pending', 'provisioning')",
+            super::cells::CELL_SELECT
+        ))
         .bind(tier)
         .bind(region)
         .fetch_all(&self.pool)

@@ -4,6 +4,9 @@ use super::{json_col, now, opt_json_col, to_json, Result, Store, StoreError, Wri
 use cellplane_api::{Billing, Policies, Profile, Quotas, TenantState};
 use sqlx::Row;
 
+/// Tenant rows with the job that holds the tenant (from `job_locks`) as `pending_job_id`.
+pub(super) const TENANT_SELECT: &str = "SELECT tenants.*, (SELECT l.job_id FROM job_locks l WHERE l.resource = 'tenant/' || tenants.tenant_id) AS pending_job_id FROM tenants";
+
 /// A tenant as stored, without its environments.
 #[derive(Debug, Clone)]
 pub struct TenantRow {
@@ -92,8 +95,8 @@ impl WriteTx {
     pub async fn insert_tenant(&mut self, t: &TenantRow) -> Result<()> {
         sqlx::query(
             "INSERT INTO tenants (tenant_id, organization_id, profile, state, region, quotas, policies, billing, \
-             placement, pending_job_id, archived_at, version, created_at, updated_at) \
-             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,NULL,NULL,NULL,$9,$10,$11)",
+             placement, archived_at, version, created_at, updated_at) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,NULL,NULL,$9,$10,$11)",
         )
         .bind(&t.tenant_id)
         .bind(&t.organization_id)
@@ -128,8 +131,16 @@ impl WriteTx {
         Ok(())
     }
 
+    pub async fn list_environments_tx(&mut self, tenant_id: &str) -> Result<Vec<EnvironmentRow>> {
+        let rows = sqlx::query("SELECT * FROM environments WHERE tenant_id = $1 ORDER BY name")
+            .bind(tenant_id)
+            .fetch_all(&mut *self.tx)
+            .await?;
+        rows.iter().map(env_from_row).collect()
+    }
+
     pub async fn get_tenant_tx(&mut self, id: &str) -> Result<Option<TenantRow>> {
-        let row = sqlx::query("SELECT * FROM tenants WHERE tenant_id = $1")
+        let row = sqlx::query(&format!("{TENANT_SELECT} WHERE tenant_id = $1"))
             .bind(id)
             .fetch_optional(&mut *self.tx)
             .await?;
@@ -166,76 +177,57 @@ impl WriteTx {
         })
     }
 
-    /// Claims the tenant for a lifecycle job: only from one of `from` states, only if no
-    /// other lifecycle job is pending, and only at `expected_version` when given.
-    pub async fn claim_tenant_for_job(
+    /// Checks that the tenant may start a lifecycle job now: it exists, is in one of
+    /// `from` and, when given, at `expected_version`. The job's lock on the tenant is taken
+    /// separately ([`WriteTx::acquire_locks`]).
+    pub async fn check_tenant_state(
         &mut self,
         id: &str,
         from: &[TenantState],
         expected_version: Option<i64>,
-        job_id: &str,
     ) -> Result<Conditional> {
-        let states: Vec<String> = from.iter().map(|s| format!("'{}'", s.as_str())).collect();
-        // The state list is built from the enum's own constants, never from input.
-        let sql = format!(
-            "UPDATE tenants SET pending_job_id = $1, updated_at = $2 WHERE tenant_id = $3 \
-             AND pending_job_id IS NULL AND state IN ({}) AND ($4 < 0 OR version = $4)",
-            states.join(",")
-        );
-        let res = sqlx::query(&sql)
-            .bind(job_id)
-            .bind(now())
-            .bind(id)
-            .bind(expected_version.unwrap_or(-1))
-            .execute(&mut *self.tx)
-            .await?;
-        if res.rows_affected() == 1 {
-            return Ok(Conditional::Done);
-        }
         Ok(match self.get_tenant_tx(id).await? {
             None => Conditional::NotFound,
             Some(t) if expected_version.is_some_and(|v| v != t.version) => {
                 Conditional::VersionMismatch
             }
-            Some(_) => Conditional::StateConflict,
+            Some(t) if !from.contains(&t.state) => Conditional::StateConflict,
+            Some(_) => Conditional::Done,
         })
     }
 
-    /// Applies the end state of a lifecycle job and releases the tenant. Idempotent: a
-    /// second call after a crash finds the job no longer pending and changes nothing.
+    /// Applies the end state of a lifecycle job. Idempotent: it changes the tenant only
+    /// while `job_id` still holds the tenant's lock, and the transaction that calls it
+    /// releases that lock, so a second call after a crash changes nothing. Returns whether
+    /// the job still held the tenant.
     pub async fn finish_tenant_transition(
         &mut self,
         id: &str,
         job_id: &str,
         to: Option<TenantState>,
     ) -> Result<bool> {
-        let ts = now();
-        let res = match to {
-            Some(state) => {
-                sqlx::query(
-                    "UPDATE tenants SET state = $1, pending_job_id = NULL, version = version + 1, updated_at = $2, \
-                     archived_at = CASE WHEN $1 = 'archived' THEN $2 ELSE archived_at END \
-                     WHERE tenant_id = $3 AND pending_job_id = $4",
-                )
-                .bind(state.as_str())
-                .bind(&ts)
-                .bind(id)
+        let held: Option<String> =
+            sqlx::query_scalar("SELECT job_id FROM job_locks WHERE resource = $1 AND job_id = $2")
+                .bind(format!("tenant/{id}"))
                 .bind(job_id)
-                .execute(&mut *self.tx)
-                .await?
-            }
-            None => {
-                sqlx::query(
-                    "UPDATE tenants SET pending_job_id = NULL, updated_at = $1 WHERE tenant_id = $2 AND pending_job_id = $3",
-                )
-                .bind(&ts)
-                .bind(id)
-                .bind(job_id)
-                .execute(&mut *self.tx)
-                .await?
-            }
-        };
-        Ok(res.rows_affected() == 1)
+                .fetch_optional(&mut *self.tx)
+                .await?;
+        if held.is_none() {
+            return Ok(false);
+        }
+        if let Some(state) = to {
+            sqlx::query(
+                "UPDATE tenants SET state = $1, version = version + 1, updated_at = $2, \
+                 archived_at = CASE WHEN $1 = 'archived' THEN $2 ELSE archived_at END \
+                 WHERE tenant_id = $3",
+            )
+            .bind(state.as_str())
+            .bind(now())
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        Ok(true)
     }
 
     pub async fn set_tenant_placement(
@@ -374,7 +366,7 @@ impl Store {
     }
 
     pub async fn get_tenant(&self, id: &str) -> Result<Option<TenantRow>> {
-        let row = sqlx::query("SELECT * FROM tenants WHERE tenant_id = $1")
+        let row = sqlx::query(&format!("{TENANT_SELECT} WHERE tenant_id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -395,7 +387,10 @@ impl Store {
         after: &str,
         limit: i64,
     ) -> Result<Vec<TenantRow>> {
-        let mut sql = String::from("SELECT t.* FROM tenants t WHERE t.tenant_id > $1");
+        let mut sql = format!(
+            "SELECT t.*, (SELECT l.job_id FROM job_locks l WHERE l.resource = 'tenant/' || t.tenant_id) \
+             AS pending_job_id FROM tenants t WHERE t.tenant_id > $1"
+        );
         let mut binds: Vec<&str> = vec![after];
         for (col, val) in [
             ("t.state", &filter.state),

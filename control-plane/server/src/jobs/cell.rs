@@ -1,0 +1,318 @@
+//! What the cell job kinds share: their spec, the run through the stamper (terraform) with
+//! its progress reporter, and the end of a cell job on the cell. Each kind names its steps
+//! and its end states in its own file.
+
+use super::kind::{End, FinishCx, Finished, Next, StepCx, StepError};
+use crate::iac::{ExecEvent, IacError, RunCtx};
+use crate::persistence::{self, AuditInput, Store, StoreError, WriteTx};
+use crate::stamping::{CellAction, CellEffect, StampError, PHASES};
+use cellplane_api::CellState;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The spec of every cell job: the cell, and the state it had when the job was requested
+/// (what a job cancelled in the queue puts back).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CellSpec {
+    pub cell_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prior_state: Option<CellState>,
+}
+
+/// What a cell job carries from its terraform run to its end. The effect holds secret
+/// outputs, so it is never persisted: a job resumed after a crash re-plans from terraform's
+/// state (which finds nothing to change) to get it again.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct CellRun {
+    #[serde(skip)]
+    pub effect: Option<CellEffect>,
+}
+
+pub fn target(spec: &CellSpec) -> String {
+    crate::service::cell_target(&spec.cell_id)
+}
+
+pub fn locks(spec: &CellSpec) -> Vec<String> {
+    vec![super::cell_resource(&spec.cell_id)]
+}
+
+/// Moves a cell whose job starts into its working state (`provisioning` for a stamp or the
+/// repair of a failed cell); a job resumed after a crash finds it there already.
+pub async fn begin(
+    cx: &StepCx<'_>,
+    spec: &CellSpec,
+    action: CellAction,
+) -> Result<Next, StepError> {
+    let job = cx.job;
+    let mut tx = cx.service().store().write().await?;
+    let Some(mut cell) = tx.get_cell_tx(&spec.cell_id).await? else {
+        return Err(StepError::Fatal(format!("cell {} is gone", spec.cell_id)));
+    };
+    let to = match (action, cell.state) {
+        (CellAction::Stamp, CellState::Pending) => CellState::Provisioning,
+        (CellAction::Apply, CellState::Failed) => CellState::Provisioning,
+        _ => return Ok(Next::Continue(format!("cell is {}", cell.state.as_str()))),
+    };
+    cell.state = to;
+    cell.version += 1;
+    if !tx.update_cell(&cell).await? {
+        return Err(StepError::Retryable("the cell changed meanwhile".into()));
+    }
+    tx.audit(AuditInput {
+        tenant_id: None,
+        event_type: "CELL_PROVISIONING",
+        actor: "system:jobs",
+        target: &job.job.target,
+        payload: json!({"job_id": job.job.job_id, "action": action.as_str()}),
+        correlation_id: job.job.correlation_id.as_deref(),
+    })
+    .await?;
+    tx.commit().await?;
+    Ok(Next::Continue("cell is provisioning".into()))
+}
+
+/// Runs terraform for the cell through the stamper while a reporter task turns its events
+/// into progress and log lines on the job.
+pub async fn terraform(
+    cx: &StepCx<'_>,
+    spec: &CellSpec,
+    state: &mut CellRun,
+    action: CellAction,
+) -> Result<Next, StepError> {
+    let engine = cx.engine;
+    let job = cx.job;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let reporter = tokio::spawn(report(
+        engine.service().store().clone(),
+        engine.service().job_changed(),
+        job.job.job_id.clone(),
+        engine.owner().to_string(),
+        rx,
+        cx.detach.clone(),
+    ));
+    let ctx = RunCtx {
+        cell_id: spec.cell_id.clone(),
+        job_id: job.job.job_id.clone(),
+        attempt: job.job.attempts,
+        cancel: cx.cancel.clone(),
+        detach: cx.detach.clone(),
+        events: tx.clone(),
+        secrets: Vec::new(),
+    };
+    if job.job.attempts > 1 {
+        let _ = tx.send(ExecEvent::Log(format!(
+            "attempt {}: re-planning from the recorded state",
+            job.job.attempts
+        )));
+    }
+    let result = engine.stamper().run(action, &spec.cell_id, &ctx).await;
+    if let Err(e) = &result {
+        let _ = tx.send(ExecEvent::Log(format!("error: {e}")));
+    }
+    drop(ctx);
+    drop(tx);
+    let _ = reporter.await;
+    if cx.detach.is_cancelled() {
+        return Err(StepError::Abandoned);
+    }
+    match result {
+        Ok(effect) => {
+            if cx.cancel.is_cancelled() {
+                return Err(StepError::Cancelled);
+            }
+            state.effect = Some(effect);
+            Ok(Next::Continue("terraform done".into()))
+        }
+        Err(StampError::Iac(IacError::Cancelled { .. })) => Err(StepError::Cancelled),
+        Err(StampError::Iac(IacError::Detached { .. })) => Err(StepError::Abandoned),
+        Err(StampError::Iac(IacError::Terraform {
+            lock_busy: true,
+            diagnostics,
+            phase,
+        })) => Err(StepError::Retryable(format!(
+            "terraform {phase}: {diagnostics}"
+        ))),
+        Err(StampError::Store(e)) => Err(StepError::Retryable(e.to_string())),
+        Err(StampError::Failpoint(name)) => Err(StepError::Retryable(format!("failpoint {name}"))),
+        Err(e) => Err(StepError::Fatal(e.to_string())),
+    }
+}
+
+/// Applies the end of a cell job to the cell inside the job's final transaction: its new
+/// state, outputs and secrets, or its drift, and the audit record. Also used when a queued
+/// job is cancelled before it ran (`effect` is then None).
+pub async fn finish(
+    tx: &mut WriteTx,
+    cx: &FinishCx<'_>,
+    spec: &CellSpec,
+    run: &CellRun,
+    action: CellAction,
+    end: &End,
+) -> Result<Finished, StoreError> {
+    let job = cx.job;
+    let cell_id = spec.cell_id.as_str();
+    let effect = run.effect.as_ref();
+    let error = end.error();
+    let Some(mut cell) = tx.get_cell_tx(cell_id).await? else {
+        return Ok(Finished::default());
+    };
+    // A job that no longer holds the cell (it was released meanwhile) changes nothing.
+    if tx
+        .lock_holder(&super::cell_resource(cell_id))
+        .await?
+        .as_deref()
+        != Some(job.job.job_id.as_str())
+    {
+        return Ok(Finished::default());
+    }
+    if action == CellAction::Plan {
+        let Some(drift) = effect.and_then(|e| e.drift.as_ref()) else {
+            return Ok(Finished::default());
+        };
+        let value = serde_json::to_value(drift).expect("drift serializes");
+        tx.set_cell_drift(cell_id, &value).await?;
+        let event = if drift.detected {
+            "CELL_DRIFTED"
+        } else {
+            "CELL_DRIFT_CHECKED"
+        };
+        tx.audit(AuditInput {
+            tenant_id: None,
+            event_type: event,
+            actor: "system:jobs",
+            target: &job.job.target,
+            payload: json!({"job_id": job.job.job_id, "drift": value}),
+            correlation_id: job.job.correlation_id.as_deref(),
+        })
+        .await?;
+        return Ok(Finished::default());
+    }
+    let prior = spec.prior_state.unwrap_or(cell.state);
+    // Cancelled before any attempt recorded progress: nothing was touched.
+    let never_ran = *end == End::Cancelled
+        && effect.is_none()
+        && (job.job.attempts == 0 || job.job.step.is_none());
+    let new_state = if never_ran && action != CellAction::Stamp {
+        Some(prior)
+    } else {
+        action.end_state(*end == End::Succeeded, prior)
+    };
+    if let Some(s) = new_state {
+        cell.state = s;
+    }
+    if let Some(e) = effect {
+        cell.outputs = e.outputs.clone();
+        if action == CellAction::Destroy {
+            cell.outputs.clear();
+            cell.drift = None;
+        }
+    }
+    cell.version += 1;
+    if !tx.update_cell(&cell).await? {
+        return Err(StoreError::Corrupt(format!(
+            "cell {cell_id} changed while its job finished"
+        )));
+    }
+    if let Some(e) = effect {
+        let mut secrets = tx.get_cell_secrets_tx(cell_id).await?.unwrap_or_default();
+        secrets.outputs = if action == CellAction::Destroy {
+            Default::default()
+        } else {
+            e.secret_outputs.clone()
+        };
+        tx.set_cell_secrets(cell_id, &secrets).await?;
+    }
+    let verb = action.as_str().to_uppercase();
+    let event = match (action, end) {
+        (CellAction::Stamp, End::Succeeded) => "CELL_STAMPED".to_string(),
+        (CellAction::Apply, End::Succeeded) => "CELL_APPLIED".to_string(),
+        (CellAction::Destroy, End::Succeeded) => "CELL_DESTROYED".to_string(),
+        (_, End::Cancelled) => format!("CELL_{verb}_CANCELLED"),
+        _ => format!("CELL_{verb}_FAILED"),
+    };
+    tx.audit(AuditInput {
+        tenant_id: None,
+        event_type: &event,
+        actor: "system:jobs",
+        target: &job.job.target,
+        payload: json!({"job_id": job.job.job_id, "state": cell.state, "error": error,
+                        "outputs": cell.outputs, "attempts": job.job.attempts}),
+        correlation_id: job.job.correlation_id.as_deref(),
+    })
+    .await?;
+    Ok(Finished::default())
+}
+
+/// Turns terraform's events into job progress and log text, flushed to the store at most
+/// every 200 ms (and at the end). A lost lease stops the job: terraform is detached.
+async fn report(
+    store: Store,
+    changed: Arc<tokio::sync::Notify>,
+    job_id: String,
+    owner: String,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<ExecEvent>,
+    detach: CancellationToken,
+) {
+    let mut phase: &'static str = "render";
+    let mut planned: u64 = 0;
+    let mut applied: u64 = 0;
+    let mut pending = String::new();
+    let mut dirty = false;
+    let flush_every = Duration::from_millis(200);
+    let mut last_flush = std::time::Instant::now();
+    let progress_of = |phase: &str, planned: u64, applied: u64| -> f64 {
+        let idx = PHASES.iter().position(|(p, _)| *p == phase).unwrap_or(0);
+        let start = PHASES[idx].1;
+        if phase == "apply" && planned > 0 {
+            let end = PHASES.get(idx + 1).map(|p| p.1).unwrap_or(1.0);
+            start + (end - start) * (applied.min(planned) as f64 / planned as f64)
+        } else {
+            start
+        }
+    };
+    loop {
+        let timeout = flush_every.saturating_sub(last_flush.elapsed());
+        let event = tokio::time::timeout(timeout, rx.recv()).await;
+        let closed = matches!(event, Ok(None));
+        match event {
+            Ok(Some(ExecEvent::Log(line))) => {
+                pending.push_str(&format!("{} {line}\n", persistence::now()));
+                dirty = true;
+            }
+            Ok(Some(ExecEvent::Phase(p))) => {
+                phase = p;
+                dirty = true;
+            }
+            Ok(Some(ExecEvent::Planned(n))) => planned = n,
+            Ok(Some(ExecEvent::Applied(n))) => {
+                applied = n;
+                dirty = true;
+            }
+            Ok(Some(ExecEvent::Heartbeat)) | Ok(None) | Err(_) => {}
+        }
+        if dirty && (closed || last_flush.elapsed() >= flush_every) {
+            let progress = progress_of(phase, planned, applied);
+            match store
+                .job_progress(&job_id, &owner, progress, None, phase, &pending, None)
+                .await
+            {
+                Ok(true) => {
+                    pending.clear();
+                    dirty = false;
+                    changed.notify_waiters();
+                }
+                Ok(false) => detach.cancel(),
+                Err(e) => tracing::warn!(error = %e, "recording job progress failed"),
+            }
+            last_flush = std::time::Instant::now();
+        } else if !dirty {
+            last_flush = std::time::Instant::now();
+        }
+        if closed {
+            break;
+        }
+    }
+}
