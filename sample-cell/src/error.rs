@@ -108,10 +108,14 @@ struct Problem<'a> {
     detail: &'a str,
 }
 
+/// Prefix of every problem `type`: the one vocabulary of the control plane, the router and
+/// the cells (`https://cellplane.dev/problems/tenant-frozen`).
+pub const PROBLEM_TYPE_BASE: &str = "https://cellplane.dev/problems/";
+
 /// A problem+json response; `slug` names the problem type.
 pub fn problem(status: StatusCode, slug: &str, detail: &str) -> Response {
     let body = Problem {
-        kind: format!("urn:cellplane:problem:{slug}"),
+        kind: format!("{PROBLEM_TYPE_BASE}{slug}"),
         title: status.canonical_reason().unwrap_or("Error"),
         status: status.as_u16(),
         detail,

@@ -134,6 +134,70 @@ async fn bad_flags_exit_2_naming_the_flag() {
     }
 }
 
+/// Runs the binary with `args` under `script`, which gives it a terminal, and returns what
+/// it wrote there; `None` where `script` (util-linux) is not installed.
+fn on_a_terminal(args: &[&str], no_color: Option<&str>) -> Option<String> {
+    let quote = |a: &str| format!("'{}'", a.replace('\'', r"'\''"));
+    let line = std::iter::once(BIN)
+        .chain(args.iter().copied())
+        .map(quote)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut cmd = std::process::Command::new("script");
+    cmd.args(["-qec", &line, "/dev/null"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .env("SAMPLE_CELL_LOG", "info");
+    match no_color {
+        Some(v) => cmd.env("NO_COLOR", v),
+        None => cmd.env_remove("NO_COLOR"),
+    };
+    match cmd.output() {
+        Ok(out) => Some(String::from_utf8_lossy(&out.stdout).into_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => panic!("run script: {e}"),
+    }
+}
+
+// Log lines are coloured on a terminal only, and not even there when NO_COLOR is set and
+// not empty (https://no-color.org); piped, they are plain.
+#[tokio::test]
+async fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, b"not a directory").expect("write");
+    let data = blocker.join("data");
+    let data = data.to_str().expect("utf-8 temp path");
+    let args = ["--listen", "127.0.0.1:0", "--data-dir", data];
+    let piped = Command::new(BIN)
+        .args(args)
+        .env("SAMPLE_CELL_LOG", "info")
+        .env_remove("NO_COLOR")
+        .output()
+        .await
+        .expect("run sample-cell");
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(stderr.contains("startup failed"), "{stderr}");
+    assert!(
+        !stderr.contains("\x1b["),
+        "colour in piped logs: {stderr:?}"
+    );
+    let Some(coloured) = on_a_terminal(&args, None) else {
+        eprintln!("skipping the terminal half: `script` is not installed");
+        return;
+    };
+    assert!(coloured.contains("startup failed"), "{coloured:?}");
+    assert!(
+        coloured.contains("\x1b["),
+        "no colour on a terminal: {coloured:?}"
+    );
+    for no_color in ["1", "true"] {
+        let plain = on_a_terminal(&args, Some(no_color)).expect("script ran before");
+        assert!(plain.contains("startup failed"), "{plain:?}");
+        assert!(!plain.contains("\x1b["), "NO_COLOR={no_color}: {plain:?}");
+    }
+}
+
 #[tokio::test]
 async fn startup_failure_exits_1_with_a_message() {
     let dir = tempfile::tempdir().expect("temp dir");
