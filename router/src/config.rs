@@ -5,6 +5,16 @@ use crate::resolve::Source;
 use clap::Parser;
 use std::path::PathBuf;
 
+/// `--underscore-trusted-headers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum UnderscoreTrusted {
+    /// Drop the field and forward the request.
+    #[default]
+    Strip,
+    /// Answer 400 `bad-request`; the request never reaches the cell.
+    Refuse,
+}
+
 #[derive(Parser, Clone)]
 #[command(
     name = "cellplane-router",
@@ -56,6 +66,11 @@ pub struct Config {
     /// Longest wait for each read or write of a body, from the client or from a cell.
     #[arg(long, default_value_t = 60_000)]
     pub body_timeout_ms: u64,
+    /// What to do with a client field whose name reads as X-Tenant-ID, X-Tenant-Env or
+    /// X-Correlation-ID once `_` is read as `-` (`X_Tenant_ID`; CGI-style cells cannot tell
+    /// them apart): strip it, or refuse the request with 400. Never forwarded either way.
+    #[arg(long, value_enum, default_value_t = UnderscoreTrusted::Strip)]
+    pub underscore_trusted_headers: UnderscoreTrusted,
     /// Idle keep-alive connections kept per cell (per worker).
     #[arg(long, default_value_t = 256)]
     pub upstream_idle_per_cell: usize,

@@ -6,6 +6,7 @@
 //! bounds every wait: the next request (idle), a request head, the cell's answer, each body
 //! read or write.
 
+use crate::config::UnderscoreTrusted;
 use crate::h1::{self, Chunked, Framing, HeadError, MAX_HEADERS};
 use crate::metrics::RouterCounters;
 use crate::proxy::{wait_for_release, Phases, Pick, ProxyError, RouterState, Target};
@@ -178,6 +179,18 @@ fn decide<P: Phases>(
     held: Option<(Target, Pick)>,
     out: &mut Vec<u8>,
 ) -> Step {
+    // Before any phase, whatever the phases do: with `refuse`, a field that reads as a
+    // trusted header (`X_Tenant_ID`) gets 400. With `strip` it is dropped by the head
+    // written for the cell.
+    if let Some((name, trusted)) = req.trusted_twin {
+        if state.cfg.underscore_trusted_headers == UnderscoreTrusted::Refuse {
+            let e = ProxyError::BadRequest(format!(
+                "the {name} field reads as {trusted}, which only the router sets; \
+                 send no such field"
+            ));
+            return Step::Answer(Meta::of(req), e, state.correlation_id());
+        }
+    }
     let (target, pick) = match held {
         Some(x) => x,
         None => {

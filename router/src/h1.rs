@@ -3,8 +3,9 @@
 //! a cell written straight from the client's bytes, and the body framing (RFC 9112 §6)
 //! tracked so that body bytes are copied through untouched. What a proxy must not pass on
 //! is dropped on the way: hop-by-hop headers and what `Connection` lists, the headers only
-//! the router may set, ambiguous framing (`Content-Length` with `Transfer-Encoding`,
-//! conflicting lengths), which is refused rather than guessed at.
+//! the router may set and their underscore twins (see `trusted_twin`), ambiguous framing
+//! (`Content-Length` with `Transfer-Encoding`, conflicting lengths), which is refused rather
+//! than guessed at.
 
 use std::fmt::Write as _;
 
@@ -52,6 +53,9 @@ enum Kind {
     XTenantId,
     XTenantEnv,
     XCorrelationId,
+    /// A name that reads as one of the router's trusted headers once `_` is read as `-`
+    /// (`X_Tenant_ID`, `x-tenant_env`): never forwarded. The trusted header's name.
+    TrustedTwin(&'static str),
     Date,
 }
 
@@ -66,15 +70,31 @@ fn kind(name: &str) -> Kind {
         10 if eq("connection") => Kind::Connection,
         10 if eq("keep-alive") => Kind::HopByHop,
         11 if eq("x-tenant-id") => Kind::XTenantId,
+        11 if trusted_twin(name, "x-tenant-id") => Kind::TrustedTwin("X-Tenant-ID"),
         12 if eq("x-tenant-env") => Kind::XTenantEnv,
+        12 if trusted_twin(name, "x-tenant-env") => Kind::TrustedTwin("X-Tenant-Env"),
         14 if eq("content-length") => Kind::ContentLength,
         16 if eq("proxy-connection") => Kind::HopByHop,
         16 if eq("x-correlation-id") => Kind::XCorrelationId,
+        16 if trusted_twin(name, "x-correlation-id") => Kind::TrustedTwin("X-Correlation-ID"),
         17 if eq("transfer-encoding") => Kind::TransferEncoding,
         18 if eq("proxy-authenticate") => Kind::HopByHop,
         19 if eq("proxy-authorization") => Kind::HopByHop,
         _ => Kind::Plain,
     }
+}
+
+/// Whether `name` is `trusted` (lowercase, with `-`) compared case-insensitively with `_`
+/// read as `-`. CGI-style stacks (`HTTP_X_TENANT_ID`) and some frameworks fold `X_Tenant_ID`
+/// and `X-Tenant-ID` into one variable, so a client's `X_Tenant_ID` would pass for the
+/// router's `X-Tenant-ID`. Byte compares, no allocation; only called for names of the
+/// trusted headers' lengths that are not the trusted header itself.
+fn trusted_twin(name: &str, trusted: &str) -> bool {
+    name.len() == trusted.len()
+        && name
+            .bytes()
+            .zip(trusted.bytes())
+            .all(|(a, t)| a.to_ascii_lowercase() == t || (a == b'_' && t == b'-'))
 }
 
 /// Header names a `Connection` field lists (RFC 9110 §7.6.1), dropped when forwarding.
@@ -160,6 +180,10 @@ pub struct Request<'h, 'b> {
     pub tenant_header: Option<&'b str>,
     pub env_header: Option<&'b str>,
     pub correlation_id: Option<&'b str>,
+    /// The first field whose name is an underscore twin of a trusted header, and the
+    /// trusted header it reads as (`("X_Tenant_ID", "X-Tenant-ID")`). Such fields are never
+    /// forwarded; with `--underscore-trusted-headers refuse` the request is answered 400.
+    pub trusted_twin: Option<(&'b str, &'static str)>,
     pub framing: Framing,
     /// The client may send another request on this connection afterwards.
     pub keep_alive: bool,
@@ -205,6 +229,7 @@ pub fn parse_request<'h, 'b>(
     };
     let mut host_fields = 0;
     let (mut tenant_header, mut env_header, mut correlation_id) = (None, None, None);
+    let mut trusted_twin = None;
     let (mut length, mut chunked, mut te) = (None, false, false);
     let mut expect_continue = false;
     let mut listed = Listed::default();
@@ -220,6 +245,7 @@ pub fn parse_request<'h, 'b>(
             Kind::XTenantId => tenant_header = tenant_header.or(text(h.value)),
             Kind::XTenantEnv => env_header = env_header.or(text(h.value)),
             Kind::XCorrelationId => correlation_id = correlation_id.or(text(h.value)),
+            Kind::TrustedTwin(trusted) => trusted_twin = trusted_twin.or(Some((h.name, trusted))),
             Kind::ContentLength => length = Some(content_length(h.value, length)?),
             Kind::TransferEncoding => {
                 te = true;
@@ -276,6 +302,7 @@ pub fn parse_request<'h, 'b>(
         tenant_header,
         env_header,
         correlation_id,
+        trusted_twin,
         framing,
         keep_alive,
         // An HTTP/1.0 client gets no interim response (RFC 9110 §15.2): it sends the body
@@ -309,8 +336,9 @@ pub struct Identity<'a> {
 }
 
 /// Writes the head sent to the cell: origin-form `path`, the client's fields minus
-/// hop-by-hop, listed, trusted and framing ones, then `Host` (the cell's authority when the
-/// client sent none), the identity headers and the framing of the body as forwarded.
+/// hop-by-hop, listed, trusted (and their underscore twins) and framing ones, then `Host`
+/// (the cell's authority when the client sent none), the identity headers and the framing
+/// of the body as forwarded.
 pub fn write_request_head(
     req: &Request<'_, '_>,
     path: &str,
@@ -333,6 +361,8 @@ pub fn write_request_head(
             // The client's codings as sent (`gzip, chunked` stays that): the body is
             // forwarded as it came.
             Kind::TransferEncoding => req.framing == Framing::Chunked,
+            // Hop-by-hop fields, `Content-Length` (written below), the identity headers
+            // the router sets below and their underscore twins (`X_Tenant_ID`).
             _ => false,
         };
         if keep {
@@ -823,6 +853,43 @@ mod tests {
                 "content-length: 3\r\n\r\n"
             )
         );
+    }
+
+    #[test]
+    fn underscore_twins_of_trusted_headers_are_dropped() {
+        let raw = concat!(
+            "GET / HTTP/1.1\r\nHost: acme.localhost\r\nX_Tenant_ID: evil\r\n",
+            "x-tenant_env: dev\r\nX_CORRELATION_id: mine\r\nx_Tenant-Id: evil2\r\n",
+            "X_Tenant_IDs: kept\r\nX_Tenant: kept\r\nX-Other_Name: kept\r\n\r\n"
+        );
+        let (head, ..) = req(raw).unwrap();
+        assert_eq!(
+            head,
+            concat!(
+                "GET / HTTP/1.1\r\nHost: acme.localhost\r\nX_Tenant_IDs: kept\r\n",
+                "X_Tenant: kept\r\nX-Other_Name: kept\r\nx-tenant-id: acme\r\n",
+                "x-tenant-env: prod\r\nx-correlation-id: c-1\r\n\r\n"
+            )
+        );
+        let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let r = parse_request(raw.as_bytes(), &mut hs).unwrap();
+        assert_eq!(r.trusted_twin, Some(("X_Tenant_ID", "X-Tenant-ID")));
+        // A twin is not a source of the tenant, environment or correlation id.
+        assert_eq!(
+            (r.tenant_header, r.env_header, r.correlation_id),
+            (None, None, None)
+        );
+        let r = parse_request(b"GET / HTTP/1.1\r\nX-TENANT-ID: a\r\n\r\n", &mut hs).unwrap();
+        assert_eq!((r.trusted_twin, r.tenant_header), (None, Some("a")));
+        for (name, trusted) in [
+            ("x_tenant_env", "X-Tenant-Env"),
+            ("X-Correlation_ID", "X-Correlation-ID"),
+        ] {
+            let raw = format!("GET / HTTP/1.1\r\n{name}: v\r\n\r\n");
+            let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let r = parse_request(raw.as_bytes(), &mut hs).unwrap();
+            assert_eq!(r.trusted_twin, Some((name, trusted)));
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `cellplane-router`: parses the command line, builds the application and runs it.
 
 use clap::Parser;
+use std::io::IsTerminal as _;
 use tokio_util::sync::CancellationToken;
 
 /// Control work (watch, heartbeats, state file, admin) runs here; tenant traffic runs on
@@ -10,9 +11,14 @@ async fn main() {
     let cfg = cellplane_router::config::Config::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,hyper=warn,reqwest=warn"));
+    let ansi = cellplane_router::startup::log_colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let _ = if cfg.log_format == "json" {
         builder.json().try_init()
     } else {

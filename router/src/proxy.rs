@@ -31,6 +31,8 @@ pub struct ProxyConfig {
     pub health_fails: u32,
     /// Worker threads (per-worker metric copies).
     pub workers: usize,
+    /// Client fields that read as a trusted header with `_` as `-`: stripped or refused.
+    pub underscore_trusted_headers: crate::config::UnderscoreTrusted,
 }
 
 /// Everything the request path shares.

@@ -94,6 +94,7 @@ impl Application {
                 max_tenant_histograms: cfg.max_tenant_histograms,
                 health_fails: cfg.health_fails,
                 workers: cfg.workers(),
+                underscore_trusted_headers: cfg.underscore_trusted_headers,
             },
             initial,
         ));
@@ -385,6 +386,13 @@ where
     }
 }
 
+/// Whether log lines get colour escape codes: only on a terminal, and never when `NO_COLOR`
+/// is set and not empty (<https://no-color.org>). Logs piped to a file or a collector stay
+/// plain text.
+pub fn log_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && !matches!(no_color, Some(v) if !v.is_empty())
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -403,4 +411,19 @@ pub async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutdown signal received");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_colour;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(log_colour(true, None));
+        assert!(log_colour(true, Some(OsStr::new(""))));
+        assert!(!log_colour(true, Some(OsStr::new("1"))));
+        assert!(!log_colour(false, None));
+        assert!(!log_colour(false, Some(OsStr::new("1"))));
+    }
 }

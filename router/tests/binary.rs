@@ -324,3 +324,89 @@ async fn a_cell_that_never_answers_times_out() {
         );
     }
 }
+
+/// Runs the router binary with `args` under `script` (util-linux), which gives it a
+/// terminal, and returns what it wrote there; `None` where `script` is not installed.
+fn on_a_terminal(args: &[&str], no_color: Option<&str>) -> Option<String> {
+    let quote = |a: &str| format!("'{}'", a.replace('\'', r"'\''"));
+    let line = std::iter::once(env!("CARGO_BIN_EXE_cellplane-router"))
+        .chain(args.iter().copied())
+        .map(quote)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut cmd = Command::new("script");
+    cmd.args(["-qec", &line, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .env("RUST_LOG", "info");
+    match no_color {
+        Some(v) => cmd.env("NO_COLOR", v),
+        None => cmd.env_remove("NO_COLOR"),
+    };
+    match cmd.output() {
+        Ok(out) => Some(String::from_utf8_lossy(&out.stdout).into_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => panic!("run script: {e}"),
+    }
+}
+
+// Logs piped to a file or a collector are plain text: no colour escape codes from a whole
+// run (start, serving, SIGTERM, stop), NO_COLOR or not. On a terminal they are coloured,
+// except when NO_COLOR is set and not empty (https://no-color.org).
+#[test]
+fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+    use std::io::{Read, Write};
+    let (_dir, state, _listener, port) = cell_socket();
+    write_state(&state, port);
+    let mut cmd = common::command(&state, &["--workers", "1", "--health-interval-ms", "0"]);
+    cmd.env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stderr(std::process::Stdio::piped());
+    let mut r = common::start(&mut cmd);
+    let mut stderr = r.child.stderr.take().unwrap();
+    // Serving (the admin listener answers) before SIGTERM, so the signal is handled.
+    let admin = r.admin.strip_prefix("http://").unwrap().to_string();
+    let mut answer = String::new();
+    let mut c = std::net::TcpStream::connect(&admin).unwrap();
+    c.write_all(b"GET /__router/healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    c.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    nix_kill(r.child.id());
+    let status = r.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut logs = String::new();
+    stderr.read_to_string(&mut logs).unwrap();
+    for line in [
+        "router listening",
+        "shutdown signal received",
+        "router stopped",
+    ] {
+        assert!(logs.contains(line), "{line:?} not in {logs:?}");
+    }
+    assert!(!logs.contains("\x1b["), "colour in piped logs: {logs:?}");
+
+    // An invalid --router-id: the router logs "startup failed" and exits 1 at once.
+    let args = [
+        "--control-plane",
+        "http://127.0.0.1:9",
+        "--state-file",
+        state.to_str().unwrap(),
+        "--router-id",
+        "Bad_Id",
+    ];
+    let Some(coloured) = on_a_terminal(&args, None) else {
+        eprintln!("skipping the terminal half: `script` is not installed");
+        return;
+    };
+    assert!(coloured.contains("startup failed"), "{coloured:?}");
+    assert!(
+        coloured.contains("\x1b["),
+        "no colour on a terminal: {coloured:?}"
+    );
+    for no_color in ["1", "true"] {
+        let plain = on_a_terminal(&args, Some(no_color)).expect("script ran before");
+        assert!(plain.contains("startup failed"), "{plain:?}");
+        assert!(!plain.contains("\x1b["), "NO_COLOR={no_color}: {plain:?}");
+    }
+}

@@ -141,6 +141,7 @@ async fn requests_only_reach_their_own_tenants_current_route() {
                 health_fails: 2,
                 max_tenant_histograms: 100,
                 workers: 1,
+                underscore_trusted_headers: Default::default(),
             },
             Snapshot::empty(),
         );

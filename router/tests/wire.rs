@@ -1002,6 +1002,75 @@ fn hop_by_hop_and_identity_headers_are_filtered_both_ways() {
     );
 }
 
+// A client field whose name reads as a trusted header once `_` is read as `-` (any case,
+// any mix of `_` and `-`) never reaches the cell: CGI-style cells read `X_Tenant_ID` and
+// `X-Tenant-ID` as the same HTTP_X_TENANT_ID, so a tenant could pass for another. By
+// default (`--underscore-trusted-headers strip`) such fields are dropped and the request is
+// forwarded with the router's own identity headers; other underscore fields pass. A twin
+// is never a source of the tenant either.
+#[test]
+fn underscore_twins_of_trusted_headers_never_reach_the_cell() {
+    let t = setup(&[], echo);
+    let mut c = t.client();
+    let r = c.call(&format!(
+        "GET /u HTTP/1.1\r\nHost: {TENANT}\r\nX_Tenant_ID: other-tenant\r\n\
+         x_tenant_env: dev\r\nX_Correlation_ID: mine\r\nX-Tenant_Id: other-tenant\r\n\
+         x_TENANT-env: dev\r\nx-correlation_ID: mine2\r\nX_Keep: 1\r\n\
+         X_Tenant_IDs: 2\r\n\r\n"
+    ));
+    assert_eq!((r.status(), r.text()), (200, "/u:"));
+    let s = t.cell.only();
+    assert_eq!(
+        s.head.norm(),
+        forwarded("GET /u HTTP/1.1", "X_Keep: 1\r\nX_Tenant_IDs: 2\r\n", "")
+    );
+    let corr = s.head.get("x-correlation-id").unwrap();
+    assert!(corr.starts_with("rt-"), "{corr}");
+    // No tenant in the Host: the twin does not name one (X-Tenant-ID would).
+    let r = c.call(
+        "GET /u HTTP/1.1\r\nHost: example.test\r\nX_Tenant_ID: acme\r\nX-Tenant_ENV: prod\r\n\r\n",
+    );
+    r.problem(404, "unknown-tenant");
+    assert_eq!(t.cell.seen().len(), 1);
+}
+
+// With `--underscore-trusted-headers refuse` a request with an underscore twin of a trusted
+// header is answered 400 bad-request (a problem document naming the field) and never
+// reaches the cell; the connection stays usable. The client's own `X-Tenant-ID` is not a
+// twin: it is stripped as always.
+#[test]
+fn underscore_twins_are_refused_with_400_when_configured() {
+    let t = setup(&["--underscore-trusted-headers", "refuse"], echo);
+    let mut c = t.client();
+    for twin in [
+        "X_Tenant_ID: other-tenant",
+        "x-tenant_env: dev",
+        "X_CORRELATION_id: mine",
+    ] {
+        let r = c.call(&format!(
+            "GET /r HTTP/1.1\r\nHost: {TENANT}\r\nAccept: */*\r\n{twin}\r\n\r\n"
+        ));
+        let p = r.problem(400, "bad-request");
+        let name = twin.split(':').next().unwrap();
+        assert!(p["detail"].as_str().unwrap().contains(name), "{p}");
+        assert_eq!(r.head.get("connection"), None, "{twin}");
+    }
+    let r = c.call(&format!(
+        "POST /r HTTP/1.1\r\nHost: {TENANT}\r\nX_Tenant_ID: other-tenant\r\n\
+         Content-Length: 3\r\n\r\nabc"
+    ));
+    r.problem(400, "bad-request");
+    t.cell.untouched();
+    let r = c.call(&format!(
+        "GET /ok HTTP/1.1\r\nHost: {TENANT}\r\nX-Tenant-ID: globex\r\n\r\n"
+    ));
+    assert_eq!((r.status(), r.text()), (200, "/ok:"));
+    assert_eq!(
+        t.cell.only().head.norm(),
+        forwarded("GET /ok HTTP/1.1", "", "")
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // 9. Interim responses from the cell.
 

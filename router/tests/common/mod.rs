@@ -35,29 +35,36 @@ pub fn dead_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-/// Starts the router binary on free ports with `--base-domain example.test`, a 2 s upstream
+/// The router binary on free ports with `--base-domain example.test`, a 2 s upstream
 /// timeout, an unreachable control plane and `state` as its state file; `extra` flags last.
+pub fn command(state: &std::path::Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cellplane-router"));
+    cmd.args([
+        "--control-plane",
+        &format!("http://127.0.0.1:{}", dead_port()),
+    ])
+    .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+    .arg("--state-file")
+    .arg(state)
+    .args([
+        "--base-domain",
+        "example.test",
+        "--upstream-timeout-ms",
+        "2000",
+    ])
+    .args(extra)
+    .env("RUST_LOG", "warn");
+    cmd
+}
+
+/// Starts [`command`] with its logs thrown away.
 pub fn spawn(state: &std::path::Path, extra: &[&str]) -> Router {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cellplane-router"))
-        .args([
-            "--control-plane",
-            &format!("http://127.0.0.1:{}", dead_port()),
-        ])
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .arg("--state-file")
-        .arg(state)
-        .args([
-            "--base-domain",
-            "example.test",
-            "--upstream-timeout-ms",
-            "2000",
-        ])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn router");
+    start(command(state, extra).stderr(Stdio::null()))
+}
+
+/// Starts the router `cmd` and reads the addresses it announces on stdout.
+pub fn start(cmd: &mut Command) -> Router {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn router");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let url = lines.next().unwrap().unwrap();
     let admin = lines.next().unwrap().unwrap();
