@@ -280,6 +280,24 @@ impl TestApp {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// Waits until the process exits by itself (a `kill` failpoint); true when it did
+    /// within `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(_)) = c.try_wait() {
+                    self.child = None;
+                    return true;
+                }
+            } else {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
     /// SIGKILL: no cleanup, no lease release.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -342,6 +360,23 @@ impl TestApp {
         let v: i64 = sqlx::query_scalar(query).fetch_one(&mut conn).await?;
         let _ = conn.close().await;
         Ok(v)
+    }
+
+    /// One text value from the app's store (panics when the query fails).
+    pub async fn sql_text(&self, query: &str) -> String {
+        use sqlx::Connection;
+        sqlx::any::install_default_drivers();
+        let url = match &self.database_url {
+            Some(u) => u.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("cellplane.db").display()),
+        };
+        let mut conn = sqlx::AnyConnection::connect(&url).await.expect("connect");
+        let v: String = sqlx::query_scalar(query)
+            .fetch_one(&mut conn)
+            .await
+            .expect("query");
+        let _ = conn.close().await;
+        v
     }
 
     pub async fn create_org(&self, id: &str) {

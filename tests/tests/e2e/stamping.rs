@@ -22,7 +22,7 @@ async fn get_json(url: &str) -> Option<Value> {
     r.json().await.ok()
 }
 
-fn sample_cells_of(app: &TestApp, cell_id: &str) -> Vec<ProcInfo> {
+pub(crate) fn sample_cells_of(app: &TestApp, cell_id: &str) -> Vec<ProcInfo> {
     processes_under(&app.cell_dir(cell_id))
         .into_iter()
         .filter(|p| p.name == "sample-cell")
@@ -245,7 +245,7 @@ fn state_cmd(app: &TestApp, id: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn state_list(app: &TestApp, id: &str) -> Vec<String> {
+pub(crate) fn state_list(app: &TestApp, id: &str) -> Vec<String> {
     state_cmd(app, id, &["state", "list"])
         .lines()
         .map(str::to_string)

@@ -387,9 +387,9 @@ impl Store {
         after: &str,
         limit: i64,
     ) -> Result<Vec<TenantRow>> {
-        let mut sql = format!(
+        let mut sql = String::from(
             "SELECT t.*, (SELECT l.job_id FROM job_locks l WHERE l.resource = 'tenant/' || t.tenant_id) \
-             AS pending_job_id FROM tenants t WHERE t.tenant_id > $1"
+             AS pending_job_id FROM tenants t WHERE t.tenant_id > $1",
         );
         let mut binds: Vec<&str> = vec![after];
         for (col, val) in [
