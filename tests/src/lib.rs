@@ -200,6 +200,28 @@ impl TestApp {
         app
     }
 
+    /// A second control plane on the same PostgreSQL database (its own data directory and
+    /// port), as a second replica of a deployment.
+    pub async fn spawn_replica(&self, options: AppOptions) -> TestApp {
+        assert!(
+            self.database_url.is_some(),
+            "replicas share a PostgreSQL store"
+        );
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut app = TestApp {
+            backend: self.backend,
+            url: String::new(),
+            admin: Client::new("http://127.0.0.1:1", None),
+            data_dir: tmp.path().join("data"),
+            database_url: self.database_url.clone(),
+            options,
+            child: None,
+            _tmp: std::sync::Arc::new(tmp),
+        };
+        app.start().await.expect("replica starts");
+        app
+    }
+
     /// Starts (or restarts) the binary on the same data dir and store.
     pub async fn start(&mut self) -> Result<()> {
         self.start_at("127.0.0.1:0").await

@@ -774,6 +774,23 @@ pub struct RouterHeartbeat {
     pub stats: Option<serde_json::Value>,
 }
 
+/// A controller's lease: which replica runs it now and at which term.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ControllerInfo {
+    pub name: String,
+    /// The replica holding (or last holding) the lease.
+    pub holder: String,
+    /// Grows each time another replica takes the lease; writes carry it.
+    pub term: i64,
+    pub expires_at: String,
+    pub acquired_at: String,
+    pub renewed_at: String,
+    /// The lease had not expired when read (database clock).
+    pub live: bool,
+    /// The replica that answered holds it.
+    pub this_replica: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RouterInfo {
     pub router_id: String,

@@ -139,6 +139,11 @@ pub struct JobsConfig {
     /// Named failpoints, `name=action[@attempt];…` (see `failpoints.rs`). Honoured only by
     /// debug builds; for crash and failure tests.
     pub failpoints: String,
+    /// How long a controller's lease lasts without renewal (by the database clock): the
+    /// longest a standby replica waits to take over from a dead holder.
+    pub controller_lease_ms: u64,
+    /// How often a controller's holder renews its lease and a standby tries to take it.
+    pub controller_renew_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -232,6 +237,8 @@ impl Default for JobsConfig {
             wait_secs: 900,
             wait_poll_ms: 500,
             failpoints: String::new(),
+            controller_lease_ms: 10_000,
+            controller_renew_ms: 2_000,
         }
     }
 }

@@ -8,7 +8,8 @@
 //! honoured only in debug builds: a release build ignores the setting (and says so once).
 //! Actions: `kill` (SIGKILL this process), `error` (a retryable failure), `fatal` (a
 //! failure that is not retried), `wait` (the step waits, as for a cell still stamping),
-//! `pause` (the step blocks until the job is cancelled or the process stops). With
+//! `pause` (the step blocks until the job is cancelled or the process stops), `stop`
+//! (SIGSTOP this process; it goes on where it stopped when a test sends SIGCONT). With
 //! `@N` the failpoint fires only on the job's N-th attempt, so a test that kills the process
 //! at a step sees the restarted process go past it.
 
@@ -22,6 +23,9 @@ pub enum Action {
     Fatal,
     Wait,
     Pause,
+    /// SIGSTOP this process (a test resumes it with SIGCONT): a pause at a named step
+    /// that a lease outlives.
+    Stop,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -37,7 +41,7 @@ pub struct Failpoints {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("failpoint setting {0:?} is not name=kill|error|fatal|wait|pause[@attempt]")]
+#[error("failpoint setting {0:?} is not name=kill|error|fatal|wait|pause|stop[@attempt]")]
 pub struct ParseError(String);
 
 impl Failpoints {
@@ -65,6 +69,7 @@ impl Failpoints {
                 "fatal" => Action::Fatal,
                 "wait" => Action::Wait,
                 "pause" => Action::Pause,
+                "stop" => Action::Stop,
                 _ => return Err(ParseError(part.to_string())),
             };
             rules.insert(name.trim().to_string(), Rule { action, attempt });
@@ -96,6 +101,10 @@ impl Failpoints {
         tracing::warn!(failpoint = name, action = ?rule.action, attempt, "failpoint hit");
         if rule.action == Action::Kill {
             kill_self();
+        }
+        if rule.action == Action::Stop {
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+            tracing::warn!(failpoint = name, "resumed after SIGSTOP");
         }
         Some(rule.action)
     }

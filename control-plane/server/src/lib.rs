@@ -5,6 +5,7 @@ pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod controllers;
 pub mod failpoints;
 pub mod http;
 pub mod iac;

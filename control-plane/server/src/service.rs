@@ -23,6 +23,9 @@ pub enum ServiceError {
     PreconditionFailed { current: i64 },
     #[error("the request is invalid")]
     Validation(Vec<FieldError>),
+    /// A controller's write carried a term whose lease another replica has taken.
+    #[error("{0}")]
+    Fenced(String),
     /// A dependency of the operation (template directory, the host) failed.
     #[error("{0}")]
     Unavailable(String),
@@ -1173,7 +1176,26 @@ impl Service {
     /// `POST /v1/cells/{id}/plan`: a drift check now. An open drift check of the cell is
     /// returned instead of a second one.
     pub async fn plan_cell(&self, ctx: &Ctx, id: &str) -> Result<CellWithJob> {
+        self.plan_cell_fenced(ctx, id, None).await
+    }
+
+    /// [`Service::plan_cell`] for a controller: the write carries its fence and is refused
+    /// when another replica holds the controller's lease.
+    async fn plan_cell_fenced(
+        &self,
+        ctx: &Ctx,
+        id: &str,
+        fence: Option<&crate::controllers::Fence>,
+    ) -> Result<CellWithJob> {
         let mut tx = self.store.write().await?;
+        if let Some(f) = fence {
+            if !tx.fence(f.name, &f.holder, f.term).await? {
+                return Err(ServiceError::Fenced(format!(
+                    "controller {} lost its lease (term {}); write refused",
+                    f.name, f.term
+                )));
+            }
+        }
         let mut cell = tx
             .get_cell_tx(id)
             .await?
@@ -1208,7 +1230,7 @@ impl Service {
             event_type: "CELL_DRIFT_CHECK_REQUESTED",
             actor: &ctx.actor,
             target: &target,
-            payload: json!({"job_id": job.job_id}),
+            payload: json!({"job_id": job.job_id, "controller_term": fence.map(|f| f.term)}),
             correlation_id: Some(&ctx.correlation_id),
         })
         .await?;
@@ -1220,10 +1242,15 @@ impl Service {
         })
     }
 
-    /// Enqueues drift checks for idle active cells last checked before `interval` ago.
-    pub async fn schedule_drift_checks(&self, interval: std::time::Duration) -> Result<usize> {
+    /// Enqueues drift checks for idle active cells last checked before `interval` ago; the
+    /// drift controller's reconcile, fenced by its lease.
+    pub async fn schedule_drift_checks(
+        &self,
+        interval: std::time::Duration,
+        cx: &crate::controllers::ControllerCx<'_>,
+    ) -> Result<usize> {
         let before = persistence::fmt_time(
-            chrono::Utc::now()
+            cx.clock.now()
                 - chrono::Duration::from_std(interval).unwrap_or(chrono::Duration::hours(1)),
         );
         let due = self.store.cells_due_for_drift_check(&before, 1000).await?;
@@ -1233,7 +1260,13 @@ impl Service {
         };
         let mut n = 0;
         for cell in due {
-            match self.plan_cell(&ctx, &cell.cell_id).await {
+            if cx.failpoint("write").is_some() {
+                tracing::warn!("failpoint before a drift controller write");
+            }
+            match self
+                .plan_cell_fenced(&ctx, &cell.cell_id, Some(cx.fence))
+                .await
+            {
                 Ok(_) => n += 1,
                 Err(ServiceError::Conflict(_)) | Err(ServiceError::NotFound { .. }) => {}
                 Err(e) => return Err(e),

@@ -154,7 +154,7 @@ impl Stamper {
         phase(ctx, name);
         let point = format!("{}/{name}", action.kind());
         match self.failpoints.hit(&point, ctx.attempt) {
-            None | Some(Action::Kill) => Ok(()),
+            None | Some(Action::Kill) | Some(Action::Stop) => Ok(()),
             Some(Action::Error) => Err(StampError::Failpoint(point)),
             Some(Action::Fatal) => Err(StampError::Invalid(format!("failpoint {point}"))),
             Some(Action::Wait) | Some(Action::Pause) => {

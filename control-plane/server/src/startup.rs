@@ -25,7 +25,7 @@ pub enum StartupError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("data directory {path} is in use by another cellplane process{holder}; stop it or choose another --data-dir")]
+    #[error("data directory {path} is in use by another cellplane process{holder}; stop it or choose another --data-dir (the embedded SQLite store serves one process: run replicas on PostgreSQL)")]
     DataDirInUse { path: PathBuf, holder: String },
     #[error("cannot open the store: {0}")]
     Store(#[from] crate::persistence::StoreError),
@@ -135,6 +135,11 @@ impl Application {
                 config.rate_limit.authoring_burst,
             )),
             tokens: Arc::new(crate::auth::TokenCache::new(Duration::from_secs(5))),
+            replica: engine.owner().to_string(),
+            controllers: Arc::new(vec![(
+                <crate::controllers::drift::DriftController as crate::controllers::Controller>::NAME,
+                Arc::new(crate::controllers::ControllerStatus::default()),
+            )]),
         };
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
@@ -196,9 +201,37 @@ impl Application {
                 service.route_revisions().stop();
             });
         }
-        let drift = spawn_drift_checks(
-            self.state.service.clone(),
-            Duration::from_secs(self.config.iac.drift_interval_secs),
+        // Writes committed by another replica wake this one's workers and route watchers.
+        let listener = {
+            let service = self.state.service.clone();
+            self.state
+                .service
+                .store()
+                .spawn_listener(workers_stop.clone(), move |change| {
+                    use crate::persistence::notify::Change;
+                    match change {
+                        Change::Jobs => service.job_notify().notify_waiters(),
+                        Change::Routes(rev) => service.route_revisions().observe(rev),
+                        Change::Resync => service.job_notify().notify_waiters(),
+                    }
+                })
+        };
+        let timing = crate::controllers::LeaseTiming {
+            ttl: Duration::from_millis(self.config.jobs.controller_lease_ms.max(100)),
+            renew: Duration::from_millis(self.config.jobs.controller_renew_ms.max(10)),
+        };
+        let drift = crate::controllers::spawn(
+            crate::controllers::drift::DriftController {
+                interval: Duration::from_secs(self.config.iac.drift_interval_secs),
+            },
+            crate::controllers::Host {
+                service: self.state.service.clone(),
+                replica: self.state.replica.clone(),
+                timing,
+                failpoints: self.engine.failpoints().clone(),
+                clock: self.engine.clock().clone(),
+            },
+            self.state.controllers[0].1.clone(),
             workers_stop.clone(),
         );
         let app = http::router(self.state.clone());
@@ -216,9 +249,14 @@ impl Application {
                 "job workers did not stop within the grace period; their leases will expire"
             );
         }
+        if tokio::time::timeout(grace, drift).await.is_err() {
+            tracing::warn!("the drift controller did not stop within the grace period");
+        }
         housekeeping.abort();
         revision_poller.abort();
-        drift.abort();
+        if let Some(l) = listener {
+            l.abort();
+        }
         self.state.service.store().close().await;
         tracing::info!("control plane stopped");
         result
@@ -236,32 +274,6 @@ fn spawn_housekeeping(service: Service, stop: CancellationToken) -> tokio::task:
                 crate::persistence::fmt_time(chrono::Utc::now() - chrono::Duration::hours(24));
             if let Err(e) = service.store().expire_idempotency_keys(&before).await {
                 tracing::warn!(error = %e, "expiring idempotency keys failed");
-            }
-        }
-    })
-}
-
-/// Enqueues drift checks of idle active cells every `interval` (0 disables them). Replicas
-/// may both enqueue; the service returns an open check instead of adding a second.
-fn spawn_drift_checks(
-    service: Service,
-    interval: Duration,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        if interval.is_zero() {
-            return;
-        }
-        let tick = interval.min(Duration::from_secs(60)) / 2;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(tick.max(Duration::from_millis(500))) => {}
-            }
-            match service.schedule_drift_checks(interval).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(cells = n, "drift checks enqueued"),
-                Err(e) => tracing::warn!(error = %e, "scheduling drift checks failed"),
             }
         }
     })

@@ -11,6 +11,7 @@ mod engine;
 mod jobs;
 mod lifecycle;
 mod placement;
+mod replicas;
 mod router;
 mod routing;
 mod stamping;

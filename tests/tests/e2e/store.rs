@@ -16,8 +16,8 @@ async fn open(b: Backend) -> (Store, tempfile::TempDir) {
     (store, dir)
 }
 
-fn lease(secs: i64) -> String {
-    cellplane::persistence::fmt_time(chrono::Utc::now() + chrono::Duration::seconds(secs))
+fn lease(secs: i64) -> i64 {
+    secs * 1000
 }
 
 async fn enqueue(store: &Store, id: &str, target: &str) {
@@ -89,7 +89,7 @@ both_backends!(one_job_per_resource_from_enqueue_to_end, |b| async move {
         .await
         .unwrap();
     // Claimed, then put back for a retry: still held.
-    let j = store.claim_job("w1", &lease(30)).await.unwrap().unwrap();
+    let j = store.claim_job("w1", lease(30)).await.unwrap().unwrap();
     assert_eq!(j.job.job_id, "job-big");
     assert!(store
         .requeue_job("job-big", "w1", "boom", chrono::Utc::now())
@@ -98,11 +98,11 @@ both_backends!(one_job_per_resource_from_enqueue_to_end, |b| async move {
     assert!(try_enqueue(&store, "job-other", "cell/b", &["cell/b"])
         .await
         .is_err());
-    let j = store.claim_job("w1", &lease(30)).await.unwrap().unwrap();
+    let j = store.claim_job("w1", lease(30)).await.unwrap().unwrap();
     let j = if j.job.job_id == "job-big" {
         j
     } else {
-        store.claim_job("w2", &lease(30)).await.unwrap().unwrap()
+        store.claim_job("w2", lease(30)).await.unwrap().unwrap()
     };
     assert_eq!(j.job.job_id, "job-big");
     let owner = j.lease_owner.clone().unwrap();
@@ -131,14 +131,10 @@ both_backends!(
         let (store, _d) = open(b).await;
         enqueue(&store, "job-x", "cell/x").await;
         let past = lease(-5);
-        let j = store
-            .claim_job("dead-worker", &past)
-            .await
-            .unwrap()
-            .unwrap();
+        let j = store.claim_job("dead-worker", past).await.unwrap().unwrap();
         assert_eq!(j.job.attempts, 1);
         let again = store
-            .claim_job("new-worker", &lease(30))
+            .claim_job("new-worker", lease(30))
             .await
             .unwrap()
             .unwrap();
@@ -146,14 +142,14 @@ both_backends!(
         assert_eq!(again.job.attempts, 2);
         assert_eq!(
             store
-                .renew_lease("job-x", "dead-worker", &lease(30))
+                .renew_lease("job-x", "dead-worker", lease(30))
                 .await
                 .unwrap(),
             None
         );
         assert_eq!(
             store
-                .renew_lease("job-x", "new-worker", &lease(30))
+                .renew_lease("job-x", "new-worker", lease(30))
                 .await
                 .unwrap(),
             Some(false)
@@ -187,7 +183,7 @@ both_backends!(concurrent_claims_never_double_claim, |b| async move {
         let store = store.clone();
         let claimed = claimed.clone();
         tasks.push(tokio::spawn(async move {
-            while let Some(j) = store.claim_job(&format!("w{w}"), &lease(30)).await.unwrap() {
+            while let Some(j) = store.claim_job(&format!("w{w}"), lease(30)).await.unwrap() {
                 claimed.lock().unwrap().push(j.job.job_id);
             }
         }));

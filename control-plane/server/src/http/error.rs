@@ -119,7 +119,7 @@ impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         match e {
             ServiceError::NotFound { .. } => Self::not_found(e.to_string()),
-            ServiceError::Conflict(msg) => Self::conflict(msg),
+            ServiceError::Conflict(msg) | ServiceError::Fenced(msg) => Self::conflict(msg),
             ServiceError::PreconditionFailed { .. } => Self::new(
                 StatusCode::PRECONDITION_FAILED,
                 "precondition-failed",

@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod cells;
+pub mod controllers;
 pub mod error;
 pub mod extract;
 pub mod jobs;
@@ -41,6 +42,9 @@ pub struct AppState {
     pub job_metrics: Arc<JobMetrics>,
     pub limiter: Arc<RateLimiter>,
     pub tokens: Arc<crate::auth::TokenCache>,
+    /// This replica's identity and whether it leads each controller.
+    pub replica: String,
+    pub controllers: crate::controllers::Statuses,
 }
 
 /// The correlation id of the current request (accepted from the client or generated).
@@ -98,6 +102,7 @@ pub fn router(state: AppState) -> Router {
             get(routes::get_one).patch(routes::patch),
         )
         .route("/v1/routers", get(routes::list_routers))
+        .route("/v1/controllers", get(controllers::list))
         .route("/v1/routers/{router_id}/heartbeat", post(routes::heartbeat))
         .route("/v1/regions", get(routes::list_regions))
         .route(

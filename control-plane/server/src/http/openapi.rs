@@ -31,7 +31,7 @@ impl Modify for BearerAuth {
         super::jobs::list, super::jobs::get_one, super::jobs::log, super::jobs::events,
         super::jobs::cancel,
         super::routes::watch, super::routes::history, super::routes::get_one, super::routes::patch,
-        super::routes::heartbeat, super::routes::list_routers,
+        super::routes::heartbeat, super::routes::list_routers, super::controllers::list,
         super::routes::list_regions, super::routes::get_region, super::routes::put_region,
         super::audit::list, super::audit::verify,
         super::tokens::create, super::tokens::list, super::tokens::revoke,

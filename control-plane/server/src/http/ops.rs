@@ -60,6 +60,24 @@ pub async fn metrics(State(s): State<AppState>) -> Response {
         "cellplane_terraform_processes {}\n",
         jm.terraform_running.load(Ordering::Relaxed)
     ));
+    out.push_str(
+        "# HELP cellplane_controller_leader 1 when this replica holds the controller's lease.\n",
+    );
+    out.push_str("# TYPE cellplane_controller_leader gauge\n");
+    for (name, st) in s.controllers.iter() {
+        out.push_str(&format!(
+            "cellplane_controller_leader{{controller=\"{name}\"}} {}\n",
+            u8::from(st.leader.load(Ordering::Relaxed))
+        ));
+    }
+    out.push_str("# HELP cellplane_controller_term The lease term this replica last held.\n");
+    out.push_str("# TYPE cellplane_controller_term gauge\n");
+    for (name, st) in s.controllers.iter() {
+        out.push_str(&format!(
+            "cellplane_controller_term{{controller=\"{name}\"}} {}\n",
+            st.term.load(Ordering::Relaxed)
+        ));
+    }
     if let Ok(counts) = s.service.store().job_counts().await {
         out.push_str("# HELP cellplane_jobs Jobs in the store, by state.\n");
         out.push_str("# TYPE cellplane_jobs gauge\n");

@@ -124,10 +124,8 @@ impl JobEngine {
         self.service.store()
     }
 
-    fn lease_until(&self) -> String {
-        persistence::fmt_time(
-            self.clock.now() + chrono::Duration::seconds(self.cfg.lease_secs.max(1) as i64),
-        )
+    fn lease_ms(&self) -> i64 {
+        (self.cfg.lease_secs.max(1) * 1000) as i64
     }
 
     /// Starts the worker tasks; they stop when `shutdown` is cancelled.
@@ -145,11 +143,7 @@ impl JobEngine {
         let notify = self.service.job_notify();
         tracing::debug!(worker = index, owner = %self.owner, "job worker started");
         while !shutdown.is_cancelled() {
-            match self
-                .store()
-                .claim_job(&self.owner, &self.lease_until())
-                .await
-            {
+            match self.store().claim_job(&self.owner, self.lease_ms()).await {
                 Ok(Some(job)) => {
                     self.metrics.claimed.fetch_add(1, Ordering::Relaxed);
                     self.run(job, &shutdown).await;
@@ -196,8 +190,11 @@ impl JobEngine {
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
-                    let until = engine.lease_until();
-                    match engine.store().renew_lease(&id, &engine.owner, &until).await {
+                    match engine
+                        .store()
+                        .renew_lease(&id, &engine.owner, engine.lease_ms())
+                        .await
+                    {
                         Ok(Some(false)) => {}
                         Ok(Some(true)) => cancel.cancel(),
                         Ok(None) => {
@@ -253,6 +250,7 @@ impl JobEngine {
         let action = self.failpoints.hit(name, job.job.attempts)?;
         Some(match action {
             Action::Kill => unreachable!("a kill failpoint does not return"),
+            Action::Stop => return None,
             Action::Error => Outcome::Retry(format!("failpoint {name}")),
             Action::Fatal => Outcome::Failed(format!("failpoint {name}")),
             Action::Wait => Outcome::Defer(format!("failpoint {name}")),

@@ -169,6 +169,8 @@ impl WriteTx {
         .bind(serde_json::to_string(&j.locks).expect("strings serialize"))
         .execute(&mut *self.tx)
         .await?;
+        // Idle workers on every replica wake when this transaction commits.
+        self.notify(super::notify::JOBS, "").await?;
         Ok(Job {
             job_id: j.job_id.to_string(),
             kind: j.kind.to_string(),
@@ -244,45 +246,44 @@ impl WriteTx {
 }
 
 impl Store {
-    /// Claims the oldest runnable job for `owner` with a lease until `lease_until`.
-    pub async fn claim_job(&self, owner: &str, lease_until: &str) -> Result<Option<JobRow>> {
+    /// Claims the oldest runnable job for `owner` with a lease of `lease_ms` (negative in
+    /// tests: a lease already expired). Lease expiry is judged by the database clock, so
+    /// replicas whose clocks disagree still agree on whose lease has run out.
+    pub async fn claim_job(&self, owner: &str, lease_ms: i64) -> Result<Option<JobRow>> {
         let ts = now();
         let lock = match self.backend {
             Backend::Postgres => " FOR UPDATE SKIP LOCKED",
             Backend::Sqlite => "",
         };
+        let db_now = self.backend.now_sql(0);
+        let until = self.backend.now_sql(lease_ms);
         let sql = format!(
-            "UPDATE jobs SET state = 'running', lease_owner = $1, lease_expires_at = $2, attempts = attempts + 1, \
-             started_at = COALESCE(started_at, $3), updated_at = $3 \
+            "UPDATE jobs SET state = 'running', lease_owner = $1, lease_expires_at = {until}, attempts = attempts + 1, \
+             started_at = COALESCE(started_at, $2), updated_at = $2 \
              WHERE job_id = (SELECT j.job_id FROM jobs j WHERE \
-               ((j.state = 'queued' AND j.run_after <= $3) OR (j.state = 'running' AND j.lease_expires_at < $3)) \
+               ((j.state = 'queued' AND j.run_after <= $2) OR (j.state = 'running' AND j.lease_expires_at < {db_now})) \
                ORDER BY j.run_after, j.created_at, j.job_id LIMIT 1{lock}) \
-             AND ((state = 'queued' AND run_after <= $3) OR (state = 'running' AND lease_expires_at < $3)) \
+             AND ((state = 'queued' AND run_after <= $2) OR (state = 'running' AND lease_expires_at < {db_now})) \
              RETURNING *"
         );
         let _guard = self.lock_writer().await;
-        let res = sqlx::query(&sql)
+        let row = sqlx::query(&sql)
             .bind(owner)
-            .bind(lease_until)
             .bind(&ts)
             .fetch_optional(&self.pool)
-            .await;
-        res?.as_ref().map(job_from_row).transpose()
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
     }
 
-    /// Extends the lease; returns the cancel flag, or None when the lease is lost.
-    pub async fn renew_lease(
-        &self,
-        id: &str,
-        owner: &str,
-        lease_until: &str,
-    ) -> Result<Option<bool>> {
+    /// Extends the lease by `lease_ms` from now (database clock); returns the cancel flag,
+    /// or None when the lease is lost.
+    pub async fn renew_lease(&self, id: &str, owner: &str, lease_ms: i64) -> Result<Option<bool>> {
+        let until = self.backend.now_sql(lease_ms);
         let _guard = self.lock_writer().await;
-        let row = sqlx::query(
-            "UPDATE jobs SET lease_expires_at = $1 WHERE job_id = $2 AND lease_owner = $3 AND state = 'running' \
-             RETURNING cancel_requested",
-        )
-        .bind(lease_until)
+        let row = sqlx::query(&format!(
+            "UPDATE jobs SET lease_expires_at = {until} WHERE job_id = $1 AND lease_owner = $2 AND state = 'running' \
+             RETURNING cancel_requested"
+        ))
         .bind(id)
         .bind(owner)
         .fetch_optional(&self.pool)

@@ -9,9 +9,12 @@
 
 mod audit;
 mod cells;
+mod controllers;
 pub use cells::{CellFilter, CellSecrets};
+pub use controllers::ControllerLease;
 mod idempotency;
 mod jobs;
+pub mod notify;
 mod orgs;
 mod placement;
 mod routing;
@@ -94,6 +97,8 @@ pub struct Store {
     /// SQLite allows one writer: serializing writers in-process avoids busy retries and
     /// lock upgrades that a deferred transaction cannot survive.
     write_lock: Option<Arc<Mutex<()>>>,
+    /// The PostgreSQL URL, for the change-notification listener. Never printed.
+    pg_url: Option<Arc<str>>,
 }
 
 /// A write transaction. Registry changes made through it carry their audit record.
@@ -124,6 +129,10 @@ const MIGRATIONS_SQLITE: &[(i64, &str)] = &[
         5,
         include_str!("../../migrations/sqlite/0005_job_locks.sql"),
     ),
+    (
+        6,
+        include_str!("../../migrations/sqlite/0006_controllers.sql"),
+    ),
 ];
 const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
@@ -138,6 +147,10 @@ const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (
         5,
         include_str!("../../migrations/postgres/0005_job_locks.sql"),
+    ),
+    (
+        6,
+        include_str!("../../migrations/postgres/0006_controllers.sql"),
     ),
 ];
 
@@ -207,6 +220,7 @@ impl Store {
             pool,
             backend,
             write_lock: (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(()))),
+            pg_url: (backend == Backend::Postgres).then(|| Arc::from(url.as_str())),
         };
         store.migrate().await?;
         Ok(store)
@@ -314,6 +328,24 @@ pub(crate) fn values_placeholders(rows: usize, cols: usize) -> String {
 }
 
 /// Current time as fixed-width RFC 3339 UTC with microseconds, so text order is time order.
+impl Backend {
+    /// SQL for the database's clock plus `offset_ms`, in the stored time format
+    /// (`2026-01-02T03:04:05.678901Z`), so leases are judged by one clock whatever each
+    /// replica's says. `offset_ms` comes from code, never from input.
+    pub fn now_sql(self, offset_ms: i64) -> String {
+        match self {
+            Backend::Sqlite => format!(
+                "(strftime('%Y-%m-%dT%H:%M:%f', 'now', '{:+.3} seconds') || '000Z')",
+                offset_ms as f64 / 1000.0
+            ),
+            Backend::Postgres => format!(
+                "to_char((clock_timestamp() + interval '{offset_ms} milliseconds') AT TIME ZONE 'UTC', \
+                 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+            ),
+        }
+    }
+}
+
 pub fn now() -> String {
     fmt_time(chrono::Utc::now())
 }

@@ -57,6 +57,8 @@ impl WriteTx {
         )
         .fetch_one(&mut *self.tx)
         .await?;
+        // Watchers on every replica hear of the new revision when this transaction commits.
+        self.notify(super::notify::ROUTES, &rev.to_string()).await?;
         let horizon = rev - history_limit.max(1);
         if horizon > 0 {
             sqlx::query("DELETE FROM route_history WHERE revision <= $1")
