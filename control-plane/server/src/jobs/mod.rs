@@ -16,6 +16,8 @@ pub mod cell_plan;
 pub mod cell_stamp;
 mod engine;
 mod kind;
+#[cfg(any(debug_assertions, feature = "bench-kinds"))]
+pub mod noop;
 mod tenant;
 pub mod tenant_activate;
 pub mod tenant_archive;
@@ -52,6 +54,8 @@ pub fn kinds() -> &'static [&'static dyn DynKind] {
         ];
         #[cfg(debug_assertions)]
         kinds.push(&test_hold::TestHold);
+        #[cfg(any(debug_assertions, feature = "bench-kinds"))]
+        kinds.push(&noop::Noop);
         kinds
     })
 }
