@@ -679,6 +679,9 @@ pub struct TokenInfo {
 pub struct CreatedToken {
     #[serde(flatten)]
     pub info: TokenInfo,
+    /// The secret. Absent on an idempotent replay (`Idempotent-Replay-Withheld: token`),
+    /// which then reads as empty: it is never stored, so it cannot be sent twice.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub token: String,
 }
 

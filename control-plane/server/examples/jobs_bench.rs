@@ -89,14 +89,19 @@ async fn enqueue(store: &Store, from: usize, n: usize) {
 }
 
 async fn succeeded(store: &Store) -> i64 {
-    store
-        .job_counts()
+    sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE state = 'succeeded'")
+        .fetch_one(store.pool())
         .await
-        .expect("counts")
-        .into_iter()
-        .find(|(s, _)| s == "succeeded")
-        .map(|(_, n)| n)
-        .unwrap_or(0)
+        .expect("count")
+}
+
+async fn job_succeeded(store: &Store, id: &str) -> bool {
+    let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE job_id = $1")
+        .bind(id)
+        .fetch_optional(store.pool())
+        .await
+        .expect("state");
+    state.as_deref() == Some("succeeded")
 }
 
 /// enqueue→start of every succeeded job, in milliseconds, sorted.
@@ -222,7 +227,7 @@ async fn scenario(name: &str, url: Option<String>, replicas: usize, a: &Args) {
     }
     let start = Instant::now();
     while succeeded(&store).await < a.jobs as i64 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let elapsed = start.elapsed().as_secs_f64();
     let throughput = a.jobs as f64 / elapsed;
@@ -234,8 +239,8 @@ async fn scenario(name: &str, url: Option<String>, replicas: usize, a: &Args) {
         let id = a.jobs + i;
         enqueue(&store, id, 1).await;
         rs[0].service.job_notify().notify_waiters();
-        while succeeded(&store).await < (a.jobs + i + 1) as i64 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        while !job_succeeded(&store, &format!("job-{id:08}")).await {
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let row: (String, String) =
             sqlx::query_as("SELECT created_at, started_at FROM jobs WHERE job_id = $1")

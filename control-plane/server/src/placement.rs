@@ -181,15 +181,7 @@ impl Service {
                 });
             }
         }
-        if policy.pooled_capacity.tenants == 0
-            || policy.pooled_capacity.tenants > i64::MAX as u64
-            || policy.pooled_capacity.units > i64::MAX as u64
-        {
-            errors.push(cellplane_api::FieldError {
-                field: "pooled_capacity".into(),
-                message: "tenants must be at least 1 and both must fit in 63 bits".into(),
-            });
-        }
+        crate::service::validate_capacity("pooled_capacity", &policy.pooled_capacity, &mut errors);
         crate::service::validate_vars(&policy.vars, &mut errors);
         if !errors.is_empty() {
             return Err(crate::service::ServiceError::Validation(errors));

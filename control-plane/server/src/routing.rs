@@ -271,8 +271,10 @@ impl Service {
         router_id: &str,
         hb: RouterHeartbeat,
     ) -> Result<RouterInfo> {
-        if hb.applied_revision < 0 {
-            return Err(invalid("applied_revision", "must not be negative"));
+        let mut errors = Vec::new();
+        crate::service::validate_count("applied_revision", hb.applied_revision, 0, &mut errors);
+        if !errors.is_empty() {
+            return Err(ServiceError::Validation(errors));
         }
         if hb
             .stats

@@ -214,6 +214,52 @@ fn validate_text(field: &str, s: &str, max: usize, errors: &mut Vec<FieldError>)
     }
 }
 
+/// The largest count the registry takes anywhere (capacities, quotas, revisions):
+/// 2^53 - 1. Every JSON client reads it exactly, and the sum of two (a reservation's
+/// `used + units`) still fits the stores' signed 64-bit integers.
+pub const MAX_COUNT: u64 = (1 << 53) - 1;
+
+/// The one check of a number that enters the registry: `min..=MAX_COUNT`, else a field
+/// error at `field` (the request's path of the value).
+pub(crate) fn validate_count(
+    field: &str,
+    value: impl Into<i128>,
+    min: u64,
+    errors: &mut Vec<FieldError>,
+) {
+    let value = value.into();
+    let message = if value < i128::from(min) {
+        format!("must be at least {min}")
+    } else if value > i128::from(MAX_COUNT) {
+        format!("must be at most {MAX_COUNT}")
+    } else {
+        return;
+    };
+    errors.push(FieldError {
+        field: field.into(),
+        message,
+    });
+}
+
+/// A cell's capacity: at least one tenant, both counts within [`MAX_COUNT`].
+pub(crate) fn validate_capacity(field: &str, c: &Capacity, errors: &mut Vec<FieldError>) {
+    validate_count(&format!("{field}.tenants"), c.tenants, 1, errors);
+    validate_count(&format!("{field}.units"), c.units, 0, errors);
+}
+
+fn validate_quotas(q: &Quotas, errors: &mut Vec<FieldError>) {
+    for (field, value, min) in [
+        ("quotas.storageGiB", q.storage_gib, 0),
+        ("quotas.concurrentJobs", q.concurrent_jobs, 0),
+        ("quotas.apiRateLimit", q.api_rate_limit, 0),
+        ("quotas.units", q.units, 1),
+    ] {
+        if let Some(v) = value {
+            validate_count(field, v, min, errors);
+        }
+    }
+}
+
 fn validate_docs(
     region: &str,
     quotas: &Quotas,
@@ -221,12 +267,7 @@ fn validate_docs(
     billing: &Billing,
 ) -> Result<()> {
     let mut errors = Vec::new();
-    if quotas.units == Some(0) {
-        errors.push(FieldError {
-            field: "quotas.units".into(),
-            message: "must be at least 1".into(),
-        });
-    }
+    validate_quotas(quotas, &mut errors);
     if let Some(regions) = &policies.allowed_regions {
         if regions.is_empty() {
             errors.push(FieldError {
@@ -818,18 +859,7 @@ impl Service {
         if let Some(v) = &req.app_version {
             validate_app_version(v, &mut errors);
         }
-        if req.capacity.tenants == 0 {
-            errors.push(FieldError {
-                field: "capacity.tenants".into(),
-                message: "must be at least 1".into(),
-            });
-        }
-        if req.capacity.tenants > i64::MAX as u64 || req.capacity.units > i64::MAX as u64 {
-            errors.push(FieldError {
-                field: "capacity".into(),
-                message: "is too large".into(),
-            });
-        }
+        validate_capacity("capacity", &req.capacity, &mut errors);
         if !errors.is_empty() {
             return Err(ServiceError::Validation(errors));
         }
@@ -848,28 +878,17 @@ impl Service {
             .validate_vars(&req.vars)
             .map_err(ServiceError::Validation)?;
         // Values the control plane supplies: allocated once, kept for the cell's life.
-        let mut vars = req.vars;
+        // Ports are taken below, in the transaction that registers the cell.
         let mut secrets = CellSecrets::default();
         for (name, spec) in &template.manifest.variables {
-            match spec.source {
-                Some(VarSource::Port) => {
-                    let in_use = self.store.cell_ports_in_use(name).await?;
-                    let port = crate::iac::allocate_port(self.settings.port_range, &in_use)
-                        .map_err(|e| {
-                            ServiceError::Unavailable(format!("cannot allocate a port: {e}"))
-                        })?;
-                    vars.insert(name.clone(), json!(port));
-                }
-                Some(VarSource::Secret) => {
-                    secrets
-                        .vars
-                        .insert(name.clone(), json!(crate::auth::new_secret()));
-                }
-                _ => {}
+            if spec.source == Some(VarSource::Secret) {
+                secrets
+                    .vars
+                    .insert(name.clone(), json!(crate::auth::new_secret()));
             }
         }
         let ts = persistence::now();
-        let cell = Cell {
+        let mut cell = Cell {
             cell_id: req.cell_id.into_string(),
             region: req.region.into_string(),
             tier: req.tier,
@@ -877,7 +896,7 @@ impl Service {
             capacity: req.capacity,
             used: Capacity::default(),
             labels: req.labels,
-            vars,
+            vars: req.vars,
             state: CellState::Pending,
             outputs: BTreeMap::new(),
             app_version: req.app_version,
@@ -888,6 +907,16 @@ impl Service {
             updated_at: ts,
         };
         let mut tx = self.store.write().await?;
+        let mut chosen = std::collections::HashSet::new();
+        for (name, spec) in &template.manifest.variables {
+            if spec.source == Some(VarSource::Port) {
+                let port = self
+                    .take_port(&mut tx, &cell.cell_id, name, &chosen)
+                    .await?;
+                chosen.insert(port);
+                cell.vars.insert(name.clone(), json!(port));
+            }
+        }
         if let Err(e) = tx.insert_cell(&cell).await {
             if e.is_unique_violation() {
                 return Err(ServiceError::Conflict(format!(
@@ -899,7 +928,6 @@ impl Service {
         }
         tx.set_cell_secrets(&cell.cell_id, &secrets).await?;
         let target = cell_target(&cell.cell_id);
-        let mut cell = cell;
         let job = self
             .enqueue_cell_job(&mut tx, ctx, &mut cell, CellAction::Stamp)
             .await?;
@@ -921,6 +949,30 @@ impl Service {
             cell,
             job: Some(job),
         })
+    }
+
+    /// A free port for variable `var` of the cell being registered in `tx`. The
+    /// `cell_ports` key refuses a port that a concurrent creation took first; then another
+    /// is picked from a fresh view.
+    async fn take_port(
+        &self,
+        tx: &mut persistence::WriteTx,
+        cell_id: &str,
+        var: &str,
+        chosen: &std::collections::HashSet<u16>,
+    ) -> Result<u16> {
+        for _ in 0..16 {
+            let mut taken = tx.cell_ports_taken(var).await?;
+            taken.extend(chosen);
+            let port = crate::iac::allocate_port(self.settings.port_range, &taken)
+                .map_err(|e| ServiceError::Unavailable(format!("cannot allocate a port: {e}")))?;
+            if tx.take_cell_port(port, cell_id, var).await? {
+                return Ok(port);
+            }
+        }
+        Err(ServiceError::Unavailable(
+            "cannot allocate a port: concurrent creations took every candidate".into(),
+        ))
     }
 
     pub(crate) fn load_template(&self, name: &str, field: &str) -> Result<crate::iac::Template> {
@@ -1003,6 +1055,9 @@ impl Service {
         patch: PatchCell,
     ) -> Result<Cell> {
         let mut errors = Vec::new();
+        if let Some(c) = &patch.capacity {
+            validate_capacity("capacity", c, &mut errors);
+        }
         if let Some(l) = &patch.labels {
             validate_labels(l, &mut errors);
         }

@@ -8,6 +8,7 @@ mod bad_input;
 mod cli;
 mod conventions;
 mod engine;
+mod hardening;
 mod jobs;
 mod lifecycle;
 mod placement;

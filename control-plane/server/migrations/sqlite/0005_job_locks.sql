@@ -19,6 +19,8 @@ INSERT INTO job_locks (resource, job_id, acquired_at)
 ALTER TABLE tenants DROP COLUMN pending_job_id;
 ALTER TABLE cells DROP COLUMN pending_job_id;
 DROP INDEX jobs_one_running_per_target;
+-- Claims probe expired leases first: one index probe instead of a scan.
+CREATE INDEX jobs_expired ON jobs(state, lease_expires_at);
 
 -- A job's own typed state (JSON), written in the same transaction as a step's effect.
 ALTER TABLE jobs ADD COLUMN job_state TEXT NOT NULL DEFAULT '{}';

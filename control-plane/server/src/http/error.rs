@@ -83,6 +83,9 @@ impl ApiError {
         e.retry_after = Some(retry_after);
         e
     }
+    /// A failure of the server itself. The caller logs what happened (with
+    /// [`ApiError::internal_logged`] when it has the error at hand); the client gets this
+    /// stable text and the correlation id.
     pub fn internal() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -92,6 +95,12 @@ impl ApiError {
         )
     }
 
+    /// Logs `error` with the request's correlation id and returns [`ApiError::internal`].
+    pub fn internal_logged(context: &'static str, error: &dyn std::fmt::Display) -> Self {
+        tracing::error!(correlation_id = %correlation(), error = %error, "{context}");
+        Self::internal()
+    }
+
     pub fn to_problem(&self) -> Problem {
         Problem {
             type_: format!("https://cellplane.dev/problems/{}", self.kind),
@@ -99,7 +108,7 @@ impl ApiError {
             status: self.status.as_u16(),
             detail: self.detail.clone(),
             errors: self.errors.clone(),
-            correlation_id: None,
+            correlation_id: super::current_correlation_id(),
         }
     }
 }
@@ -137,18 +146,29 @@ impl From<ServiceError> for ApiError {
                 api
             }
             ServiceError::Unavailable(msg) => {
-                tracing::error!(error = %msg, "a dependency failed");
+                // The message names files, hosts and parser output: it is for operators,
+                // who find it by the correlation id the client gets.
+                tracing::error!(
+                    correlation_id = %correlation(),
+                    error = %msg,
+                    "a dependency failed"
+                );
                 let mut api = Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",
                     "service unavailable",
-                    msg,
+                    "a dependency of the control plane failed; retry shortly, or report the \
+                     correlation id if it persists",
                 );
                 api.retry_after = Some(5);
                 api
             }
             ServiceError::Store(err) => {
-                tracing::error!(error = %err, "store operation failed");
+                tracing::error!(
+                    correlation_id = %correlation(),
+                    error = %err,
+                    "store operation failed"
+                );
                 let mut api = Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store-unavailable",
@@ -160,6 +180,11 @@ impl From<ServiceError> for ApiError {
             }
         }
     }
+}
+
+/// The current request's correlation id, for log lines about errors clients only see by it.
+fn correlation() -> String {
+    super::current_correlation_id().unwrap_or_default()
 }
 
 impl IntoResponse for ApiError {

@@ -73,16 +73,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(ApiError::bad_request("a JSON body is required"));
     }
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let message = inner.to_string();
-        // serde_json appends " at line L column C"; the field path says more.
-        let message = match message.rfind(" at line ") {
-            Some(i) => message[..i].to_string(),
-            None => message,
-        };
+        let message = without_position(inner.to_string());
         if inner.is_syntax() || inner.is_eof() {
             ApiError::bad_request(format!("the body is not valid JSON: {message}"))
         } else if path == "." || path.is_empty() {
@@ -90,7 +85,24 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
         } else {
             ApiError::field(&path, message)
         }
-    })
+    })?;
+    // The body is exactly one JSON value: anything after it but whitespace is refused,
+    // not silently ignored.
+    de.end().map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body is not valid JSON: {}",
+            without_position(e.to_string())
+        ))
+    })?;
+    Ok(value)
+}
+
+/// serde_json appends " at line L column C"; the field path says more.
+fn without_position(message: String) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message,
+    }
 }
 
 /// A query string parsed into `T` (which should deny unknown fields).
@@ -236,5 +248,20 @@ mod tests {
         assert_eq!(decode_cursor(Some(&c)).ok().as_deref(), Some("acme"));
         assert!(decode_cursor(Some("!!!")).is_err());
         assert!(decode_cursor(Some("Zm9v")).is_err());
+    }
+
+    #[test]
+    fn a_body_is_exactly_one_json_value() {
+        let ok: ApiResult<serde_json::Value> = parse_json(b" {\"a\": 1}\n ");
+        assert!(ok.is_ok());
+        for bad in [&b"{\"a\": 1} xyz"[..], b"{} {}", b"[1]]", b"1 2"] {
+            let r: ApiResult<serde_json::Value> = parse_json(bad);
+            assert_eq!(
+                r.err().map(|e| e.status.as_u16()),
+                Some(400),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }

@@ -1,8 +1,11 @@
 //! The HTTP edge: routing, middleware (correlation ids, metrics, body limits,
-//! authentication, authoring rate limits, idempotent replay) and thin handlers, one file
-//! per resource. Handlers authorize, parse and call [`Service`]; they never run SQL.
+//! authentication, authoring rate limits, the authorization gate, idempotent replay) and
+//! thin handlers, one file per resource. Handlers parse, check the objects they load and
+//! call [`Service`]; they never run SQL. Nothing of a request is parsed before the caller
+//! is authorized for its route.
 
 pub mod audit;
+pub mod authorize;
 pub mod cells;
 pub mod controllers;
 pub mod error;
@@ -50,6 +53,23 @@ pub struct AppState {
 /// The correlation id of the current request (accepted from the client or generated).
 #[derive(Debug, Clone)]
 pub struct CorrelationId(pub String);
+
+tokio::task_local! {
+    /// The correlation id of the request this task serves, for problem documents and
+    /// error logs built away from the handler's arguments.
+    static CURRENT_CORRELATION_ID: String;
+}
+
+/// The correlation id of the request being served, if any.
+pub fn current_correlation_id() -> Option<String> {
+    CURRENT_CORRELATION_ID.try_with(Clone::clone).ok()
+}
+
+/// Response fields the idempotency layer never stores nor replays: secrets that are shown
+/// once. A handler inserts it into its response's extensions; a replay then answers
+/// without those fields and names them in `Idempotent-Replay-Withheld`.
+#[derive(Debug, Clone, Copy)]
+pub struct WithheldOnReplay(pub &'static [&'static str]);
 
 pub fn ctx(p: &Principal, c: &CorrelationId) -> Ctx {
     Ctx {
@@ -116,7 +136,9 @@ pub fn router(state: AppState) -> Router {
             "/v1/tokens/{token_id}",
             axum::routing::delete(tokens::revoke),
         )
+        // Outermost first: authenticate, authorize the route, then replay or run.
         .layer(middleware::from_fn_with_state(state.clone(), idempotency))
+        .layer(middleware::from_fn(authorize::gate))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(v1)
@@ -178,10 +200,14 @@ async fn observe(State(state): State<AppState>, mut req: Request, next: Next) ->
     let mut resp = if too_large {
         let (_, body) = req.into_parts();
         let _ = extract::read_body(body, 0).await;
-        ApiError::too_large(state.max_body_bytes).into_response()
+        CURRENT_CORRELATION_ID.sync_scope(corr.clone(), || {
+            ApiError::too_large(state.max_body_bytes).into_response()
+        })
     } else {
         use tracing::Instrument;
-        next.run(req).instrument(span.clone()).await
+        CURRENT_CORRELATION_ID
+            .scope(corr.clone(), next.run(req).instrument(span.clone()))
+            .await
     };
     if let Ok(v) = HeaderValue::from_str(&corr) {
         resp.headers_mut().insert("x-correlation-id", v);
@@ -280,7 +306,10 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
     next.run(req).await
 }
 
-/// Replays the first successful response of a `POST` carrying `Idempotency-Key`.
+/// Replays the first successful response of a `POST` carrying `Idempotency-Key`. A key is
+/// scoped to the principal and the route (method and matched path); the request it was
+/// first used with is recognised by a fingerprint of its path, query and canonical JSON
+/// body (key order and whitespace do not matter).
 async fn idempotency(State(state): State<AppState>, req: Request, next: Next) -> Response {
     match idempotency_inner(state, req, next).await {
         Ok(r) => r,
@@ -307,19 +336,24 @@ async fn idempotency_inner(state: AppState, req: Request, next: Next) -> ApiResu
         .extensions()
         .get::<Principal>()
         .map(|p| p.token_id.clone())
-        .ok_or_else(ApiError::internal)?;
+        .ok_or_else(|| {
+            ApiError::internal_logged("idempotent request without a principal", &req.uri())
+        })?;
+    let route = match req.extensions().get::<MatchedPath>() {
+        Some(m) => format!("{} {}", req.method(), m.as_str()),
+        None => {
+            return Err(ApiError::internal_logged(
+                "idempotent request without a matched route",
+                &req.uri(),
+            ))
+        }
+    };
     let (parts, body) = req.into_parts();
     let bytes = extract::read_body(body, state.max_body_bytes).await?;
-    let mut h = Sha256::new();
-    h.update(parts.method.as_str());
-    h.update([0]);
-    h.update(parts.uri.path());
-    h.update([0]);
-    h.update(&bytes);
-    let request_hash = hex::encode(h.finalize());
+    let request_hash = request_fingerprint(&parts.method, &parts.uri, &bytes);
     let store = state.service.store();
     let stored = store
-        .idempotent_response(&principal, &key)
+        .idempotent_response(&principal, &route, &key)
         .await
         .map_err(|e| ApiError::from(crate::service::ServiceError::Store(e)))?;
     if let Some(stored) = stored {
@@ -334,7 +368,17 @@ async fn idempotency_inner(state: AppState, req: Request, next: Next) -> ApiResu
     let (rparts, rbody) = resp.into_parts();
     let rbytes = axum::body::to_bytes(rbody, 16 * 1024 * 1024)
         .await
-        .map_err(|_| ApiError::internal())?;
+        .map_err(|e| ApiError::internal_logged("reading a response to store it failed", &e))?;
+    let withheld = rparts
+        .extensions
+        .get::<WithheldOnReplay>()
+        .map(|w| w.0)
+        .unwrap_or(&[]);
+    // A body whose secret fields cannot be removed is not stored at all.
+    let Some(body) = storable_body(&rbytes, withheld) else {
+        tracing::warn!(route = %route, "a response with withheld fields is not a JSON object; not stored for replay");
+        return Ok(Response::from_parts(rparts, Body::from(rbytes)));
+    };
     let header_str = |name: header::HeaderName| {
         rparts
             .headers
@@ -345,24 +389,96 @@ async fn idempotency_inner(state: AppState, req: Request, next: Next) -> ApiResu
     let record = StoredResponse {
         request_hash: request_hash.clone(),
         status: rparts.status.as_u16(),
-        body: String::from_utf8_lossy(&rbytes).into_owned(),
+        body,
+        withheld: withheld.join(","),
         etag: header_str(header::ETAG),
         location: header_str(header::LOCATION),
     };
     match store
-        .store_idempotent_response(&principal, &key, &record)
+        .store_idempotent_response(&principal, &route, &key, &record)
         .await
     {
         Ok(true) => {}
         Ok(false) => {
             // A concurrent request with the same key stored its response first.
-            if let Ok(Some(first)) = store.idempotent_response(&principal, &key).await {
+            if let Ok(Some(first)) = store.idempotent_response(&principal, &route, &key).await {
                 return replay(first, &request_hash);
             }
         }
         Err(e) => tracing::warn!(error = %e, "storing an idempotent response failed"),
     }
     Ok(Response::from_parts(rparts, Body::from(rbytes)))
+}
+
+/// The response body to store: as sent, or without the `withheld` top-level fields (then
+/// it must be a JSON object, else `None`).
+fn storable_body(bytes: &[u8], withheld: &[&str]) -> Option<String> {
+    if withheld.is_empty() {
+        return Some(String::from_utf8_lossy(bytes).into_owned());
+    }
+    let mut v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let obj = v.as_object_mut()?;
+    for f in withheld {
+        obj.remove(*f);
+    }
+    Some(v.to_string())
+}
+
+/// What identifies "the same request" for a key: method, path, query and the body as
+/// canonical JSON (object keys sorted, no whitespace); a body that is not JSON counts as
+/// its bytes (it fails validation, and failures are not stored).
+fn request_fingerprint(method: &Method, uri: &axum::http::Uri, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(method.as_str());
+    h.update([0]);
+    h.update(uri.path());
+    h.update([0]);
+    h.update(uri.query().unwrap_or(""));
+    h.update([0]);
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(v) => {
+            let mut canonical = String::new();
+            write_canonical_json(&v, &mut canonical);
+            h.update(b"json:");
+            h.update(canonical.as_bytes());
+        }
+        Err(_) => {
+            h.update(b"raw:");
+            h.update(body);
+        }
+    }
+    hex::encode(h.finalize())
+}
+
+fn write_canonical_json(v: &serde_json::Value, out: &mut String) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                write_canonical_json(v, out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical_json(v, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
 }
 
 fn replay(stored: StoredResponse, request_hash: &str) -> ApiResult<Response> {
@@ -382,6 +498,11 @@ fn replay(stored: StoredResponse, request_hash: &str) -> ApiResult<Response> {
         HeaderValue::from_static("application/json"),
     );
     h.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    if !stored.withheld.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&stored.withheld) {
+            h.insert("idempotent-replay-withheld", v);
+        }
+    }
     if let Some(e) = stored.etag.and_then(|e| HeaderValue::from_str(&e).ok()) {
         h.insert(header::ETAG, e);
     }
@@ -410,4 +531,37 @@ pub fn with_location<T: serde::Serialize>(
         resp.headers_mut().insert(header::LOCATION, v);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_ignores_key_order_and_whitespace_only() {
+        let uri: axum::http::Uri = "/v1/tenants".parse().expect("a uri");
+        let a = request_fingerprint(&Method::POST, &uri, br#"{"a":1,"b":{"c":[1,2],"d":"x"}}"#);
+        let b = request_fingerprint(
+            &Method::POST,
+            &uri,
+            b"{ \"b\" : {\"d\":\"x\", \"c\":[1, 2]},\n \"a\": 1 }",
+        );
+        assert_eq!(a, b);
+        let c = request_fingerprint(&Method::POST, &uri, br#"{"a":1,"b":{"c":[2,1],"d":"x"}}"#);
+        assert_ne!(a, c);
+        let q: axum::http::Uri = "/v1/tenants?force=true".parse().expect("a uri");
+        assert_ne!(
+            a,
+            request_fingerprint(&Method::POST, &q, br#"{"a":1,"b":{"c":[1,2],"d":"x"}}"#)
+        );
+    }
+
+    #[test]
+    fn withheld_fields_never_stored() {
+        let body = br#"{"token_id":"t1","token":"cp_secret"}"#;
+        let stored = storable_body(body, &["token"]).expect("an object");
+        assert!(!stored.contains("cp_secret"), "{stored}");
+        assert!(stored.contains("t1"));
+        assert_eq!(storable_body(b"[1]", &["token"]), None);
+    }
 }

@@ -1,11 +1,13 @@
-//! `/v1/tokens`: admins mint and revoke API tokens. Secrets are returned once.
+//! `/v1/tokens`: admins mint and revoke API tokens. Secrets are returned once, never
+//! stored in clear and never replayed (see [`WithheldOnReplay`]).
 
 use super::error::ApiResult;
 use super::extract::{decode_cursor, limit_of, page, ApiJson, ApiQuery, PathParams};
-use super::{ctx, AppState, CorrelationId};
+use super::{ctx, AppState, CorrelationId, WithheldOnReplay};
 use crate::auth::{Access, Principal};
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use cellplane_api::{CreateToken, CreatedToken, Page, Problem, TokenInfo};
 use serde::Deserialize;
@@ -18,17 +20,20 @@ pub struct ListParams {
 }
 
 #[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = CreateToken,
-    params(("Idempotency-Key" = Option<String>, Header)),
+    params(("Idempotency-Key" = Option<String>, Header, description = "replay protection; a replay answers without the secret")),
     responses((status = 201, body = CreatedToken), (status = 400, body = Problem), (status = 403, body = Problem)))]
 pub async fn create(
     State(s): State<AppState>,
     Extension(p): Extension<Principal>,
     Extension(c): Extension<CorrelationId>,
     ApiJson(req): ApiJson<CreateToken>,
-) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
+) -> ApiResult<Response> {
     p.allow(Access::Admin)?;
     let t = s.service.create_token(&ctx(&p, &c), req).await?;
-    Ok((StatusCode::CREATED, Json(t)))
+    let mut resp = (StatusCode::CREATED, Json(t)).into_response();
+    // The secret is shown once: an idempotent replay answers without it.
+    resp.extensions_mut().insert(WithheldOnReplay(&["token"]));
+    Ok(resp)
 }
 
 #[utoipa::path(get, path = "/v1/tokens", tag = "tokens", params(ListParams),

@@ -66,8 +66,16 @@ impl Tokens {
     }
 }
 
+/// The last step's record, committed with the job's end.
+struct LastStep {
+    cursor: i64,
+    name: &'static str,
+    log: String,
+    state: serde_json::Value,
+}
+
 enum Outcome {
-    Succeeded,
+    Succeeded(Option<LastStep>),
     Failed(String),
     Cancelled,
     Retry(String),
@@ -143,10 +151,19 @@ impl JobEngine {
         let notify = self.service.job_notify();
         tracing::debug!(worker = index, owner = %self.owner, "job worker started");
         while !shutdown.is_cancelled() {
+            // Armed before the claim, so an enqueue between the claim and the wait is seen.
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             match self.store().claim_job(&self.owner, self.lease_ms()).await {
                 Ok(Some(job)) => {
-                    self.metrics.claimed.fetch_add(1, Ordering::Relaxed);
-                    self.run(job, &shutdown).await;
+                    // A job's end claims the next one in the same commit while there is
+                    // work: one commit per job under load.
+                    let mut next = Some(job);
+                    while let Some(job) = next.take() {
+                        self.metrics.claimed.fetch_add(1, Ordering::Relaxed);
+                        next = self.run(job, &shutdown).await;
+                    }
                     continue;
                 }
                 Ok(None) => {}
@@ -155,21 +172,22 @@ impl JobEngine {
             let poll = Duration::from_millis(self.cfg.poll_ms.max(10));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = notify.notified() => {}
+                _ = &mut notified => {}
                 _ = tokio::time::sleep(poll) => {}
             }
         }
         tracing::debug!(worker = index, "job worker stopped");
     }
 
-    async fn run(&self, job: JobRow, shutdown: &CancellationToken) {
+    /// Runs a claimed job; returns the next job claimed with its end, if any.
+    async fn run(&self, job: JobRow, shutdown: &CancellationToken) -> Option<JobRow> {
         let span = tracing::info_span!("job", job_id = %job.job.job_id, kind = %job.job.kind,
             target = %job.job.target, attempt = job.job.attempts,
             correlation_id = job.job.correlation_id.as_deref().unwrap_or(""));
         self.run_in_span(job, shutdown).instrument(span).await
     }
 
-    async fn run_in_span(&self, job: JobRow, shutdown: &CancellationToken) {
+    async fn run_in_span(&self, job: JobRow, shutdown: &CancellationToken) -> Option<JobRow> {
         tracing::info!(from_step = job.step_index, "job started");
         let tokens = Tokens {
             cancel: CancellationToken::new(),
@@ -207,17 +225,19 @@ impl JobEngine {
                 }
             })
         };
-        match super::kind(&job.job.kind) {
+        let next = match super::kind(&job.job.kind) {
             Some(kind) => kind.run(self, &job, &tokens).await,
             None => {
                 let end = End::Failed(format!("unknown job kind {:?}", job.job.kind));
                 if let Err(e) = self.end_without_kind(&job, &end).await {
                     tracing::error!(error = %e, "recording the job's outcome failed");
                 }
+                None
             }
-        }
+        };
         renewer.abort();
         self.service.job_changed().notify_waiters();
+        next.filter(|_| !shutdown.is_cancelled())
     }
 
     async fn end_without_kind(
@@ -266,26 +286,42 @@ impl JobEngine {
     /// A waiting step is retried until the kind's wait limit, counted from the job's first
     /// start.
     fn defer_or_give_up(&self, job: &JobRow, limit: Duration, step: &str, why: String) -> Outcome {
-        let limit = chrono::Duration::from_std(limit).unwrap_or(chrono::Duration::hours(1));
-        let now = self.clock.now();
         let started = job
             .job
             .started_at
             .as_deref()
-            .and_then(persistence::parse_time)
-            .unwrap_or(now);
-        if now - started > limit {
-            return Outcome::Failed(format!(
-                "{step}: gave up after {} s: {why}",
-                limit.num_seconds()
-            ));
-        }
-        Outcome::Defer(format!("{step}: {why}"))
+            .and_then(persistence::parse_time);
+        wait_or_give_up(self.clock.now(), started, limit, step, why)
     }
 }
 
-/// Runs a claimed job of kind `K` through its remaining steps and records the outcome.
-pub(super) async fn drive<K: Kind>(kind: &K, engine: &JobEngine, job: &JobRow, tokens: &Tokens) {
+/// The decision of a waiting step at `now`: wait more, or fail once `limit` has passed
+/// since the job first started.
+fn wait_or_give_up(
+    now: chrono::DateTime<chrono::Utc>,
+    started: Option<chrono::DateTime<chrono::Utc>>,
+    limit: Duration,
+    step: &str,
+    why: String,
+) -> Outcome {
+    let limit = chrono::Duration::from_std(limit).unwrap_or(chrono::Duration::hours(1));
+    if now - started.unwrap_or(now) > limit {
+        return Outcome::Failed(format!(
+            "{step}: gave up after {} s: {why}",
+            limit.num_seconds()
+        ));
+    }
+    Outcome::Defer(format!("{step}: {why}"))
+}
+
+/// Runs a claimed job of kind `K` through its remaining steps and records the outcome;
+/// returns the next job claimed in the same commit as its end, if any.
+pub(super) async fn drive<K: Kind>(
+    kind: &K,
+    engine: &JobEngine,
+    job: &JobRow,
+    tokens: &Tokens,
+) -> Option<JobRow> {
     let spec: K::Spec = match serde_json::from_value(job.payload.clone()) {
         Ok(s) => s,
         Err(e) => {
@@ -293,7 +329,7 @@ pub(super) async fn drive<K: Kind>(kind: &K, engine: &JobEngine, job: &JobRow, t
             if let Err(e) = engine.end_without_kind(job, &end).await {
                 tracing::error!(error = %e, "recording the job's outcome failed");
             }
-            return;
+            return None;
         }
     };
     let mut state: K::State = serde_json::from_value(job.state.clone()).unwrap_or_default();
@@ -302,7 +338,8 @@ pub(super) async fn drive<K: Kind>(kind: &K, engine: &JobEngine, job: &JobRow, t
     } else {
         steps(kind, engine, job, tokens, &spec, &mut state).await
     };
-    conclude(kind, engine, job, outcome, &spec, &state).await;
+    let claim_next = !tokens.gone();
+    conclude(kind, engine, job, outcome, &spec, &state, claim_next).await
 }
 
 async fn steps<K: Kind>(
@@ -356,19 +393,30 @@ async fn steps<K: Kind>(
             return o;
         }
         let state_json = serde_json::to_value(&*state).expect("job states serialize");
-        let (progress, cursor) = if last {
-            (1.0 - 1.0 / (total + 1.0), names.len())
-        } else {
-            ((i as f64 + 1.0) / (total + 1.0), i + 1)
-        };
         let log = format!("{} {line}\n", persistence::now());
+        if last {
+            if tokens.gone() {
+                return Outcome::Abandoned;
+            }
+            if tokens.cancel.is_cancelled() {
+                return Outcome::Cancelled;
+            }
+            // Recorded with the job's end, in one commit.
+            return Outcome::Succeeded(Some(LastStep {
+                cursor: names.len() as i64,
+                name,
+                log,
+                state: state_json,
+            }));
+        }
+        let progress = (i as f64 + 1.0) / (total + 1.0);
         match engine
             .store()
             .job_progress(
                 &job.job.job_id,
                 &engine.owner,
                 progress,
-                Some(cursor as i64),
+                Some(i as i64 + 1),
                 name,
                 &log,
                 Some(&state_json),
@@ -378,9 +426,6 @@ async fn steps<K: Kind>(
             Ok(true) => engine.service.job_changed().notify_waiters(),
             Ok(false) => return Outcome::Abandoned,
             Err(e) => return Outcome::Retry(format!("recording progress: {e}")),
-        }
-        if last {
-            break;
         }
         if engine.cfg.step_delay_ms > 0 {
             tokio::select! {
@@ -396,9 +441,10 @@ async fn steps<K: Kind>(
     if tokens.cancel.is_cancelled() {
         return Outcome::Cancelled;
     }
-    Outcome::Succeeded
+    Outcome::Succeeded(None)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn conclude<K: Kind>(
     kind: &K,
     engine: &JobEngine,
@@ -406,12 +452,13 @@ async fn conclude<K: Kind>(
     outcome: Outcome,
     spec: &K::Spec,
     state: &K::State,
-) {
+    claim_next: bool,
+) -> Option<JobRow> {
     let id = &job.job.job_id;
-    let result = match outcome {
+    let end = match outcome {
         Outcome::Abandoned => {
             tracing::info!("job left to its next lease holder");
-            return;
+            return None;
         }
         Outcome::Retry(err) if job.job.attempts < job.job.max_attempts => {
             let after = backoff_for(&engine.cfg, job.job.attempts);
@@ -419,14 +466,14 @@ async fn conclude<K: Kind>(
             engine.metrics.retried.fetch_add(1, Ordering::Relaxed);
             let at = engine.clock.now()
                 + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::seconds(1));
-            engine
+            if let Err(e) = engine
                 .store()
                 .requeue_job(id, &engine.owner, &err, at)
                 .await
-                .map(|_| ())
-        }
-        Outcome::Retry(err) | Outcome::Failed(err) => {
-            finalize(kind, engine, job, spec, state, End::Failed(err)).await
+            {
+                tracing::error!(error = %e, "recording the job's outcome failed");
+            }
+            return None;
         }
         Outcome::Defer(why) => {
             // Look again soon at first, then less often (at most every 2 s).
@@ -443,23 +490,29 @@ async fn conclude<K: Kind>(
             tracing::debug!(reason = %why, "job waits");
             let at =
                 now + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::seconds(1));
-            engine
-                .store()
-                .defer_job(id, &engine.owner, &why, at)
-                .await
-                .map(|_| ())
+            if let Err(e) = engine.store().defer_job(id, &engine.owner, &why, at).await {
+                tracing::error!(error = %e, "recording the job's outcome failed");
+            }
+            return None;
         }
-        Outcome::Cancelled => finalize(kind, engine, job, spec, state, End::Cancelled).await,
-        Outcome::Succeeded => finalize(kind, engine, job, spec, state, End::Succeeded).await,
+        Outcome::Retry(err) | Outcome::Failed(err) => (End::Failed(err), None),
+        Outcome::Cancelled => (End::Cancelled, None),
+        Outcome::Succeeded(last) => (End::Succeeded, last),
     };
-    if let Err(e) = result {
-        // The lease will expire and the job will be picked up again.
-        tracing::error!(error = %e, "recording the job's outcome failed");
+    let (end, last) = end;
+    match finalize(kind, engine, job, spec, state, end, last, claim_next).await {
+        Ok(next) => next,
+        Err(e) => {
+            // The lease will expire and the job will be picked up again.
+            tracing::error!(error = %e, "recording the job's outcome failed");
+            None
+        }
     }
 }
 
-/// Commits the job's end, its kind's finish and the release of its locks in one
-/// transaction.
+/// Commits the job's last step, its end, its kind's finish and the release of its locks in
+/// one transaction, and claims the worker's next job in it too.
+#[allow(clippy::too_many_arguments)]
 async fn finalize<K: Kind>(
     kind: &K,
     engine: &JobEngine,
@@ -467,14 +520,32 @@ async fn finalize<K: Kind>(
     spec: &K::Spec,
     state: &K::State,
     end: End,
-) -> Result<(), persistence::StoreError> {
+    last: Option<LastStep>,
+    claim_next: bool,
+) -> Result<Option<JobRow>, persistence::StoreError> {
     let mut tx = engine.store().write().await?;
-    if !tx
-        .finish_job(&job.job.job_id, &engine.owner, end.job_state(), end.error())
-        .await?
-    {
+    let held = match &last {
+        Some(l) => {
+            tx.finish_job_with_step(
+                &job.job.job_id,
+                &engine.owner,
+                end.job_state(),
+                end.error(),
+                l.cursor,
+                l.name,
+                &l.log,
+                &l.state,
+            )
+            .await?
+        }
+        None => {
+            tx.finish_job(&job.job.job_id, &engine.owner, end.job_state(), end.error())
+                .await?
+        }
+    };
+    if !held {
         tracing::info!("job lease lost before it could finish; leaving it");
-        return Ok(());
+        return Ok(None);
     }
     let cx = FinishCx {
         service: &engine.service,
@@ -482,6 +553,11 @@ async fn finalize<K: Kind>(
     };
     let finished = kind.finish(&mut tx, &cx, spec, state, &end).await?;
     tx.release_locks(&job.job.job_id).await?;
+    let next = if claim_next {
+        tx.claim_next_job(&engine.owner, engine.lease_ms()).await?
+    } else {
+        None
+    };
     tx.commit().await?;
     if let Some(rev) = finished.routes_revision {
         engine.service.route_revisions().observe(rev);
@@ -492,7 +568,7 @@ async fn finalize<K: Kind>(
         error = end.error().unwrap_or(""),
         "job finished"
     );
-    Ok(())
+    Ok(next)
 }
 
 /// Capped exponential backoff with jitter in [half, full] of the step.
@@ -509,6 +585,24 @@ pub fn backoff_for(cfg: &JobsConfig, attempt: i64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::{Clock, ManualClock};
+
+    #[test]
+    fn a_wait_gives_up_after_the_limit_by_the_injected_clock() {
+        let clock = ManualClock::new(chrono::Utc::now());
+        let started = Some(clock.now());
+        let limit = Duration::from_secs(900);
+        let wait =
+            |c: &ManualClock| wait_or_give_up(c.now(), started, limit, "place", "stamping".into());
+        assert!(matches!(wait(&clock), Outcome::Defer(_)));
+        clock.advance(chrono::Duration::seconds(899));
+        assert!(matches!(wait(&clock), Outcome::Defer(_)));
+        clock.advance(chrono::Duration::seconds(2));
+        match wait(&clock) {
+            Outcome::Failed(e) => assert!(e.contains("gave up after 900 s"), "{e}"),
+            _ => panic!("still waiting past the limit"),
+        }
+    }
 
     #[test]
     fn backoff_is_exponential_jittered_and_capped() {

@@ -170,13 +170,14 @@ pub trait DynKind: Send + Sync {
     fn step_names(&self) -> Vec<&'static str>;
     /// The tenant a stored job acts on, if any.
     fn tenant_of(&self, job: &JobRow) -> Option<String>;
-    /// Runs a claimed job to its outcome and records it.
+    /// Runs a claimed job to its outcome and records it; returns the next job claimed in
+    /// the same commit as its end, if any.
     fn run<'a>(
         &'a self,
         engine: &'a JobEngine,
         job: &'a JobRow,
         tokens: &'a Tokens,
-    ) -> BoxFuture<'a, ()>;
+    ) -> BoxFuture<'a, Option<JobRow>>;
     /// Enqueues a job of this kind from a JSON spec inside `tx` (see [`enqueue`]).
     fn enqueue_json<'a>(
         &'a self,
@@ -211,7 +212,7 @@ impl<K: Kind> DynKind for K {
         engine: &'a JobEngine,
         job: &'a JobRow,
         tokens: &'a Tokens,
-    ) -> BoxFuture<'a, ()> {
+    ) -> BoxFuture<'a, Option<JobRow>> {
         Box::pin(engine::drive(self, engine, job, tokens))
     }
     fn enqueue_json<'a>(

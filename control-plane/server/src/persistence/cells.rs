@@ -163,6 +163,58 @@ impl WriteTx {
         .await?)
     }
 
+    /// Ports held by cells that are not destroyed: the rows of `cell_ports`, and for cells
+    /// registered before ports were recorded there, the port in their variable `var`.
+    pub async fn cell_ports_taken(&mut self, var: &str) -> Result<std::collections::HashSet<u16>> {
+        let recorded: Vec<i64> = sqlx::query_scalar(
+            "SELECT p.port FROM cell_ports p WHERE EXISTS \
+             (SELECT 1 FROM cells c WHERE c.cell_id = p.cell_id AND c.state <> 'destroyed')",
+        )
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let mut out: std::collections::HashSet<u16> = recorded
+            .into_iter()
+            .filter_map(|p| u16::try_from(p).ok())
+            .collect();
+        let rows: Vec<String> =
+            sqlx::query_scalar("SELECT vars FROM cells WHERE state <> 'destroyed'")
+                .fetch_all(&mut *self.tx)
+                .await?;
+        for text in rows {
+            let vars: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| StoreError::Corrupt(format!("column vars: {e}")))?;
+            if let Some(p) = vars[var].as_u64().and_then(|p| u16::try_from(p).ok()) {
+                out.insert(p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes `port` for variable `var` of `cell_id` (registered in this transaction). A
+    /// row left by a destroyed cell is taken over; false when a live
+    /// cell, or a concurrent creation, holds the port: pick another.
+    pub async fn take_cell_port(&mut self, port: u16, cell_id: &str, var: &str) -> Result<bool> {
+        sqlx::query(
+            "DELETE FROM cell_ports WHERE port = $1 AND cell_id <> $2 AND NOT EXISTS \
+             (SELECT 1 FROM cells c WHERE c.cell_id = cell_ports.cell_id AND c.state <> 'destroyed')",
+        )
+        .bind(port as i64)
+        .bind(cell_id)
+        .execute(&mut *self.tx)
+        .await?;
+        let res = sqlx::query(
+            "INSERT INTO cell_ports (port, cell_id, var, allocated_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (port) DO NOTHING",
+        )
+        .bind(port as i64)
+        .bind(cell_id)
+        .bind(var)
+        .bind(now())
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
     pub async fn count_tenants_on_cell(&mut self, cell_id: &str) -> Result<i64> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM environments WHERE cell_id = $1")
             .bind(cell_id)
@@ -179,23 +231,6 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(secrets_from_row).transpose()
-    }
-
-    /// Ports recorded in variable `var` of the cells that are not destroyed.
-    pub async fn cell_ports_in_use(&self, var: &str) -> Result<std::collections::HashSet<u16>> {
-        let rows: Vec<String> =
-            sqlx::query_scalar("SELECT vars FROM cells WHERE state <> 'destroyed'")
-                .fetch_all(&self.pool)
-                .await?;
-        let mut out = std::collections::HashSet::new();
-        for text in rows {
-            let vars: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| StoreError::Corrupt(format!("column vars: {e}")))?;
-            if let Some(p) = vars[var].as_u64().and_then(|p| u16::try_from(p).ok()) {
-                out.insert(p);
-            }
-        }
-        Ok(out)
     }
 
     /// Active cells with no job reserved whose last drift check is older than `before`

@@ -1,4 +1,6 @@
-//! Stored first responses of `Idempotency-Key` requests, replayed on retries.
+//! Stored first responses of `Idempotency-Key` requests, replayed on retries. Keys are
+//! scoped per principal and route; a stored body never holds a secret (the HTTP layer
+//! removes the fields a route withholds and records their names in `withheld`).
 
 use super::{now, Result, Store};
 use sqlx::Row;
@@ -8,6 +10,8 @@ pub struct StoredResponse {
     pub request_hash: String,
     pub status: u16,
     pub body: String,
+    /// Top-level fields removed from `body` before it was stored (comma-separated names).
+    pub withheld: String,
     pub etag: Option<String>,
     pub location: Option<String>,
 }
@@ -16,20 +20,24 @@ impl Store {
     pub async fn idempotent_response(
         &self,
         principal: &str,
+        route: &str,
         key: &str,
     ) -> Result<Option<StoredResponse>> {
-        let row =
-            sqlx::query("SELECT * FROM idempotency_keys WHERE principal = $1 AND idem_key = $2")
-                .bind(principal)
-                .bind(key)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row = sqlx::query(
+            "SELECT * FROM idempotency_keys WHERE principal = $1 AND route = $2 AND idem_key = $3",
+        )
+        .bind(principal)
+        .bind(route)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|r| -> Result<StoredResponse> {
             let status: i64 = r.try_get("status")?;
             Ok(StoredResponse {
                 request_hash: r.try_get("request_hash")?,
                 status: status as u16,
                 body: r.try_get("body")?,
+                withheld: r.try_get("withheld")?,
                 etag: r.try_get("etag")?,
                 location: r.try_get("location")?,
             })
@@ -41,19 +49,22 @@ impl Store {
     pub async fn store_idempotent_response(
         &self,
         principal: &str,
+        route: &str,
         key: &str,
         resp: &StoredResponse,
     ) -> Result<bool> {
         let _guard = self.lock_writer().await;
         let res = sqlx::query(
-            "INSERT INTO idempotency_keys (principal, idem_key, request_hash, status, body, etag, location, created_at) \
-             VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (principal, idem_key) DO NOTHING",
+            "INSERT INTO idempotency_keys (principal, route, idem_key, request_hash, status, body, withheld, etag, location, created_at) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) ON CONFLICT (principal, route, idem_key) DO NOTHING",
         )
         .bind(principal)
+        .bind(route)
         .bind(key)
         .bind(&resp.request_hash)
         .bind(resp.status as i64)
         .bind(&resp.body)
+        .bind(&resp.withheld)
         .bind(resp.etag.as_deref())
         .bind(resp.location.as_deref())
         .bind(now())

@@ -222,6 +222,61 @@ impl WriteTx {
         Ok(res.rows_affected() == 1)
     }
 
+    /// Claims the next runnable job for `owner` inside this transaction (a worker ending a
+    /// job takes its next one in the same commit). Same order as [`Store::claim_job`].
+    pub async fn claim_next_job(&mut self, owner: &str, lease_ms: i64) -> Result<Option<JobRow>> {
+        let ts = now();
+        for (cond, order) in claim_order(self.backend) {
+            let sql = claim_sql(self.backend, lease_ms, &cond, order);
+            let row = sqlx::query(&sql)
+                .bind(owner)
+                .bind(&ts)
+                .fetch_optional(&mut *self.tx)
+                .await?;
+            if let Some(r) = row {
+                return job_from_row(&r).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Ends a job held by `owner` and records its last step (log line, cursor and state)
+    /// in the same statement, so a job's end costs one statement and one commit. Returns
+    /// false when the lease was lost meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn finish_job_with_step(
+        &mut self,
+        id: &str,
+        owner: &str,
+        state: JobState,
+        error: Option<&str>,
+        step_index: i64,
+        step: &str,
+        log_append: &str,
+        job_state: &serde_json::Value,
+    ) -> Result<bool> {
+        let ts = now();
+        let res = sqlx::query(
+            "UPDATE jobs SET state = $1, error = $2, finished_at = $3, updated_at = $3, lease_owner = NULL, \
+             lease_expires_at = NULL, progress = CASE WHEN $1 = 'succeeded' THEN 1.0 ELSE progress END, \
+             step_index = $6, step = $7, log = log || $8, log_total = log_total + $9, job_state = $10 \
+             WHERE job_id = $4 AND lease_owner = $5 AND state = 'running'",
+        )
+        .bind(state.as_str())
+        .bind(error)
+        .bind(&ts)
+        .bind(id)
+        .bind(owner)
+        .bind(step_index)
+        .bind(step)
+        .bind(log_append)
+        .bind(log_append.len() as i64)
+        .bind(job_state.to_string())
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
     /// Cancels a queued job at once; a running one is flagged for its worker.
     pub async fn request_cancel(&mut self, id: &str) -> Result<Option<JobState>> {
         let ts = now();
@@ -251,28 +306,19 @@ impl Store {
     /// replicas whose clocks disagree still agree on whose lease has run out.
     pub async fn claim_job(&self, owner: &str, lease_ms: i64) -> Result<Option<JobRow>> {
         let ts = now();
-        let lock = match self.backend {
-            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
-            Backend::Sqlite => "",
-        };
-        let db_now = self.backend.now_sql(0);
-        let until = self.backend.now_sql(lease_ms);
-        let sql = format!(
-            "UPDATE jobs SET state = 'running', lease_owner = $1, lease_expires_at = {until}, attempts = attempts + 1, \
-             started_at = COALESCE(started_at, $2), updated_at = $2 \
-             WHERE job_id = (SELECT j.job_id FROM jobs j WHERE \
-               ((j.state = 'queued' AND j.run_after <= $2) OR (j.state = 'running' AND j.lease_expires_at < {db_now})) \
-               ORDER BY j.run_after, j.created_at, j.job_id LIMIT 1{lock}) \
-             AND ((state = 'queued' AND run_after <= $2) OR (state = 'running' AND lease_expires_at < {db_now})) \
-             RETURNING *"
-        );
-        let _guard = self.lock_writer().await;
-        let row = sqlx::query(&sql)
-            .bind(owner)
-            .bind(&ts)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(job_from_row).transpose()
+        for (cond, order) in claim_order(self.backend) {
+            let sql = claim_sql(self.backend, lease_ms, &cond, order);
+            let _guard = self.lock_writer().await;
+            let row = sqlx::query(&sql)
+                .bind(owner)
+                .bind(&ts)
+                .fetch_optional(&self.pool)
+                .await?;
+            if let Some(r) = row {
+                return job_from_row(&r).map(Some);
+            }
+        }
+        Ok(None)
     }
 
     /// Extends the lease by `lease_ms` from now (database clock); returns the cancel flag,
@@ -480,6 +526,38 @@ impl Store {
             .map(|r| Ok((r.try_get("state")?, r.try_get("n")?)))
             .collect()
     }
+}
+
+/// What a claim looks for, in order: a job whose holder died (its lease ran out, by the
+/// database clock), then the queued job due longest. Each is one probe of its own index:
+/// an `OR` of the two would scan the table on every claim.
+fn claim_order(backend: Backend) -> [(String, &'static str); 2] {
+    let db_now = backend.now_sql(0);
+    [
+        (
+            format!("state = 'running' AND lease_expires_at < {db_now}"),
+            "lease_expires_at, job_id",
+        ),
+        (
+            "state = 'queued' AND run_after <= $2".to_string(),
+            "run_after, created_at, job_id",
+        ),
+    ]
+}
+
+/// The claim statement for one of [`claim_order`]'s conditions (constants, never input).
+fn claim_sql(backend: Backend, lease_ms: i64, cond: &str, order: &str) -> String {
+    let lock = match backend {
+        Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+        Backend::Sqlite => "",
+    };
+    let until = backend.now_sql(lease_ms);
+    format!(
+        "UPDATE jobs SET state = 'running', lease_owner = $1, lease_expires_at = {until}, attempts = attempts + 1, \
+         started_at = COALESCE(started_at, $2), updated_at = $2 \
+         WHERE job_id = (SELECT job_id FROM jobs WHERE {cond} ORDER BY {order} LIMIT 1{lock}) \
+         AND {cond} RETURNING *"
+    )
 }
 
 fn bound_log(mut log: String) -> String {

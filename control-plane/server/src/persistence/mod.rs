@@ -126,6 +126,10 @@ const MIGRATIONS_SQLITE: &[(i64, &str)] = &[
     (2, include_str!("../../migrations/sqlite/0002_stamping.sql")),
     (3, include_str!("../../migrations/sqlite/0003_routing.sql")),
     (
+        4,
+        include_str!("../../migrations/sqlite/0004_ports_idempotency.sql"),
+    ),
+    (
         5,
         include_str!("../../migrations/sqlite/0005_job_locks.sql"),
     ),
@@ -143,6 +147,10 @@ const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (
         3,
         include_str!("../../migrations/postgres/0003_routing.sql"),
+    ),
+    (
+        4,
+        include_str!("../../migrations/postgres/0004_ports_idempotency.sql"),
     ),
     (
         5,
