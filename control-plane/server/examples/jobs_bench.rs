@@ -176,8 +176,10 @@ async fn start_replicas(stores: Vec<Store>, workers: usize) -> Vec<Replica> {
     let mut out = Vec::new();
     for store in stores {
         let dir = tempfile::tempdir().expect("tempdir").keep();
-        let mut config = Config::default();
-        config.data_dir = dir.clone();
+        let mut config = Config {
+            data_dir: dir.clone(),
+            ..Config::default()
+        };
         config.jobs.workers = workers;
         let (service, engine) =
             cellplane::startup::service_and_engine(&config, store.clone()).expect("engine");
