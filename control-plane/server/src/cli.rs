@@ -246,6 +246,12 @@ pub enum CellCmd {
         /// key=value, repeatable: replaces the cell's labels.
         #[arg(long = "label")]
         labels: Vec<String>,
+        /// New tenant capacity (never below what is in use).
+        #[arg(long)]
+        capacity_tenants: Option<u64>,
+        /// New unit capacity (never below what is in use).
+        #[arg(long)]
+        capacity_units: Option<u64>,
         #[arg(long)]
         wait: bool,
     },
@@ -1054,10 +1060,23 @@ async fn cell(c: Client, cmd: CellCmd, json: bool) -> CliResult {
             app_version,
             vars,
             labels,
+            capacity_tenants,
+            capacity_units,
             wait,
         } => {
+            let capacity = if capacity_tenants.is_some() || capacity_units.is_some() {
+                let current: Cell = c
+                    .get(&format!("/v1/cells/{}", id_arg("cell", &id)?))
+                    .await?;
+                Some(Capacity {
+                    tenants: capacity_tenants.unwrap_or(current.capacity.tenants),
+                    units: capacity_units.unwrap_or(current.capacity.units),
+                })
+            } else {
+                None
+            };
             let body = PatchCell {
-                capacity: None,
+                capacity,
                 labels: if labels.is_empty() {
                     None
                 } else {
