@@ -181,6 +181,9 @@ async fn start_replicas(stores: Vec<Store>, workers: usize) -> Vec<Replica> {
             ..Config::default()
         };
         config.jobs.workers = workers;
+        if let Ok(p) = std::env::var("BENCH_POLL_MS") {
+            config.jobs.poll_ms = p.parse().expect("BENCH_POLL_MS");
+        }
         let (service, engine) =
             cellplane::startup::service_and_engine(&config, store.clone()).expect("engine");
         let stop = CancellationToken::new();

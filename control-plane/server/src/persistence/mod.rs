@@ -339,7 +339,9 @@ pub(crate) fn values_placeholders(rows: usize, cols: usize) -> String {
 impl Backend {
     /// SQL for the database's clock plus `offset_ms`, in the stored time format
     /// (`2026-01-02T03:04:05.678901Z`), so leases are judged by one clock whatever each
-    /// replica's says. `offset_ms` comes from code, never from input.
+    /// replica's says. `offset_ms` comes from code, never from input. On PostgreSQL this is
+    /// `now()`, the transaction's start (stable, so a comparison with it can use an index;
+    /// `clock_timestamp()` is volatile and would scan the table on every claim).
     pub fn now_sql(self, offset_ms: i64) -> String {
         match self {
             Backend::Sqlite => format!(
@@ -347,7 +349,7 @@ impl Backend {
                 offset_ms as f64 / 1000.0
             ),
             Backend::Postgres => format!(
-                "to_char((clock_timestamp() + interval '{offset_ms} milliseconds') AT TIME ZONE 'UTC', \
+                "to_char((now() + interval '{offset_ms} milliseconds') AT TIME ZONE 'UTC', \
                  'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
             ),
         }
