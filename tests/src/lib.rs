@@ -118,6 +118,10 @@ pub fn bin_path(name: &str) -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct AppOptions {
     pub env: Vec<(String, String)>,
+    /// The `cellplane` binary to run (default: `bin_path("cellplane")`).
+    pub binary: Option<PathBuf>,
+    /// The working directory of the control plane (default: the test's).
+    pub current_dir: Option<PathBuf>,
 }
 
 /// The repository root (templates, scripts).
@@ -150,6 +154,8 @@ impl Default for AppOptions {
                     "0".into(),
                 ),
             ],
+            binary: None,
+            current_dir: None,
         }
     }
 }
@@ -158,6 +164,12 @@ impl AppOptions {
     pub fn with(mut self, k: &str, v: &str) -> Self {
         self.env.retain(|(key, _)| key != k);
         self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Leaves `k` unset (unless the test process itself has it).
+    pub fn without(mut self, k: &str) -> Self {
+        self.env.retain(|(key, _)| key != k);
         self
     }
 }
@@ -234,7 +246,15 @@ impl TestApp {
     }
 
     async fn start_at(&mut self, listen: &str) -> Result<()> {
-        let mut cmd = Command::new(bin_path("cellplane"));
+        let binary = self
+            .options
+            .binary
+            .clone()
+            .unwrap_or_else(|| bin_path("cellplane"));
+        let mut cmd = Command::new(&binary);
+        if let Some(d) = &self.options.current_dir {
+            cmd.current_dir(d);
+        }
         cmd.arg("serve")
             .arg("--listen")
             .arg(listen)
@@ -259,7 +279,7 @@ impl TestApp {
         let mut child = cmd.spawn().with_context(|| {
             format!(
                 "spawn {} (build the binaries first: cargo build --workspace --bins, as scripts/test.sh does)",
-                bin_path("cellplane").display()
+                binary.display()
             )
         })?;
         let stdout = child.stdout.take().context("stdout")?;

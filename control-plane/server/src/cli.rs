@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "cellplane",
     version,
-    about = "Cell-based tenancy control plane"
+    about = "Cell-based tenancy control plane",
+    after_help = "Start locally with `cellplane up`; every other command talks to the API at \
+                  CELLPLANE_URL with the token in CELLPLANE_TOKEN."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -26,9 +28,22 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the control plane.
+    #[command(after_help = "Example:\n  \
+        cellplane serve --listen 0.0.0.0:7480 --data-dir /var/lib/cellplane \\\n    \
+        --database-url postgres://cellplane@db/cellplane")]
     Serve(ServeArgs),
-    /// Run the control plane with embedded defaults (SQLite in ./.cellplane).
+    /// Run the control plane with embedded defaults (SQLite in ./.cellplane) and a local router.
+    #[command(after_help = "Example:\n  \
+        cellplane up\n  \
+        export CELLPLANE_TOKEN=$(cat .cellplane/admin-token)\n  \
+        cellplane cell create euw1-pool-1 --region eu-west-1 --template local --wait\n\
+        Stop with Ctrl-C or `cellplane down`; start over with `cellplane down --destroy`.")]
     Up(UpArgs),
+    /// Stop what `cellplane up` started; with --destroy also destroy its cells and data.
+    #[command(after_help = "Example:\n  \
+        cellplane down              # stop the control plane and router of ./.cellplane\n  \
+        cellplane down --destroy    # and destroy its cells, then remove ./.cellplane")]
+    Down(DownArgs),
     /// Organizations.
     Org(ClientArgs<OrgCmd>),
     /// Tenants and their lifecycle.
@@ -43,6 +58,20 @@ pub enum Command {
     Audit(ClientArgs<AuditCmd>),
     /// API tokens.
     Token(ClientArgs<TokenCmd>),
+    /// Print a shell completion script (e.g. `cellplane completion bash > /etc/bash_completion.d/cellplane`).
+    Completion {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+}
+
+/// Shells `cellplane completion` writes scripts for.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Args, Debug)]
@@ -66,8 +95,10 @@ pub struct ServeArgs {
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
+    /// Address the API listens on.
     #[arg(long, default_value = "127.0.0.1:7480")]
     pub listen: String,
+    /// Directory for the SQLite database, the admin token, cell working dirs and pid files.
     #[arg(long, default_value = ".cellplane")]
     pub data_dir: PathBuf,
     /// Where the local router takes tenant traffic.
@@ -82,6 +113,17 @@ pub struct UpArgs {
     /// Do not start a router.
     #[arg(long)]
     pub no_router: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DownArgs {
+    /// The data directory `cellplane up` ran with.
+    #[arg(long, default_value = ".cellplane")]
+    pub data_dir: PathBuf,
+    /// Also destroy every cell of this data directory (terraform destroy, after deleting
+    /// their tenants) and then remove the data directory.
+    #[arg(long)]
+    pub destroy: bool,
 }
 
 #[derive(Args, Debug)]
@@ -106,25 +148,38 @@ pub struct ClientArgs<T: Subcommand> {
 
 #[derive(Subcommand, Debug)]
 pub enum OrgCmd {
+    /// Create an organization.
     Create {
+        /// Organization id (lowercase letters, digits, dashes).
         id: String,
+        /// Display name.
         #[arg(long)]
         name: String,
     },
+    /// List organizations.
     List,
+    /// Show one organization.
     Get {
+        /// Organization id.
         id: String,
     },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum TenantCmd {
+    /// Create a tenant (in draft; `tenant activate` places and routes it).
+    #[command(after_help = "Example:\n  \
+        cellplane tenant create acme --org acme-corp --region eu-west-1 --quotas '{\"units\": 2}'")]
     Create {
+        /// Tenant id (lowercase letters, digits, dashes; its router host is {id}.{base_domain}).
         id: String,
+        /// The organization it belongs to.
         #[arg(long)]
         org: String,
+        /// Tenancy profile (mt-standard, …).
         #[arg(long, default_value = "mt-standard")]
         profile: String,
+        /// Home region, e.g. eu-west-1.
         #[arg(long)]
         region: String,
         /// Quotas as JSON, e.g. '{"units": 2}'.
@@ -137,25 +192,37 @@ pub enum TenantCmd {
         #[arg(long)]
         billing: Option<String>,
     },
+    /// List tenants, optionally filtered.
     List {
+        /// Only tenants in this state (draft, active, suspended, archived, deleted).
         #[arg(long)]
         state: Option<String>,
+        /// Only tenants of this region.
         #[arg(long)]
         region: Option<String>,
+        /// Only tenants of this organization.
         #[arg(long)]
         org: Option<String>,
+        /// Only tenants with an environment on this cell.
         #[arg(long)]
         cell: Option<String>,
     },
+    /// Show one tenant with its environments and their cells.
     Get {
+        /// Tenant id.
         id: String,
     },
+    /// Change a tenant's quotas, policies or billing.
     Patch {
+        /// Tenant id.
         id: String,
+        /// New quotas as JSON.
         #[arg(long)]
         quotas: Option<String>,
+        /// New policies as JSON.
         #[arg(long)]
         policies: Option<String>,
+        /// New billing as JSON.
         #[arg(long)]
         billing: Option<String>,
         /// Expected version (sent as If-Match).
@@ -165,6 +232,7 @@ pub enum TenantCmd {
     /// Adds an environment. On an active tenant it is placed and routed by a job
     /// (`--wait` follows it); a draft or suspended tenant's is placed on activate/resume.
     EnvAdd {
+        /// Tenant id.
         id: String,
         /// dev, stage or prod.
         #[arg(long)]
@@ -179,15 +247,22 @@ pub enum TenantCmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Activate a draft tenant: place its environments on cells and publish its routes.
+    #[command(after_help = "Example:\n  cellplane tenant activate acme --wait")]
     Activate(ActionArgs),
+    /// Suspend an active tenant (the router answers 403 for it).
     Suspend(ActionArgs),
+    /// Resume a suspended tenant.
     Resume(ActionArgs),
+    /// Archive a tenant (starts its retention period).
     Archive(ActionArgs),
+    /// Delete an archived tenant and release its placements.
     Delete(ActionArgs),
 }
 
 #[derive(Args, Debug)]
 pub struct ActionArgs {
+    /// Tenant id.
     pub id: String,
     /// Wait for the job to finish.
     #[arg(long)]
@@ -199,16 +274,25 @@ pub struct ActionArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum CellCmd {
+    /// Create a cell and stamp it from a template (terraform apply, by a job).
+    #[command(after_help = "Example:\n  \
+        cellplane cell create euw1-pool-1 --region eu-west-1 --template local --wait")]
     Create {
+        /// Cell id (lowercase letters, digits, dashes).
         id: String,
+        /// Region the cell serves, e.g. eu-west-1.
         #[arg(long)]
         region: String,
+        /// pooled (shared by tenants) or dedicated (one tenant).
         #[arg(long, default_value = "pooled")]
         tier: String,
+        /// Template to stamp from (see `cellplane template list`).
         #[arg(long, default_value = "local")]
         template: String,
+        /// How many tenant environments the cell takes.
         #[arg(long, default_value_t = 50)]
         capacity_tenants: u64,
+        /// How many quota units the cell takes.
         #[arg(long, default_value_t = 100)]
         capacity_units: u64,
         /// key=value, repeatable.
@@ -217,27 +301,36 @@ pub enum CellCmd {
         /// key=value (value parsed as JSON when it is valid JSON), repeatable.
         #[arg(long = "var")]
         vars: Vec<String>,
+        /// Application version to deploy on the cell.
         #[arg(long)]
         app_version: Option<String>,
         /// Follow the stamp job (progress bar and resource lines) until it ends.
         #[arg(long)]
         wait: bool,
     },
+    /// List cells, optionally filtered.
     List {
+        /// Only cells of this region.
         #[arg(long)]
         region: Option<String>,
+        /// Only cells of this tier (pooled or dedicated).
         #[arg(long)]
         tier: Option<String>,
+        /// Only cells in this state.
         #[arg(long)]
         state: Option<String>,
     },
+    /// Show one cell: state, capacity, outputs and drift.
     Get {
+        /// Cell id.
         id: String,
     },
     /// Changes labels, capacity, variables or the app version; a change of variables or
     /// app version is applied by a job.
     Update {
+        /// Cell id.
         id: String,
+        /// New application version.
         #[arg(long)]
         app_version: Option<String>,
         /// key=value, repeatable: replaces the cell's variables (JSON values allowed).
@@ -252,27 +345,36 @@ pub enum CellCmd {
         /// New unit capacity (never below what is in use).
         #[arg(long)]
         capacity_units: Option<u64>,
+        /// Follow the job until it ends.
         #[arg(long)]
         wait: bool,
     },
     /// Re-applies the cell's stack (repairs a failed stamp, reverts drift).
     Apply {
+        /// Cell id.
         id: String,
+        /// Follow the job until it ends.
         #[arg(long)]
         wait: bool,
     },
     /// Checks the cell for drift now.
     Plan {
+        /// Cell id.
         id: String,
+        /// Follow the job until it ends.
         #[arg(long)]
         wait: bool,
     },
+    /// Stop placing new tenants on the cell.
     Drain {
+        /// Cell id.
         id: String,
     },
     /// Destroys the cell's stack (refused while tenants are placed on it).
     Delete {
+        /// Cell id.
         id: String,
+        /// Follow the destroy job until it ends.
         #[arg(long)]
         wait: bool,
     },
@@ -280,23 +382,33 @@ pub enum CellCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum JobCmd {
+    /// List jobs, optionally filtered.
     List {
+        /// Only jobs acting on this target (e.g. cell/euw1-pool-1, tenant/acme).
         #[arg(long)]
         target: Option<String>,
+        /// Only jobs in this state.
         #[arg(long)]
         state: Option<String>,
     },
+    /// Show one job.
     Get {
+        /// Job id.
         id: String,
     },
+    /// Print a job's log (terraform output for stamp jobs).
     Log {
+        /// Job id.
         id: String,
     },
+    /// Cancel a job.
     Cancel {
+        /// Job id.
         id: String,
     },
     /// Follow a job until it ends.
     Watch {
+        /// Job id.
         id: String,
     },
 }
@@ -306,26 +418,34 @@ pub enum TemplateCmd {
     /// Templates the control plane finds in its template directory.
     List,
     /// One template: description, tiers, variables and required outputs.
-    Show { name: String },
+    Show {
+        /// Template name.
+        name: String,
+    },
     /// Renders a template for a cell into a directory, offline (no server): what a stamp
     /// job would run, for review or for a bare terraform run.
     Render {
+        /// Template name.
         name: String,
+        /// The cell id to render for.
         #[arg(long)]
         cell_id: String,
+        /// The cell's region.
         #[arg(long, default_value = "eu-west-1")]
         region: String,
+        /// The cell's tier (pooled or dedicated).
         #[arg(long, default_value = "pooled")]
         tier: String,
         /// key=value (value parsed as JSON when it is valid JSON), repeatable.
         #[arg(long = "var")]
         vars: Vec<String>,
+        /// Application version to render with.
         #[arg(long)]
         app_version: Option<String>,
         /// Directory to write the stack into.
         #[arg(long)]
         out: PathBuf,
-        /// Template directory (default: ./cell-templates, or the one cellplane finds).
+        /// Template directory (default: ./cell-templates, else the built-in templates).
         #[arg(long, env = "CELLPLANE__IAC__TEMPLATES_DIR")]
         templates_dir: Option<PathBuf>,
         /// The sample-cell binary for the local template.
@@ -336,29 +456,41 @@ pub enum TemplateCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum AuditCmd {
+    /// List audit records, newest last.
     List {
+        /// Only records about this tenant.
         #[arg(long)]
         tenant: Option<String>,
+        /// Only records about this target (e.g. cell/euw1-pool-1).
         #[arg(long)]
         target: Option<String>,
+        /// At most this many records.
         #[arg(long)]
         limit: Option<i64>,
     },
+    /// Check the hash chain of the whole audit trail.
     Verify,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum TokenCmd {
+    /// Create a token; its secret is printed once.
     Create {
+        /// admin, operator, viewer, router or tenant-admin.
         #[arg(long)]
         role: String,
+        /// The tenant a tenant-admin token is for.
         #[arg(long)]
         tenant: Option<String>,
+        /// What the token is for.
         #[arg(long)]
         description: Option<String>,
     },
+    /// List tokens (never their secrets).
     List,
+    /// Revoke a token.
     Revoke {
+        /// Token id.
         id: String,
     },
 }
@@ -368,6 +500,8 @@ pub async fn run(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Serve(a) => return serve(a).await,
         Command::Up(a) => return up(a).await,
+        Command::Down(a) => return crate::down::down(a).await,
+        Command::Completion { shell } => return completion(shell),
         Command::Org(a) => {
             let (conn, json) = (conn_of(&a), a.json);
             client(conn, |c| org(c, a.cmd, json)).await
@@ -419,7 +553,24 @@ pub async fn run(cli: Cli) -> i32 {
     }
 }
 
-fn load_config(file: Option<&std::path::Path>) -> Result<Config, crate::config::ConfigError> {
+/// `cellplane completion SHELL`: the script on stdout (a closed pipe, as with `| head`,
+/// is not an error).
+fn completion(shell: Shell) -> i32 {
+    let shell = match shell {
+        Shell::Bash => clap_complete::Shell::Bash,
+        Shell::Zsh => clap_complete::Shell::Zsh,
+        Shell::Fish => clap_complete::Shell::Fish,
+    };
+    let mut script = Vec::new();
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut cmd, "cellplane", &mut script);
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+    0
+}
+
+pub(crate) fn load_config(
+    file: Option<&std::path::Path>,
+) -> Result<Config, crate::config::ConfigError> {
     let mut cfg = Config::load(file, std::env::vars())?;
     if let Ok(t) = std::env::var("CELLPLANE_ADMIN_TOKEN") {
         if !t.is_empty() {
@@ -505,6 +656,8 @@ async fn run_server(cfg: Config, up: Option<UpArgs>) -> i32 {
         }
     }
     if banner {
+        // `cellplane down` stops what these name.
+        crate::down::write_pids(&data_dir, _router.as_ref().map(|r| r.pid()));
         println!();
         println!(
             "cellplane is up ({} store in {})",
@@ -551,7 +704,11 @@ async fn run_server(cfg: Config, up: Option<UpArgs>) -> i32 {
         shutdown_signal().await;
         trigger.cancel();
     });
-    match app.run_until_stopped(shutdown).await {
+    let stopped = app.run_until_stopped(shutdown).await;
+    if banner {
+        crate::down::remove_pids(&data_dir);
+    }
+    match stopped {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!(error = %e, "server failed");
@@ -665,7 +822,7 @@ fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
 }
 
 /// Fetches every page of a list.
-async fn all<T: serde::de::DeserializeOwned>(
+pub(crate) async fn all<T: serde::de::DeserializeOwned>(
     c: &Client,
     path: &str,
 ) -> Result<Vec<T>, ClientError> {
@@ -1457,7 +1614,30 @@ fn render_offline(cmd: TemplateCmd) -> CliResult {
     else {
         return Err(CliError::Usage("not a render command".into()));
     };
-    let dir = templates_dir.unwrap_or_else(|| PathBuf::from("cell-templates"));
+    // Removes the built-in templates written out for this render.
+    struct TempDir(Option<PathBuf>);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            if let Some(d) = &self.0 {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
+    let mut builtin = TempDir(None);
+    let dir = match templates_dir {
+        Some(d) => d,
+        None if std::path::Path::new("cell-templates").is_dir() => PathBuf::from("cell-templates"),
+        None => {
+            let tmp = std::env::temp_dir().join(format!(
+                "cellplane-render-{}-{}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            builtin.0 = Some(tmp.clone());
+            crate::iac::builtin::materialize(&tmp)
+                .map_err(|e| CliError::Usage(format!("cannot write the built-in templates: {e}")))?
+        }
+    };
     let catalog = crate::iac::Catalog::new(dir);
     let template = catalog
         .load(id_arg("template", &name)?.as_str())
@@ -1653,6 +1833,76 @@ async fn token(c: Client, cmd: TokenCmd, json: bool) -> CliResult {
                 println!("token {} revoked", t.token_id);
             }
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every command and every argument has a one-line description in `--help`.
+    #[test]
+    fn every_command_and_argument_is_described() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg
+                    .get_help()
+                    .map(|h| h.to_string())
+                    .unwrap_or_default()
+                    .trim()
+                    .is_empty()
+                {
+                    missing.push(format!("{path} <{id}>"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let p = format!("{path} {}", sub.get_name());
+                if sub.get_name() != "help"
+                    && sub
+                        .get_about()
+                        .map(|h| h.to_string())
+                        .unwrap_or_default()
+                        .trim()
+                        .is_empty()
+                {
+                    missing.push(p.clone());
+                }
+                walk(sub, &p, missing);
+            }
+        }
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cmd, "cellplane", &mut missing);
+        assert!(missing.is_empty(), "without a description: {missing:#?}");
+    }
+
+    #[test]
+    fn main_commands_show_an_example() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        for path in [
+            &["up"][..],
+            &["serve"],
+            &["tenant", "create"],
+            &["tenant", "activate"],
+            &["cell", "create"],
+        ] {
+            let mut c = &cmd;
+            for p in path {
+                c = c.find_subcommand(p).unwrap();
+            }
+            let after = c
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            assert!(after.contains("cellplane "), "{path:?}: {after:?}");
         }
     }
 }

@@ -51,7 +51,7 @@ pub struct IacConfig {
     /// `terraform` or `tofu`, or a path to either.
     pub binary: String,
     /// Directory of cell templates. Default: `./cell-templates`, else the one next to the
-    /// binary, else the source tree's.
+    /// binary, else the built-in templates (written out under `<data_dir>/templates/builtin`).
     pub templates_dir: Option<PathBuf>,
     /// Provider filesystem mirror written into terraform's CLI configuration (no direct
     /// downloads then). Default: `/opt/tf-plugins` when it exists; `""` disables.

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod controllers;
+pub mod down;
 pub mod failpoints;
 pub mod http;
 pub mod iac;

@@ -31,6 +31,13 @@ pub struct LocalRouter {
     pub log: PathBuf,
 }
 
+impl LocalRouter {
+    /// The router process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for LocalRouter {
     fn drop(&mut self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);

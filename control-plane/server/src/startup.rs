@@ -60,7 +60,7 @@ pub fn service_and_engine(
     config: &Config,
     store: Store,
 ) -> Result<(Service, JobEngine), StartupError> {
-    let templates = Catalog::new(templates_dir(config));
+    let templates = Catalog::new(templates_dir(config)?);
     let service = Service::new(
         store.clone(),
         ServiceSettings {
@@ -279,11 +279,13 @@ fn spawn_housekeeping(service: Service, stop: CancellationToken) -> tokio::task:
     })
 }
 
-/// The template directory: configured, else `./cell-templates`, else next to the binary,
-/// else the source tree's (development builds).
-fn templates_dir(config: &Config) -> PathBuf {
+/// The template directory, first found of: the configured one (`iac.templates_dir`,
+/// `CELLPLANE__IAC__TEMPLATES_DIR`); `./cell-templates` in the working directory;
+/// `cell-templates` next to the binary; the built-in templates compiled into the binary,
+/// written out under `<data_dir>/templates/builtin`.
+fn templates_dir(config: &Config) -> Result<PathBuf, StartupError> {
     if let Some(d) = &config.iac.templates_dir {
-        return d.clone();
+        return Ok(d.clone());
     }
     let mut candidates = vec![PathBuf::from("cell-templates")];
     if let Some(dir) = std::env::current_exe()
@@ -292,12 +294,15 @@ fn templates_dir(config: &Config) -> PathBuf {
     {
         candidates.push(dir.join("cell-templates"));
     }
-    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cell-templates"));
-    candidates
-        .iter()
-        .find(|c| c.is_dir())
-        .cloned()
-        .unwrap_or_else(|| candidates[0].clone())
+    if let Some(found) = candidates.into_iter().find(|c| c.is_dir()) {
+        return Ok(found);
+    }
+    crate::iac::builtin::materialize(&config.data_dir).map_err(|e| {
+        StartupError::Iac(format!(
+            "cannot write the built-in templates under {}: {e}",
+            config.data_dir.display()
+        ))
+    })
 }
 
 fn runner_settings(config: &Config, backend: Backend) -> RunnerSettings {

@@ -12,11 +12,21 @@ pub fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,hyper=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(use_color(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ));
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// Colour escape codes only on a terminal, and never when `NO_COLOR` is set to anything
+/// but the empty string (<https://no-color.org>). Logs redirected to a file stay plain.
+fn use_color(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && !matches!(no_color, Some(v) if !v.is_empty())
 }
 
 const BUCKETS: [f64; 12] = [
@@ -99,5 +109,19 @@ impl HttpMetrics {
             ));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::use_color;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(use_color(true, None));
+        assert!(use_color(true, Some(OsStr::new(""))));
+        assert!(!use_color(true, Some(OsStr::new("1"))));
+        assert!(!use_color(false, None));
     }
 }

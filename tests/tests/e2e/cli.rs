@@ -265,3 +265,186 @@ async fn second_control_plane_on_a_data_dir_is_refused() {
         .await
         .unwrap();
 }
+
+#[test]
+fn completion_prints_a_shell_script() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef cellplane"),
+        ("fish", "complete -c cellplane"),
+    ] {
+        let out = Command::new(bin_path("cellplane"))
+            .args(["completion", shell])
+            .output()
+            .expect("run cellplane");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{shell}: {out:?}");
+        assert!(script.contains(marker), "{shell}: {script}");
+        assert!(script.contains("tenant"), "{shell} completes subcommands");
+    }
+}
+
+// Logs written to a file (stderr not a terminal) carry no colour escape codes.
+#[tokio::test]
+async fn logs_to_a_file_are_not_coloured() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.admin
+        .get::<serde_json::Value>("/v1/tenants")
+        .await
+        .unwrap();
+    let log = app.log();
+    assert!(log.contains("INFO"), "{log}");
+    assert!(!log.contains("\x1b["), "escape codes in the log: {log:?}");
+}
+
+// `cellplane down --destroy` stops `up`, destroys the cells of its data directory through
+// terraform and removes the directory, and leaves another control plane's cells alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn down_destroy_removes_only_this_data_dirs_cells() {
+    let other = TestApp::spawn(Backend::Sqlite).await;
+    other
+        .stamp_local("euw1-other-1", serde_json::json!({}))
+        .await;
+    let other_cells: Vec<ProcInfo> = processes_under(&other.cell_dir("euw1-other-1"))
+        .into_iter()
+        .filter(|p| p.name == "sample-cell")
+        .collect();
+    assert_eq!(other_cells.len(), 1, "{other_cells:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Command::new(bin_path("cellplane"))
+        .args(["up", "--listen", "127.0.0.1:0"])
+        .args([
+            "--router-listen",
+            "127.0.0.1:0",
+            "--router-admin-listen",
+            "127.0.0.1:0",
+        ])
+        .current_dir(dir.path())
+        .env_remove("CELLPLANE_ADMIN_TOKEN")
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = up.stdout.take().unwrap();
+    struct Reap(std::process::Child, std::path::PathBuf);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            kill_processes_under(&self.1);
+        }
+    }
+    let mut up = Reap(up, dir.path().to_path_buf());
+    let mut lines = BufReader::new(stdout).lines();
+    let url = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    // The banner is printed once the router runs and the pid files are written.
+    let mut banner = String::new();
+    for _ in 0..6 {
+        banner.push_str(&lines.next().unwrap().unwrap());
+        banner.push('\n');
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let data_dir = dir.path().join(".cellplane");
+    let router_pid: i32 = std::fs::read_to_string(data_dir.join("router.pid"))
+        .unwrap_or_else(|e| panic!("router.pid: {e}\n{banner}"))
+        .trim()
+        .parse()
+        .unwrap();
+    let token = std::fs::read_to_string(data_dir.join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let c = cellplane_api::Client::new(url, Some(token));
+    let out: serde_json::Value = c
+        .post(
+            "/v1/cells",
+            &serde_json::json!({"cell_id": "euw1-pool-1", "region": "eu-west-1",
+                "tier": "pooled", "template": "local",
+                "capacity": {"tenants": 10, "units": 10}}),
+        )
+        .await
+        .unwrap();
+    let job = out["job"]["job_id"].as_str().unwrap().to_string();
+    let done = c
+        .wait_job(&job, std::time::Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert_eq!(done.state, cellplane_api::JobState::Succeeded, "{done:?}");
+    // A tenant placed on the cell: `down --destroy` deletes it before the cell.
+    let _: serde_json::Value = c
+        .post(
+            "/v1/organizations",
+            &serde_json::json!({"organization_id": "acme-corp", "name": "Acme"}),
+        )
+        .await
+        .unwrap();
+    let _: serde_json::Value = c
+        .post(
+            "/v1/tenants",
+            &serde_json::json!({"tenant_id": "acme", "organization_id": "acme-corp",
+                "profile": "mt-standard", "region": "eu-west-1"}),
+        )
+        .await
+        .unwrap();
+    let job = c
+        .tenant_action("acme", cellplane_api::LifecycleAction::Activate)
+        .await
+        .unwrap();
+    let done = c
+        .wait_job(&job.job_id, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(done.state, cellplane_api::JobState::Succeeded, "{done:?}");
+    let ours: Vec<ProcInfo> = processes_under(&data_dir)
+        .into_iter()
+        .filter(|p| p.name == "sample-cell")
+        .collect();
+    assert_eq!(ours.len(), 1, "{ours:?}");
+
+    let down = Command::new(bin_path("cellplane"))
+        .args(["down", "--destroy"])
+        .current_dir(dir.path())
+        .env_remove("CELLPLANE_ADMIN_TOKEN")
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run cellplane down");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&down.stdout),
+        String::from_utf8_lossy(&down.stderr),
+    );
+    assert!(down.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("destroyed cell euw1-pool-1"), "{stdout}");
+    // `up` and its router were stopped by SIGTERM and exited.
+    let status = up.0.try_wait().unwrap();
+    assert!(
+        status.is_some(),
+        "cellplane up still runs: {stdout}{stderr}"
+    );
+    assert!(!alive(router_pid), "the router still runs");
+    for p in &ours {
+        assert!(
+            !alive(p.pid),
+            "this data dir's sample-cell still runs: {p:?}"
+        );
+    }
+    assert!(!data_dir.exists(), "the data dir is removed");
+    for p in &other_cells {
+        assert!(
+            alive(p.pid),
+            "another data dir's sample-cell was stopped: {p:?}"
+        );
+    }
+    other
+        .admin
+        .get::<serde_json::Value>("/v1/cells/euw1-other-1")
+        .await
+        .unwrap();
+}

@@ -759,3 +759,53 @@ both_backends!(delete_is_refused_while_tenants_are_placed, |b| async move {
         .unwrap();
     assert_eq!(r.status(), 202);
 });
+
+// An installed `cellplane` (copied out of the build tree, run where there is no
+// cell-templates/ and with no template setting) lists and stamps with the templates
+// compiled into it, written out under <data_dir>/templates/builtin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installed_binary_stamps_with_builtin_templates() {
+    let install = tempfile::tempdir().unwrap();
+    let bin = install.path().join("bin");
+    let work = install.path().join("work");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    for name in ["cellplane", "sample-cell"] {
+        std::fs::copy(bin_path(name), bin.join(name)).unwrap();
+    }
+    let mut options = AppOptions::default()
+        .without("CELLPLANE__IAC__TEMPLATES_DIR")
+        .without("CELLPLANE__IAC__SAMPLE_CELL_BIN");
+    options.binary = Some(bin.join("cellplane"));
+    options.current_dir = Some(work.clone());
+    let app = TestApp::spawn_with(Backend::Sqlite, options).await;
+    let list: Value = app.admin.get("/v1/templates").await.unwrap();
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{list}"))
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"local") && names.contains(&"aws"),
+        "{list}\n{}",
+        app.log()
+    );
+    let builtin = app.data_dir.join("templates/builtin");
+    assert!(builtin.join("local/template.toml").is_file());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(builtin.join("local/start.sh"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o111, 0o111, "start.sh is executable");
+    app.stamp_local("euw1-installed-1", json!({})).await;
+    let running = sample_cells_of(&app, "euw1-installed-1");
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert!(
+        running[0]
+            .cmdline
+            .contains(&bin.join("sample-cell").display().to_string()),
+        "the sample-cell next to the installed binary: {running:?}"
+    );
+}

@@ -7,6 +7,7 @@
 //! and the rendered stack is re-parsed before it runs. It knows nothing of the registry:
 //! callers hand it a cell and get back events and outputs.
 
+pub mod builtin;
 pub mod runner;
 pub mod template;
 
