@@ -81,7 +81,82 @@ async fn runbook_commands_run_as_written() {
     let root = repo_root();
     for name in ["place-and-route.md", "stamp-a-cell.md"] {
         let app = TestApp::spawn(Backend::Sqlite).await;
-        run_blocks(&root.join("runbooks").join(name), &app, &root);
+        // Outside the source tree: commands find their templates in the binary.
+        let cwd = tempfile::tempdir().unwrap();
+        run_blocks(&root.join("runbooks").join(name), &app, cwd.path());
         kill_processes_under(&app.data_dir);
     }
+}
+
+/// The README's quick start, as a new user runs it: `cellplane up` in an empty directory
+/// (its default ports 7480, 8080 and 9090; no other test uses them), then the second block
+/// in another shell, then `cellplane down --destroy`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_quick_start_runs_as_written() {
+    let root = repo_root();
+    let text = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let blocks = runnable_blocks(&text);
+    assert_eq!(
+        blocks.len(),
+        1,
+        "the README's quick start block is marked runnable"
+    );
+    let cwd = tempfile::tempdir().unwrap();
+    let bin_dir = bin_path("cellplane").parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let log = std::fs::File::create(cwd.path().join("up.log")).unwrap();
+    let mut up = std::process::Command::new(bin_path("cellplane"))
+        .arg("up")
+        .current_dir(cwd.path())
+        .env("PATH", &path)
+        .env_remove("CELLPLANE_ADMIN_TOKEN")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("cellplane up");
+    let ready = eventually(std::time::Duration::from_secs(60), || async {
+        let r = reqwest::get("http://127.0.0.1:7480/healthz").await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    let up_log = || std::fs::read_to_string(cwd.path().join("up.log")).unwrap_or_default();
+    assert!(ready.is_ok(), "cellplane up did not answer:\n{}", up_log());
+    let out = std::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &blocks[0]])
+        .current_dir(cwd.path())
+        .env("PATH", &path)
+        .env_remove("CELLPLANE_URL")
+        .env_remove("CELLPLANE_TOKEN")
+        .output()
+        .expect("bash");
+    let down = std::process::Command::new(bin_path("cellplane"))
+        .args(["down", "--destroy"])
+        .current_dir(cwd.path())
+        .env("PATH", &path)
+        .output()
+        .expect("cellplane down");
+    let _ = up.kill();
+    let _ = up.wait();
+    kill_processes_under(cwd.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the quick start failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{}\n--- up\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        up_log()
+    );
+    assert!(
+        stdout.contains("HTTP/1.1 403"),
+        "suspended tenant answered 403:\n{stdout}"
+    );
+    assert!(
+        down.status.success(),
+        "cellplane down --destroy: {}",
+        String::from_utf8_lossy(&down.stderr)
+    );
 }
