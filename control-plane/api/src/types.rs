@@ -432,7 +432,7 @@ pub struct Capacity {
     pub units: u64,
 }
 
-/// What a cell holds now (the shape of [`Capacity`], where zero tenants is normal).
+/// What a cell holds now: the shape of `Capacity`, where zero tenants is normal.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 pub struct Usage {
     pub tenants: u64,

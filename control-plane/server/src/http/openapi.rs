@@ -86,7 +86,11 @@ fn idempotency_key() -> Parameter {
             "replay protection: the first successful answer is replayed for the same key and \
              request; 1 to 255 visible ASCII characters",
         ))
-        .schema(Some(string_schema(Some("^[!-~]{1,255}$"), Some(1), Some(255))))
+        .schema(Some(string_schema(
+            Some("^[!-~]{1,255}$"),
+            Some(1),
+            Some(255),
+        )))
         .build()
 }
 
@@ -159,7 +163,10 @@ fn edge_operation(path: &str, method: &str, op: &mut Operation) {
             .or_insert_with(|| RefOr::T(problem(description)));
     };
     if has_input {
-        add("400", "the request is malformed: a field, a query parameter, a path id or a header");
+        add(
+            "400",
+            "the request is malformed: a field, a query parameter, a path id or a header",
+        );
     }
     if authenticated {
         add("401", "no valid bearer token");
@@ -175,13 +182,19 @@ fn edge_operation(path: &str, method: &str, op: &mut Operation) {
         add("415", "the body is not application/json");
     }
     if authenticated {
-        add("503", "the store or a dependency failed; retry after Retry-After");
+        add(
+            "503",
+            "the store or a dependency failed; retry after Retry-After",
+        );
     }
     if has_if_match {
         add("412", "If-Match does not name the current version");
     }
     if idempotent {
-        add("422", "the Idempotency-Key was used before with a different request");
+        add(
+            "422",
+            "the Idempotency-Key was used before with a different request",
+        );
     }
 }
 
