@@ -11,6 +11,11 @@ use utoipa::{Modify, OpenApi};
 /// Every path identifier (tenant, organization, cell, region, environment, template,
 /// router, and the generated job and token ids) is checked against this at the edge.
 pub const ID_PATTERN: &str = "^[a-z][a-z0-9-]{1,62}$";
+/// Job ids are `persistence::new_id("job")`: the prefix, 12 hex digits of milliseconds and
+/// 10 random characters. They also pass [`ID_PATTERN`], which is what the edge checks.
+pub const JOB_ID_PATTERN: &str = "^job-[0-9a-f]{12}[0-9a-z]{10}$";
+/// Token ids are `persistence::new_id("tok")`, or `admin` for the bootstrap token.
+pub const TOKEN_ID_PATTERN: &str = "^(admin|tok-[0-9a-f]{12}[0-9a-z]{10})$";
 
 struct BearerAuth;
 
@@ -110,6 +115,25 @@ fn edge_operation(path: &str, method: &str, op: &mut Operation) {
                         .enum_values(Some(actions))
                         .build(),
                 )));
+            }
+            (ParameterIn::Path, "job_id") => {
+                p.schema = Some(RefOr::T(Schema::Object(string_schema(
+                    Some(JOB_ID_PATTERN),
+                    None,
+                    None,
+                ))));
+                p.description =
+                    Some("a job id as the server issues it: `job-` and 22 characters".into());
+            }
+            (ParameterIn::Path, "token_id") => {
+                p.schema = Some(RefOr::T(Schema::Object(string_schema(
+                    Some(TOKEN_ID_PATTERN),
+                    None,
+                    None,
+                ))));
+                p.description = Some(
+                    "a token id: `admin` (the bootstrap token) or `tok-` and 22 characters".into(),
+                );
             }
             (ParameterIn::Path, _) => {
                 p.schema = Some(RefOr::T(Schema::Object(string_schema(
