@@ -9,7 +9,7 @@
 # Needs: target/debug/cellplane (cargo build --bin cellplane), python3 (3.10+), curl, jq.
 # Tools are installed, pinned, into a venv under $CELLPLANE_CONFORMANCE_CACHE
 # (default ~/.cache/cellplane-conformance). Examples per operation: $CONFORMANCE_EXAMPLES
-# (default 20).
+# (default 20); generation mode: $CONFORMANCE_MODE (positive, the default, negative or all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -98,7 +98,7 @@ for who in admin viewer tenant-admin; do
         "$venv/bin/schemathesis" run "$work/openapi.json" --url "$url" \
         --header "Authorization: Bearer $token" \
         --checks "$checks$extra" \
-        --mode positive --phases examples,coverage,fuzzing \
+        --mode "${CONFORMANCE_MODE:-positive}" --phases examples,coverage,fuzzing \
         --max-examples "$examples" --seed 1 --workers 2 \
         --request-timeout 10 --no-color \
         --suppress-health-check all --warnings off); then
