@@ -42,6 +42,8 @@ pub struct FieldError {
 #[serde(deny_unknown_fields)]
 pub struct CreateOrganization {
     pub organization_id: Id,
+    /// Display name: not blank, no control characters.
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
 }
 
@@ -423,6 +425,16 @@ impl CellState {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Capacity {
+    /// At least one: a cell that can hold no tenant is refused.
+    #[schema(minimum = 1, maximum = 9007199254740991_u64)]
+    pub tenants: u64,
+    #[schema(maximum = 9007199254740991_u64)]
+    pub units: u64,
+}
+
+/// What a cell holds now: the shape of `Capacity`, where zero tenants is normal.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Usage {
     pub tenants: u64,
     pub units: u64,
 }
@@ -466,6 +478,7 @@ pub struct Cell {
     pub tier: Tier,
     pub template: String,
     pub capacity: Capacity,
+    #[schema(value_type = Usage)]
     pub used: Capacity,
     pub labels: BTreeMap<String, String>,
     #[schema(value_type = Object)]
@@ -521,7 +534,8 @@ pub struct TemplateVariable {
     /// `string`, `number`, `bool`, `list` or `map`.
     #[serde(rename = "type")]
     pub type_: String,
-    #[schema(value_type = Option<Object>)]
+    /// Any JSON value: a string, number, bool, list or map, as the variable's type says.
+    #[schema(value_type = Option<serde_json::Value>)]
     pub default: Option<serde_json::Value>,
     pub description: String,
     /// No default and not managed: a cell must set it.
@@ -661,6 +675,7 @@ pub struct CreateToken {
     #[serde(default)]
     pub tenant_id: Option<Id>,
     #[serde(default)]
+    #[schema(max_length = 200)]
     pub description: Option<String>,
 }
 

@@ -219,3 +219,25 @@ both_backends!(bad_input_table, |b| async move {
     assert_eq!(app.admin.get_tenant("acme").await.unwrap().version, 1);
     assert!(!app.log().contains("panicked"), "{}", app.log());
 });
+
+// Issue 15 item 8d: `GET /v1/routes/history?before=-1` answered 200 where `since=-1` on
+// the watch answered 400. A negative revision is refused on both.
+both_backends!(negative_revisions_are_refused, |b| async move {
+    let app = TestApp::spawn(b).await;
+    for path in ["/v1/routes/history?before=-1", "/v1/routes?since=-1"] {
+        let r = app.req(Method::GET, path).send().await.unwrap();
+        let p = expect_problem(r, 400).await;
+        let field = if path.contains("before") {
+            "before"
+        } else {
+            "since"
+        };
+        assert_eq!(p["errors"][0]["field"], field, "{path}");
+    }
+    let r = app
+        .req(Method::GET, "/v1/routes/history?before=0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+});

@@ -428,3 +428,146 @@ both_backends!(concurrent_creates_each_id_once, |b| async move {
     assert_eq!(envs, 20);
     assert!(app.admin.audit_verify().await.unwrap().ok);
 });
+
+/// The names of the problem types a crate serves, read from its sources: the literal
+/// `cellplane.dev/problems/<name>`, and the `(StatusCode::X, "<name>"` pairs every
+/// crate builds its problems from (the URL is then formatted from the name).
+fn problem_names(dir: &std::path::Path, names: &mut std::collections::BTreeSet<String>) {
+    fn name_at(s: &str) -> Option<&str> {
+        let end = s
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'))
+            .unwrap_or(s.len());
+        let name = &s[..end];
+        (name.len() > 1 && name.starts_with(|c: char| c.is_ascii_lowercase())).then_some(name)
+    }
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            problem_names(&path, names);
+            continue;
+        }
+        if path.extension().is_none_or(|e| e != "rs") {
+            continue;
+        }
+        let src = std::fs::read_to_string(&path).unwrap();
+        for (i, _) in src.match_indices("cellplane.dev/problems/") {
+            if let Some(n) = name_at(&src[i + "cellplane.dev/problems/".len()..]) {
+                names.insert(n.to_string());
+            }
+        }
+        for (i, _) in src.match_indices("StatusCode::") {
+            let rest = &src[i + "StatusCode::".len()..];
+            let rest = rest.trim_start_matches(|c: char| c.is_ascii_uppercase() || c == '_');
+            let Some(rest) = rest.trim_start().strip_prefix(',') else {
+                continue;
+            };
+            let Some(rest) = rest.trim_start().strip_prefix('"') else {
+                continue;
+            };
+            if let Some(n) = name_at(rest).filter(|n| rest[n.len()..].starts_with('"')) {
+                names.insert(n.to_string());
+            }
+        }
+    }
+}
+
+/// Issue 15 item 13: one problem vocabulary, listed in docs/problems.md. A problem type
+/// served by the control plane, the router or the sample cell that the list lacks fails.
+#[test]
+fn problem_vocabulary_is_documented() {
+    let root = repo_root();
+    let doc = std::fs::read_to_string(root.join("docs/problems.md")).unwrap();
+    for crate_src in ["control-plane/server/src", "router/src", "sample-cell/src"] {
+        let mut names = std::collections::BTreeSet::new();
+        problem_names(&root.join(crate_src), &mut names);
+        assert!(
+            names.len() >= 5,
+            "{crate_src}: found only {names:?}; has the way problems are built changed?"
+        );
+        for n in &names {
+            assert!(
+                doc.contains(&format!("| `{n}` |")),
+                "{crate_src} serves https://cellplane.dev/problems/{n}, which docs/problems.md does not list"
+            );
+        }
+    }
+}
+
+// Issue 15 item 8: the document says what the edge does. Query parameters are optional
+// query parameters (they were required path parameters, which a generated client drops),
+// errors are problem+json with 401 on every authenticated operation, path ids carry the id
+// pattern.
+both_backends!(openapi_matches_the_edge, |b| async move {
+    let app = TestApp::spawn(b).await;
+    let doc: Value = app.anonymous().get("/v1/openapi.json").await.unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, query) in [
+        ("/v1/audit", "since"),
+        ("/v1/cells", "region"),
+        ("/v1/jobs", "target"),
+        ("/v1/organizations", "limit"),
+        ("/v1/routes", "wait"),
+        ("/v1/routes/history", "before"),
+        ("/v1/tenants", "cursor"),
+        ("/v1/tokens", "limit"),
+    ] {
+        let params = paths[path]["get"]["parameters"].as_array().unwrap();
+        let p = params.iter().find(|p| p["name"] == query).unwrap();
+        assert_eq!(p["in"], "query", "{path} {query}");
+        assert_eq!(p["required"], false, "{path} {query}");
+    }
+    let action = &paths["/v1/tenants/{tenant_id}/{action}"]["post"]["parameters"];
+    let force = action
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "force")
+        .unwrap();
+    assert_eq!(force["in"], "query");
+    assert_eq!(force["schema"]["type"], "boolean");
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            let responses = op["responses"].as_object().unwrap();
+            for (status, r) in responses {
+                // `/readyz` answers its 503 as a JSON status document, not a problem.
+                if path.starts_with("/v1/") && (status.starts_with('4') || status.starts_with('5'))
+                {
+                    assert!(
+                        r["content"].get("application/json").is_none()
+                            && r["content"].get("application/problem+json").is_some(),
+                        "{method} {path} {status}: {r}"
+                    );
+                }
+            }
+            if path.starts_with("/v1/") && path != "/v1/openapi.json" {
+                assert!(responses.contains_key("401"), "{method} {path}");
+            }
+            if op.get("requestBody").is_some() {
+                for s in ["400", "413", "415"] {
+                    assert!(responses.contains_key(s), "{method} {path} {s}");
+                }
+            }
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                if p["in"] == "path" && p["name"] != "action" {
+                    let pattern = match p["name"].as_str() {
+                        Some("job_id") => "^job-[0-9a-f]{12}[0-9a-z]{10}$",
+                        Some("token_id") => "^(admin|tok-[0-9a-f]{12}[0-9a-z]{10})$",
+                        _ => "^[a-z][a-z0-9-]{1,62}$",
+                    };
+                    assert_eq!(
+                        p["schema"]["pattern"], pattern,
+                        "{method} {path} {}",
+                        p["name"]
+                    );
+                }
+                if p["name"] == "Idempotency-Key" {
+                    assert!(responses.contains_key("422"), "{method} {path}");
+                }
+            }
+        }
+    }
+    let default = &doc["components"]["schemas"]["TemplateVariable"]["properties"]["default"];
+    assert!(default.get("type").is_none(), "any JSON value: {default}");
+    let tenants = &doc["components"]["schemas"]["Capacity"]["properties"]["tenants"];
+    assert_eq!(tenants["minimum"], 1);
+});

@@ -10,13 +10,17 @@ use cellplane_api::{AuditRecord, AuditVerify, Page, Problem};
 use serde::Deserialize;
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
+    #[param(pattern = "^[a-z][a-z0-9-]{1,62}$")]
     pub tenant_id: Option<String>,
     /// e.g. `tenant/acme`, `cell/euw1-pool-1`.
     pub target: Option<String>,
     /// RFC 3339 timestamp: records at or after it.
     pub since: Option<String>,
+    /// Page size (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
     pub cursor: Option<String>,
 }

@@ -16,11 +16,15 @@ use cellplane_api::{
 use serde::Deserialize;
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
+    #[param(pattern = "^[a-z][a-z0-9-]{1,62}$")]
     pub region: Option<String>,
     pub tier: Option<String>,
     pub state: Option<String>,
+    /// Page size (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
     pub cursor: Option<String>,
 }

@@ -15,11 +15,14 @@ use serde::Deserialize;
 use std::convert::Infallible;
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
     /// `tenant/<id>` or `cell/<id>`.
     pub target: Option<String>,
     pub state: Option<String>,
+    /// Page size (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
     pub cursor: Option<String>,
 }

@@ -17,12 +17,16 @@ use serde::Deserialize;
 use std::time::Duration;
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct WatchParams {
     /// The revision the caller has; 0 (or one older than the retained history) for the
     /// full table.
+    #[param(minimum = 0)]
     pub since: Option<i64>,
-    /// Seconds to wait for a change when there is none after `since` (max 60).
+    /// Seconds to wait for a change when there is none after `since` (at most the
+    /// server's `routing.max_wait_secs`, 60 by default).
+    #[param(minimum = 0, maximum = 60)]
     pub wait: Option<u64>,
 }
 
@@ -51,11 +55,16 @@ pub async fn watch(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct HistoryParams {
+    #[param(pattern = "^[a-z][a-z0-9-]{1,62}$")]
     pub tenant_id: Option<String>,
     /// Only changes older than this revision (paging backwards).
+    #[param(minimum = 0)]
     pub before: Option<i64>,
+    /// Page size (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
 }
 
@@ -71,6 +80,11 @@ pub async fn history(
         cellplane_api::validate_id(t).map_err(|e| ApiError::field("tenant_id", e.to_string()))?;
     }
     let limit = super::extract::limit_of(q.limit)?;
+    // Negative revisions are refused as `since` is on the watch (issue 15: `before=-1`
+    // answered 200 with nothing).
+    if q.before.is_some_and(|b| b < 0) {
+        return Err(ApiError::field("before", "must not be negative"));
+    }
     let before = q.before.unwrap_or(i64::MAX);
     let items = s
         .service

@@ -16,17 +16,24 @@ use cellplane_api::{
 use serde::Deserialize;
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
     pub state: Option<String>,
+    #[param(pattern = "^[a-z][a-z0-9-]{1,62}$")]
     pub region: Option<String>,
+    #[param(pattern = "^[a-z][a-z0-9-]{1,62}$")]
     pub organization_id: Option<String>,
+    #[param(pattern = "^[a-z][a-z0-9-]{1,62}$")]
     pub cell_id: Option<String>,
+    /// Page size (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
     pub cursor: Option<String>,
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ActionParams {
     /// Admins may delete before the retention period ends.
