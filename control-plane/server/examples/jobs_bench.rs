@@ -13,7 +13,7 @@ use cellplane::config::Config;
 use cellplane::jobs::noop::{Noop, NoopSpec};
 use cellplane::jobs::Kind;
 use cellplane::persistence::{NewJob, Store};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 struct Args {
@@ -139,7 +139,6 @@ async fn open(url: Option<&str>, dir: &std::path::Path) -> Store {
 /// statements until the queue is empty.
 async fn bare_queue(store: &Store, jobs: usize, workers: usize) -> f64 {
     enqueue(store, 0, jobs).await;
-    let start = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..workers {
         let store = store.clone();
@@ -163,7 +162,21 @@ async fn bare_queue(store: &Store, jobs: usize, workers: usize) -> f64 {
     for t in tasks {
         t.await.expect("worker");
     }
-    jobs as f64 / start.elapsed().as_secs_f64()
+    jobs as f64 / busy_secs(store).await
+}
+
+/// Seconds from the first job's start to the last job's end, by the timestamps the store
+/// recorded (the same measure for the engine and the baseline; no polling granularity).
+async fn busy_secs(store: &Store) -> f64 {
+    let (first, last): (String, String) = sqlx::query_as(
+        "SELECT MIN(started_at), MAX(finished_at) FROM jobs WHERE state = 'succeeded'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("span");
+    let first = cellplane::persistence::parse_time(&first).expect("time");
+    let last = cellplane::persistence::parse_time(&last).expect("time");
+    (last - first).num_microseconds().expect("span") as f64 / 1e6
 }
 
 struct Replica {
@@ -195,7 +208,23 @@ async fn start_replicas(stores: Vec<Store>, workers: usize) -> Vec<Replica> {
     out
 }
 
+/// (steal, total) CPU ticks from /proc/stat: on a virtual machine, the share of time the
+/// hypervisor gave to others, which makes absolute numbers swing between runs.
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    (v.get(7).copied().unwrap_or(0), v.iter().take(8).sum())
+}
+
 async fn scenario(name: &str, url: Option<String>, replicas: usize, a: &Args) {
+    let ticks = cpu_ticks();
     let dir = tempfile::tempdir().expect("tempdir");
     // Baseline on its own database.
     let (base_url, engine_url) = match &url {
@@ -225,17 +254,16 @@ async fn scenario(name: &str, url: Option<String>, replicas: usize, a: &Args) {
     } else {
         vec![store.clone()]
     };
-    let rs = start_replicas(stores, a.workers).await;
+    // The whole backlog is in place before the first worker starts, as for the baseline.
     enqueue(&store, 0, a.jobs).await;
+    let rs = start_replicas(stores, a.workers).await;
     for r in &rs {
         r.service.job_notify().notify_waiters();
     }
-    let start = Instant::now();
     while succeeded(&store).await < a.jobs as i64 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    let throughput = a.jobs as f64 / elapsed;
+    let throughput = a.jobs as f64 / busy_secs(&store).await;
     let loaded = latencies(&store).await;
 
     // Idle: one job at a time, the engine waiting.
@@ -261,6 +289,8 @@ async fn scenario(name: &str, url: Option<String>, replicas: usize, a: &Args) {
     for r in &rs {
         r.stop.cancel();
     }
+    let (steal, total) = cpu_ticks();
+    let steal_pct = 100.0 * (steal - ticks.0) as f64 / ((total - ticks.1).max(1)) as f64;
     let out = serde_json::json!({
         "scenario": name, "replicas": replicas, "workers_per_replica": a.workers, "jobs": a.jobs,
         "engine_jobs_per_s": throughput, "bare_queue_jobs_per_s": bare,
@@ -268,6 +298,7 @@ async fn scenario(name: &str, url: Option<String>, replicas: usize, a: &Args) {
         "loaded_start_p50_ms": pct(&loaded, 0.5), "loaded_start_p99_ms": pct(&loaded, 0.99),
         "idle_start_p50_ms": pct(&idle, 0.5), "idle_start_p99_ms": pct(&idle, 0.99),
         "idle_samples": idle.len(),
+        "cpu_steal_pct": steal_pct,
     });
     println!("{out}");
 }
@@ -275,9 +306,21 @@ async fn scenario(name: &str, url: Option<String>, replicas: usize, a: &Args) {
 #[tokio::main]
 async fn main() {
     let a = args();
-    scenario("sqlite", None, 1, &a).await;
+    // BENCH_SCENARIOS=sqlite,postgres-1-replica runs only those.
+    let only = std::env::var("BENCH_SCENARIOS").ok();
+    let run = |name: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|s| s == name))
+    };
+    if run("sqlite") {
+        scenario("sqlite", None, 1, &a).await;
+    }
     if let Some(pg) = a.pg.clone() {
-        scenario("postgres-1-replica", Some(pg.clone()), 1, &a).await;
-        scenario("postgres-2-replicas", Some(pg), 2, &a).await;
+        if run("postgres-1-replica") {
+            scenario("postgres-1-replica", Some(pg.clone()), 1, &a).await;
+        }
+        if run("postgres-2-replicas") {
+            scenario("postgres-2-replicas", Some(pg), 2, &a).await;
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! The store test suite, run against SQLite and PostgreSQL alike: the same code path must
 //! hold the same guarantees on both.
 
-use cellplane::persistence::{AuditInput, NewJob, Store};
+use cellplane::persistence::{AuditInput, JobEnd, LastStepRecord, NewJob, Store};
+use cellplane_api::JobState;
 use cellplane_tests::*;
 use serde_json::json;
 use std::sync::Arc;
@@ -384,5 +385,109 @@ both_backends!(
             store.verify_audit().await.unwrap(),
             cellplane::persistence::VerifyOutcome::Ok { records: 3 }
         );
+    }
+);
+
+// Group commit of job ends: one statement ends several jobs and records each one's last
+// step, leaving alone a job whose lease went to another worker; one statement then
+// releases the ended jobs' locks and claims at most `n` next jobs, expired leases first.
+both_backends!(
+    jobs_end_together_and_claim_their_successors,
+    |b| async move {
+        let (store, _d) = open(b).await;
+        for i in 1..=3 {
+            enqueue(&store, &format!("job-{i}"), &format!("bench/{i}")).await;
+        }
+        let mut mine = Vec::new();
+        for _ in 0..2 {
+            mine.push(store.claim_job("w1", lease(30)).await.unwrap().unwrap());
+        }
+        // w1 claims job-3 with a lease that has already run out; w2 takes it over.
+        let lost = store.claim_job("w1", -1000).await.unwrap().unwrap();
+        assert_eq!(lost.job.job_id, "job-3");
+        let taken = store.claim_job("w2", lease(30)).await.unwrap().unwrap();
+        assert_eq!(taken.job.job_id, "job-3");
+        for i in 4..=6 {
+            enqueue(&store, &format!("job-{i}"), &format!("bench/{i}")).await;
+        }
+        // job-4 is claimed by w3 with an expired lease: the claim below must take it first.
+        let dead = store.claim_job("w3", -1000).await.unwrap().unwrap();
+        assert_eq!(dead.job.job_id, "job-4");
+
+        let step_state = json!({"cursor": 7});
+        let mut tx = store.write().await.unwrap();
+        let ended = tx
+            .end_jobs(
+                "w1",
+                &[
+                    JobEnd {
+                        job_id: "job-1",
+                        state: JobState::Succeeded,
+                        error: None,
+                        last: Some(LastStepRecord {
+                            step_index: 1,
+                            step: "noop",
+                            log: "step noop done: é\n",
+                            state: &step_state,
+                        }),
+                    },
+                    JobEnd {
+                        job_id: "job-2",
+                        state: JobState::Failed,
+                        error: Some("boom"),
+                        last: None,
+                    },
+                    JobEnd {
+                        job_id: "job-3",
+                        state: JobState::Succeeded,
+                        error: None,
+                        last: None,
+                    },
+                ],
+            )
+            .await
+            .unwrap();
+        let mut ended_sorted = ended.clone();
+        ended_sorted.sort();
+        assert_eq!(ended_sorted, vec!["job-1".to_string(), "job-2".to_string()]);
+        let next = tx
+            .release_locks_and_claim(&["job-1", "job-2"], "w1", lease(30), 2)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let mut next_ids: Vec<String> = next.iter().map(|j| j.job.job_id.clone()).collect();
+        next_ids.sort();
+        assert_eq!(next_ids, vec!["job-4".to_string(), "job-5".to_string()]);
+        assert!(next.iter().all(|j| j.lease_owner.as_deref() == Some("w1")));
+
+        let j1 = store.get_job("job-1").await.unwrap().unwrap();
+        assert_eq!(j1.job.state, JobState::Succeeded);
+        assert_eq!(j1.job.step.as_deref(), Some("noop"));
+        assert_eq!(j1.step_index, 1);
+        assert_eq!(j1.state, step_state);
+        assert!(store
+            .job_log("job-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .ends_with("step noop done: é\n"));
+        let j2 = store.get_job("job-2").await.unwrap().unwrap();
+        assert_eq!(j2.job.state, JobState::Failed);
+        assert_eq!(j2.job.error.as_deref(), Some("boom"));
+        assert_eq!(j2.step_index, 0);
+        // The job w2 holds is untouched and keeps its lock; the ended jobs' locks are free.
+        let j3 = store.get_job("job-3").await.unwrap().unwrap();
+        assert_eq!(j3.job.state, JobState::Running);
+        assert_eq!(j3.lease_owner.as_deref(), Some("w2"));
+        let e = try_enqueue(&store, "job-x", "bench/3", &["bench/3"])
+            .await
+            .unwrap_err();
+        assert_eq!(holder(e).1, "job-3");
+        try_enqueue(&store, "job-y", "bench/1", &["bench/1"])
+            .await
+            .unwrap();
+        try_enqueue(&store, "job-z", "bench/2", &["bench/2"])
+            .await
+            .unwrap();
     }
 );

@@ -9,11 +9,11 @@
 //! checked between steps. A job keeps its locks through all of these. It never looks at a
 //! kind's name: kinds are found in the registry ([`super::kinds`]).
 
-use super::kind::{End, FinishCx, Kind, Next, StepCx, StepError};
+use super::kind::{End, FinishCx, Finished, Kind, Next, StepCx, StepError};
 use crate::clock::SharedClock;
 use crate::config::JobsConfig;
 use crate::failpoints::{Action, Failpoints};
-use crate::persistence::{self, JobRow, Store};
+use crate::persistence::{self, JobEnd, JobRow, LastStepRecord, Store};
 use crate::service::Service;
 use crate::stamping::Stamper;
 use cellplane_api::JobState;
@@ -58,6 +58,69 @@ pub struct Tokens {
     /// holder.
     pub detach: CancellationToken,
     pub lost: Arc<AtomicBool>,
+    /// The worker's way to the engine's ender (none outside the workers).
+    ender: Option<Ender>,
+}
+
+/// Sends job ends to the task that commits them together.
+type Ender = tokio::sync::mpsc::Sender<Ending>;
+
+/// Most job ends one transaction takes.
+const MAX_END_BATCH: usize = 64;
+
+/// A job's end, waiting to be committed: the job (with its final state), how it ended, its
+/// last step, and whether its worker wants its next job claimed in the same commit.
+struct Ending {
+    /// The kind's finish with the job's spec and in-memory state (which may hold what is
+    /// never persisted, such as a stamp's outputs).
+    finish: Box<dyn PendingFinish>,
+    job: JobRow,
+    end: End,
+    last: Option<LastStep>,
+    claim_next: bool,
+    reply: tokio::sync::oneshot::Sender<Result<Ended, persistence::StoreError>>,
+}
+
+/// A kind's finish waiting for the transaction that ends its job.
+trait PendingFinish: Send + Sync {
+    fn finish<'a>(
+        &'a self,
+        tx: &'a mut persistence::WriteTx,
+        service: &'a Service,
+        job: &'a JobRow,
+        end: &'a End,
+    ) -> futures_util::future::BoxFuture<'a, Result<Finished, persistence::StoreError>>;
+}
+
+struct TypedFinish<K: Kind> {
+    kind: &'static K,
+    spec: K::Spec,
+    state: K::State,
+}
+
+impl<K: Kind> PendingFinish for TypedFinish<K> {
+    fn finish<'a>(
+        &'a self,
+        tx: &'a mut persistence::WriteTx,
+        service: &'a Service,
+        job: &'a JobRow,
+        end: &'a End,
+    ) -> futures_util::future::BoxFuture<'a, Result<Finished, persistence::StoreError>> {
+        Box::pin(async move {
+            let cx = FinishCx { service, job };
+            self.kind
+                .finish(tx, &cx, &self.spec, &self.state, end)
+                .await
+        })
+    }
+}
+
+/// What committing a job's end did.
+struct Ended {
+    /// False when the lease was lost before the end: nothing was changed.
+    held: bool,
+    finished: Finished,
+    next: Option<JobRow>,
 }
 
 impl Tokens {
@@ -138,16 +201,137 @@ impl JobEngine {
 
     /// Starts the worker tasks; they stop when `shutdown` is cancelled.
     pub fn spawn(&self, shutdown: CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+        // The ender runs until the last worker drops its sender, so ends sent while the
+        // process stops are still committed.
+        let (ender, rx) = tokio::sync::mpsc::channel(MAX_END_BATCH);
+        tokio::spawn(self.clone().run_ender(rx));
         (0..self.cfg.workers.max(1))
             .map(|i| {
                 let engine = self.clone();
                 let shutdown = shutdown.clone();
-                tokio::spawn(async move { engine.worker(i, shutdown).await })
+                let ender = ender.clone();
+                tokio::spawn(async move { engine.worker(i, shutdown, ender).await })
             })
             .collect()
     }
 
-    async fn worker(self, index: usize, shutdown: CancellationToken) {
+    /// Group commit of job ends: the ends that arrive while a transaction is committing go
+    /// together in the next one, with one statement ending them all and one releasing their
+    /// locks and claiming their workers' next jobs. Under no load a batch is one end, so
+    /// latency is unchanged; under load one commit serves many jobs.
+    async fn run_ender(self, mut rx: tokio::sync::mpsc::Receiver<Ending>) {
+        // Batches in flight at once: one alone would make every job wait for the commit
+        // before its own, so a few run side by side (their commits meet in the store's own
+        // group commit) and the ends that arrive meanwhile wait together for a free slot.
+        let slots = end_slots(self.cfg.workers);
+        let free = Arc::new(tokio::sync::Semaphore::new(slots));
+        while let Some(first) = rx.recv().await {
+            let Ok(slot) = free.clone().acquire_owned().await else {
+                break;
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_END_BATCH {
+                match rx.try_recv() {
+                    Ok(e) => batch.push(e),
+                    Err(_) => break,
+                }
+            }
+            let engine = self.clone();
+            tokio::spawn(async move {
+                engine.end_batch(batch).await;
+                drop(slot);
+            });
+        }
+        let _ = free.acquire_many(slots as u32).await;
+    }
+
+    /// Commits `batch` in one transaction; if that fails (one kind's finish failed, or the
+    /// store did), each end is committed on its own so one failure touches no other job.
+    async fn end_batch(&self, batch: Vec<Ending>) {
+        if batch.len() > 1 {
+            let all: Vec<&Ending> = batch.iter().collect();
+            match self.end_together(&all).await {
+                Ok(done) => {
+                    for (e, d) in batch.into_iter().zip(done) {
+                        let _ = e.reply.send(Ok(d));
+                    }
+                    return;
+                }
+                Err(err) => tracing::warn!(error = %err, jobs = batch.len(),
+                    "ending jobs together failed; ending them one by one"),
+            }
+        }
+        for e in batch {
+            let res = self
+                .end_together(&[&e])
+                .await
+                .map(|mut d| d.pop().expect("one end"));
+            let _ = e.reply.send(res);
+        }
+    }
+
+    /// One transaction: ends the jobs still held (recording their last steps), runs each
+    /// kind's finish, releases their locks and claims the next jobs their workers want.
+    async fn end_together(&self, batch: &[&Ending]) -> Result<Vec<Ended>, persistence::StoreError> {
+        let mut tx = self.store().write().await?;
+        let records: Vec<JobEnd<'_>> = batch
+            .iter()
+            .map(|e| JobEnd {
+                job_id: &e.job.job.job_id,
+                state: e.end.job_state(),
+                error: e.end.error(),
+                last: e.last.as_ref().map(|l| LastStepRecord {
+                    step_index: l.cursor,
+                    step: l.name,
+                    log: &l.log,
+                    state: &l.state,
+                }),
+            })
+            .collect();
+        let ended: std::collections::HashSet<String> = tx
+            .end_jobs(&self.owner, &records)
+            .await?
+            .into_iter()
+            .collect();
+        let mut out = Vec::with_capacity(batch.len());
+        for e in batch {
+            let held = ended.contains(&e.job.job.job_id);
+            let finished = if held {
+                e.finish
+                    .finish(&mut tx, &self.service, &e.job, &e.end)
+                    .await?
+            } else {
+                Finished::default()
+            };
+            out.push(Ended {
+                held,
+                finished,
+                next: None,
+            });
+        }
+        let released: Vec<&str> = batch
+            .iter()
+            .filter(|e| ended.contains(&e.job.job.job_id))
+            .map(|e| e.job.job.job_id.as_str())
+            .collect();
+        let want = batch
+            .iter()
+            .zip(&out)
+            .filter(|(e, d)| e.claim_next && d.held)
+            .count();
+        let mut next = tx
+            .release_locks_and_claim(&released, &self.owner, self.lease_ms(), want)
+            .await?;
+        tx.commit().await?;
+        for (e, d) in batch.iter().zip(out.iter_mut()) {
+            if e.claim_next && d.held {
+                d.next = next.pop();
+            }
+        }
+        Ok(out)
+    }
+
+    async fn worker(self, index: usize, shutdown: CancellationToken, ender: Ender) {
         let notify = self.service.job_notify();
         tracing::debug!(worker = index, owner = %self.owner, "job worker started");
         while !shutdown.is_cancelled() {
@@ -162,7 +346,7 @@ impl JobEngine {
                     let mut next = Some(job);
                     while let Some(job) = next.take() {
                         self.metrics.claimed.fetch_add(1, Ordering::Relaxed);
-                        next = self.run(job, &shutdown).await;
+                        next = self.run(job, &shutdown, &ender).await;
                     }
                     continue;
                 }
@@ -180,14 +364,26 @@ impl JobEngine {
     }
 
     /// Runs a claimed job; returns the next job claimed with its end, if any.
-    async fn run(&self, job: JobRow, shutdown: &CancellationToken) -> Option<JobRow> {
+    async fn run(
+        &self,
+        job: JobRow,
+        shutdown: &CancellationToken,
+        ender: &Ender,
+    ) -> Option<JobRow> {
         let span = tracing::info_span!("job", job_id = %job.job.job_id, kind = %job.job.kind,
             target = %job.job.target, attempt = job.job.attempts,
             correlation_id = job.job.correlation_id.as_deref().unwrap_or(""));
-        self.run_in_span(job, shutdown).instrument(span).await
+        self.run_in_span(job, shutdown, ender)
+            .instrument(span)
+            .await
     }
 
-    async fn run_in_span(&self, job: JobRow, shutdown: &CancellationToken) -> Option<JobRow> {
+    async fn run_in_span(
+        &self,
+        job: JobRow,
+        shutdown: &CancellationToken,
+        ender: &Ender,
+    ) -> Option<JobRow> {
         tracing::info!(from_step = job.step_index, "job started");
         let tokens = Tokens {
             cancel: CancellationToken::new(),
@@ -195,6 +391,7 @@ impl JobEngine {
             // running for the next lease holder instead of being interrupted.
             detach: shutdown.child_token(),
             lost: Arc::new(AtomicBool::new(false)),
+            ender: Some(ender.clone()),
         };
         let renewer = {
             let engine = self.clone();
@@ -247,7 +444,13 @@ impl JobEngine {
     ) -> Result<(), persistence::StoreError> {
         let mut tx = self.store().write().await?;
         if tx
-            .finish_job(&job.job.job_id, &self.owner, end.job_state(), end.error())
+            .end_job(
+                &job.job.job_id,
+                &self.owner,
+                end.job_state(),
+                end.error(),
+                None,
+            )
             .await?
         {
             tx.release_locks(&job.job.job_id).await?;
@@ -317,7 +520,7 @@ fn wait_or_give_up(
 /// Runs a claimed job of kind `K` through its remaining steps and records the outcome;
 /// returns the next job claimed in the same commit as its end, if any.
 pub(super) async fn drive<K: Kind>(
-    kind: &K,
+    kind: &'static K,
     engine: &JobEngine,
     job: &JobRow,
     tokens: &Tokens,
@@ -339,7 +542,7 @@ pub(super) async fn drive<K: Kind>(
         steps(kind, engine, job, tokens, &spec, &mut state).await
     };
     let claim_next = !tokens.gone();
-    conclude(kind, engine, job, outcome, &spec, &state, claim_next).await
+    conclude(kind, engine, job, outcome, spec, state, claim_next, tokens).await
 }
 
 async fn steps<K: Kind>(
@@ -446,13 +649,14 @@ async fn steps<K: Kind>(
 
 #[allow(clippy::too_many_arguments)]
 async fn conclude<K: Kind>(
-    kind: &K,
+    kind: &'static K,
     engine: &JobEngine,
     job: &JobRow,
     outcome: Outcome,
-    spec: &K::Spec,
-    state: &K::State,
+    spec: K::Spec,
+    state: K::State,
     claim_next: bool,
+    tokens: &Tokens,
 ) -> Option<JobRow> {
     let id = &job.job.job_id;
     let end = match outcome {
@@ -500,7 +704,18 @@ async fn conclude<K: Kind>(
         Outcome::Succeeded(last) => (End::Succeeded, last),
     };
     let (end, last) = end;
-    match finalize(kind, engine, job, spec, state, end, last, claim_next).await {
+    let finish = Box::new(TypedFinish { kind, spec, state });
+    match finalize(
+        engine,
+        job,
+        finish,
+        end,
+        last,
+        claim_next,
+        tokens.ender.as_ref(),
+    )
+    .await
+    {
         Ok(next) => next,
         Err(e) => {
             // The lease will expire and the job will be picked up again.
@@ -511,55 +726,49 @@ async fn conclude<K: Kind>(
 }
 
 /// Commits the job's last step, its end, its kind's finish and the release of its locks in
-/// one transaction, and claims the worker's next job in it too.
-#[allow(clippy::too_many_arguments)]
-async fn finalize<K: Kind>(
-    kind: &K,
+/// one transaction, and claims the worker's next job in it too. Through the worker's ender,
+/// that transaction is shared with other jobs ending at the same time.
+async fn finalize(
     engine: &JobEngine,
     job: &JobRow,
-    spec: &K::Spec,
-    state: &K::State,
+    finish: Box<dyn PendingFinish>,
     end: End,
     last: Option<LastStep>,
     claim_next: bool,
+    ender: Option<&Ender>,
 ) -> Result<Option<JobRow>, persistence::StoreError> {
-    let mut tx = engine.store().write().await?;
-    let held = match &last {
-        Some(l) => {
-            tx.finish_job_with_step(
-                &job.job.job_id,
-                &engine.owner,
-                end.job_state(),
-                end.error(),
-                l.cursor,
-                l.name,
-                &l.log,
-                &l.state,
-            )
-            .await?
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let ending = Ending {
+        finish,
+        job: job.clone(),
+        end: end.clone(),
+        last,
+        claim_next,
+        reply,
+    };
+    let ended = match ender {
+        Some(ender) => {
+            if ender.send(ending).await.is_err() {
+                return Err(persistence::StoreError::Corrupt(
+                    "the job ender stopped".into(),
+                ));
+            }
+            answer
+                .await
+                .map_err(|_| persistence::StoreError::Corrupt("the job ender stopped".into()))??
         }
         None => {
-            tx.finish_job(&job.job.job_id, &engine.owner, end.job_state(), end.error())
-                .await?
+            engine.end_batch(vec![ending]).await;
+            answer
+                .await
+                .map_err(|_| persistence::StoreError::Corrupt("the job ender stopped".into()))??
         }
     };
-    if !held {
+    if !ended.held {
         tracing::info!("job lease lost before it could finish; leaving it");
         return Ok(None);
     }
-    let cx = FinishCx {
-        service: &engine.service,
-        job,
-    };
-    let finished = kind.finish(&mut tx, &cx, spec, state, &end).await?;
-    tx.release_locks(&job.job.job_id).await?;
-    let next = if claim_next {
-        tx.claim_next_job(&engine.owner, engine.lease_ms()).await?
-    } else {
-        None
-    };
-    tx.commit().await?;
-    if let Some(rev) = finished.routes_revision {
+    if let Some(rev) = ended.finished.routes_revision {
         engine.service.route_revisions().observe(rev);
     }
     engine.count(end.job_state());
@@ -568,7 +777,12 @@ async fn finalize<K: Kind>(
         error = end.error().unwrap_or(""),
         "job finished"
     );
-    Ok(next)
+    Ok(ended.next)
+}
+
+/// How many batches of job ends commit at once for `workers` workers.
+fn end_slots(workers: usize) -> usize {
+    workers.div_ceil(2).max(1)
 }
 
 /// Capped exponential backoff with jitter in [half, full] of the step.
@@ -602,6 +816,98 @@ mod tests {
             Outcome::Failed(e) => assert!(e.contains("gave up after 900 s"), "{e}"),
             _ => panic!("still waiting past the limit"),
         }
+    }
+
+    /// A finish that fails, standing for a kind whose finish hits a store error.
+    struct FailingFinish;
+
+    impl PendingFinish for FailingFinish {
+        fn finish<'a>(
+            &'a self,
+            _tx: &'a mut persistence::WriteTx,
+            _service: &'a Service,
+            _job: &'a JobRow,
+            _end: &'a End,
+        ) -> futures_util::future::BoxFuture<'a, Result<Finished, persistence::StoreError>>
+        {
+            Box::pin(async { Err(persistence::StoreError::Corrupt("finish failed".into())) })
+        }
+    }
+
+    // Ends committed together fall back to one transaction each when one of them fails,
+    // so a failing finish costs no other job its end.
+    #[tokio::test]
+    async fn a_failing_finish_in_a_batch_spoils_no_other_end() {
+        use crate::jobs::noop::{NoState, Noop, NoopSpec};
+        static NOOP: Noop = Noop;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(None, dir.path(), 4).await.unwrap();
+        let config = crate::config::Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        let (_service, engine) = crate::startup::service_and_engine(&config, store.clone())
+            .expect("an engine on a fresh store");
+        let mut tx = store.write().await.unwrap();
+        for r in ["bench/a", "bench/b"] {
+            let spec = NoopSpec {
+                resource: r.to_string(),
+            };
+            crate::jobs::enqueue::<Noop>(&mut tx, &spec, 3, None)
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+        let a = store
+            .claim_job(engine.owner(), 30_000)
+            .await
+            .unwrap()
+            .unwrap();
+        let b = store
+            .claim_job(engine.owner(), 30_000)
+            .await
+            .unwrap()
+            .unwrap();
+        let ending = |job: &JobRow, finish: Box<dyn PendingFinish>| {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let e = Ending {
+                finish,
+                job: job.clone(),
+                end: End::Succeeded,
+                last: None,
+                claim_next: true,
+                reply,
+            };
+            (e, answer)
+        };
+        let (ea, ra) = ending(&a, Box::new(FailingFinish));
+        let spec_b: NoopSpec = serde_json::from_value(b.payload.clone()).unwrap();
+        let (eb, rb) = ending(
+            &b,
+            Box::new(TypedFinish {
+                kind: &NOOP,
+                spec: spec_b,
+                state: NoState::default(),
+            }),
+        );
+        engine.end_batch(vec![ea, eb]).await;
+        assert!(ra.await.unwrap().is_err(), "the failing finish is reported");
+        let done = rb.await.unwrap().expect("the other end commits");
+        assert!(done.held);
+        let a_now = store.get_job(&a.job.job_id).await.unwrap().unwrap();
+        assert_eq!(
+            a_now.job.state,
+            JobState::Running,
+            "left for its lease to expire"
+        );
+        let b_now = store.get_job(&b.job.job_id).await.unwrap().unwrap();
+        assert_eq!(b_now.job.state, JobState::Succeeded);
+        let mut tx = store.write().await.unwrap();
+        assert_eq!(
+            tx.lock_holder("bench/a").await.unwrap().as_deref(),
+            Some(a.job.job_id.as_str())
+        );
+        assert_eq!(tx.lock_holder("bench/b").await.unwrap(), None);
     }
 
     #[test]

@@ -173,7 +173,7 @@ pub trait DynKind: Send + Sync {
     /// Runs a claimed job to its outcome and records it; returns the next job claimed in
     /// the same commit as its end, if any.
     fn run<'a>(
-        &'a self,
+        &'static self,
         engine: &'a JobEngine,
         job: &'a JobRow,
         tokens: &'a Tokens,
@@ -208,7 +208,7 @@ impl<K: Kind> DynKind for K {
         K::tenant(&spec).map(str::to_string)
     }
     fn run<'a>(
-        &'a self,
+        &'static self,
         engine: &'a JobEngine,
         job: &'a JobRow,
         tokens: &'a Tokens,

@@ -28,6 +28,25 @@ pub struct NewJob<'a> {
     pub locks: Vec<String>,
 }
 
+/// A job's last step, recorded with its end ([`WriteTx::end_jobs`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LastStepRecord<'a> {
+    pub step_index: i64,
+    pub step: &'a str,
+    /// Appended to the job's log.
+    pub log: &'a str,
+    pub state: &'a serde_json::Value,
+}
+
+/// How one job ends ([`WriteTx::end_jobs`]).
+#[derive(Debug, Clone, Copy)]
+pub struct JobEnd<'a> {
+    pub job_id: &'a str,
+    pub state: JobState,
+    pub error: Option<&'a str>,
+    pub last: Option<LastStepRecord<'a>>,
+}
+
 /// A job as the worker sees it: the wire view plus its payload and step cursor.
 #[derive(Debug, Clone)]
 pub struct JobRow {
@@ -222,59 +241,140 @@ impl WriteTx {
         Ok(res.rows_affected() == 1)
     }
 
-    /// Claims the next runnable job for `owner` inside this transaction (a worker ending a
-    /// job takes its next one in the same commit). Same order as [`Store::claim_job`].
-    pub async fn claim_next_job(&mut self, owner: &str, lease_ms: i64) -> Result<Option<JobRow>> {
-        let ts = now();
-        for (cond, order) in claim_order(self.backend) {
-            let sql = claim_sql(self.backend, lease_ms, &cond, order);
-            let row = sqlx::query(&sql)
-                .bind(owner)
-                .bind(&ts)
-                .fetch_optional(&mut *self.tx)
-                .await?;
-            if let Some(r) = row {
-                return job_from_row(&r).map(Some);
-            }
-        }
-        Ok(None)
-    }
-
-    /// Ends a job held by `owner` and records its last step (log line, cursor and state)
-    /// in the same statement, so a job's end costs one statement and one commit. Returns
-    /// false when the lease was lost meanwhile.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn finish_job_with_step(
+    /// Ends a job held by `owner` and records its last step when given; see
+    /// [`WriteTx::end_jobs`]. Returns false, and changes nothing, when the lease was lost.
+    pub async fn end_job(
         &mut self,
         id: &str,
         owner: &str,
         state: JobState,
         error: Option<&str>,
-        step_index: i64,
-        step: &str,
-        log_append: &str,
-        job_state: &serde_json::Value,
+        last: Option<LastStepRecord<'_>>,
     ) -> Result<bool> {
-        let ts = now();
-        let res = sqlx::query(
-            "UPDATE jobs SET state = $1, error = $2, finished_at = $3, updated_at = $3, lease_owner = NULL, \
-             lease_expires_at = NULL, progress = CASE WHEN $1 = 'succeeded' THEN 1.0 ELSE progress END, \
-             step_index = $6, step = $7, log = log || $8, log_total = log_total + $9, job_state = $10 \
-             WHERE job_id = $4 AND lease_owner = $5 AND state = 'running'",
-        )
-        .bind(state.as_str())
-        .bind(error)
-        .bind(&ts)
-        .bind(id)
-        .bind(owner)
-        .bind(step_index)
-        .bind(step)
-        .bind(log_append)
-        .bind(log_append.len() as i64)
-        .bind(job_state.to_string())
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(res.rows_affected() == 1)
+        let ended = self
+            .end_jobs(
+                owner,
+                &[JobEnd {
+                    job_id: id,
+                    state,
+                    error,
+                    last,
+                }],
+            )
+            .await?;
+        Ok(!ended.is_empty())
+    }
+
+    /// Ends the jobs `ends` held by `owner`, each with its last step when given (log line,
+    /// cursor and state), in one statement; returns the ids of those it ended. A job whose
+    /// lease was lost meanwhile is left as it is. The jobs' locks stay until
+    /// [`WriteTx::release_locks_and_claim`] in the same transaction.
+    pub async fn end_jobs(&mut self, owner: &str, ends: &[JobEnd<'_>]) -> Result<Vec<String>> {
+        if ends.is_empty() {
+            return Ok(Vec::new());
+        }
+        const COLS: usize = 9;
+        let mut rows = String::new();
+        for r in 0..ends.len() {
+            let b = 3 + r * COLS;
+            if r > 0 {
+                rows.push(',');
+            }
+            rows.push_str(&format!(
+                "(CAST(${} AS TEXT), CAST(${} AS TEXT), CAST(${} AS TEXT), CAST(${} AS BIGINT), \
+                 CAST(${} AS BIGINT), CAST(${} AS TEXT), CAST(${} AS TEXT), CAST(${} AS BIGINT), \
+                 CAST(${} AS TEXT))",
+                b,
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7,
+                b + 8
+            ));
+        }
+        let sql = format!(
+            "WITH v(job_id, state, error, stepped, step_index, step, log_append, log_len, job_state) AS (VALUES {rows}) \
+             UPDATE jobs SET state = v.state, error = v.error, finished_at = $2, updated_at = $2, \
+             lease_owner = NULL, lease_expires_at = NULL, \
+             progress = CASE WHEN v.state = 'succeeded' THEN 1.0 ELSE jobs.progress END, \
+             step_index = CASE WHEN v.stepped = 1 THEN v.step_index ELSE jobs.step_index END, \
+             step = CASE WHEN v.stepped = 1 THEN v.step ELSE jobs.step END, \
+             log = CASE WHEN v.stepped = 1 THEN jobs.log || v.log_append ELSE jobs.log END, \
+             log_total = jobs.log_total + CASE WHEN v.stepped = 1 THEN v.log_len ELSE 0 END, \
+             job_state = CASE WHEN v.stepped = 1 THEN v.job_state ELSE jobs.job_state END \
+             FROM v WHERE jobs.job_id = v.job_id AND jobs.lease_owner = $1 AND jobs.state = 'running' \
+             RETURNING jobs.job_id"
+        );
+        let mut q = sqlx::query(&sql).bind(owner).bind(now());
+        for e in ends {
+            q = q
+                .bind(e.job_id)
+                .bind(e.state.as_str())
+                .bind(e.error)
+                .bind(e.last.is_some() as i64)
+                .bind(e.last.map(|l| l.step_index).unwrap_or(0))
+                .bind(e.last.map(|l| l.step))
+                .bind(e.last.map(|l| l.log))
+                .bind(e.last.map(|l| l.log.len() as i64).unwrap_or(0))
+                .bind(e.last.map(|l| l.state.to_string()));
+        }
+        let rows = q.fetch_all(&mut *self.tx).await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0).map_err(Into::into))
+            .collect()
+    }
+
+    /// Releases the locks of the ended jobs `ended` and claims up to `n` next jobs for
+    /// `owner` (in [`Store::claim_job`]'s order): one statement on PostgreSQL (a
+    /// data-modifying `WITH`), two on SQLite.
+    pub async fn release_locks_and_claim(
+        &mut self,
+        ended: &[&str],
+        owner: &str,
+        lease_ms: i64,
+        n: usize,
+    ) -> Result<Vec<JobRow>> {
+        if n == 0 {
+            for id in ended {
+                self.release_locks(id).await?;
+            }
+            return Ok(Vec::new());
+        }
+        let release = match self.backend {
+            Backend::Postgres if !ended.is_empty() => {
+                let ids: Vec<String> = (0..ended.len()).map(|i| format!("${}", 4 + i)).collect();
+                format!(
+                    "released AS (DELETE FROM job_locks WHERE job_id IN ({})), ",
+                    ids.join(",")
+                )
+            }
+            Backend::Postgres => String::new(),
+            Backend::Sqlite => {
+                if !ended.is_empty() {
+                    let ids: Vec<String> =
+                        (0..ended.len()).map(|i| format!("${}", 1 + i)).collect();
+                    let sql = format!("DELETE FROM job_locks WHERE job_id IN ({})", ids.join(","));
+                    let mut q = sqlx::query(&sql);
+                    for id in ended {
+                        q = q.bind(*id);
+                    }
+                    q.execute(&mut *self.tx).await?;
+                }
+                String::new()
+            }
+        };
+        let sql = claim_sql(self.backend, lease_ms, &release);
+        let mut q = sqlx::query(&sql).bind(owner).bind(now()).bind(n as i64);
+        if self.backend == Backend::Postgres {
+            for id in ended {
+                q = q.bind(*id);
+            }
+        }
+        let rows = q.fetch_all(&mut *self.tx).await?;
+        rows.iter().map(job_from_row).collect()
     }
 
     /// Cancels a queued job at once; a running one is flagged for its worker.
@@ -305,20 +405,15 @@ impl Store {
     /// tests: a lease already expired). Lease expiry is judged by the database clock, so
     /// replicas whose clocks disagree still agree on whose lease has run out.
     pub async fn claim_job(&self, owner: &str, lease_ms: i64) -> Result<Option<JobRow>> {
-        let ts = now();
-        for (cond, order) in claim_order(self.backend) {
-            let sql = claim_sql(self.backend, lease_ms, &cond, order);
-            let _guard = self.lock_writer().await;
-            let row = sqlx::query(&sql)
-                .bind(owner)
-                .bind(&ts)
-                .fetch_optional(&self.pool)
-                .await?;
-            if let Some(r) = row {
-                return job_from_row(&r).map(Some);
-            }
-        }
-        Ok(None)
+        let sql = claim_sql(self.backend, lease_ms, "");
+        let _guard = self.lock_writer().await;
+        let row = sqlx::query(&sql)
+            .bind(owner)
+            .bind(now())
+            .bind(1i64)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
     }
 
     /// Extends the lease by `lease_ms` from now (database clock); returns the cancel flag,
@@ -528,35 +623,28 @@ impl Store {
     }
 }
 
-/// What a claim looks for, in order: a job whose holder died (its lease ran out, by the
-/// database clock), then the queued job due longest. Each is one probe of its own index:
-/// an `OR` of the two would scan the table on every claim.
-fn claim_order(backend: Backend) -> [(String, &'static str); 2] {
-    let db_now = backend.now_sql(0);
-    [
-        (
-            format!("state = 'running' AND lease_expires_at < {db_now}"),
-            "lease_expires_at, job_id",
-        ),
-        (
-            "state = 'queued' AND run_after <= $2".to_string(),
-            "run_after, created_at, job_id",
-        ),
-    ]
-}
-
-/// The claim statement for one of [`claim_order`]'s conditions (constants, never input).
-fn claim_sql(backend: Backend, lease_ms: i64, cond: &str, order: &str) -> String {
+/// The claim statement (constants, never input): claims up to `$3` jobs for `$1` (`$2` is
+/// the caller's time, for `run_after`). A claim looks first for jobs whose holder died (their
+/// lease ran out, by the database clock), then for the queued jobs due longest; each is one
+/// probe of its own index (an `OR` of the two conditions in one probe would scan the table).
+/// `with` is prepended to the statement's `WITH` list (a lock release on PostgreSQL).
+fn claim_sql(backend: Backend, lease_ms: i64, with: &str) -> String {
     let lock = match backend {
         Backend::Postgres => " FOR UPDATE SKIP LOCKED",
         Backend::Sqlite => "",
     };
+    let db_now = backend.now_sql(0);
     let until = backend.now_sql(lease_ms);
+    let expired = format!("state = 'running' AND lease_expires_at < {db_now}");
+    let due = "state = 'queued' AND run_after <= $2";
     format!(
-        "UPDATE jobs SET state = 'running', lease_owner = $1, lease_expires_at = {until}, attempts = attempts + 1, \
+        "WITH {with}\
+         expired AS (SELECT job_id FROM jobs WHERE {expired} ORDER BY lease_expires_at, job_id LIMIT $3{lock}), \
+         due AS (SELECT job_id FROM jobs WHERE {due} ORDER BY run_after, created_at, job_id LIMIT $3{lock}) \
+         UPDATE jobs SET state = 'running', lease_owner = $1, lease_expires_at = {until}, attempts = attempts + 1, \
          started_at = COALESCE(started_at, $2), updated_at = $2 \
-         WHERE job_id = (SELECT job_id FROM jobs WHERE {cond} ORDER BY {order} LIMIT 1{lock}) \
-         AND {cond} RETURNING *"
+         WHERE job_id IN (SELECT job_id FROM expired UNION ALL SELECT job_id FROM due LIMIT $3) \
+         AND (({expired}) OR ({due})) RETURNING *"
     )
 }
 

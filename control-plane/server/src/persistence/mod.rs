@@ -23,7 +23,7 @@ mod tokens;
 
 pub use audit::{AuditInput, OwnedAudit, VerifyOutcome};
 pub use idempotency::StoredResponse;
-pub use jobs::{JobRow, NewJob};
+pub use jobs::{JobEnd, JobRow, LastStepRecord, NewJob};
 pub use placement::Reservation;
 pub use routing::{RouteWrite, RouterRow, RoutingHead};
 pub use tenants::{Conditional, CreateOutcome, EnvironmentRow, NewTenant, TenantFilter, TenantRow};
