@@ -93,6 +93,25 @@ impl Client {
         Self::send(self.request(Method::DELETE, path)).await
     }
 
+    /// Fetches every page of a list (`next_cursor` followed until it runs out).
+    pub async fn all<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>, ClientError> {
+        let mut items = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let p = match &cursor {
+                Some(cur) => format!("{path}{sep}cursor={cur}"),
+                None => path.to_string(),
+            };
+            let page: Page<T> = self.get(&p).await?;
+            items.extend(page.items);
+            match page.next_cursor {
+                Some(n) => cursor = Some(n),
+                None => return Ok(items),
+            }
+        }
+    }
+
     pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
         let resp = self.request(Method::GET, path).send().await?;
         let status = resp.status();

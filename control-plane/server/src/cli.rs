@@ -43,7 +43,7 @@ pub enum Command {
     #[command(after_help = "Example:\n  \
         cellplane down              # stop the control plane and router of ./.cellplane\n  \
         cellplane down --destroy    # and destroy its cells, then remove ./.cellplane")]
-    Down(DownArgs),
+    Down(crate::down::DownArgs),
     /// Organizations.
     Org(ClientArgs<OrgCmd>),
     /// Tenants and their lifecycle.
@@ -113,17 +113,6 @@ pub struct UpArgs {
     /// Do not start a router.
     #[arg(long)]
     pub no_router: bool,
-}
-
-#[derive(Args, Debug)]
-pub struct DownArgs {
-    /// The data directory `cellplane up` ran with.
-    #[arg(long, default_value = ".cellplane")]
-    pub data_dir: PathBuf,
-    /// Also destroy every cell of this data directory (terraform destroy, after deleting
-    /// their tenants) and then remove the data directory.
-    #[arg(long)]
-    pub destroy: bool,
 }
 
 #[derive(Args, Debug)]
@@ -568,20 +557,8 @@ fn completion(shell: Shell) -> i32 {
     0
 }
 
-pub(crate) fn load_config(
-    file: Option<&std::path::Path>,
-) -> Result<Config, crate::config::ConfigError> {
-    let mut cfg = Config::load(file, std::env::vars())?;
-    if let Ok(t) = std::env::var("CELLPLANE_ADMIN_TOKEN") {
-        if !t.is_empty() {
-            cfg.admin_token = Some(Secret::new(t));
-        }
-    }
-    Ok(cfg)
-}
-
 async fn serve(a: ServeArgs) -> i32 {
-    let mut cfg = match load_config(a.config.as_deref()) {
+    let mut cfg = match crate::config::load_config(a.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -608,7 +585,7 @@ async fn serve(a: ServeArgs) -> i32 {
 }
 
 async fn up(a: UpArgs) -> i32 {
-    let mut cfg = match load_config(None) {
+    let mut cfg = match crate::config::load_config(None) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -821,28 +798,6 @@ fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
-/// Fetches every page of a list.
-pub(crate) async fn all<T: serde::de::DeserializeOwned>(
-    c: &Client,
-    path: &str,
-) -> Result<Vec<T>, ClientError> {
-    let mut items = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let sep = if path.contains('?') { '&' } else { '?' };
-        let p = match &cursor {
-            Some(cur) => format!("{path}{sep}cursor={cur}"),
-            None => path.to_string(),
-        };
-        let page: Page<T> = c.get(&p).await?;
-        items.extend(page.items);
-        match page.next_cursor {
-            Some(n) => cursor = Some(n),
-            None => return Ok(items),
-        }
-    }
-}
-
 fn opt(s: &Option<String>) -> String {
     s.clone().unwrap_or_else(|| "-".into())
 }
@@ -931,7 +886,7 @@ async fn org(c: Client, cmd: OrgCmd, json: bool) -> CliResult {
             })
             .await?,
         ],
-        OrgCmd::List => all(&c, "/v1/organizations").await?,
+        OrgCmd::List => c.all("/v1/organizations").await?,
         OrgCmd::Get { id } => vec![
             c.get(&format!(
                 "/v1/organizations/{}",
@@ -1024,7 +979,7 @@ async fn tenant(c: Client, cmd: TenantCmd, json: bool) -> CliResult {
                 ("organization_id", &org),
                 ("cell_id", &cell),
             ]);
-            let ts: Vec<Tenant> = all(&c, &format!("/v1/tenants{q}")).await?;
+            let ts: Vec<Tenant> = c.all(&format!("/v1/tenants{q}")).await?;
             if json {
                 print_json(&ts);
             } else {
@@ -1193,7 +1148,7 @@ async fn cell(c: Client, cmd: CellCmd, json: bool) -> CliResult {
             state,
         } => {
             let q = query(&[("region", &region), ("tier", &tier), ("state", &state)]);
-            let cells: Vec<Cell> = all(&c, &format!("/v1/cells{q}")).await?;
+            let cells: Vec<Cell> = c.all(&format!("/v1/cells{q}")).await?;
             if json {
                 print_json(&cells);
             } else {
@@ -1501,7 +1456,7 @@ async fn job(c: Client, cmd: JobCmd, json: bool) -> CliResult {
     let jobs: Vec<Job> = match cmd {
         JobCmd::List { target, state } => {
             let q = query(&[("target", &target), ("state", &state)]);
-            all(&c, &format!("/v1/jobs{q}")).await?
+            c.all(&format!("/v1/jobs{q}")).await?
         }
         JobCmd::Get { id } => vec![c.get_job(id_arg("job", &id)?.as_str()).await?],
         JobCmd::Log { id } => {
@@ -1727,7 +1682,7 @@ async fn audit(c: Client, cmd: AuditCmd, json: bool) -> CliResult {
                     .await?
                     .items
             } else {
-                all(&c, &format!("/v1/audit{q}")).await?
+                c.all(&format!("/v1/audit{q}")).await?
             };
             if json {
                 print_json(&recs);
@@ -1802,7 +1757,7 @@ async fn token(c: Client, cmd: TokenCmd, json: bool) -> CliResult {
             Ok(())
         }
         TokenCmd::List => {
-            let ts: Vec<TokenInfo> = all(&c, "/v1/tokens").await?;
+            let ts: Vec<TokenInfo> = c.all("/v1/tokens").await?;
             if json {
                 print_json(&ts);
             } else {

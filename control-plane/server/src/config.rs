@@ -3,28 +3,9 @@
 //! in [`Secret`], which never prints its value.
 
 use serde::Deserialize;
-use std::fmt;
 use std::path::PathBuf;
 
-/// A value that must never reach a log line.
-#[derive(Clone, Deserialize, Default)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
+pub use crate::secret::Secret;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -328,6 +309,18 @@ fn set_path(doc: &mut toml::Table, keys: &[String], value: toml::Value) {
         cur = entry.as_table_mut().expect("just made a table");
     }
     cur.insert(last.clone(), value);
+}
+
+/// The configuration `cellplane serve` and `up` run with: defaults, then `file`, then
+/// `CELLPLANE__…` variables, and the admin token from `CELLPLANE_ADMIN_TOKEN` when set.
+pub fn load_config(file: Option<&std::path::Path>) -> Result<Config, ConfigError> {
+    let mut cfg = Config::load(file, std::env::vars())?;
+    if let Ok(t) = std::env::var("CELLPLANE_ADMIN_TOKEN") {
+        if !t.is_empty() {
+            cfg.admin_token = Some(Secret::new(t));
+        }
+    }
+    Ok(cfg)
 }
 
 #[cfg(test)]

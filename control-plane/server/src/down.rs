@@ -3,7 +3,6 @@
 //! through terraform, as `cell delete` does, then removes the directory. Only the cells
 //! registered in this data directory are touched.
 
-use crate::cli::DownArgs;
 use crate::startup::Application;
 use cellplane_api::{Cell, CellState, CellWithJob, Client, JobState, Tenant, TenantState};
 use nix::sys::signal::{kill, Signal};
@@ -11,6 +10,18 @@ use nix::unistd::Pid;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+/// `cellplane down`.
+#[derive(clap::Args, Debug)]
+pub struct DownArgs {
+    /// The data directory `cellplane up` ran with.
+    #[arg(long, default_value = ".cellplane")]
+    pub data_dir: std::path::PathBuf,
+    /// Also destroy every cell of this data directory (terraform destroy, after deleting
+    /// their tenants) and then remove the data directory.
+    #[arg(long)]
+    pub destroy: bool,
+}
 
 const UP_PID: &str = "up.pid";
 const ROUTER_PID: &str = "router.pid";
@@ -109,7 +120,7 @@ fn running(pid: i32) -> bool {
 /// Starts the control plane of `data_dir` in this process, deletes its tenants and then
 /// destroys its cells through the API (each by a destroy job running terraform destroy).
 async fn destroy(data_dir: &Path) -> Result<(), String> {
-    let mut cfg = crate::cli::load_config(None).map_err(|e| e.to_string())?;
+    let mut cfg = crate::config::load_config(None).map_err(|e| e.to_string())?;
     cfg.listen = "127.0.0.1:0".into();
     cfg.data_dir = data_dir.to_path_buf();
     if cfg.database_url.is_some() {
@@ -145,9 +156,7 @@ async fn destroy(data_dir: &Path) -> Result<(), String> {
 
 async fn destroy_cells(c: &Client) -> Result<(), String> {
     // Cells refuse deletion while tenants are placed on them.
-    let tenants: Vec<Tenant> = crate::cli::all(c, "/v1/tenants")
-        .await
-        .map_err(|e| e.to_string())?;
+    let tenants: Vec<Tenant> = c.all("/v1/tenants").await.map_err(|e| e.to_string())?;
     for t in tenants {
         let id = t.tenant_id.to_string();
         if matches!(t.state, TenantState::Active | TenantState::Suspended) {
@@ -171,9 +180,7 @@ async fn destroy_cells(c: &Client) -> Result<(), String> {
             .await?;
         }
     }
-    let cells: Vec<Cell> = crate::cli::all(c, "/v1/cells")
-        .await
-        .map_err(|e| e.to_string())?;
+    let cells: Vec<Cell> = c.all("/v1/cells").await.map_err(|e| e.to_string())?;
     for cell in cells {
         if cell.state == CellState::Destroyed {
             continue;

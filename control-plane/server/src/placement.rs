@@ -9,25 +9,43 @@
 //! nothing fits, a region whose policy enables auto-stamp gets a new pooled cell and the
 //! placement waits for it; otherwise placement fails with the reason. Dedicated profiles
 //! get a cell stamped for them. Scoring is pure ([`rank`]) so it is tested on its own.
+//!
+//! [`Placement`] decides and reserves; it never registers or stamps a cell itself (that
+//! is a job's): a placement that needs a new cell answers [`Outcome::Stamp`] with the cell
+//! to register, and the caller registers it and waits. The writes are functions on a
+//! write transaction ([`reserve_in`], [`release_in`], [`record_failure_in`]) so a job
+//! step composes them with route and lifecycle writes in one commit.
 
-use crate::persistence::AuditInput;
-use crate::service::{not_found, tenant_target, Ctx, Result, Service};
+use crate::config::PlacementConfig;
+use crate::ctx::{tenant_target, Ctx};
+use crate::error::{check_version, invalid, not_found, Result, ServiceError};
+use crate::iac::{Catalog, TemplateError};
+use crate::persistence::{AuditInput, Store, TenantRow, WriteTx};
+use crate::validate::{load_template, validate_capacity, validate_vars};
 use cellplane_api::{
-    Capacity, Cell, CellState, CreateCell, DataResidency, Encryption, Id, PlacementDecision,
-    PlacementStrategy, Profile, Region, RegionPolicy, Tier,
+    Capacity, Cell, CellState, CreateCell, DataResidency, Encryption, FieldError, Id,
+    PlacementDecision, PlacementStrategy, Profile, Region, RegionPolicy, Tier,
 };
 use serde_json::json;
 use std::collections::BTreeMap;
 
 /// What one placement attempt ended with.
 #[derive(Debug, Clone)]
-pub enum Placement {
-    /// The environment now holds capacity on this cell.
-    Placed(Box<PlacementDecision>),
+pub enum Outcome {
+    /// The environment now holds capacity on this cell. With `prestamp`, the region's
+    /// pooled cells passed the pre-stamp threshold: the caller registers that cell too
+    /// (best effort).
+    Placed {
+        decision: Box<PlacementDecision>,
+        prestamp: Option<Box<CreateCell>>,
+    },
     /// It already did (a retried step).
     AlreadyPlaced(String),
     /// A cell is being stamped for it; try again later.
     Waiting(String),
+    /// A cell must be registered and stamped first (auto-stamp of a pooled cell, or the
+    /// tenant's dedicated cell): the caller registers `cell` and waits, saying `why`.
+    Stamp { cell: Box<CreateCell>, why: String },
     /// Nothing fits and nothing will: the reason.
     Impossible(String),
 }
@@ -127,17 +145,39 @@ pub fn dedicated_cell_id(tenant_id: &str, env: &str) -> String {
     format!("{base}{suffix}")
 }
 
-fn system_ctx(correlation_id: Option<&str>) -> Ctx {
+/// Who registers the cells placement asks for, on audit records and jobs.
+pub fn system_ctx(correlation_id: Option<&str>) -> Ctx {
     Ctx {
         actor: "system:placement".into(),
         correlation_id: correlation_id.unwrap_or("placement").to_string(),
     }
 }
 
-impl Service {
+/// Placement over a store: region policies, and placing, releasing and recording
+/// failures for tenant environments. Cheap to clone.
+#[derive(Clone)]
+pub struct Placement {
+    store: Store,
+    templates: Catalog,
+    config: PlacementConfig,
+}
+
+impl Placement {
+    pub fn new(store: Store, templates: Catalog, config: PlacementConfig) -> Self {
+        Self {
+            store,
+            templates,
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &PlacementConfig {
+        &self.config
+    }
+
     pub async fn list_regions(&self) -> Result<Vec<Region>> {
         Ok(self
-            .store()
+            .store
             .list_region_policies()
             .await?
             .into_iter()
@@ -151,7 +191,7 @@ impl Service {
     }
 
     pub async fn get_region(&self, region: &str) -> Result<Region> {
-        let mut tx = self.store().write().await?;
+        let mut tx = self.store.write().await?;
         let found = tx.get_region_policy_tx(region).await?;
         drop(tx);
         let (policy, version, updated_at) =
@@ -175,28 +215,32 @@ impl Service {
         let mut errors = Vec::new();
         if let Some(t) = policy.prestamp_threshold {
             if !(t > 0.0 && t <= 1.0) {
-                errors.push(cellplane_api::FieldError {
+                errors.push(FieldError {
                     field: "prestamp_threshold".into(),
                     message: "must be in (0, 1]".into(),
                 });
             }
         }
-        crate::service::validate_capacity("pooled_capacity", &policy.pooled_capacity, &mut errors);
-        crate::service::validate_vars(&policy.vars, &mut errors);
+        validate_capacity("pooled_capacity", &policy.pooled_capacity, &mut errors);
+        validate_vars(&policy.vars, &mut errors);
         if !errors.is_empty() {
-            return Err(crate::service::ServiceError::Validation(errors));
+            return Err(ServiceError::Validation(errors));
         }
         // Auto-stamped cells get these variables: the template must accept them now, not
         // when a placement needs the cell.
-        let template = self.load_template(policy.default_template.as_str(), "default_template")?;
+        let template = load_template(
+            &self.templates,
+            policy.default_template.as_str(),
+            "default_template",
+        )?;
         if let Err(errors) = template.validate_vars(&policy.vars) {
-            return Err(crate::service::ServiceError::Validation(errors));
+            return Err(ServiceError::Validation(errors));
         }
-        let mut tx = self.store().write().await?;
+        let mut tx = self.store.write().await?;
         let current = tx.get_region_policy_tx(region).await?;
         let version = match &current {
             Some((_, v, _)) => {
-                crate::service::check_version(if_match, *v)?;
+                check_version(if_match, *v)?;
                 v + 1
             }
             None => {
@@ -231,11 +275,11 @@ impl Service {
     /// The placement policy of a region (defaults when none was set).
     pub async fn region_policy(&self, region: &str) -> Result<RegionPolicy> {
         Ok(self
-            .store()
+            .store
             .get_region_policy(region)
             .await?
             .unwrap_or_else(|| RegionPolicy {
-                strategy: self.settings().placement.strategy,
+                strategy: self.config.strategy,
                 ..RegionPolicy::default()
             }))
     }
@@ -247,19 +291,19 @@ impl Service {
         tenant_id: &str,
         env: &str,
         correlation_id: Option<&str>,
-    ) -> Result<Placement> {
+    ) -> Result<Outcome> {
         let t = self
-            .store()
+            .store
             .get_tenant(tenant_id)
             .await?
             .ok_or_else(|| not_found("tenant", tenant_id))?;
-        let envs = self.store().list_environments(tenant_id).await?;
+        let envs = self.store.list_environments(tenant_id).await?;
         let e = envs
             .iter()
             .find(|e| e.name == env)
             .ok_or_else(|| not_found("environment", &format!("{tenant_id}/{env}")))?;
         if let Some(c) = &e.cell_id {
-            return Ok(Placement::AlreadyPlaced(c.clone()));
+            return Ok(Outcome::AlreadyPlaced(c.clone()));
         }
         let units = t.quotas.units.unwrap_or(1).max(1);
         let policy = self.region_policy(&e.region).await?;
@@ -274,19 +318,19 @@ impl Service {
 
     async fn place_pooled(
         &self,
-        t: &crate::persistence::TenantRow,
+        t: &TenantRow,
         env: &str,
         region: &str,
         units: u64,
         policy: &RegionPolicy,
         correlation_id: Option<&str>,
-    ) -> Result<Placement> {
+    ) -> Result<Outcome> {
         let regions = candidate_regions(
             region,
             t.policies.data_residency,
             t.policies.allowed_regions.as_deref(),
         );
-        let cells = self.store().active_cells_in("pooled", &regions).await?;
+        let cells = self.store.active_cells_in("pooled", &regions).await?;
         let ranked = rank(&cells, &regions, units, policy.strategy);
         let by_id: BTreeMap<&str, &Cell> = cells.iter().map(|c| (c.cell_id.as_str(), c)).collect();
         let candidates: Vec<String> = ranked.iter().map(|r| r.cell_id.clone()).collect();
@@ -323,12 +367,14 @@ impl Service {
                 decided_at: crate::persistence::now(),
             };
             if self
-                .commit_placement(t, cell, decision.clone(), correlation_id)
+                .commit_placement(&t.tenant_id, cell, &decision, correlation_id)
                 .await?
             {
-                self.maybe_prestamp(&cell.region, policy, correlation_id)
-                    .await;
-                return Ok(Placement::Placed(Box::new(decision)));
+                let prestamp = self.prestamp_request(&cell.region, policy).await;
+                return Ok(Outcome::Placed {
+                    decision: Box::new(decision),
+                    prestamp: prestamp.map(Box::new),
+                });
             }
         }
         let summary: Vec<String> = cells
@@ -342,12 +388,9 @@ impl Service {
             .collect();
         let scope = regions.join(", ");
         if policy.auto_stamp {
-            return self
-                .auto_stamp(region, policy, units, correlation_id)
-                .await
-                .map(Placement::Waiting);
+            return self.auto_stamp(region, policy, units).await;
         }
-        Ok(Placement::Impossible(format!(
+        Ok(Outcome::Impossible(format!(
             "no active pooled cell in {scope} has room for one more tenant with {units} unit(s) \
              ({}); auto-stamp is off for region {region}",
             if summary.is_empty() {
@@ -358,86 +401,38 @@ impl Service {
         )))
     }
 
-    /// Reserves capacity on `cell` and records the placement in one transaction; false
-    /// when the cell no longer has room (another placement took it).
+    /// [`reserve_in`] in a transaction of its own.
     async fn commit_placement(
         &self,
-        t: &crate::persistence::TenantRow,
+        tenant_id: &str,
         cell: &Cell,
-        decision: PlacementDecision,
+        decision: &PlacementDecision,
         correlation_id: Option<&str>,
     ) -> Result<bool> {
-        let endpoint = endpoint_of(cell).unwrap_or_default();
-        let units = decision.units.min(i64::MAX as u64) as i64;
-        let mut tx = self.store().write().await?;
-        if !tx.reserve_capacity(&cell.cell_id, units).await? {
+        let mut tx = self.store.write().await?;
+        if !reserve_in(&mut tx, tenant_id, cell, decision, correlation_id).await? {
             return Ok(false);
         }
-        tx.set_environment_cell(&t.tenant_id, &decision.env, &cell.cell_id, &endpoint, units)
-            .await?;
-        let current = tx
-            .get_tenant_tx(&t.tenant_id)
-            .await?
-            .and_then(|t| t.placement);
-        let mut doc = match current {
-            Some(serde_json::Value::Object(m)) => m,
-            _ => serde_json::Map::new(),
-        };
-        let value = serde_json::to_value(&decision).unwrap_or_default();
-        doc.insert(decision.env.clone(), value.clone());
-        tx.set_tenant_placement(&t.tenant_id, &serde_json::Value::Object(doc))
-            .await?;
-        tx.audit(AuditInput {
-            tenant_id: Some(&t.tenant_id),
-            event_type: "TENANCY_PLACED",
-            actor: "system:placement",
-            target: &tenant_target(&t.tenant_id),
-            payload: value,
-            correlation_id,
-        })
-        .await?;
         tx.commit().await?;
-        tracing::info!(tenant_id = %t.tenant_id, env = %decision.env, cell_id = %cell.cell_id,
+        tracing::info!(tenant_id, env = %decision.env, cell_id = %cell.cell_id,
             reason = %decision.reason, "placed tenant environment");
         Ok(true)
     }
 
-    /// Gives back the capacity the tenant's environments hold; with `forget`, they also stop
-    /// pointing at their cells (the tenant is gone). Idempotent.
+    /// [`release_in`] in a transaction of its own.
     pub async fn release_tenant(
         &self,
         tenant_id: &str,
         forget: bool,
         correlation_id: Option<&str>,
     ) -> Result<Vec<String>> {
-        let envs = self.store().list_environments(tenant_id).await?;
-        let mut tx = self.store().write().await?;
-        let mut released = Vec::new();
-        let mut payload = Vec::new();
-        for e in &envs {
-            if let Some(r) = tx.release_environment(tenant_id, &e.name, forget).await? {
-                released.push(format!("{} from {} ({} units)", e.name, r.cell_id, r.units));
-                payload.push(json!({"env": e.name, "cell_id": r.cell_id, "units": r.units}));
-            }
-        }
-        let forgot = forget && envs.iter().any(|e| e.cell_id.is_some());
-        if released.is_empty() && !forgot {
-            return Ok(released);
-        }
-        tx.audit(AuditInput {
-            tenant_id: Some(tenant_id),
-            event_type: "TENANCY_CAPACITY_RELEASED",
-            actor: "system:placement",
-            target: &tenant_target(tenant_id),
-            payload: json!({"released": payload, "cells_forgotten": forgot}),
-            correlation_id,
-        })
-        .await?;
+        let mut tx = self.store.write().await?;
+        let released = release_in(&mut tx, tenant_id, forget, correlation_id).await?;
         tx.commit().await?;
         Ok(released)
     }
 
-    /// Records why a placement failed on the tenant, so `GET /v1/tenants/{id}` shows it.
+    /// [`record_failure_in`] in a transaction of its own.
     pub async fn record_placement_failure(
         &self,
         tenant_id: &str,
@@ -445,115 +440,53 @@ impl Service {
         reason: &str,
         correlation_id: Option<&str>,
     ) -> Result<()> {
-        let mut tx = self.store().write().await?;
-        let Some(t) = tx.get_tenant_tx(tenant_id).await? else {
-            return Ok(());
-        };
-        let mut doc = match t.placement {
-            Some(serde_json::Value::Object(m)) => m,
-            _ => serde_json::Map::new(),
-        };
-        let value = json!({"env": env, "cell_id": null, "failed": true, "reason": reason,
-                           "decided_at": crate::persistence::now()});
-        doc.insert(env.to_string(), value.clone());
-        tx.set_tenant_placement(tenant_id, &serde_json::Value::Object(doc))
-            .await?;
-        tx.audit(AuditInput {
-            tenant_id: Some(tenant_id),
-            event_type: "TENANCY_PLACEMENT_FAILED",
-            actor: "system:placement",
-            target: &tenant_target(tenant_id),
-            payload: value,
-            correlation_id,
-        })
-        .await?;
+        let mut tx = self.store.write().await?;
+        record_failure_in(&mut tx, tenant_id, env, reason, correlation_id).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Starts stamping a pooled cell in `region` unless one is already on its way.
-    /// Returns what the placement now waits for.
-    async fn auto_stamp(
-        &self,
-        region: &str,
-        policy: &RegionPolicy,
-        units: u64,
-        correlation_id: Option<&str>,
-    ) -> Result<String> {
-        let upcoming = self.store().upcoming_cells_in("pooled", region).await?;
+    /// Asks for a pooled cell in `region` unless one is already on its way.
+    async fn auto_stamp(&self, region: &str, policy: &RegionPolicy, units: u64) -> Result<Outcome> {
+        let upcoming = self.store.upcoming_cells_in("pooled", region).await?;
         if let Some(c) = upcoming.iter().find(|c| c.capacity.units >= units) {
-            return Ok(format!(
+            return Ok(Outcome::Waiting(format!(
                 "no pooled cell in {region} has room; waiting for cell {} ({}) to become active",
                 c.cell_id,
                 c.state.as_str()
-            ));
+            )));
         }
-        let id = self
-            .stamp_pooled(region, policy, units, correlation_id)
-            .await?;
-        Ok(format!(
-            "no pooled cell in {region} has room; auto-stamping pooled cell {id}"
-        ))
+        let cell = pooled_cell(region, policy, units)?;
+        let why = format!(
+            "no pooled cell in {region} has room; auto-stamping pooled cell {}",
+            cell.cell_id
+        );
+        Ok(Outcome::Stamp {
+            cell: Box::new(cell),
+            why,
+        })
     }
 
-    async fn stamp_pooled(
-        &self,
-        region: &str,
-        policy: &RegionPolicy,
-        units: u64,
-        correlation_id: Option<&str>,
-    ) -> Result<String> {
-        let suffix = crate::persistence::new_id("p");
-        let mut base = format!("{region}-pool");
-        base.truncate(63 - suffix.len() - 1);
-        let id = format!("{base}-{suffix}");
-        let mut labels = BTreeMap::new();
-        labels.insert("origin".to_string(), "auto-stamp".to_string());
-        let capacity = Capacity {
-            tenants: policy.pooled_capacity.tenants.max(1),
-            units: policy.pooled_capacity.units.max(units),
-        };
-        self.create_cell(
-            &system_ctx(correlation_id),
-            CreateCell {
-                cell_id: Id::parse(id.clone()).map_err(|e| {
-                    crate::service::invalid("cell_id", format!("generated id {id:?}: {e}"))
-                })?,
-                region: Id::parse(region)
-                    .map_err(|e| crate::service::invalid("region", e.to_string()))?,
-                tier: Tier::Pooled,
-                template: policy.default_template.clone(),
-                capacity,
-                labels,
-                vars: policy.vars.clone(),
-                app_version: None,
-            },
-        )
-        .await?;
-        tracing::info!(region, cell_id = %id, "auto-stamping a pooled cell");
-        Ok(id)
-    }
-
-    /// Pre-stamps a pooled cell when the region's pooled utilization passes the threshold
+    /// A pooled cell to pre-stamp when the region's pooled utilization passes the threshold
     /// and no pooled cell is already on its way. Best effort: failures are logged.
-    async fn maybe_prestamp(&self, region: &str, policy: &RegionPolicy, corr: Option<&str>) {
+    async fn prestamp_request(&self, region: &str, policy: &RegionPolicy) -> Option<CreateCell> {
         if !policy.auto_stamp {
-            return;
+            return None;
         }
         let threshold = policy
             .prestamp_threshold
-            .unwrap_or(self.settings().placement.prestamp_threshold);
+            .unwrap_or(self.config.prestamp_threshold);
         if threshold <= 0.0 {
-            return;
+            return None;
         }
         let run = async {
             let cells = self
-                .store()
+                .store
                 .active_cells_in("pooled", &[region.to_string()])
                 .await?;
-            let upcoming = self.store().upcoming_cells_in("pooled", region).await?;
+            let upcoming = self.store.upcoming_cells_in("pooled", region).await?;
             if !upcoming.is_empty() || cells.is_empty() {
-                return Ok::<_, crate::service::ServiceError>(());
+                return Ok::<_, ServiceError>(None);
             }
             let (used, cap) = cells.iter().fold((0u64, 0u64), |(u, c), cell| {
                 (u + cell.used.tenants, c + cell.capacity.tenants)
@@ -562,29 +495,34 @@ impl Service {
                 (u + cell.used.units, c + cell.capacity.units)
             });
             let util = utilization(used, 0, cap).max(utilization(uu, 0, cu));
-            if util > threshold {
-                let id = self.stamp_pooled(region, policy, 1, corr).await?;
-                tracing::info!(region, cell_id = %id, utilization = util, threshold,
-                    "pre-stamping a pooled cell");
+            if util <= threshold {
+                return Ok(None);
             }
-            Ok(())
+            let cell = pooled_cell(region, policy, 1)?;
+            tracing::info!(region, cell_id = %cell.cell_id, utilization = util, threshold,
+                "pre-stamping a pooled cell");
+            Ok(Some(cell))
         };
-        if let Err(e) = run.await {
-            tracing::warn!(region, error = %e, "pre-stamping failed");
+        match run.await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(region, error = %e, "pre-stamping failed");
+                None
+            }
         }
     }
 
     async fn place_dedicated(
         &self,
-        t: &crate::persistence::TenantRow,
+        t: &TenantRow,
         env: &str,
         region: &str,
         units: u64,
         policy: &RegionPolicy,
         correlation_id: Option<&str>,
-    ) -> Result<Placement> {
+    ) -> Result<Outcome> {
         let cell_id = dedicated_cell_id(&t.tenant_id, env);
-        let Some(cell) = self.store().get_cell(&cell_id).await? else {
+        let Some(cell) = self.store.get_cell(&cell_id).await? else {
             let mut vars = policy.vars.clone();
             vars.insert("tenant_id".into(), json!(t.tenant_id));
             vars.insert("env".into(), json!(env));
@@ -606,52 +544,52 @@ impl Service {
                 vars.insert("retention_days".into(), json!(days));
             }
             // Only what the template declares (and does not manage) reaches it.
-            let declared: Vec<String> = match self.get_template(policy.default_template.as_str()) {
+            let name = policy.default_template.as_str();
+            let declared: Vec<String> = match self.templates.load(name) {
                 Ok(t) => t
+                    .info()
                     .variables
                     .into_iter()
                     .filter(|v| v.managed_by.is_none())
                     .map(|v| v.name)
                     .collect(),
                 Err(e) => {
-                    return Ok(Placement::Impossible(format!(
-                        "cannot stamp a dedicated cell from template {:?}: {e}",
-                        policy.default_template.as_str()
-                    )))
+                    let e = match e {
+                        TemplateError::Unknown(_) => format!("template {name:?} does not exist"),
+                        other => other.to_string(),
+                    };
+                    return Ok(Outcome::Impossible(format!(
+                        "cannot stamp a dedicated cell from template {name:?}: {e}"
+                    )));
                 }
             };
             vars.retain(|k, _| declared.contains(k));
             let mut labels = BTreeMap::new();
             labels.insert("origin".to_string(), "dedicated".to_string());
             labels.insert("tenant".to_string(), t.tenant_id.clone());
-            self.create_cell(
-                &system_ctx(correlation_id),
-                CreateCell {
-                    cell_id: Id::parse(cell_id.clone())
-                        .map_err(|e| crate::service::invalid("cell_id", e.to_string()))?,
-                    region: Id::parse(region)
-                        .map_err(|e| crate::service::invalid("region", e.to_string()))?,
-                    tier: Tier::Dedicated,
-                    template: policy.default_template.clone(),
-                    capacity: Capacity {
-                        tenants: 1,
-                        units: units.max(1),
-                    },
-                    labels,
-                    vars,
-                    app_version: None,
+            let cell = CreateCell {
+                cell_id: Id::parse(cell_id.clone())
+                    .map_err(|e| invalid("cell_id", e.to_string()))?,
+                region: Id::parse(region).map_err(|e| invalid("region", e.to_string()))?,
+                tier: Tier::Dedicated,
+                template: policy.default_template.clone(),
+                capacity: Capacity {
+                    tenants: 1,
+                    units: units.max(1),
                 },
-            )
-            .await?;
-            return Ok(Placement::Waiting(format!(
-                "stamping dedicated cell {cell_id} for {}",
-                t.tenant_id
-            )));
+                labels,
+                vars,
+                app_version: None,
+            };
+            return Ok(Outcome::Stamp {
+                cell: Box::new(cell),
+                why: format!("stamping dedicated cell {cell_id} for {}", t.tenant_id),
+            });
         };
         if cell.tier != Tier::Dedicated
             || cell.labels.get("tenant").map(String::as_str) != Some(t.tenant_id.as_str())
         {
-            return Ok(Placement::Impossible(format!(
+            return Ok(Outcome::Impossible(format!(
                 "cell {cell_id} exists but is not the dedicated cell of {}",
                 t.tenant_id
             )));
@@ -659,18 +597,18 @@ impl Service {
         match cell.state {
             CellState::Active if endpoint_of(&cell).is_some() => {}
             CellState::Active => {
-                return Ok(Placement::Impossible(format!(
+                return Ok(Outcome::Impossible(format!(
                     "dedicated cell {cell_id} is active but has no endpoint output"
                 )))
             }
             CellState::Pending | CellState::Provisioning => {
-                return Ok(Placement::Waiting(format!(
+                return Ok(Outcome::Waiting(format!(
                     "waiting for dedicated cell {cell_id} to become active ({})",
                     cell.state.as_str()
                 )))
             }
             other => {
-                return Ok(Placement::Impossible(format!(
+                return Ok(Outcome::Impossible(format!(
                     "dedicated cell {cell_id} is {}",
                     other.as_str()
                 )))
@@ -694,17 +632,150 @@ impl Service {
             decided_at: crate::persistence::now(),
         };
         if self
-            .commit_placement(t, &cell, decision.clone(), correlation_id)
+            .commit_placement(&t.tenant_id, &cell, &decision, correlation_id)
             .await?
         {
-            Ok(Placement::Placed(Box::new(decision)))
+            Ok(Outcome::Placed {
+                decision: Box::new(decision),
+                prestamp: None,
+            })
         } else {
-            Ok(Placement::Impossible(format!(
+            Ok(Outcome::Impossible(format!(
                 "dedicated cell {cell_id} has no room for {} ({} units)",
                 t.tenant_id, units
             )))
         }
     }
+}
+
+/// The registration of a new pooled cell in `region` with room for `units`.
+fn pooled_cell(region: &str, policy: &RegionPolicy, units: u64) -> Result<CreateCell> {
+    let suffix = crate::persistence::new_id("p");
+    let mut base = format!("{region}-pool");
+    base.truncate(63 - suffix.len() - 1);
+    let id = format!("{base}-{suffix}");
+    let mut labels = BTreeMap::new();
+    labels.insert("origin".to_string(), "auto-stamp".to_string());
+    Ok(CreateCell {
+        cell_id: Id::parse(id.clone())
+            .map_err(|e| invalid("cell_id", format!("generated id {id:?}: {e}")))?,
+        region: Id::parse(region).map_err(|e| invalid("region", e.to_string()))?,
+        tier: Tier::Pooled,
+        template: policy.default_template.clone(),
+        capacity: Capacity {
+            tenants: policy.pooled_capacity.tenants.max(1),
+            units: policy.pooled_capacity.units.max(units),
+        },
+        labels,
+        vars: policy.vars.clone(),
+        app_version: None,
+    })
+}
+
+/// Reserves `decision.units` and one tenant on `cell` for the environment, points the
+/// environment at the cell, records the decision on the tenant and audits it, all in the
+/// caller's transaction. False (and nothing written) when the cell has no room any more:
+/// the reservation is a conditional update, so capacity is never over-committed.
+pub async fn reserve_in(
+    tx: &mut WriteTx,
+    tenant_id: &str,
+    cell: &Cell,
+    decision: &PlacementDecision,
+    correlation_id: Option<&str>,
+) -> Result<bool> {
+    let endpoint = endpoint_of(cell).unwrap_or_default();
+    let units = decision.units.min(i64::MAX as u64) as i64;
+    if !tx.reserve_capacity(&cell.cell_id, units).await? {
+        return Ok(false);
+    }
+    tx.set_environment_cell(tenant_id, &decision.env, &cell.cell_id, &endpoint, units)
+        .await?;
+    let current = tx.get_tenant_tx(tenant_id).await?.and_then(|t| t.placement);
+    let mut doc = match current {
+        Some(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    let value = serde_json::to_value(decision).unwrap_or_default();
+    doc.insert(decision.env.clone(), value.clone());
+    tx.set_tenant_placement(tenant_id, &serde_json::Value::Object(doc))
+        .await?;
+    tx.audit(AuditInput {
+        tenant_id: Some(tenant_id),
+        event_type: "TENANCY_PLACED",
+        actor: "system:placement",
+        target: &tenant_target(tenant_id),
+        payload: value,
+        correlation_id,
+    })
+    .await?;
+    Ok(true)
+}
+
+/// Gives back the capacity the tenant's environments hold, in the caller's transaction,
+/// with its audit record; with `forget`, they also stop pointing at their cells (the
+/// tenant is gone). Idempotent: nothing is written when nothing was held.
+pub async fn release_in(
+    tx: &mut WriteTx,
+    tenant_id: &str,
+    forget: bool,
+    correlation_id: Option<&str>,
+) -> Result<Vec<String>> {
+    let envs = tx.list_environments_tx(tenant_id).await?;
+    let mut released = Vec::new();
+    let mut payload = Vec::new();
+    for e in &envs {
+        if let Some(r) = tx.release_environment(tenant_id, &e.name, forget).await? {
+            released.push(format!("{} from {} ({} units)", e.name, r.cell_id, r.units));
+            payload.push(json!({"env": e.name, "cell_id": r.cell_id, "units": r.units}));
+        }
+    }
+    let forgot = forget && envs.iter().any(|e| e.cell_id.is_some());
+    if released.is_empty() && !forgot {
+        return Ok(released);
+    }
+    tx.audit(AuditInput {
+        tenant_id: Some(tenant_id),
+        event_type: "TENANCY_CAPACITY_RELEASED",
+        actor: "system:placement",
+        target: &tenant_target(tenant_id),
+        payload: json!({"released": payload, "cells_forgotten": forgot}),
+        correlation_id,
+    })
+    .await?;
+    Ok(released)
+}
+
+/// Records why a placement failed on the tenant, so `GET /v1/tenants/{id}` shows it, in
+/// the caller's transaction with its audit record.
+pub async fn record_failure_in(
+    tx: &mut WriteTx,
+    tenant_id: &str,
+    env: &str,
+    reason: &str,
+    correlation_id: Option<&str>,
+) -> Result<()> {
+    let Some(t) = tx.get_tenant_tx(tenant_id).await? else {
+        return Ok(());
+    };
+    let mut doc = match t.placement {
+        Some(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    let value = json!({"env": env, "cell_id": null, "failed": true, "reason": reason,
+                       "decided_at": crate::persistence::now()});
+    doc.insert(env.to_string(), value.clone());
+    tx.set_tenant_placement(tenant_id, &serde_json::Value::Object(doc))
+        .await?;
+    tx.audit(AuditInput {
+        tenant_id: Some(tenant_id),
+        event_type: "TENANCY_PLACEMENT_FAILED",
+        actor: "system:placement",
+        target: &tenant_target(tenant_id),
+        payload: value,
+        correlation_id,
+    })
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

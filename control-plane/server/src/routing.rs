@@ -1,13 +1,20 @@
-//! The routing table as the service sees it: publishing a tenant's routes from lifecycle
-//! jobs, the long-poll watch routers consume, heartbeats, and operator hold/release.
+//! The routing table: publishing, holding, flipping and removing a tenant's routes, the
+//! long-poll watch routers consume, and their heartbeats.
 //!
-//! Every change runs in one write transaction that bumps the global revision and appends
-//! its audit record; after the commit the new revision is announced on [`RevisionWatch`]
-//! so waiting watchers answer at once. A poller re-reads the revision from the store so a
-//! watch served by one replica also sees changes committed by another.
+//! The writes are functions on a write transaction ([`publish_in`], [`remove_in`],
+//! [`set_mode_in`], [`flip_in`]): each bumps the global revision per route it changes and
+//! appends its audit record, so a job step or an API call composes several of them with
+//! placement and lifecycle writes in one commit (a move's cutover flips a route, repoints
+//! the environment and releases the source's capacity at once). [`Routing`] wraps them
+//! for callers that change only routes, and announces each committed revision on
+//! [`RevisionWatch`] so waiting watchers answer at once. A poller re-reads the revision
+//! from the store so a watch served by one replica also sees changes committed by another.
+//! Nothing here knows the service or the job engine.
 
-use crate::persistence::{self, AuditInput, RouteWrite, WriteTx};
-use crate::service::{invalid, not_found, tenant_target, Ctx, Result, Service, ServiceError};
+use crate::config::RoutingConfig;
+use crate::ctx::{tenant_target, Ctx};
+use crate::error::{invalid, not_found, Result, ServiceError};
+use crate::persistence::{self, AuditInput, RouteWrite, Store, WriteTx};
 use cellplane_api::{
     Route, RouteChanges, RouteHistoryEntry, RouteMode, RouterHeartbeat, RouterInfo,
 };
@@ -62,14 +69,14 @@ impl RevisionWatch {
 
 /// Re-reads the revision every `every` until `stop`.
 pub fn spawn_revision_poller(
-    service: Service,
+    routing: Routing,
     every: Duration,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            match service.store().routing_head().await {
-                Ok(h) => service.route_revisions().observe(h.revision),
+            match routing.store.routing_head().await {
+                Ok(h) => routing.revisions().observe(h.revision),
                 Err(e) => tracing::debug!(error = %e, "reading the routing revision failed"),
             }
             tokio::select! {
@@ -84,7 +91,46 @@ fn route_target(tenant_id: &str, env: &str) -> String {
     format!("route/{tenant_id}/{env}")
 }
 
-impl Service {
+/// The routing table's operations for callers that change only routes: each opens and
+/// commits its own transaction around the `*_in` functions and announces the revision.
+#[derive(Clone)]
+pub struct Routing {
+    store: Store,
+    revisions: RevisionWatch,
+    config: RoutingConfig,
+}
+
+impl Routing {
+    pub fn new(store: Store, config: RoutingConfig) -> Self {
+        Self {
+            store,
+            revisions: RevisionWatch::new(),
+            config,
+        }
+    }
+
+    /// The routing revision as last seen by this process.
+    pub fn revisions(&self) -> &RevisionWatch {
+        &self.revisions
+    }
+
+    pub fn config(&self) -> &RoutingConfig {
+        &self.config
+    }
+
+    /// Route changes kept for delta watches (the `history_limit` the `*_in` writes take).
+    pub fn history_limit(&self) -> i64 {
+        self.config.history_limit
+    }
+
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn route_revisions(&self) -> &RevisionWatch {
+        &self.revisions
+    }
+
     /// `GET /v1/routes?since&wait`: answers at once when the table moved past `since`,
     /// else waits up to `wait` for a change.
     pub async fn route_changes(&self, since: i64, wait: Duration) -> Result<RouteChanges> {
@@ -157,7 +203,7 @@ impl Service {
         only_missing: bool,
         correlation_id: Option<&str>,
     ) -> Result<Vec<String>> {
-        let limit = self.settings().routing.history_limit;
+        let limit = self.config.history_limit;
         let mut tx = self.store().write().await?;
         let (changed, last) = publish_in(
             &mut tx,
@@ -206,7 +252,7 @@ impl Service {
         tenant_id: &str,
         correlation_id: Option<&str>,
     ) -> Result<Vec<String>> {
-        let limit = self.settings().routing.history_limit;
+        let limit = self.config.history_limit;
         let mut tx = self.store().write().await?;
         let (removed, last) = remove_in(&mut tx, tenant_id, limit, correlation_id).await?;
         if let Some(rev) = last {
@@ -230,33 +276,10 @@ impl Service {
                 "suspend the tenant instead; routes may be set to hold or serve",
             ));
         }
-        let limit = self.settings().routing.history_limit;
+        let limit = self.config.history_limit;
         let mut tx = self.store().write().await?;
-        let mut route = tx
-            .get_route_tx(tenant_id, env)
-            .await?
-            .ok_or_else(|| not_found("route", &format!("{tenant_id}/{env}")))?;
-        if route.mode == RouteMode::Suspended {
-            return Err(ServiceError::Conflict(format!(
-                "the route of {tenant_id}/{env} is suspended with its tenant; resume the tenant first"
-            )));
-        }
-        let from = route.mode;
-        route.mode = mode;
-        if let RouteWrite::Changed(rev) = tx.put_route(&route, limit).await? {
-            tx.audit(AuditInput {
-                tenant_id: Some(tenant_id),
-                event_type: if mode == RouteMode::Hold {
-                    "ROUTE_HELD"
-                } else {
-                    "ROUTE_RELEASED"
-                },
-                actor: &ctx.actor,
-                target: &route_target(tenant_id, env),
-                payload: json!({"from": from, "to": mode, "revision": rev, "cell_id": route.cell_id}),
-                correlation_id: Some(&ctx.correlation_id),
-            })
-            .await?;
+        let (route, rev) = set_mode_in(&mut tx, ctx, tenant_id, env, mode, limit).await?;
+        if let Some(rev) = rev {
             tx.commit().await?;
             self.route_revisions().observe(rev);
         }
@@ -272,7 +295,7 @@ impl Service {
         hb: RouterHeartbeat,
     ) -> Result<RouterInfo> {
         let mut errors = Vec::new();
-        crate::service::validate_count("applied_revision", hb.applied_revision, 0, &mut errors);
+        crate::validate::validate_count("applied_revision", hb.applied_revision, 0, &mut errors);
         if !errors.is_empty() {
             return Err(ServiceError::Validation(errors));
         }
@@ -312,8 +335,8 @@ impl Service {
 
     pub async fn list_routers(&self) -> Result<Vec<RouterInfo>> {
         let head = self.store().routing_head().await?;
-        let live_after = chrono::Utc::now()
-            - chrono::Duration::seconds(self.settings().routing.router_live_secs as i64);
+        let live_after =
+            chrono::Utc::now() - chrono::Duration::seconds(self.config.router_live_secs as i64);
         Ok(self
             .store()
             .list_routers()
@@ -419,4 +442,107 @@ pub async fn remove_in(
         .await?;
     }
     Ok((removed, last))
+}
+
+/// Sets the mode of one route (an operator's or a move's `hold`, and `serve` to let its
+/// requests go) in the caller's transaction, with its audit record. A suspended route
+/// belongs to its tenant's lifecycle and is refused. Returns the route and the revision
+/// written (none when it already had `mode`).
+pub async fn set_mode_in(
+    tx: &mut WriteTx,
+    ctx: &Ctx,
+    tenant_id: &str,
+    env: &str,
+    mode: RouteMode,
+    history_limit: i64,
+) -> Result<(Route, Option<i64>)> {
+    let mut route = tx
+        .get_route_tx(tenant_id, env)
+        .await?
+        .ok_or_else(|| not_found("route", &format!("{tenant_id}/{env}")))?;
+    if route.mode == RouteMode::Suspended {
+        return Err(ServiceError::Conflict(format!(
+            "the route of {tenant_id}/{env} is suspended with its tenant; resume the tenant first"
+        )));
+    }
+    let from = route.mode;
+    route.mode = mode;
+    let RouteWrite::Changed(rev) = tx.put_route(&route, history_limit).await? else {
+        return Ok((route, None));
+    };
+    tx.audit(AuditInput {
+        tenant_id: Some(tenant_id),
+        event_type: if mode == RouteMode::Hold {
+            "ROUTE_HELD"
+        } else {
+            "ROUTE_RELEASED"
+        },
+        actor: &ctx.actor,
+        target: &route_target(tenant_id, env),
+        payload: json!({"from": from, "to": mode, "revision": rev, "cell_id": route.cell_id}),
+        correlation_id: Some(&ctx.correlation_id),
+    })
+    .await?;
+    Ok((route, Some(rev)))
+}
+
+/// Points the route of one environment at the cell the environment now lives on and
+/// serves it (a held route is released in the same revision): a move's cutover, after it
+/// repointed the environment in the same transaction. Refused when the environment has
+/// no cell or its tenant is suspended. Returns the route and the revision written (none
+/// when the route already said this).
+pub async fn flip_in(
+    tx: &mut WriteTx,
+    ctx: &Ctx,
+    tenant_id: &str,
+    env: &str,
+    history_limit: i64,
+) -> Result<(Route, Option<i64>)> {
+    let t = tx
+        .get_tenant_tx(tenant_id)
+        .await?
+        .ok_or_else(|| not_found("tenant", tenant_id))?;
+    let e = tx
+        .list_environments_tx(tenant_id)
+        .await?
+        .into_iter()
+        .find(|e| e.name == env)
+        .ok_or_else(|| not_found("environment", &format!("{tenant_id}/{env}")))?;
+    let (Some(cell_id), Some(endpoint)) = (e.cell_id, e.endpoint) else {
+        return Err(ServiceError::Conflict(format!(
+            "{tenant_id}/{env} is not placed on a cell: nothing to route to"
+        )));
+    };
+    let previous = tx.get_route_tx(tenant_id, env).await?;
+    if previous
+        .as_ref()
+        .is_some_and(|r| r.mode == RouteMode::Suspended)
+    {
+        return Err(ServiceError::Conflict(format!(
+            "the route of {tenant_id}/{env} is suspended with its tenant; resume the tenant first"
+        )));
+    }
+    let route = Route {
+        tenant_id: tenant_id.to_string(),
+        env: env.to_string(),
+        cell_id,
+        endpoint,
+        mode: RouteMode::Serve,
+        rate_limit: t.quotas.api_rate_limit,
+    };
+    let RouteWrite::Changed(rev) = tx.put_route(&route, history_limit).await? else {
+        return Ok((route, None));
+    };
+    tx.audit(AuditInput {
+        tenant_id: Some(tenant_id),
+        event_type: "ROUTE_FLIPPED",
+        actor: &ctx.actor,
+        target: &route_target(tenant_id, env),
+        payload: json!({"from_cell_id": previous.as_ref().map(|r| &r.cell_id),
+                        "from_mode": previous.as_ref().map(|r| r.mode),
+                        "to_cell_id": route.cell_id, "revision": rev}),
+        correlation_id: Some(&ctx.correlation_id),
+    })
+    .await?;
+    Ok((route, Some(rev)))
 }

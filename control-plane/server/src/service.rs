@@ -2,96 +2,27 @@
 //! what serde could not, runs one write transaction through persistence (which appends the
 //! audit record and outbox event) and returns wire types. It never speaks HTTP.
 
-use crate::iac::{Catalog, TemplateError, VarSource};
+pub use crate::ctx::{cell_target, tenant_target, Ctx};
+pub use crate::error::{check_version, invalid, not_found, Result, ServiceError};
+use crate::iac::TemplateError;
 use crate::persistence::{
-    self, AuditInput, CellFilter, CellSecrets, Conditional, EnvironmentRow, Store, StoreError,
-    TenantFilter, TenantRow,
+    self, AuditInput, CellFilter, Conditional, EnvironmentRow, Store, StoreError, TenantFilter,
+    TenantRow,
 };
+use crate::placement::Placement;
+use crate::routing::Routing;
+pub use crate::shared::{ServiceSettings, Shared};
 use crate::stamping::CellAction;
+use crate::validate::*;
 use cellplane_api::*;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
-    #[error("{what} {id:?} does not exist")]
-    NotFound { what: &'static str, id: String },
-    #[error("{0}")]
-    Conflict(String),
-    #[error("the resource is at version {current}, not the one in If-Match")]
-    PreconditionFailed { current: i64 },
-    #[error("the request is invalid")]
-    Validation(Vec<FieldError>),
-    /// A controller's write carried a term whose lease another replica has taken.
-    #[error("{0}")]
-    Fenced(String),
-    /// A dependency of the operation (template directory, the host) failed.
-    #[error("{0}")]
-    Unavailable(String),
-    #[error(transparent)]
-    Store(StoreError),
-}
-
-impl From<StoreError> for ServiceError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            // A job could not take what it needs: someone else's job holds it.
-            StoreError::Locked { resource, job_id } => {
-                ServiceError::Conflict(format!("{resource} is held by job {job_id}"))
-            }
-            other => ServiceError::Store(other),
-        }
-    }
-}
-
-pub type Result<T> = std::result::Result<T, ServiceError>;
-
-pub(crate) fn invalid(field: &str, message: impl Into<String>) -> ServiceError {
-    ServiceError::Validation(vec![FieldError {
-        field: field.into(),
-        message: message.into(),
-    }])
-}
-
-pub(crate) fn not_found(what: &'static str, id: &str) -> ServiceError {
-    ServiceError::NotFound {
-        what,
-        id: id.to_string(),
-    }
-}
-
-/// Who acts and under which correlation id; recorded on audit records and jobs.
-#[derive(Debug, Clone)]
-pub struct Ctx {
-    pub actor: String,
-    pub correlation_id: String,
-}
-
-/// Settings the service needs from the configuration.
-#[derive(Debug, Clone)]
-pub struct ServiceSettings {
-    pub job_max_attempts: i64,
-    /// How long a waiting job step may wait, for kinds that set no limit of their own.
-    pub job_wait_secs: u64,
-    /// How soon a waiting job step looks again at first.
-    pub job_wait_poll_ms: u64,
-    pub routing: crate::config::RoutingConfig,
-    pub placement: crate::config::PlacementConfig,
-    /// The cell template directory.
-    pub templates: Catalog,
-    /// Ports handed to cells (`source = "port"` variables).
-    pub port_range: (u16, u16),
-}
-
 #[derive(Clone)]
 pub struct Service {
-    store: Store,
-    settings: Arc<ServiceSettings>,
-    job_notify: Arc<tokio::sync::Notify>,
-    routes: crate::routing::RevisionWatch,
+    shared: Shared,
     tenant_batcher: tokio::sync::mpsc::Sender<BatchItem>,
-    job_changed: Arc<tokio::sync::Notify>,
 }
 
 type BatchItem = (
@@ -129,13 +60,6 @@ async fn run_tenant_batcher(store: Store, mut rx: tokio::sync::mpsc::Receiver<Ba
             }
         }
     }
-}
-
-pub fn tenant_target(id: &str) -> String {
-    format!("tenant/{id}")
-}
-pub fn cell_target(id: &str) -> String {
-    format!("cell/{id}")
 }
 
 /// Where an environment's data lives. Pooled tenants share a database and get a schema,
@@ -199,215 +123,59 @@ fn tenant_to_wire(t: TenantRow, envs: Vec<EnvironmentRow>) -> Tenant {
     }
 }
 
-fn validate_text(field: &str, s: &str, max: usize, errors: &mut Vec<FieldError>) {
-    if s.chars().count() > max {
-        errors.push(FieldError {
-            field: field.into(),
-            message: format!("must be at most {max} characters"),
-        });
-    }
-    if s.chars().any(|c| c.is_control()) {
-        errors.push(FieldError {
-            field: field.into(),
-            message: "must not contain control characters".into(),
-        });
-    }
-}
-
-/// The largest count the registry takes anywhere (capacities, quotas, revisions):
-/// 2^53 - 1. Every JSON client reads it exactly, and the sum of two (a reservation's
-/// `used + units`) still fits the stores' signed 64-bit integers.
-pub const MAX_COUNT: u64 = (1 << 53) - 1;
-
-/// The one check of a number that enters the registry: `min..=MAX_COUNT`, else a field
-/// error at `field` (the request's path of the value).
-pub(crate) fn validate_count(
-    field: &str,
-    value: impl Into<i128>,
-    min: u64,
-    errors: &mut Vec<FieldError>,
-) {
-    let value = value.into();
-    let message = if value < i128::from(min) {
-        format!("must be at least {min}")
-    } else if value > i128::from(MAX_COUNT) {
-        format!("must be at most {MAX_COUNT}")
-    } else {
-        return;
-    };
-    errors.push(FieldError {
-        field: field.into(),
-        message,
-    });
-}
-
-/// A cell's capacity: at least one tenant, both counts within [`MAX_COUNT`].
-pub(crate) fn validate_capacity(field: &str, c: &Capacity, errors: &mut Vec<FieldError>) {
-    validate_count(&format!("{field}.tenants"), c.tenants, 1, errors);
-    validate_count(&format!("{field}.units"), c.units, 0, errors);
-}
-
-fn validate_quotas(q: &Quotas, errors: &mut Vec<FieldError>) {
-    for (field, value, min) in [
-        ("quotas.storageGiB", q.storage_gib, 0),
-        ("quotas.concurrentJobs", q.concurrent_jobs, 0),
-        ("quotas.apiRateLimit", q.api_rate_limit, 0),
-        ("quotas.units", q.units, 1),
-    ] {
-        if let Some(v) = value {
-            validate_count(field, v, min, errors);
-        }
-    }
-}
-
-fn validate_docs(
-    region: &str,
-    quotas: &Quotas,
-    policies: &Policies,
-    billing: &Billing,
-) -> Result<()> {
-    let mut errors = Vec::new();
-    validate_quotas(quotas, &mut errors);
-    if let Some(regions) = &policies.allowed_regions {
-        if regions.is_empty() {
-            errors.push(FieldError {
-                field: "policies.allowedRegions".into(),
-                message: "must not be empty".into(),
-            });
-        }
-        if policies.data_residency == Some(DataResidency::InRegionOnly)
-            && regions.iter().any(|r| r.as_str() != region)
-        {
-            errors.push(FieldError {
-                field: "policies.allowedRegions".into(),
-                message: "in-region-only residency allows only the tenant's own region".into(),
-            });
-        }
-    } else if policies.data_residency == Some(DataResidency::AllowedRegions) {
-        errors.push(FieldError {
-            field: "policies.allowedRegions".into(),
-            message: "is required when dataResidency is allowed-regions".into(),
-        });
-    }
-    if let Some(days) = policies.retention_days {
-        if days > 36_500 {
-            errors.push(FieldError {
-                field: "policies.retentionDays".into(),
-                message: "must be at most 36500".into(),
-            });
-        }
-    }
-    if let Some(p) = &billing.plan {
-        validate_text("billing.plan", p, 100, &mut errors);
-    }
-    if let Some(c) = &billing.cost_center {
-        validate_text("billing.costCenter", c, 100, &mut errors);
-    }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(ServiceError::Validation(errors))
-    }
-}
-
-fn validate_labels(labels: &BTreeMap<String, String>, errors: &mut Vec<FieldError>) {
-    for (k, v) in labels {
-        let key_ok = !k.is_empty()
-            && k.len() <= 63
-            && k.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_./".contains(&b));
-        if !key_ok {
-            errors.push(FieldError {
-                field: format!("labels.{k}"),
-                message: "label keys are 1-63 characters of [a-z0-9-_./]".into(),
-            });
-        }
-        validate_text(&format!("labels.{k}"), v, 253, errors);
-    }
-}
-
-pub(crate) fn validate_vars(
-    vars: &BTreeMap<String, serde_json::Value>,
-    errors: &mut Vec<FieldError>,
-) {
-    for (k, v) in vars {
-        let key_ok = !k.is_empty()
-            && k.len() <= 63
-            && k.as_bytes()[0].is_ascii_lowercase()
-            && k.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-        if !key_ok {
-            errors.push(FieldError {
-                field: format!("vars.{k}"),
-                message: "variable names are [a-z][a-z0-9_]{0,62}".into(),
-            });
-        }
-        if v.to_string().len() > 4096 {
-            errors.push(FieldError {
-                field: format!("vars.{k}"),
-                message: "value must serialize to at most 4096 bytes".into(),
-            });
-        }
-    }
-}
-
-fn validate_app_version(v: &str, errors: &mut Vec<FieldError>) {
-    let ok = !v.is_empty()
-        && v.len() <= 64
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b));
-    if !ok {
-        errors.push(FieldError {
-            field: "app_version".into(),
-            message: "1-64 characters of [A-Za-z0-9._-+]".into(),
-        });
-    }
-}
-
-pub(crate) fn check_version(expected: Option<i64>, current: i64) -> Result<()> {
-    match expected {
-        Some(v) if v != current => Err(ServiceError::PreconditionFailed { current }),
-        _ => Ok(()),
-    }
-}
-
 impl Service {
     /// Must be called inside a tokio runtime: it starts the tenant-creation batcher.
     pub fn new(store: Store, settings: ServiceSettings) -> Self {
+        Self::with_shared(Shared::new(store, settings))
+    }
+
+    /// A service over collaborators already built (the job engine gets the same ones).
+    pub fn with_shared(shared: Shared) -> Self {
         let (tx, rx) = tokio::sync::mpsc::channel(4 * MAX_CREATE_BATCH);
-        tokio::spawn(run_tenant_batcher(store.clone(), rx));
+        tokio::spawn(run_tenant_batcher(shared.store.clone(), rx));
         Self {
-            store,
-            settings: Arc::new(settings),
-            job_notify: Arc::new(tokio::sync::Notify::new()),
-            routes: crate::routing::RevisionWatch::new(),
+            shared,
             tenant_batcher: tx,
-            job_changed: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
+    /// What the service shares with the job engine and the controllers.
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
     pub fn settings(&self) -> &ServiceSettings {
-        &self.settings
+        &self.shared.settings
     }
 
     /// The routing revision as last seen by this process; see [`crate::routing`].
     pub fn route_revisions(&self) -> &crate::routing::RevisionWatch {
-        &self.routes
+        self.shared.routing.revisions()
+    }
+
+    /// The routing table's operations (`GET /v1/routes`, holds, heartbeats).
+    pub fn routing(&self) -> &Routing {
+        &self.shared.routing
+    }
+
+    /// Placement's operations (region policies).
+    pub fn placement(&self) -> &Placement {
+        &self.shared.placement
     }
 
     pub fn store(&self) -> &Store {
-        &self.store
+        &self.shared.store
     }
 
     /// Woken whenever a job of this process records progress or ends, so live followers
     /// (server-sent events) need not wait for their poll.
     pub fn job_changed(&self) -> Arc<tokio::sync::Notify> {
-        self.job_changed.clone()
+        self.shared.job_changed.clone()
     }
 
     /// Woken whenever this process enqueues a job, so workers do not wait for their poll.
     pub fn job_notify(&self) -> Arc<tokio::sync::Notify> {
-        self.job_notify.clone()
+        self.shared.job_notify.clone()
     }
 
     // ------------------------------------------------------------ organizations
@@ -428,7 +196,7 @@ impl Service {
         if !errors.is_empty() {
             return Err(ServiceError::Validation(errors));
         }
-        let mut tx = self.store.write().await?;
+        let mut tx = self.shared.store.write().await?;
         if tx.organization_exists(req.organization_id.as_str()).await? {
             return Err(ServiceError::Conflict(format!(
                 "organization {:?} already exists",
@@ -452,14 +220,15 @@ impl Service {
     }
 
     pub async fn get_organization(&self, id: &str) -> Result<Organization> {
-        self.store
+        self.shared
+            .store
             .get_organization(id)
             .await?
             .ok_or_else(|| not_found("organization", id))
     }
 
     pub async fn list_organizations(&self, after: &str, limit: i64) -> Result<Vec<Organization>> {
-        Ok(self.store.list_organizations(after, limit).await?)
+        Ok(self.shared.store.list_organizations(after, limit).await?)
     }
 
     // ------------------------------------------------------------ tenants
@@ -556,11 +325,12 @@ impl Service {
 
     pub async fn get_tenant(&self, id: &str) -> Result<Tenant> {
         let t = self
+            .shared
             .store
             .get_tenant(id)
             .await?
             .ok_or_else(|| not_found("tenant", id))?;
-        let envs = self.store.list_environments(id).await?;
+        let envs = self.shared.store.list_environments(id).await?;
         Ok(tenant_to_wire(t, envs))
     }
 
@@ -570,10 +340,10 @@ impl Service {
         after: &str,
         limit: i64,
     ) -> Result<Vec<Tenant>> {
-        let rows = self.store.list_tenants(filter, after, limit).await?;
+        let rows = self.shared.store.list_tenants(filter, after, limit).await?;
         let ids: Vec<String> = rows.iter().map(|t| t.tenant_id.clone()).collect();
         let mut envs: BTreeMap<String, Vec<EnvironmentRow>> = BTreeMap::new();
-        for e in self.store.environments_of(&ids).await? {
+        for e in self.shared.store.environments_of(&ids).await? {
             envs.entry(e.tenant_id.clone()).or_default().push(e);
         }
         Ok(rows
@@ -592,7 +362,7 @@ impl Service {
         if_match: Option<i64>,
         patch: PatchTenant,
     ) -> Result<Tenant> {
-        let mut tx = self.store.write().await?;
+        let mut tx = self.shared.store.write().await?;
         let current = tx
             .get_tenant_tx(id)
             .await?
@@ -645,11 +415,13 @@ impl Service {
                 _ => None,
             };
             if let Some(mode) = mode {
-                self.republish_rate_limit(id, mode, &ctx.correlation_id)
+                self.shared
+                    .routing
+                    .republish_rate_limit(id, mode, &ctx.correlation_id)
                     .await?;
             }
         }
-        let envs = self.store.list_environments(id).await?;
+        let envs = self.shared.store.list_environments(id).await?;
         Ok(tenant_to_wire(updated, envs))
     }
 
@@ -664,7 +436,7 @@ impl Service {
         force: bool,
     ) -> Result<Job> {
         let (from, to) = action.transition();
-        let mut tx = self.store.write().await?;
+        let mut tx = self.shared.store.write().await?;
         let current = tx
             .get_tenant_tx(id)
             .await?
@@ -724,7 +496,7 @@ impl Service {
             .enqueue_json(
                 &mut tx,
                 serde_json::to_value(&spec).expect("specs serialize"),
-                self.settings.job_max_attempts,
+                self.shared.settings.job_max_attempts,
                 Some(&ctx.correlation_id),
             )
             .await?;
@@ -739,7 +511,7 @@ impl Service {
         })
         .await?;
         tx.commit().await?;
-        self.job_notify.notify_waiters();
+        self.shared.job_notify.notify_waiters();
         Ok(job)
     }
 
@@ -749,7 +521,7 @@ impl Service {
         tenant_id: &str,
         req: CreateEnvironment,
     ) -> Result<Environment> {
-        let mut tx = self.store.write().await?;
+        let mut tx = self.shared.store.write().await?;
         let t = tx
             .get_tenant_tx(tenant_id)
             .await?
@@ -820,7 +592,7 @@ impl Service {
             let job = crate::jobs::enqueue::<crate::jobs::tenant_place::TenantPlace>(
                 &mut tx,
                 &spec,
-                self.settings.job_max_attempts,
+                self.shared.settings.job_max_attempts,
                 Some(&ctx.correlation_id),
             )
             .await?;
@@ -828,7 +600,7 @@ impl Service {
         }
         tx.commit().await?;
         if placement_job_id.is_some() {
-            self.job_notify.notify_waiters();
+            self.shared.job_notify.notify_waiters();
         }
         let mut wire = env_to_wire(env, t.profile);
         wire.placement_job_id = placement_job_id;
@@ -837,11 +609,13 @@ impl Service {
 
     pub async fn list_environments(&self, tenant_id: &str) -> Result<Vec<Environment>> {
         let t = self
+            .shared
             .store
             .get_tenant(tenant_id)
             .await?
             .ok_or_else(|| not_found("tenant", tenant_id))?;
         Ok(self
+            .shared
             .store
             .list_environments(tenant_id)
             .await?
@@ -852,148 +626,25 @@ impl Service {
 
     // ------------------------------------------------------------ cells
 
+    /// Registers a cell and enqueues its stamp; see [`crate::jobs::register_cell`].
     pub async fn create_cell(&self, ctx: &Ctx, req: CreateCell) -> Result<CellWithJob> {
-        let mut errors = Vec::new();
-        validate_labels(&req.labels, &mut errors);
-        validate_vars(&req.vars, &mut errors);
-        if let Some(v) = &req.app_version {
-            validate_app_version(v, &mut errors);
-        }
-        validate_capacity("capacity", &req.capacity, &mut errors);
-        if !errors.is_empty() {
-            return Err(ServiceError::Validation(errors));
-        }
-        let template = self.load_template(req.template.as_str(), "template")?;
-        if !template.manifest.tiers.contains(&req.tier) {
-            return Err(invalid(
-                "tier",
-                format!(
-                    "template {:?} does not support tier {}",
-                    template.name,
-                    req.tier.as_str()
-                ),
-            ));
-        }
-        template
-            .validate_vars(&req.vars)
-            .map_err(ServiceError::Validation)?;
-        // Values the control plane supplies: allocated once, kept for the cell's life.
-        // Ports are taken below, in the transaction that registers the cell.
-        let mut secrets = CellSecrets::default();
-        for (name, spec) in &template.manifest.variables {
-            if spec.source == Some(VarSource::Secret) {
-                secrets
-                    .vars
-                    .insert(name.clone(), json!(crate::auth::new_secret()));
-            }
-        }
-        let ts = persistence::now();
-        let mut cell = Cell {
-            cell_id: req.cell_id.into_string(),
-            region: req.region.into_string(),
-            tier: req.tier,
-            template: req.template.into_string(),
-            capacity: req.capacity,
-            used: Capacity::default(),
-            labels: req.labels,
-            vars: req.vars,
-            state: CellState::Pending,
-            outputs: BTreeMap::new(),
-            app_version: req.app_version,
-            drift: None,
-            pending_job_id: None,
-            version: 1,
-            created_at: ts.clone(),
-            updated_at: ts,
-        };
-        let mut tx = self.store.write().await?;
-        let mut chosen = std::collections::HashSet::new();
-        for (name, spec) in &template.manifest.variables {
-            if spec.source == Some(VarSource::Port) {
-                let port = self
-                    .take_port(&mut tx, &cell.cell_id, name, &chosen)
-                    .await?;
-                chosen.insert(port);
-                cell.vars.insert(name.clone(), json!(port));
-            }
-        }
-        if let Err(e) = tx.insert_cell(&cell).await {
-            if e.is_unique_violation() {
-                return Err(ServiceError::Conflict(format!(
-                    "cell {:?} already exists",
-                    cell.cell_id
-                )));
-            }
-            return Err(e.into());
-        }
-        tx.set_cell_secrets(&cell.cell_id, &secrets).await?;
-        let target = cell_target(&cell.cell_id);
-        let job = self
-            .enqueue_cell_job(&mut tx, ctx, &mut cell, CellAction::Stamp)
-            .await?;
-        let job_id = job.job_id.clone();
-        tx.audit(AuditInput {
-            tenant_id: None,
-            event_type: "CELL_REGISTERED",
-            actor: &ctx.actor,
-            target: &target,
-            payload: json!({"region": cell.region, "tier": cell.tier, "template": cell.template,
-                            "capacity": cell.capacity, "labels": cell.labels,
-                            "app_version": cell.app_version, "job_id": job_id}),
-            correlation_id: Some(&ctx.correlation_id),
-        })
-        .await?;
-        tx.commit().await?;
-        self.job_notify.notify_waiters();
-        Ok(CellWithJob {
-            cell,
-            job: Some(job),
-        })
-    }
-
-    /// A free port for variable `var` of the cell being registered in `tx`. The
-    /// `cell_ports` key refuses a port that a concurrent creation took first; then another
-    /// is picked from a fresh view.
-    async fn take_port(
-        &self,
-        tx: &mut persistence::WriteTx,
-        cell_id: &str,
-        var: &str,
-        chosen: &std::collections::HashSet<u16>,
-    ) -> Result<u16> {
-        for _ in 0..16 {
-            let mut taken = tx.cell_ports_taken(var).await?;
-            taken.extend(chosen);
-            let port = crate::iac::allocate_port(self.settings.port_range, &taken)
-                .map_err(|e| ServiceError::Unavailable(format!("cannot allocate a port: {e}")))?;
-            if tx.take_cell_port(port, cell_id, var).await? {
-                return Ok(port);
-            }
-        }
-        Err(ServiceError::Unavailable(
-            "cannot allocate a port: concurrent creations took every candidate".into(),
-        ))
+        crate::jobs::register_cell(&self.shared, ctx, req).await
     }
 
     pub(crate) fn load_template(&self, name: &str, field: &str) -> Result<crate::iac::Template> {
-        self.settings.templates.load(name).map_err(|e| match e {
-            TemplateError::Unknown(n) => invalid(
-                field,
-                format!("template {n:?} does not exist (see GET /v1/templates)"),
-            ),
-            other => ServiceError::Unavailable(other.to_string()),
-        })
+        load_template(&self.shared.settings.templates, name, field)
     }
 
     pub fn list_templates(&self) -> Result<Vec<TemplateInfo>> {
         let names = self
+            .shared
             .settings
             .templates
             .names()
             .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
         let mut out = Vec::new();
         for n in names {
-            match self.settings.templates.load(&n) {
+            match self.shared.settings.templates.load(&n) {
                 Ok(t) => out.push(t.info()),
                 Err(e) => tracing::warn!(template = %n, error = %e, "skipping an invalid template"),
             }
@@ -1002,7 +653,7 @@ impl Service {
     }
 
     pub fn get_template(&self, name: &str) -> Result<TemplateInfo> {
-        match self.settings.templates.load(name) {
+        match self.shared.settings.templates.load(name) {
             Ok(t) => Ok(t.info()),
             Err(TemplateError::Unknown(_)) => Err(not_found("template", name)),
             Err(e) => Err(ServiceError::Unavailable(e.to_string())),
@@ -1017,34 +668,19 @@ impl Service {
         cell: &mut Cell,
         action: CellAction,
     ) -> Result<Job> {
-        let spec = crate::jobs::CellSpec {
-            cell_id: cell.cell_id.clone(),
-            prior_state: Some(cell.state),
-        };
-        let max = self.settings.job_max_attempts;
-        let corr = Some(ctx.correlation_id.as_str());
-        use crate::jobs::{cell_apply, cell_destroy, cell_plan, cell_stamp, enqueue};
-        let job = match action {
-            CellAction::Stamp => enqueue::<cell_stamp::CellStamp>(tx, &spec, max, corr).await?,
-            CellAction::Apply => enqueue::<cell_apply::CellApply>(tx, &spec, max, corr).await?,
-            CellAction::Destroy => {
-                enqueue::<cell_destroy::CellDestroy>(tx, &spec, max, corr).await?
-            }
-            CellAction::Plan => enqueue::<cell_plan::CellPlan>(tx, &spec, max, corr).await?,
-        };
-        cell.pending_job_id = Some(job.job_id.clone());
-        Ok(job)
+        crate::jobs::enqueue_cell_job(tx, self.settings().job_max_attempts, ctx, cell, action).await
     }
 
     pub async fn get_cell(&self, id: &str) -> Result<Cell> {
-        self.store
+        self.shared
+            .store
             .get_cell(id)
             .await?
             .ok_or_else(|| not_found("cell", id))
     }
 
     pub async fn list_cells(&self, f: &CellFilter, after: &str, limit: i64) -> Result<Vec<Cell>> {
-        Ok(self.store.list_cells(f, after, limit).await?)
+        Ok(self.shared.store.list_cells(f, after, limit).await?)
     }
 
     pub async fn patch_cell(
@@ -1070,7 +706,7 @@ impl Service {
         if !errors.is_empty() {
             return Err(ServiceError::Validation(errors));
         }
-        let mut tx = self.store.write().await?;
+        let mut tx = self.shared.store.write().await?;
         let mut cell = tx
             .get_cell_tx(id)
             .await?
@@ -1169,7 +805,7 @@ impl Service {
         .await?;
         tx.commit().await?;
         if job.is_some() {
-            self.job_notify.notify_waiters();
+            self.shared.job_notify.notify_waiters();
         }
         Ok(cell)
     }
@@ -1182,7 +818,7 @@ impl Service {
         id: &str,
         if_match: Option<i64>,
     ) -> Result<CellWithJob> {
-        let mut tx = self.store.write().await?;
+        let mut tx = self.shared.store.write().await?;
         let mut cell = tx
             .get_cell_tx(id)
             .await?
@@ -1221,7 +857,7 @@ impl Service {
         })
         .await?;
         tx.commit().await?;
-        self.job_notify.notify_waiters();
+        self.shared.job_notify.notify_waiters();
         Ok(CellWithJob {
             cell,
             job: Some(job),
@@ -1236,13 +872,13 @@ impl Service {
 
     /// [`Service::plan_cell`] for a controller: the write carries its fence and is refused
     /// when another replica holds the controller's lease.
-    async fn plan_cell_fenced(
+    pub async fn plan_cell_fenced(
         &self,
         ctx: &Ctx,
         id: &str,
-        fence: Option<&crate::controllers::Fence>,
+        fence: Option<&persistence::Fence>,
     ) -> Result<CellWithJob> {
-        let mut tx = self.store.write().await?;
+        let mut tx = self.shared.store.write().await?;
         if let Some(f) = fence {
             if !tx.fence(f.name, &f.holder, f.term).await? {
                 return Err(ServiceError::Fenced(format!(
@@ -1290,48 +926,15 @@ impl Service {
         })
         .await?;
         tx.commit().await?;
-        self.job_notify.notify_waiters();
+        self.shared.job_notify.notify_waiters();
         Ok(CellWithJob {
             cell,
             job: Some(job),
         })
     }
 
-    /// Enqueues drift checks for idle active cells last checked before `interval` ago; the
-    /// drift controller's reconcile, fenced by its lease.
-    pub async fn schedule_drift_checks(
-        &self,
-        interval: std::time::Duration,
-        cx: &crate::controllers::ControllerCx<'_>,
-    ) -> Result<usize> {
-        let before = persistence::fmt_time(
-            cx.clock.now()
-                - chrono::Duration::from_std(interval).unwrap_or(chrono::Duration::hours(1)),
-        );
-        let due = self.store.cells_due_for_drift_check(&before, 1000).await?;
-        let ctx = Ctx {
-            actor: "system:drift".into(),
-            correlation_id: persistence::new_id("corr"),
-        };
-        let mut n = 0;
-        for cell in due {
-            if cx.failpoint("write").is_some() {
-                tracing::warn!("failpoint before a drift controller write");
-            }
-            match self
-                .plan_cell_fenced(&ctx, &cell.cell_id, Some(cx.fence))
-                .await
-            {
-                Ok(_) => n += 1,
-                Err(ServiceError::Conflict(_)) | Err(ServiceError::NotFound { .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(n)
-    }
-
     pub async fn drain_cell(&self, ctx: &Ctx, id: &str, if_match: Option<i64>) -> Result<Cell> {
-        let mut tx = self.store.write().await?;
+        let mut tx = self.shared.store.write().await?;
         let mut cell = tx
             .get_cell_tx(id)
             .await?
@@ -1371,7 +974,7 @@ impl Service {
         id: &str,
         if_match: Option<i64>,
     ) -> Result<CellWithJob> {
-        let mut tx = self.store.write().await?;
+        let mut tx = self.shared.store.write().await?;
         let mut cell = tx
             .get_cell_tx(id)
             .await?
@@ -1422,7 +1025,7 @@ impl Service {
         })
         .await?;
         tx.commit().await?;
-        self.job_notify.notify_waiters();
+        self.shared.job_notify.notify_waiters();
         Ok(CellWithJob {
             cell,
             job: Some(job),
@@ -1433,6 +1036,7 @@ impl Service {
 
     pub async fn get_job(&self, id: &str) -> Result<Job> {
         Ok(self
+            .shared
             .store
             .get_job(id)
             .await?
@@ -1441,7 +1045,8 @@ impl Service {
     }
 
     pub async fn job_log(&self, id: &str) -> Result<String> {
-        self.store
+        self.shared
+            .store
             .job_log(id)
             .await?
             .ok_or_else(|| not_found("job", id))
@@ -1455,6 +1060,7 @@ impl Service {
         limit: i64,
     ) -> Result<Vec<Job>> {
         Ok(self
+            .shared
             .store
             .list_jobs(target, state, None, after, limit)
             .await?
@@ -1465,7 +1071,7 @@ impl Service {
 
     pub async fn cancel_job(&self, ctx: &Ctx, id: &str) -> Result<Job> {
         let mut revision = None;
-        let mut tx = self.store.write().await?;
+        let mut tx = self.shared.store.write().await?;
         let job = tx
             .get_job_tx(id)
             .await?
@@ -1488,7 +1094,7 @@ impl Service {
                     .await?
                     .ok_or_else(|| not_found("job", id))?;
                 let finished = k
-                    .finish_unclaimed(&mut tx, self, &row, &crate::jobs::End::Cancelled)
+                    .finish_unclaimed(&mut tx, &self.shared, &row, &crate::jobs::End::Cancelled)
                     .await?;
                 revision = finished.routes_revision;
             }
@@ -1514,9 +1120,9 @@ impl Service {
             .ok_or_else(|| not_found("job", id))?;
         tx.commit().await?;
         if let Some(rev) = revision {
-            self.routes.observe(rev);
+            self.route_revisions().observe(rev);
         }
-        self.job_changed.notify_waiters();
+        self.shared.job_changed.notify_waiters();
         Ok(after.job)
     }
 
@@ -1531,13 +1137,14 @@ impl Service {
         limit: i64,
     ) -> Result<Vec<AuditRecord>> {
         Ok(self
+            .shared
             .store
             .list_audit(tenant_id, target, since, after_seq, limit)
             .await?)
     }
 
     pub async fn verify_audit(&self) -> Result<AuditVerify> {
-        Ok(match self.store.verify_audit().await? {
+        Ok(match self.shared.store.verify_audit().await? {
             persistence::VerifyOutcome::Ok { records } => AuditVerify {
                 ok: true,
                 records,
@@ -1589,7 +1196,7 @@ impl Service {
             created_at: persistence::now(),
             revoked_at: None,
         };
-        let mut tx = self.store.write().await?;
+        let mut tx = self.shared.store.write().await?;
         if let Some(t) = &info.tenant_id {
             if tx.get_tenant_tx(t).await?.is_none() {
                 return Err(invalid("tenant_id", format!("tenant {t:?} does not exist")));
@@ -1615,6 +1222,7 @@ impl Service {
 
     pub async fn list_tokens(&self, after: &str, limit: i64) -> Result<Vec<TokenInfo>> {
         Ok(self
+            .shared
             .store
             .list_tokens(after, limit)
             .await?
@@ -1625,11 +1233,12 @@ impl Service {
 
     pub async fn revoke_token(&self, ctx: &Ctx, id: &str) -> Result<TokenInfo> {
         let existing = self
+            .shared
             .store
             .get_token(id)
             .await?
             .ok_or_else(|| not_found("token", id))?;
-        let mut tx = self.store.write().await?;
+        let mut tx = self.shared.store.write().await?;
         if !tx.revoke_token(id).await? {
             return Err(ServiceError::Conflict(format!(
                 "token {id} is already revoked"
@@ -1646,6 +1255,7 @@ impl Service {
         .await?;
         tx.commit().await?;
         Ok(self
+            .shared
             .store
             .get_token(id)
             .await?
@@ -1655,7 +1265,7 @@ impl Service {
 
     /// Installs the bootstrap admin token (from the environment or the generated file).
     pub async fn install_admin_token(&self, secret: &str) -> Result<()> {
-        let mut tx = self.store.write().await?;
+        let mut tx = self.shared.store.write().await?;
         if tx
             .upsert_admin_token(&crate::auth::hash_token(secret))
             .await?

@@ -9,7 +9,8 @@ use crate::iac::{Catalog, StateBackend, Terraform};
 use crate::jobs::JobEngine;
 use crate::persistence::Backend;
 use crate::persistence::Store;
-use crate::service::{Service, ServiceSettings};
+use crate::service::Service;
+use crate::shared::{ServiceSettings, Shared};
 use crate::stamping::{find_sample_cell, Stamper};
 use crate::telemetry::HttpMetrics;
 use std::net::SocketAddr;
@@ -61,7 +62,7 @@ pub fn service_and_engine(
     store: Store,
 ) -> Result<(Service, JobEngine), StartupError> {
     let templates = Catalog::new(templates_dir(config)?);
-    let service = Service::new(
+    let shared = Shared::new(
         store.clone(),
         ServiceSettings {
             job_max_attempts: config.jobs.max_attempts.max(1),
@@ -89,8 +90,9 @@ pub fn service_and_engine(
     }
     let stamper =
         Stamper::new(store, templates, terraform, sample_cell).with_failpoints(failpoints.clone());
+    let service = Service::with_shared(shared.clone());
     let engine = JobEngine::new(
-        service.clone(),
+        shared,
         config.jobs.clone(),
         stamper,
         crate::clock::system(),
@@ -189,7 +191,7 @@ impl Application {
         let workers = self.engine.spawn(workers_stop.clone());
         let housekeeping = spawn_housekeeping(self.state.service.clone(), workers_stop.clone());
         let revision_poller = crate::routing::spawn_revision_poller(
-            self.state.service.clone(),
+            self.state.service.routing().clone(),
             Duration::from_millis(self.config.routing.revision_poll_ms.max(50)),
             workers_stop.clone(),
         );

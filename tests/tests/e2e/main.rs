@@ -11,6 +11,7 @@ mod docs;
 mod engine;
 mod hardening;
 mod jobs;
+mod layers;
 mod lifecycle;
 mod placement;
 mod replicas;

@@ -29,13 +29,7 @@ pub enum Action {
     AwaitChange,
 }
 
-/// The fencing token of a controller's writes: who holds which lease at which term.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fence {
-    pub name: &'static str,
-    pub holder: String,
-    pub term: i64,
-}
+pub use crate::persistence::Fence;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {

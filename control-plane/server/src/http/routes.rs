@@ -49,6 +49,7 @@ pub async fn watch(
     }
     let changes = s
         .service
+        .routing()
         .route_changes(since, Duration::from_secs(wait))
         .await?;
     Ok(Json(changes))
@@ -88,6 +89,7 @@ pub async fn history(
     let before = q.before.unwrap_or(i64::MAX);
     let items = s
         .service
+        .routing()
         .route_history(q.tenant_id.as_deref(), before, limit)
         .await?;
     Ok(Json(Page {
@@ -112,7 +114,7 @@ pub async fn get_one(
     if p.allow(Access::Router).is_err() {
         p.allow(Access::Read)?;
     }
-    Ok(Json(s.service.get_route(&tenant, &env).await?))
+    Ok(Json(s.service.routing().get_route(&tenant, &env).await?))
 }
 
 #[utoipa::path(patch, path = "/v1/routes/{tenant_id}/{env}", tag = "routing", request_body = PatchRoute,
@@ -130,6 +132,7 @@ pub async fn patch(
     p.allow(Access::Write)?;
     let r = s
         .service
+        .routing()
         .set_route_mode(&ctx(&p, &c), &tenant, &env, req.mode)
         .await?;
     Ok(Json(r))
@@ -148,7 +151,10 @@ pub async fn heartbeat(
     let id = path.id("router_id")?;
     p.allow(Access::Router)?;
     Ok(Json(
-        s.service.router_heartbeat(&ctx(&p, &c), &id, req).await?,
+        s.service
+            .routing()
+            .router_heartbeat(&ctx(&p, &c), &id, req)
+            .await?,
     ))
 }
 
@@ -160,7 +166,7 @@ pub async fn list_routers(
 ) -> ApiResult<Json<Page<RouterInfo>>> {
     p.allow(Access::Read)?;
     Ok(Json(Page {
-        items: s.service.list_routers().await?,
+        items: s.service.routing().list_routers().await?,
         next_cursor: None,
     }))
 }
@@ -173,7 +179,7 @@ pub async fn list_regions(
 ) -> ApiResult<Json<Page<Region>>> {
     p.allow(Access::Read)?;
     Ok(Json(Page {
-        items: s.service.list_regions().await?,
+        items: s.service.placement().list_regions().await?,
         next_cursor: None,
     }))
 }
@@ -187,7 +193,7 @@ pub async fn get_region(
 ) -> ApiResult<Response> {
     let region = path.id("region")?;
     p.allow(Access::Read)?;
-    let r = s.service.get_region(&region).await?;
+    let r = s.service.placement().get_region(&region).await?;
     Ok(with_etag(StatusCode::OK, r.version, &r))
 }
 
@@ -207,6 +213,7 @@ pub async fn put_region(
     p.allow(Access::Write)?;
     let (r, created) = s
         .service
+        .placement()
         .put_region(&ctx(&p, &c), &region, if_match, req)
         .await?;
     let status = if created {

@@ -11,7 +11,7 @@
 //! period. A global semaphore bounds how many terraform processes run at once.
 
 use super::IacError;
-use crate::config::Secret;
+use crate::secret::Secret;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::Read;

@@ -3,12 +3,20 @@
 //! and its end states in its own file.
 
 use super::kind::{End, FinishCx, Finished, Next, StepCx, StepError};
+use crate::ctx::{cell_target, Ctx};
+use crate::error::{invalid, ServiceError};
+use crate::iac::VarSource;
 use crate::iac::{ExecEvent, IacError, RunCtx};
-use crate::persistence::{self, AuditInput, Store, StoreError, WriteTx};
+use crate::persistence::{self, AuditInput, CellSecrets, Store, StoreError, WriteTx};
+use crate::shared::Shared;
 use crate::stamping::{CellAction, CellEffect, StampError, PHASES};
-use cellplane_api::CellState;
+use crate::validate::{
+    load_template, validate_app_version, validate_capacity, validate_labels, validate_vars,
+};
+use cellplane_api::{Capacity, Cell, CellState, CellWithJob, CreateCell, Job};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +40,7 @@ pub struct CellRun {
 }
 
 pub fn target(spec: &CellSpec) -> String {
-    crate::service::cell_target(&spec.cell_id)
+    cell_target(&spec.cell_id)
 }
 
 pub fn locks(spec: &CellSpec) -> Vec<String> {
@@ -47,7 +55,7 @@ pub async fn begin(
     action: CellAction,
 ) -> Result<Next, StepError> {
     let job = cx.job;
-    let mut tx = cx.service().store().write().await?;
+    let mut tx = cx.shared().store().write().await?;
     let Some(mut cell) = tx.get_cell_tx(&spec.cell_id).await? else {
         return Err(StepError::Fatal(format!("cell {} is gone", spec.cell_id)));
     };
@@ -86,8 +94,8 @@ pub async fn terraform(
     let job = cx.job;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let reporter = tokio::spawn(report(
-        engine.service().store().clone(),
-        engine.service().job_changed(),
+        engine.shared().store().clone(),
+        engine.shared().job_changed.clone(),
         job.job.job_id.clone(),
         engine.owner().to_string(),
         rx,
@@ -315,4 +323,175 @@ async fn report(
             break;
         }
     }
+}
+
+// ------------------------------------------------------------ registering cells
+
+/// Registers a cell (validated, its template's secrets and ports allocated) and enqueues
+/// its stamp, in one transaction with the audit record. The API's `POST /v1/cells` and
+/// placement (auto-stamped pooled cells, a tenant's dedicated cell) both come here.
+pub async fn register_cell(
+    shared: &Shared,
+    ctx: &Ctx,
+    req: CreateCell,
+) -> crate::error::Result<CellWithJob> {
+    let mut errors = Vec::new();
+    validate_labels(&req.labels, &mut errors);
+    validate_vars(&req.vars, &mut errors);
+    if let Some(v) = &req.app_version {
+        validate_app_version(v, &mut errors);
+    }
+    validate_capacity("capacity", &req.capacity, &mut errors);
+    if !errors.is_empty() {
+        return Err(ServiceError::Validation(errors));
+    }
+    let template = load_template(
+        &shared.settings.templates,
+        req.template.as_str(),
+        "template",
+    )?;
+    if !template.manifest.tiers.contains(&req.tier) {
+        return Err(invalid(
+            "tier",
+            format!(
+                "template {:?} does not support tier {}",
+                template.name,
+                req.tier.as_str()
+            ),
+        ));
+    }
+    template
+        .validate_vars(&req.vars)
+        .map_err(ServiceError::Validation)?;
+    // Values the control plane supplies: allocated once, kept for the cell's life.
+    // Ports are taken below, in the transaction that registers the cell.
+    let mut secrets = CellSecrets::default();
+    for (name, spec) in &template.manifest.variables {
+        if spec.source == Some(VarSource::Secret) {
+            secrets
+                .vars
+                .insert(name.clone(), json!(crate::auth::new_secret()));
+        }
+    }
+    let ts = persistence::now();
+    let mut cell = Cell {
+        cell_id: req.cell_id.into_string(),
+        region: req.region.into_string(),
+        tier: req.tier,
+        template: req.template.into_string(),
+        capacity: req.capacity,
+        used: Capacity::default(),
+        labels: req.labels,
+        vars: req.vars,
+        state: CellState::Pending,
+        outputs: BTreeMap::new(),
+        app_version: req.app_version,
+        drift: None,
+        pending_job_id: None,
+        version: 1,
+        created_at: ts.clone(),
+        updated_at: ts,
+    };
+    let mut tx = shared.store.write().await?;
+    let mut chosen = std::collections::HashSet::new();
+    for (name, spec) in &template.manifest.variables {
+        if spec.source == Some(VarSource::Port) {
+            let port = take_port(
+                &mut tx,
+                shared.settings.port_range,
+                &cell.cell_id,
+                name,
+                &chosen,
+            )
+            .await?;
+            chosen.insert(port);
+            cell.vars.insert(name.clone(), json!(port));
+        }
+    }
+    if let Err(e) = tx.insert_cell(&cell).await {
+        if e.is_unique_violation() {
+            return Err(ServiceError::Conflict(format!(
+                "cell {:?} already exists",
+                cell.cell_id
+            )));
+        }
+        return Err(e.into());
+    }
+    tx.set_cell_secrets(&cell.cell_id, &secrets).await?;
+    let target = cell_target(&cell.cell_id);
+    let job = enqueue_cell_job(
+        &mut tx,
+        shared.settings.job_max_attempts,
+        ctx,
+        &mut cell,
+        CellAction::Stamp,
+    )
+    .await?;
+    let job_id = job.job_id.clone();
+    tx.audit(AuditInput {
+        tenant_id: None,
+        event_type: "CELL_REGISTERED",
+        actor: &ctx.actor,
+        target: &target,
+        payload: json!({"region": cell.region, "tier": cell.tier, "template": cell.template,
+                        "capacity": cell.capacity, "labels": cell.labels,
+                        "app_version": cell.app_version, "job_id": job_id}),
+        correlation_id: Some(&ctx.correlation_id),
+    })
+    .await?;
+    tx.commit().await?;
+    shared.job_notify.notify_waiters();
+    Ok(CellWithJob {
+        cell,
+        job: Some(job),
+    })
+}
+
+/// A free port for variable `var` of the cell being registered in `tx`. The
+/// `cell_ports` key refuses a port that a concurrent creation took first; then another
+/// is picked from a fresh view.
+async fn take_port(
+    tx: &mut WriteTx,
+    port_range: (u16, u16),
+    cell_id: &str,
+    var: &str,
+    chosen: &std::collections::HashSet<u16>,
+) -> crate::error::Result<u16> {
+    for _ in 0..16 {
+        let mut taken = tx.cell_ports_taken(var).await?;
+        taken.extend(chosen);
+        let port = crate::iac::allocate_port(port_range, &taken)
+            .map_err(|e| ServiceError::Unavailable(format!("cannot allocate a port: {e}")))?;
+        if tx.take_cell_port(port, cell_id, var).await? {
+            return Ok(port);
+        }
+    }
+    Err(ServiceError::Unavailable(
+        "cannot allocate a port: concurrent creations took every candidate".into(),
+    ))
+}
+
+/// Reserves the cell for a job of `action` and enqueues it, inside `tx`.
+pub async fn enqueue_cell_job(
+    tx: &mut WriteTx,
+    max_attempts: i64,
+    ctx: &Ctx,
+    cell: &mut Cell,
+    action: CellAction,
+) -> crate::error::Result<Job> {
+    let spec = CellSpec {
+        cell_id: cell.cell_id.clone(),
+        prior_state: Some(cell.state),
+    };
+    let max = max_attempts;
+    let corr = Some(ctx.correlation_id.as_str());
+    use super::{cell_apply, cell_destroy, cell_plan, cell_stamp, enqueue};
+    let job = match action {
+        CellAction::Stamp => enqueue::<cell_stamp::CellStamp>(tx, &spec, max, corr).await?,
+        CellAction::Apply => enqueue::<cell_apply::CellApply>(tx, &spec, max, corr).await?,
+        CellAction::Destroy => enqueue::<cell_destroy::CellDestroy>(tx, &spec, max, corr).await?,
+        CellAction::Plan => enqueue::<cell_plan::CellPlan>(tx, &spec, max, corr).await?,
+    };
+    cell.pending_job_id = Some(job.job_id.clone());
+    Ok(job)
 }

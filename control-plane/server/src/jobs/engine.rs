@@ -14,7 +14,7 @@ use crate::clock::SharedClock;
 use crate::config::JobsConfig;
 use crate::failpoints::{Action, Failpoints};
 use crate::persistence::{self, JobEnd, JobRow, LastStepRecord, Store};
-use crate::service::Service;
+use crate::shared::Shared;
 use crate::stamping::Stamper;
 use cellplane_api::JobState;
 use rand::Rng;
@@ -41,7 +41,7 @@ pub struct JobMetrics {
 
 #[derive(Clone)]
 pub struct JobEngine {
-    service: Service,
+    shared: Shared,
     cfg: Arc<JobsConfig>,
     owner: String,
     stamper: Stamper,
@@ -86,7 +86,7 @@ trait PendingFinish: Send + Sync {
     fn finish<'a>(
         &'a self,
         tx: &'a mut persistence::WriteTx,
-        service: &'a Service,
+        shared: &'a Shared,
         job: &'a JobRow,
         end: &'a End,
     ) -> futures_util::future::BoxFuture<'a, Result<Finished, persistence::StoreError>>;
@@ -102,12 +102,12 @@ impl<K: Kind> PendingFinish for TypedFinish<K> {
     fn finish<'a>(
         &'a self,
         tx: &'a mut persistence::WriteTx,
-        service: &'a Service,
+        shared: &'a Shared,
         job: &'a JobRow,
         end: &'a End,
     ) -> futures_util::future::BoxFuture<'a, Result<Finished, persistence::StoreError>> {
         Box::pin(async move {
-            let cx = FinishCx { service, job };
+            let cx = FinishCx { shared, job };
             self.kind
                 .finish(tx, &cx, &self.spec, &self.state, end)
                 .await
@@ -150,14 +150,14 @@ enum Outcome {
 
 impl JobEngine {
     pub fn new(
-        service: Service,
+        shared: Shared,
         cfg: JobsConfig,
         stamper: Stamper,
         clock: SharedClock,
         failpoints: Failpoints,
     ) -> Self {
         Self {
-            service,
+            shared,
             cfg: Arc::new(cfg),
             owner: persistence::new_id("worker"),
             metrics: Arc::new(JobMetrics {
@@ -170,8 +170,9 @@ impl JobEngine {
         }
     }
 
-    pub fn service(&self) -> &Service {
-        &self.service
+    /// The registry, settings, placement and routing the job steps work with.
+    pub fn shared(&self) -> &Shared {
+        &self.shared
     }
 
     pub fn stamper(&self) -> &Stamper {
@@ -192,7 +193,7 @@ impl JobEngine {
     }
 
     fn store(&self) -> &Store {
-        self.service.store()
+        self.shared.store()
     }
 
     fn lease_ms(&self) -> i64 {
@@ -298,7 +299,7 @@ impl JobEngine {
             let held = ended.contains(&e.job.job.job_id);
             let finished = if held {
                 e.finish
-                    .finish(&mut tx, &self.service, &e.job, &e.end)
+                    .finish(&mut tx, &self.shared, &e.job, &e.end)
                     .await?
             } else {
                 Finished::default()
@@ -332,7 +333,7 @@ impl JobEngine {
     }
 
     async fn worker(self, index: usize, shutdown: CancellationToken, ender: Ender) {
-        let notify = self.service.job_notify();
+        let notify = self.shared.job_notify.clone();
         tracing::debug!(worker = index, owner = %self.owner, "job worker started");
         while !shutdown.is_cancelled() {
             // Armed before the claim, so an enqueue between the claim and the wait is seen.
@@ -433,7 +434,7 @@ impl JobEngine {
             }
         };
         renewer.abort();
-        self.service.job_changed().notify_waiters();
+        self.shared.job_changed.notify_waiters();
         next.filter(|_| !shutdown.is_cancelled())
     }
 
@@ -573,7 +574,7 @@ async fn steps<K: Kind>(
         if let Some(o) = engine.failpoint(&point, job, tokens).await {
             return match o {
                 Outcome::Defer(why) => {
-                    engine.defer_or_give_up(job, kind.wait_limit(engine.service()), name, why)
+                    engine.defer_or_give_up(job, kind.wait_limit(engine.shared()), name, why)
                 }
                 o => o,
             };
@@ -582,7 +583,7 @@ async fn steps<K: Kind>(
             Ok(Next::Continue(line)) => (format!("step {name} done: {line}"), i + 1 == names.len()),
             Ok(Next::Done(why)) => (format!("step {name} ends the job: {why}"), true),
             Ok(Next::Wait(why)) => {
-                return engine.defer_or_give_up(job, kind.wait_limit(engine.service()), name, why)
+                return engine.defer_or_give_up(job, kind.wait_limit(engine.shared()), name, why)
             }
             Err(StepError::Fatal(e)) => return Outcome::Failed(format!("{name}: {e}")),
             Err(StepError::Retryable(e)) => return Outcome::Retry(format!("{name}: {e}")),
@@ -626,7 +627,7 @@ async fn steps<K: Kind>(
             )
             .await
         {
-            Ok(true) => engine.service.job_changed().notify_waiters(),
+            Ok(true) => engine.shared.job_changed.notify_waiters(),
             Ok(false) => return Outcome::Abandoned,
             Err(e) => return Outcome::Retry(format!("recording progress: {e}")),
         }
@@ -681,7 +682,7 @@ async fn conclude<K: Kind>(
         }
         Outcome::Defer(why) => {
             // Look again soon at first, then less often (at most every 2 s).
-            let poll = kind.wait_poll(engine.service()).as_millis() as u64;
+            let poll = kind.wait_poll(engine.shared()).as_millis() as u64;
             let now = engine.clock.now();
             let waited = job
                 .job
@@ -769,7 +770,7 @@ async fn finalize(
         return Ok(None);
     }
     if let Some(rev) = ended.finished.routes_revision {
-        engine.service.route_revisions().observe(rev);
+        engine.shared.route_revisions().observe(rev);
     }
     engine.count(end.job_state());
     tracing::info!(
@@ -818,6 +819,44 @@ mod tests {
         }
     }
 
+    /// An engine over `store` with default settings, built from its parts (no server).
+    fn engine_on(store: Store, dir: &std::path::Path) -> JobEngine {
+        let templates = crate::iac::Catalog::new(dir.join("templates"));
+        let shared = Shared::new(
+            store.clone(),
+            crate::shared::ServiceSettings {
+                job_max_attempts: 3,
+                job_wait_secs: 60,
+                job_wait_poll_ms: 100,
+                routing: Default::default(),
+                placement: Default::default(),
+                templates: templates.clone(),
+                port_range: (20_000, 21_000),
+            },
+        );
+        let terraform = crate::iac::runner::Terraform::new(crate::iac::runner::RunnerSettings {
+            binary: "terraform".into(),
+            data_dir: dir.to_path_buf(),
+            provider_mirror: None,
+            concurrency: 1,
+            lock_timeout_secs: 5,
+            cancel_grace: Duration::from_secs(1),
+            path: String::new(),
+            pass_env: Vec::new(),
+            env: Default::default(),
+            backend: crate::iac::runner::StateBackend::Local,
+        })
+        .expect("a terraform runner");
+        let stamper = Stamper::new(store, templates, terraform, None);
+        JobEngine::new(
+            shared,
+            JobsConfig::default(),
+            stamper,
+            crate::clock::system(),
+            Failpoints::default(),
+        )
+    }
+
     /// A finish that fails, standing for a kind whose finish hits a store error.
     struct FailingFinish;
 
@@ -825,7 +864,7 @@ mod tests {
         fn finish<'a>(
             &'a self,
             _tx: &'a mut persistence::WriteTx,
-            _service: &'a Service,
+            _shared: &'a Shared,
             _job: &'a JobRow,
             _end: &'a End,
         ) -> futures_util::future::BoxFuture<'a, Result<Finished, persistence::StoreError>>
@@ -842,12 +881,7 @@ mod tests {
         static NOOP: Noop = Noop;
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(None, dir.path(), 4).await.unwrap();
-        let config = crate::config::Config {
-            data_dir: dir.path().to_path_buf(),
-            ..Default::default()
-        };
-        let (_service, engine) = crate::startup::service_and_engine(&config, store.clone())
-            .expect("an engine on a fresh store");
+        let engine = engine_on(store.clone(), dir.path());
         let mut tx = store.write().await.unwrap();
         for r in ["bench/a", "bench/b"] {
             let spec = NoopSpec {

@@ -3,8 +3,9 @@
 //! means for its targets in the transaction that ends the job.
 
 use super::engine::{self, JobEngine, Tokens};
+use crate::error::ServiceError;
 use crate::persistence::{self, JobRow, NewJob, StoreError, WriteTx};
-use crate::service::Service;
+use crate::shared::Shared;
 use cellplane_api::Job;
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::Future;
@@ -41,10 +42,10 @@ pub enum StepError {
     Abandoned,
 }
 
-impl From<crate::service::ServiceError> for StepError {
-    fn from(e: crate::service::ServiceError) -> Self {
+impl From<ServiceError> for StepError {
+    fn from(e: ServiceError) -> Self {
         match e {
-            crate::service::ServiceError::Store(e) => StepError::Retryable(e.to_string()),
+            ServiceError::Store(e) => StepError::Retryable(e.to_string()),
             other => StepError::Fatal(other.to_string()),
         }
     }
@@ -99,8 +100,9 @@ pub struct StepCx<'a> {
 }
 
 impl StepCx<'_> {
-    pub fn service(&self) -> &Service {
-        self.engine.service()
+    /// The registry, settings, placement and routing.
+    pub fn shared(&self) -> &Shared {
+        self.engine.shared()
     }
     pub fn correlation_id(&self) -> Option<&str> {
         self.job.job.correlation_id.as_deref()
@@ -109,7 +111,7 @@ impl StepCx<'_> {
 
 /// What a finish sees.
 pub struct FinishCx<'a> {
-    pub service: &'a Service,
+    pub shared: &'a Shared,
     pub job: &'a JobRow,
 }
 
@@ -155,12 +157,12 @@ pub trait Kind: Send + Sync + 'static {
         end: &End,
     ) -> impl Future<Output = Result<Finished, StoreError>> + Send;
     /// How long a waiting step may keep waiting, counted from the job's first start.
-    fn wait_limit(&self, service: &Service) -> Duration {
-        Duration::from_secs(service.settings().job_wait_secs.max(1))
+    fn wait_limit(&self, shared: &Shared) -> Duration {
+        Duration::from_secs(shared.settings().job_wait_secs.max(1))
     }
     /// How soon a waiting step looks again at first (then less often, at most every 2 s).
-    fn wait_poll(&self, service: &Service) -> Duration {
-        Duration::from_millis(service.settings().job_wait_poll_ms.max(10))
+    fn wait_poll(&self, shared: &Shared) -> Duration {
+        Duration::from_millis(shared.settings().job_wait_poll_ms.max(10))
     }
 }
 
@@ -190,7 +192,7 @@ pub trait DynKind: Send + Sync {
     fn finish_unclaimed<'a>(
         &'a self,
         tx: &'a mut WriteTx,
-        service: &'a Service,
+        shared: &'a Shared,
         job: &'a JobRow,
         end: &'a End,
     ) -> BoxFuture<'a, Result<Finished, StoreError>>;
@@ -231,7 +233,7 @@ impl<K: Kind> DynKind for K {
     fn finish_unclaimed<'a>(
         &'a self,
         tx: &'a mut WriteTx,
-        service: &'a Service,
+        shared: &'a Shared,
         job: &'a JobRow,
         end: &'a End,
     ) -> BoxFuture<'a, Result<Finished, StoreError>> {
@@ -240,7 +242,7 @@ impl<K: Kind> DynKind for K {
                 return Ok(Finished::default());
             };
             let state: K::State = serde_json::from_value(job.state.clone()).unwrap_or_default();
-            let cx = FinishCx { service, job };
+            let cx = FinishCx { shared, job };
             self.finish(tx, &cx, &spec, &state, end).await
         })
     }

@@ -3,8 +3,9 @@
 
 use super::kind::{End, FinishCx, Next, StepCx, StepError};
 use super::DynKind;
+use crate::error::ServiceError;
 use crate::persistence::{AuditInput, StoreError, WriteTx};
-use crate::placement::Placement;
+use crate::placement::{self, Outcome};
 use cellplane_api::{LifecycleAction, RouteMode, TenantState};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -82,8 +83,8 @@ pub fn names(steps: &[TenantStep]) -> Vec<&'static str> {
 
 /// Runs one step for `spec`'s tenant.
 pub async fn run(cx: &StepCx<'_>, spec: &TenantSpec, step: TenantStep) -> Result<Next, StepError> {
-    let service = cx.service();
-    let store = service.store();
+    let shared = cx.shared();
+    let store = shared.store();
     let tenant_id = spec.tenant_id.as_str();
     let corr = cx.correlation_id();
     match step {
@@ -126,14 +127,40 @@ pub async fn run(cx: &StepCx<'_>, spec: &TenantSpec, step: TenantStep) -> Result
             let envs = store.list_environments(tenant_id).await?;
             let mut done = Vec::new();
             for e in &envs {
-                match service.place_environment(tenant_id, &e.name, corr).await? {
-                    Placement::Placed(d) => {
+                match shared
+                    .placement()
+                    .place_environment(tenant_id, &e.name, corr)
+                    .await?
+                {
+                    Outcome::Placed {
+                        decision: d,
+                        prestamp,
+                    } => {
+                        if let Some(cell) = prestamp {
+                            // Best effort: the placement is done whatever happens here.
+                            let ctx = placement::system_ctx(corr);
+                            if let Err(e) = super::register_cell(shared, &ctx, *cell).await {
+                                tracing::warn!(error = %e, "pre-stamping failed");
+                            }
+                        }
                         done.push(format!("{} → {} ({})", e.name, d.cell_id, d.reason))
                     }
-                    Placement::AlreadyPlaced(c) => done.push(format!("{} on {c}", e.name)),
-                    Placement::Waiting(why) => return Ok(Next::Wait(why)),
-                    Placement::Impossible(why) => {
-                        service
+                    Outcome::AlreadyPlaced(c) => done.push(format!("{} on {c}", e.name)),
+                    Outcome::Waiting(why) => return Ok(Next::Wait(why)),
+                    Outcome::Stamp { cell, why } => {
+                        let ctx = placement::system_ctx(corr);
+                        let cell_id = cell.cell_id.to_string();
+                        match super::register_cell(shared, &ctx, *cell).await {
+                            Ok(_) => tracing::info!(tenant_id, cell_id, "{why}"),
+                            // Registered meanwhile (a retried step): wait for it all the same.
+                            Err(ServiceError::Conflict(_)) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                        return Ok(Next::Wait(why));
+                    }
+                    Outcome::Impossible(why) => {
+                        shared
+                            .placement()
                             .record_placement_failure(tenant_id, &e.name, &why, corr)
                             .await?;
                         return Err(StepError::Fatal(format!(
@@ -152,11 +179,15 @@ pub async fn run(cx: &StepCx<'_>, spec: &TenantSpec, step: TenantStep) -> Result
                 RouteMode::Serve
             };
             let changed = if step == TenantStep::PublishMissing {
-                service
+                shared
+                    .routing()
                     .publish_missing_routes(tenant_id, mode, corr)
                     .await?
             } else {
-                service.publish_tenant_routes(tenant_id, mode, corr).await?
+                shared
+                    .routing()
+                    .publish_tenant_routes(tenant_id, mode, corr)
+                    .await?
             };
             Ok(Next::Continue(format!(
                 "routes {}: {}",
@@ -169,14 +200,18 @@ pub async fn run(cx: &StepCx<'_>, spec: &TenantSpec, step: TenantStep) -> Result
             )))
         }
         TenantStep::RemoveRoutes => {
-            let removed = service.remove_tenant_routes(tenant_id, corr).await?;
+            let removed = shared
+                .routing()
+                .remove_tenant_routes(tenant_id, corr)
+                .await?;
             Ok(Next::Continue(format!(
                 "routes removed: {}",
                 removed.join(", ")
             )))
         }
         TenantStep::ReleaseCapacity | TenantStep::ForgetCells => {
-            let released = service
+            let released = shared
+                .placement()
                 .release_tenant(tenant_id, step == TenantStep::ForgetCells, corr)
                 .await?;
             Ok(Next::Continue(format!(
@@ -220,7 +255,7 @@ pub async fn finish_lifecycle(
     if !held {
         return Ok(super::Finished::default());
     }
-    let limit = cx.service.settings().routing.history_limit;
+    let limit = cx.shared.settings().routing.history_limit;
     let corr = job.correlation_id.as_deref();
     let mut last_revision = None;
     let mut undone = Vec::new();
@@ -284,9 +319,9 @@ fn past_tense(action: LifecycleAction) -> &'static str {
     }
 }
 
-fn service_to_store(e: crate::service::ServiceError) -> StoreError {
+fn service_to_store(e: ServiceError) -> StoreError {
     match e {
-        crate::service::ServiceError::Store(e) => e,
+        ServiceError::Store(e) => e,
         other => StoreError::Corrupt(other.to_string()),
     }
 }

@@ -19,7 +19,7 @@ impl Kind for TenantArchive {
     type State = NoState;
 
     fn target(spec: &TenantSpec) -> String {
-        crate::service::tenant_target(&spec.tenant_id)
+        crate::ctx::tenant_target(&spec.tenant_id)
     }
     fn locks(spec: &TenantSpec) -> Vec<String> {
         vec![super::tenant_resource(&spec.tenant_id)]

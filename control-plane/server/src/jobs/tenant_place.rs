@@ -22,7 +22,7 @@ impl Kind for TenantPlace {
     type State = NoState;
 
     fn target(spec: &TenantSpec) -> String {
-        crate::service::tenant_target(&spec.tenant_id)
+        crate::ctx::tenant_target(&spec.tenant_id)
     }
     /// The whole tenant: a suspend or archive must not run while the environment is being
     /// placed (it would publish or remove routes under the placement's feet).
@@ -56,7 +56,7 @@ impl Kind for TenantPlace {
         let (Some(env), false) = (&spec.env, *end == End::Succeeded) else {
             return Ok(Finished::default());
         };
-        let limit = cx.service.settings().routing.history_limit;
+        let limit = cx.shared.settings().routing.history_limit;
         let mut revision = None;
         if let RouteWrite::Changed(rev) = tx.remove_route(&spec.tenant_id, env, limit).await? {
             revision = Some(rev);
@@ -82,10 +82,10 @@ impl Kind for TenantPlace {
             routes_revision: revision,
         })
     }
-    fn wait_limit(&self, service: &crate::service::Service) -> std::time::Duration {
-        std::time::Duration::from_secs(service.settings().placement.stamp_wait_secs.max(1))
+    fn wait_limit(&self, shared: &crate::shared::Shared) -> std::time::Duration {
+        std::time::Duration::from_secs(shared.settings().placement.stamp_wait_secs.max(1))
     }
-    fn wait_poll(&self, service: &crate::service::Service) -> std::time::Duration {
-        std::time::Duration::from_millis(service.settings().placement.stamp_poll_ms.max(50))
+    fn wait_poll(&self, shared: &crate::shared::Shared) -> std::time::Duration {
+        std::time::Duration::from_millis(shared.settings().placement.stamp_poll_ms.max(50))
     }
 }

@@ -19,7 +19,7 @@ impl Kind for TenantResume {
     type State = NoState;
 
     fn target(spec: &TenantSpec) -> String {
-        crate::service::tenant_target(&spec.tenant_id)
+        crate::ctx::tenant_target(&spec.tenant_id)
     }
     fn locks(spec: &TenantSpec) -> Vec<String> {
         vec![super::tenant_resource(&spec.tenant_id)]
@@ -58,10 +58,10 @@ impl Kind for TenantResume {
         .await
     }
     /// Placement may wait for a cell being stamped.
-    fn wait_limit(&self, service: &crate::service::Service) -> std::time::Duration {
-        std::time::Duration::from_secs(service.settings().placement.stamp_wait_secs.max(1))
+    fn wait_limit(&self, shared: &crate::shared::Shared) -> std::time::Duration {
+        std::time::Duration::from_secs(shared.settings().placement.stamp_wait_secs.max(1))
     }
-    fn wait_poll(&self, service: &crate::service::Service) -> std::time::Duration {
-        std::time::Duration::from_millis(service.settings().placement.stamp_poll_ms.max(50))
+    fn wait_poll(&self, shared: &crate::shared::Shared) -> std::time::Duration {
+        std::time::Duration::from_millis(shared.settings().placement.stamp_poll_ms.max(50))
     }
 }

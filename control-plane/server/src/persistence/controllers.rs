@@ -4,6 +4,14 @@
 use super::{Result, Store, WriteTx};
 use sqlx::Row;
 
+/// The fencing token of a controller's writes: who holds which lease at which term.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub name: &'static str,
+    pub holder: String,
+    pub term: i64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControllerLease {
     pub name: String,

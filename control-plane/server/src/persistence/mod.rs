@@ -11,7 +11,7 @@ mod audit;
 mod cells;
 mod controllers;
 pub use cells::{CellFilter, CellSecrets};
-pub use controllers::ControllerLease;
+pub use controllers::{ControllerLease, Fence};
 mod idempotency;
 mod jobs;
 pub mod notify;
