@@ -137,6 +137,10 @@ const MIGRATIONS_SQLITE: &[(i64, &str)] = &[
         6,
         include_str!("../../migrations/sqlite/0006_controllers.sql"),
     ),
+    (
+        7,
+        include_str!("../../migrations/sqlite/0007_claim_order_index.sql"),
+    ),
 ];
 const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
@@ -159,6 +163,10 @@ const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (
         6,
         include_str!("../../migrations/postgres/0006_controllers.sql"),
+    ),
+    (
+        7,
+        include_str!("../../migrations/postgres/0007_claim_order_index.sql"),
     ),
 ];
 
