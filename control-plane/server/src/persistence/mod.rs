@@ -93,6 +93,11 @@ impl Backend {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// SQLite: one connection that runs every write transaction. SQLite drops a
+    /// connection's page cache whenever another connection changed the file, so writes
+    /// spread over the pool re-read their pages on every transaction; one writer keeps
+    /// its cache (PostgreSQL: the pool).
+    writer: AnyPool,
     backend: Backend,
     /// SQLite allows one writer: serializing writers in-process avoids busy retries and
     /// lock upgrades that a deferred transaction cannot survive.
@@ -224,6 +229,8 @@ impl Store {
                             "PRAGMA synchronous=NORMAL",
                             "PRAGMA busy_timeout=10000",
                             "PRAGMA foreign_keys=ON",
+                            // 16 MiB of page cache per connection (default 2 MiB).
+                            "PRAGMA cache_size=-16384",
                         ] {
                             sqlx::query(pragma).execute(&mut *conn).await?;
                         }
@@ -231,9 +238,14 @@ impl Store {
                     Ok(())
                 })
             });
-        let pool = opts.connect(&url).await?;
+        let pool = opts.clone().connect(&url).await?;
+        let writer = match backend {
+            Backend::Sqlite => opts.max_connections(1).connect(&url).await?,
+            Backend::Postgres => pool.clone(),
+        };
         let store = Store {
             pool,
+            writer,
             backend,
             write_lock: (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(()))),
             pg_url: (backend == Backend::Postgres).then(|| Arc::from(url.as_str())),
@@ -303,7 +315,7 @@ impl Store {
     /// Begins a write transaction (serialized with other writers on SQLite).
     pub async fn write(&self) -> Result<WriteTx> {
         let guard = self.lock_writer().await;
-        let tx = self.pool.begin().await?;
+        let tx = self.writer.begin().await?;
         Ok(WriteTx {
             tx,
             _guard: guard,
@@ -320,6 +332,7 @@ impl Store {
     /// Runs `f` on a fresh write transaction and commits it.
     pub async fn close(&self) {
         self.pool.close().await;
+        self.writer.close().await;
     }
 }
 
