@@ -5,9 +5,11 @@
 //! validation of values that travel on the wire.
 
 pub mod client;
+pub mod events;
 pub mod ids;
 pub mod types;
 
 pub use client::{Client, ClientError};
+pub use events::{Event, EventType};
 pub use ids::{validate_id, Id, IdError};
 pub use types::*;

@@ -23,6 +23,24 @@ pub struct Config {
     pub routing: RoutingConfig,
     pub placement: PlacementConfig,
     pub iac: IacConfig,
+    pub events: EventsConfig,
+}
+
+/// Published events (`GET /v1/events`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// The CloudEvents `source` of every event this control plane publishes (a URI
+    /// reference naming the deployment, e.g. `https://cellplane.example.com/eu`).
+    pub source: String,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            source: "urn:cellplane:control-plane".into(),
+        }
+    }
 }
 
 /// How cells are stamped: the terraform binary, templates, providers and limits.
@@ -192,6 +210,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             placement: PlacementConfig::default(),
             iac: IacConfig::default(),
+            events: EventsConfig::default(),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod controllers;
 pub mod ctx;
 pub mod down;
 pub mod error;
+pub mod events;
 pub mod failpoints;
 pub mod http;
 pub mod iac;

@@ -1126,6 +1126,31 @@ impl Service {
         Ok(after.job)
     }
 
+    // ------------------------------------------------------------ events
+
+    /// Published events after `after_seq`, oldest first: of `types` (every public type when
+    /// empty), about `subject`, of `tenant_id` (a tenant-admin's own tenant).
+    pub async fn list_events(
+        &self,
+        after_seq: i64,
+        types: &[EventType],
+        subject: Option<&str>,
+        tenant_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Event>> {
+        let internal = crate::events::internal_types(types);
+        let rows = self
+            .shared
+            .store
+            .list_outbox(after_seq, &internal, subject, tenant_id, limit)
+            .await?;
+        let source = &self.shared.settings.event_source;
+        Ok(rows
+            .iter()
+            .filter_map(|r| crate::events::to_public(r, source))
+            .collect())
+    }
+
     // ------------------------------------------------------------ audit
 
     pub async fn list_audit(

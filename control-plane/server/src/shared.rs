@@ -24,6 +24,8 @@ pub struct ServiceSettings {
     pub templates: Catalog,
     /// Ports handed to cells (`source = "port"` variables).
     pub port_range: (u16, u16),
+    /// The CloudEvents `source` of published events.
+    pub event_source: String,
 }
 
 #[derive(Clone)]

@@ -72,6 +72,7 @@ pub fn service_and_engine(
             placement: config.placement.clone(),
             templates: templates.clone(),
             port_range: (config.iac.port_min, config.iac.port_max),
+            event_source: config.events.source.clone(),
         },
     );
     let terraform = Terraform::new(runner_settings(config, store.backend()))

@@ -9,6 +9,7 @@ mod cli;
 mod conventions;
 mod docs;
 mod engine;
+mod events;
 mod hardening;
 mod jobs;
 mod layers;

@@ -82,6 +82,7 @@ pub fn need(method: &Method, path: &str) -> Option<Need> {
         "/v1/regions" | "/v1/regions/{region}" if get => Need::Role(Read),
         "/v1/regions/{region}" if put => Need::Role(Write),
         "/v1/audit" if get => Need::OwnTenantOr(Read),
+        "/v1/events" if get => Need::OwnTenantOr(Read),
         "/v1/audit/verify" if get => Need::Role(Read),
         "/v1/tokens" if get || post => Need::Role(Admin),
         "/v1/tokens/{token_id}" if delete => Need::Role(Admin),

@@ -9,6 +9,7 @@ pub mod authorize;
 pub mod cells;
 pub mod controllers;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod jobs;
 pub mod openapi;
@@ -131,6 +132,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/audit", get(audit::list))
         .route("/v1/audit/verify", get(audit::verify))
+        .route("/v1/events", get(events::list))
         .route("/v1/tokens", post(tokens::create).get(tokens::list))
         .route(
             "/v1/tokens/{token_id}",

@@ -46,7 +46,7 @@ impl Modify for BearerAuth {
         super::routes::watch, super::routes::history, super::routes::get_one, super::routes::patch,
         super::routes::heartbeat, super::routes::list_routers, super::controllers::list,
         super::routes::list_regions, super::routes::get_region, super::routes::put_region,
-        super::audit::list, super::audit::verify,
+        super::audit::list, super::audit::verify, super::events::list,
         super::tokens::create, super::tokens::list, super::tokens::revoke,
         super::ops::healthz, super::ops::readyz, super::ops::metrics, super::ops::openapi,
     ),

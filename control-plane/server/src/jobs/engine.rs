@@ -832,6 +832,7 @@ mod tests {
                 placement: Default::default(),
                 templates: templates.clone(),
                 port_range: (20_000, 21_000),
+                event_source: "test".into(),
             },
         );
         let terraform = crate::iac::runner::Terraform::new(crate::iac::runner::RunnerSettings {

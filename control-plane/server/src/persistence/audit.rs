@@ -194,6 +194,19 @@ impl WriteTx {
     }
 }
 
+/// An outbox record with the subject (the audit record's target) it is about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub seq: i64,
+    pub event_id: String,
+    pub event_type: String,
+    pub tenant_id: Option<String>,
+    pub subject: String,
+    pub payload: serde_json::Value,
+    pub correlation_id: Option<String>,
+    pub created_at: String,
+}
+
 fn audit_from_row(row: &sqlx::any::AnyRow) -> Result<AuditRecord> {
     let payload: String = row.try_get("payload")?;
     Ok(AuditRecord {
@@ -212,6 +225,72 @@ fn audit_from_row(row: &sqlx::any::AnyRow) -> Result<AuditRecord> {
 }
 
 impl Store {
+    /// Outbox records after `after_seq`, oldest first, of the given internal event types,
+    /// optionally about one subject and one tenant.
+    pub async fn list_outbox(
+        &self,
+        after_seq: i64,
+        event_types: &[&str],
+        subject: Option<&str>,
+        tenant_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<OutboxRow>> {
+        if event_types.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sql = String::from(
+            "SELECT o.seq, o.event_id, o.event_type, o.tenant_id, o.payload, o.correlation_id, \
+             o.created_at, a.target FROM outbox o JOIN tenant_audit a ON a.seq = o.seq \
+             WHERE o.seq > $1 AND o.event_type IN (",
+        );
+        let mut n = 1;
+        for (i, _) in event_types.iter().enumerate() {
+            n += 1;
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!("${n}"));
+        }
+        sql.push(')');
+        if subject.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND a.target = ${n}"));
+        }
+        if tenant_id.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND o.tenant_id = ${n}"));
+        }
+        n += 1;
+        sql.push_str(&format!(" ORDER BY o.seq LIMIT ${n}"));
+        let mut q = sqlx::query(&sql).bind(after_seq);
+        for t in event_types {
+            q = q.bind(*t);
+        }
+        if let Some(s) = subject {
+            q = q.bind(s);
+        }
+        if let Some(t) = tenant_id {
+            q = q.bind(t);
+        }
+        let rows = q.bind(limit).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                let payload: String = row.try_get("payload")?;
+                Ok(OutboxRow {
+                    seq: row.try_get("seq")?,
+                    event_id: row.try_get("event_id")?,
+                    event_type: row.try_get("event_type")?,
+                    tenant_id: row.try_get("tenant_id")?,
+                    subject: row.try_get("target")?,
+                    payload: serde_json::from_str(&payload)
+                        .unwrap_or(serde_json::Value::String(payload)),
+                    correlation_id: row.try_get("correlation_id")?,
+                    created_at: row.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+
     /// Audit records after `after_seq`, oldest first, filtered by tenant, target and time.
     pub async fn list_audit(
         &self,

@@ -21,7 +21,7 @@ mod routing;
 mod tenants;
 mod tokens;
 
-pub use audit::{AuditInput, OwnedAudit, VerifyOutcome};
+pub use audit::{AuditInput, OutboxRow, OwnedAudit, VerifyOutcome};
 pub use idempotency::StoredResponse;
 pub use jobs::{JobEnd, JobRow, LastStepRecord, NewJob};
 pub use placement::Reservation;
