@@ -33,6 +33,9 @@ fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/cellplane-conformance.XXXXXX")
 cleanup() {
     if [ -n "${pid:-}" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+    # Cells the fuzzer created were stamped by terraform (the local template starts a
+    # sample-cell each); they outlive the control plane by design, so stop them here.
+    pkill -f -- "--data-dir $work/" 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
