@@ -8,8 +8,10 @@ pub mod client;
 pub mod events;
 pub mod ids;
 pub mod types;
+pub mod webhooks;
 
 pub use client::{Client, ClientError};
 pub use events::{Event, EventType};
 pub use ids::{validate_id, Id, IdError};
 pub use types::*;
+pub use webhooks::{CreateWebhook, PatchWebhook, Webhook, WebhookOrdering, WebhookState};

@@ -24,6 +24,32 @@ pub struct Config {
     pub placement: PlacementConfig,
     pub iac: IacConfig,
     pub events: EventsConfig,
+    pub webhooks: WebhooksConfig,
+}
+
+/// Webhook subscriptions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Take destinations on loopback, private, link-local and metadata addresses (tests,
+    /// development). Off in production: a subscription must not reach into this network.
+    pub allow_private_destinations: bool,
+    /// Base64 of the 32-byte key that encrypts subscription secrets. Required with
+    /// PostgreSQL (every replica must read the secrets); with SQLite, a key is generated
+    /// into `<data_dir>/webhook-key` when none is set.
+    pub secret_key: Option<Secret>,
+    /// How long the previous secret keeps signing after a rotation.
+    pub rotation_grace_secs: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            allow_private_destinations: false,
+            secret_key: None,
+            rotation_grace_secs: 86_400,
+        }
+    }
 }
 
 /// Published events (`GET /v1/events`).
@@ -211,6 +237,7 @@ impl Default for Config {
             placement: PlacementConfig::default(),
             iac: IacConfig::default(),
             events: EventsConfig::default(),
+            webhooks: WebhooksConfig::default(),
         }
     }
 }

@@ -25,3 +25,4 @@ pub mod stamping;
 pub mod startup;
 pub mod telemetry;
 pub mod validate;
+pub mod webhooks;

@@ -26,6 +26,13 @@ pub struct ServiceSettings {
     pub port_range: (u16, u16),
     /// The CloudEvents `source` of published events.
     pub event_source: String,
+    /// Webhook destinations may be private addresses (tests, development).
+    pub webhooks_allow_private: bool,
+    /// Encrypts webhook secrets; none when no key is configured (PostgreSQL without
+    /// `webhooks.secret_key`): subscriptions are then refused with 503.
+    pub webhook_secrets: Option<crate::webhooks::SecretBox>,
+    /// How long a rotated-out webhook secret keeps signing.
+    pub webhook_rotation_grace_secs: u64,
 }
 
 #[derive(Clone)]

@@ -73,6 +73,9 @@ pub fn service_and_engine(
             templates: templates.clone(),
             port_range: (config.iac.port_min, config.iac.port_max),
             event_source: config.events.source.clone(),
+            webhooks_allow_private: config.webhooks.allow_private_destinations,
+            webhook_secrets: webhook_secrets(config, store.backend())?,
+            webhook_rotation_grace_secs: config.webhooks.rotation_grace_secs,
         },
     );
     let terraform = Terraform::new(runner_settings(config, store.backend()))
@@ -360,6 +363,46 @@ fn pg_conn_str(url: &str) -> String {
 
 /// The admin secret: from configuration (`CELLPLANE_ADMIN_TOKEN`), else the token file in
 /// the data directory, else a new one written there with mode 0600.
+/// The key that encrypts webhook secrets: `webhooks.secret_key`; else, with SQLite, the
+/// one kept in `<data_dir>/webhook-key` (generated on first start). PostgreSQL replicas
+/// must share the key, so there none is generated: subscriptions are refused until it is
+/// configured.
+fn webhook_secrets(
+    config: &Config,
+    backend: Backend,
+) -> Result<Option<crate::webhooks::SecretBox>, StartupError> {
+    use crate::webhooks::SecretBox;
+    if let Some(k) = &config.webhooks.secret_key {
+        return SecretBox::from_base64(k.expose())
+            .map(Some)
+            .map_err(StartupError::Config);
+    }
+    if backend == Backend::Postgres {
+        tracing::warn!("webhooks.secret_key is not set: webhook subscriptions are refused");
+        return Ok(None);
+    }
+    let path = config.data_dir.join("webhook-key");
+    let key = match std::fs::read_to_string(&path) {
+        Ok(k) => k,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let k = SecretBox::generate_key();
+            write_private(&path, &k).map_err(|e| {
+                StartupError::Config(format!("cannot write {}: {e}", path.display()))
+            })?;
+            k
+        }
+        Err(e) => {
+            return Err(StartupError::Config(format!(
+                "cannot read {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    SecretBox::from_base64(&key)
+        .map(Some)
+        .map_err(|e| StartupError::Config(format!("{}: {e}", path.display())))
+}
+
 fn admin_token(config: &Config) -> Result<(String, String), StartupError> {
     if let Some(t) = &config.admin_token {
         let t = t.expose().trim().to_string();

@@ -20,3 +20,4 @@ mod router;
 mod routing;
 mod stamping;
 mod store;
+mod webhooks;

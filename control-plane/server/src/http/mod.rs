@@ -19,6 +19,7 @@ pub mod routes;
 pub mod templates;
 pub mod tenants;
 pub mod tokens;
+pub mod webhooks;
 
 use crate::auth::{hash_token, Principal};
 use crate::jobs::JobMetrics;
@@ -133,6 +134,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(audit::list))
         .route("/v1/audit/verify", get(audit::verify))
         .route("/v1/events", get(events::list))
+        .route("/v1/webhooks", post(webhooks::create).get(webhooks::list))
+        .route(
+            "/v1/webhooks/{webhook_id}",
+            get(webhooks::get_one)
+                .patch(webhooks::patch)
+                .delete(webhooks::delete),
+        )
+        .route(
+            "/v1/webhooks/{webhook_id}/rotate-secret",
+            post(webhooks::rotate_secret),
+        )
         .route("/v1/tokens", post(tokens::create).get(tokens::list))
         .route(
             "/v1/tokens/{token_id}",

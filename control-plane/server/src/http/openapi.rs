@@ -15,6 +15,7 @@ pub const ID_PATTERN: &str = "^[a-z][a-z0-9-]{1,62}$";
 /// 10 random characters. They also pass [`ID_PATTERN`], which is what the edge checks.
 pub const JOB_ID_PATTERN: &str = "^job-[0-9a-f]{12}[0-9a-z]{10}$";
 /// Token ids are `persistence::new_id("tok")`, or `admin` for the bootstrap token.
+pub const WEBHOOK_ID_PATTERN: &str = "^wh-[0-9a-f]{12}[0-9a-z]{10}$";
 pub const TOKEN_ID_PATTERN: &str = "^(admin|tok-[0-9a-f]{12}[0-9a-z]{10})$";
 
 struct BearerAuth;
@@ -47,6 +48,8 @@ impl Modify for BearerAuth {
         super::routes::heartbeat, super::routes::list_routers, super::controllers::list,
         super::routes::list_regions, super::routes::get_region, super::routes::put_region,
         super::audit::list, super::audit::verify, super::events::list,
+        super::webhooks::create, super::webhooks::list, super::webhooks::get_one,
+        super::webhooks::patch, super::webhooks::delete, super::webhooks::rotate_secret,
         super::tokens::create, super::tokens::list, super::tokens::revoke,
         super::ops::healthz, super::ops::readyz, super::ops::metrics, super::ops::openapi,
     ),
@@ -124,6 +127,15 @@ fn edge_operation(path: &str, method: &str, op: &mut Operation) {
                 ))));
                 p.description =
                     Some("a job id as the server issues it: `job-` and 22 characters".into());
+            }
+            (ParameterIn::Path, "webhook_id") => {
+                p.schema = Some(RefOr::T(Schema::Object(string_schema(
+                    Some(WEBHOOK_ID_PATTERN),
+                    None,
+                    None,
+                ))));
+                p.description =
+                    Some("a webhook id as the server issues it: `wh-` and 22 characters".into());
             }
             (ParameterIn::Path, "token_id") => {
                 p.schema = Some(RefOr::T(Schema::Object(string_schema(

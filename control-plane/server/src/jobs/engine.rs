@@ -833,6 +833,9 @@ mod tests {
                 templates: templates.clone(),
                 port_range: (20_000, 21_000),
                 event_source: "test".into(),
+                webhooks_allow_private: false,
+                webhook_secrets: None,
+                webhook_rotation_grace_secs: 60,
             },
         );
         let terraform = crate::iac::runner::Terraform::new(crate::iac::runner::RunnerSettings {

@@ -20,6 +20,7 @@ mod placement;
 mod routing;
 mod tenants;
 mod tokens;
+mod webhooks;
 
 pub use audit::{AuditInput, OutboxRow, OwnedAudit, VerifyOutcome};
 pub use idempotency::StoredResponse;
@@ -28,6 +29,7 @@ pub use placement::Reservation;
 pub use routing::{RouteWrite, RouterRow, RoutingHead};
 pub use tenants::{Conditional, CreateOutcome, EnvironmentRow, NewTenant, TenantFilter, TenantRow};
 pub use tokens::TokenRow;
+pub use webhooks::WebhookRow;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Row, Transaction};
@@ -146,6 +148,7 @@ const MIGRATIONS_SQLITE: &[(i64, &str)] = &[
         7,
         include_str!("../../migrations/sqlite/0007_claim_order_index.sql"),
     ),
+    (8, include_str!("../../migrations/sqlite/0008_webhooks.sql")),
 ];
 const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
@@ -172,6 +175,10 @@ const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (
         7,
         include_str!("../../migrations/postgres/0007_claim_order_index.sql"),
+    ),
+    (
+        8,
+        include_str!("../../migrations/postgres/0008_webhooks.sql"),
     ),
 ];
 

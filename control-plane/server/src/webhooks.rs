@@ -1,0 +1,284 @@
+//! Webhook subscriptions below the service: what a destination may be, the `whsec_`
+//! secrets (Standard Webhooks 1.0) and how they are kept — encrypted with
+//! XChaCha20-Poly1305 under the configured key, never hashed, since delivery signs with them.
+//!
+//! Destinations on loopback, private, link-local, shared (CGNAT) or cloud-metadata
+//! addresses are refused unless `webhooks.allow_private_destinations` is set: a subscription
+//! must not turn the control plane into a way into its own network. Names are checked here
+//! as written (`localhost` and IP literals); what a name resolves to is checked again when
+//! a delivery connects.
+
+use base64::Engine;
+use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng};
+use chacha20poly1305::XChaCha20Poly1305;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Longest subscription URL taken.
+pub const MAX_URL_BYTES: usize = 2048;
+
+/// Why an address may not receive deliveries, or none when it may.
+pub fn refused_address(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => refused_v4(v4),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return refused_v4(v4);
+            }
+            let seg = v6.segments();
+            if v6.is_loopback() {
+                Some("a loopback address")
+            } else if v6.is_unspecified() {
+                Some("the unspecified address")
+            } else if v6.is_multicast() {
+                Some("a multicast address")
+            } else if seg[0] & 0xffc0 == 0xfe80 {
+                Some("a link-local address")
+            } else if seg[0] & 0xfe00 == 0xfc00 {
+                Some("a private (unique local) address")
+            } else if v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
+                Some("a cloud metadata address")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+fn refused_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    let o = ip.octets();
+    if ip.is_loopback() {
+        Some("a loopback address")
+    } else if ip.is_unspecified() || o[0] == 0 {
+        Some("the unspecified network")
+    } else if ip == Ipv4Addr::new(169, 254, 169, 254) || ip == Ipv4Addr::new(100, 100, 100, 200) {
+        Some("a cloud metadata address")
+    } else if ip.is_link_local() {
+        Some("a link-local address")
+    } else if ip.is_private() {
+        Some("a private address")
+    } else if o[0] == 100 && (64..128).contains(&o[1]) {
+        Some("a shared (carrier-grade NAT) address")
+    } else if ip.is_broadcast() || ip.is_multicast() || o[0] >= 240 {
+        Some("a broadcast, multicast or reserved address")
+    } else {
+        None
+    }
+}
+
+/// Checks a destination URL: `http(s)`, a host, no credentials, at most
+/// [`MAX_URL_BYTES`], and (unless `allow_private`) not a refused address. Returns the URL
+/// as parsed (normalized) or the reason.
+pub fn check_url(url: &str, allow_private: bool) -> Result<String, String> {
+    if url.len() > MAX_URL_BYTES {
+        return Err(format!("must be at most {MAX_URL_BYTES} bytes"));
+    }
+    let u = reqwest::Url::parse(url).map_err(|e| format!("is not a URL: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err("must be an http or https URL".into());
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err("must not carry credentials".into());
+    }
+    if u.fragment().is_some() {
+        return Err("must not have a fragment".into());
+    }
+    let host = match u.host() {
+        Some(h) => h,
+        None => return Err("must name a host".into()),
+    };
+    if !allow_private {
+        let why = match host {
+            url::Host::Ipv4(ip) => refused_address(IpAddr::V4(ip)),
+            url::Host::Ipv6(ip) => refused_address(IpAddr::V6(ip)),
+            url::Host::Domain(d) => {
+                let d = d.trim_end_matches('.').to_ascii_lowercase();
+                (d == "localhost" || d.ends_with(".localhost") || d.ends_with(".internal"))
+                    .then_some("a local name")
+            }
+        };
+        if let Some(why) = why {
+            return Err(format!(
+                "names {why}; such destinations are refused unless \
+                 webhooks.allow_private_destinations is set"
+            ));
+        }
+    }
+    Ok(u.to_string())
+}
+
+/// A new subscription secret: `whsec_` and the base64 of 24 random bytes (the HMAC key).
+pub fn new_secret() -> String {
+    use rand::RngCore;
+    let mut key = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut key);
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    )
+}
+
+/// Encrypts and decrypts subscription secrets under the configured key.
+#[derive(Clone)]
+pub struct SecretBox {
+    cipher: XChaCha20Poly1305,
+}
+
+impl std::fmt::Debug for SecretBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretBox(***)")
+    }
+}
+
+impl SecretBox {
+    /// A box for the base64 of a 32-byte key (`webhooks.secret_key`).
+    pub fn from_base64(key: &str) -> Result<Self, String> {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(key.trim())
+            .map_err(|e| format!("webhooks.secret_key is not base64: {e}"))?;
+        Self::from_bytes(&bytes)
+    }
+
+    pub fn from_bytes(key: &[u8]) -> Result<Self, String> {
+        if key.len() != 32 {
+            return Err(format!(
+                "webhooks.secret_key must be 32 bytes (base64), not {}",
+                key.len()
+            ));
+        }
+        Ok(Self {
+            cipher: XChaCha20Poly1305::new_from_slice(key).expect("32-byte key"),
+        })
+    }
+
+    /// A new random key, base64 (what a data directory keeps when none is configured).
+    pub fn generate_key() -> String {
+        base64::engine::general_purpose::STANDARD
+            .encode(XChaCha20Poly1305::generate_key(&mut OsRng))
+    }
+
+    /// `v1:` and the base64 of nonce and ciphertext.
+    pub fn seal(&self, plaintext: &str) -> String {
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let ct = self
+            .cipher
+            .encrypt(&nonce, plaintext.as_bytes())
+            .expect("encryption of a short secret does not fail");
+        let mut out = nonce.to_vec();
+        out.extend(ct);
+        format!(
+            "v1:{}",
+            base64::engine::general_purpose::STANDARD.encode(out)
+        )
+    }
+
+    /// The plaintext of [`SecretBox::seal`]'s output; none when it was sealed under
+    /// another key or altered.
+    pub fn open(&self, sealed: &str) -> Option<String> {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(sealed.strip_prefix("v1:")?)
+            .ok()?;
+        if raw.len() < 24 {
+            return None;
+        }
+        let (nonce, ct) = raw.split_at(24);
+        let pt = self
+            .cipher
+            .decrypt(chacha20poly1305::XNonce::from_slice(nonce), ct)
+            .ok()?;
+        String::from_utf8(pt).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_link_local_and_metadata_addresses_are_refused() {
+        for a in [
+            "127.0.0.1",
+            "127.8.9.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.10.10",
+            "169.254.169.254",
+            "100.64.0.1",
+            "100.100.100.200",
+            "0.0.0.0",
+            "0.1.2.3",
+            "255.255.255.255",
+            "224.0.0.1",
+            "240.0.0.1",
+            "::1",
+            "::",
+            "fe80::1",
+            "fc00::1",
+            "fd12:3456::1",
+            "fd00:ec2::254",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "ff02::1",
+        ] {
+            let ip: IpAddr = a.parse().unwrap();
+            assert!(refused_address(ip).is_some(), "{a} should be refused");
+        }
+        for a in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "172.32.0.1",
+            "100.128.0.1",
+            "192.169.0.1",
+            "2001:db8::1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
+            let ip: IpAddr = a.parse().unwrap();
+            assert_eq!(refused_address(ip), None, "{a} should be allowed");
+        }
+    }
+
+    #[test]
+    fn urls_are_checked_before_any_request() {
+        assert!(check_url("https://hooks.example.com/in?x=1", false).is_ok());
+        for (u, why) in [
+            ("ftp://example.com/", "http or https"),
+            ("https://user:pw@example.com/", "credentials"),
+            ("https://user@example.com/", "credentials"),
+            ("not a url", "is not a URL"),
+            ("http://127.0.0.1:9000/", "loopback"),
+            ("http://[::1]:9000/", "loopback"),
+            ("http://localhost/", "local name"),
+            ("http://api.localhost/", "local name"),
+            ("http://169.254.169.254/latest/meta-data", "metadata"),
+            ("http://10.0.0.5/", "private"),
+            ("https://example.com/#frag", "fragment"),
+        ] {
+            let e = check_url(u, false).unwrap_err();
+            assert!(e.contains(why), "{u}: {e}");
+        }
+        assert!(check_url("http://127.0.0.1:9000/hook", true).is_ok());
+        let long = format!("https://example.com/{}", "a".repeat(MAX_URL_BYTES));
+        assert!(check_url(&long, true).unwrap_err().contains("2048"));
+    }
+
+    #[test]
+    fn secrets_are_sealed_and_opened_only_with_their_key() {
+        let key = SecretBox::generate_key();
+        let b = SecretBox::from_base64(&key).unwrap();
+        let s = new_secret();
+        assert!(s.starts_with("whsec_"));
+        let sealed = b.seal(&s);
+        assert!(!sealed.contains(&s[6..]));
+        assert_ne!(sealed, b.seal(&s), "a fresh nonce each time");
+        assert_eq!(b.open(&sealed).as_deref(), Some(s.as_str()));
+        let other = SecretBox::from_base64(&SecretBox::generate_key()).unwrap();
+        assert_eq!(other.open(&sealed), None);
+        let mut tampered = sealed.clone();
+        tampered.pop();
+        tampered.push('A');
+        assert_eq!(b.open(&tampered), None);
+        assert!(SecretBox::from_base64("c2hvcnQ=").is_err());
+    }
+}

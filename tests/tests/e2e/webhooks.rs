@@ -1,0 +1,367 @@
+//! Webhook subscriptions (issue "Signed webhooks…", item 2): secrets shown once and kept
+//! encrypted, rotation, validation of destinations before any request, tenant-admin scoping.
+
+use cellplane_tests::*;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// A fixed key for the subscriptions' secrets (base64 of 32 bytes), as an operator sets it.
+const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+fn options() -> AppOptions {
+    AppOptions::default().with("CELLPLANE__WEBHOOKS__SECRET_KEY", KEY)
+}
+
+async fn post(app: &TestApp, token: Option<&str>, path: &str, body: Value) -> (u16, Value) {
+    let c = match token {
+        Some(t) => app.client(t),
+        None => app.admin.clone(),
+    };
+    let r = c
+        .request(Method::POST, path)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn token(app: &TestApp, role: &str, tenant: Option<&str>) -> String {
+    let mut body = json!({"role": role});
+    if let Some(t) = tenant {
+        body["tenant_id"] = json!(t);
+    }
+    let t: Value = app.admin.post("/v1/tokens", &body).await.unwrap();
+    t["token"].as_str().unwrap().to_string()
+}
+
+both_backends!(
+    a_subscription_shows_its_secret_once_and_keeps_it_encrypted,
+    |b| async move {
+        let app = TestApp::spawn_with(b, options()).await;
+        let (status, created) = post(
+            &app,
+            None,
+            "/v1/webhooks",
+            json!({"url": "https://hooks.example.com/in", "events": ["*"],
+                   "description": "billing"}),
+        )
+        .await;
+        assert_eq!(status, 201, "{created}");
+        let id = created["webhook_id"].as_str().unwrap().to_string();
+        let secret = created["secret"].as_str().unwrap().to_string();
+        assert!(
+            secret.starts_with("whsec_") && secret.len() > 30,
+            "{secret}"
+        );
+        assert_eq!(created["state"], "enabled");
+        assert_eq!(created["ordering"], "none");
+        assert_eq!(created["version"], 1);
+        assert!(created["tenant_id"].is_null());
+
+        // Never shown again, never stored in clear.
+        let got: Value = app.admin.get(&format!("/v1/webhooks/{id}")).await.unwrap();
+        assert!(got.get("secret").is_none(), "{got}");
+        let listed: Value = app.admin.get("/v1/webhooks").await.unwrap();
+        assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+        assert!(listed["items"][0].get("secret").is_none());
+        let stored = app
+            .sql_text(&format!(
+                "SELECT secret_enc FROM webhooks WHERE webhook_id = '{id}'"
+            ))
+            .await;
+        assert!(stored.starts_with("v1:"), "{stored}");
+        assert!(
+            !stored.contains(&secret[6..]),
+            "the secret is stored in clear"
+        );
+        let audit: Value = app
+            .admin
+            .get(&format!("/v1/audit?target=webhook/{id}"))
+            .await
+            .unwrap();
+        assert!(
+            !audit.to_string().contains(&secret[6..]),
+            "the secret reached the audit trail"
+        );
+
+        // An idempotent replay of the creation answers without the secret.
+        let body = json!({"url": "https://hooks.example.com/other", "events": ["*"]});
+        let first = app
+            .req(Method::POST, "/v1/webhooks")
+            .header("Idempotency-Key", "wh-create-1")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(first.status(), 201);
+        let first: Value = first.json().await.unwrap();
+        assert!(first["secret"].is_string());
+        let replay = app
+            .req(Method::POST, "/v1/webhooks")
+            .header("Idempotency-Key", "wh-create-1")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(replay.status(), 201);
+        let replay: Value = replay.json().await.unwrap();
+        assert_eq!(replay["webhook_id"], first["webhook_id"]);
+        assert!(replay.get("secret").is_none(), "{replay}");
+
+        // Rotation: a new secret, the old one kept (encrypted) for the grace period.
+        let (status, rotated) = post(
+            &app,
+            None,
+            &format!("/v1/webhooks/{id}/rotate-secret"),
+            json!({}),
+        )
+        .await;
+        assert_eq!(status, 200, "{rotated}");
+        let new_secret = rotated["secret"].as_str().unwrap();
+        assert!(new_secret.starts_with("whsec_"));
+        assert_ne!(new_secret, secret);
+        assert_eq!(rotated["version"], 2);
+        let until = rotated["previous_secret_expires_at"].as_str().unwrap();
+        assert!(cellplane::persistence::parse_time(until).unwrap() > chrono::Utc::now());
+        let previous = app
+            .sql_text(&format!(
+                "SELECT previous_secret_enc FROM webhooks WHERE webhook_id = '{id}'"
+            ))
+            .await;
+        assert_eq!(
+            previous, stored,
+            "the previous secret is kept as it was sealed"
+        );
+
+        // Changes: If-Match guards them; state, events and ordering change.
+        let stale = app
+            .req(Method::PATCH, &format!("/v1/webhooks/{id}"))
+            .header("If-Match", "\"1\"")
+            .json(&json!({"state": "disabled"}))
+            .send()
+            .await
+            .unwrap();
+        expect_problem(stale, 412).await;
+        let patched: Value = app
+            .admin
+            .patch(
+                &format!("/v1/webhooks/{id}"),
+                &json!({"state": "disabled", "ordering": "per-subject",
+                        "events": ["dev.cellplane.tenancy.activated.v1"]}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(patched["state"], "disabled");
+        assert_eq!(patched["ordering"], "per-subject");
+        assert_eq!(
+            patched["events"],
+            json!(["dev.cellplane.tenancy.activated.v1"])
+        );
+        assert_eq!(patched["version"], 3);
+
+        let r = app
+            .req(Method::DELETE, &format!("/v1/webhooks/{id}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+        expect_problem(
+            app.req(Method::GET, &format!("/v1/webhooks/{id}"))
+                .send()
+                .await
+                .unwrap(),
+            404,
+        )
+        .await;
+        assert!(app.audit_verify_ok().await);
+    }
+);
+
+both_backends!(
+    destinations_and_event_types_are_checked_before_any_request,
+    |b| async move {
+        let app = TestApp::spawn_with(b, options()).await;
+        // A port that must receive nothing: subscriptions are refused before any request.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let long = format!("https://hooks.example.com/{}", "a".repeat(2100));
+        for (body, field) in [
+            (
+                json!({"url": "ftp://hooks.example.com/", "events": ["*"]}),
+                "url",
+            ),
+            (
+                json!({"url": "https://u:p@hooks.example.com/", "events": ["*"]}),
+                "url",
+            ),
+            (json!({"url": long, "events": ["*"]}), "url"),
+            (
+                json!({"url": format!("http://127.0.0.1:{port}/hook"), "events": ["*"]}),
+                "url",
+            ),
+            (
+                json!({"url": format!("http://localhost:{port}/hook"), "events": ["*"]}),
+                "url",
+            ),
+            (
+                json!({"url": "http://169.254.169.254/latest", "events": ["*"]}),
+                "url",
+            ),
+            (json!({"url": "http://10.1.2.3/", "events": ["*"]}), "url"),
+            (
+                json!({"url": "https://hooks.example.com/", "events": ["dev.cellplane.nope.v1"]}),
+                "events",
+            ),
+            (
+                json!({"url": "https://hooks.example.com/", "events": []}),
+                "events",
+            ),
+            (
+                json!({"url": "https://hooks.example.com/", "events": ["*", "dev.cellplane.tenancy.activated.v1"]}),
+                "events",
+            ),
+            (
+                json!({"url": "https://hooks.example.com/", "events": ["*"], "tenant_id": "ghost"}),
+                "tenant_id",
+            ),
+        ] {
+            let (status, p) = post(&app, None, "/v1/webhooks", body.clone()).await;
+            assert_eq!(status, 400, "{body}: {p}");
+            assert!(p.to_string().contains(field), "{body}: {p}");
+        }
+        assert!(
+            listener.accept().is_err(),
+            "a refused subscription reached its destination"
+        );
+        let count = app.sql_i64("SELECT COUNT(*) FROM webhooks").await.unwrap();
+        assert_eq!(count, 0, "nothing is stored for a refused subscription");
+
+        // With the allowance (tests, development), loopback is a destination like any other.
+        let open = TestApp::spawn_with(
+            b,
+            options().with("CELLPLANE__WEBHOOKS__ALLOW_PRIVATE_DESTINATIONS", "true"),
+        )
+        .await;
+        let (status, created) = post(
+            &open,
+            None,
+            "/v1/webhooks",
+            json!({"url": format!("http://127.0.0.1:{port}/hook"), "events": ["*"]}),
+        )
+        .await;
+        assert_eq!(status, 201, "{created}");
+    }
+);
+
+both_backends!(
+    a_tenant_admin_manages_only_its_own_subscriptions,
+    |b| async move {
+        let app = TestApp::spawn_with(b, options()).await;
+        app.create_org("acme-corp").await;
+        app.create_tenant("tenant-a", "acme-corp").await;
+        app.create_tenant("tenant-b", "acme-corp").await;
+        let ta = token(&app, "tenant-admin", Some("tenant-a")).await;
+        let url = "https://hooks.example.com/in";
+        let (status, own) = post(
+            &app,
+            Some(&ta),
+            "/v1/webhooks",
+            json!({"url": url, "events": ["*"]}),
+        )
+        .await;
+        assert_eq!(status, 201, "{own}");
+        assert_eq!(own["tenant_id"], "tenant-a");
+        let (status, p) = post(
+            &app,
+            Some(&ta),
+            "/v1/webhooks",
+            json!({"url": url, "events": ["*"], "tenant_id": "tenant-b"}),
+        )
+        .await;
+        assert_eq!(status, 400, "{p}");
+        assert!(p.to_string().contains("tenant_id"), "{p}");
+        let (status, other) = post(
+            &app,
+            None,
+            "/v1/webhooks",
+            json!({"url": url, "events": ["*"], "tenant_id": "tenant-b"}),
+        )
+        .await;
+        assert_eq!(status, 201, "{other}");
+        let other_id = other["webhook_id"].as_str().unwrap();
+
+        let mine: Value = app.client(&ta).get("/v1/webhooks").await.unwrap();
+        let ids: Vec<&str> = mine["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["webhook_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, [own["webhook_id"].as_str().unwrap()]);
+        let c = app.client(&ta);
+        for (method, path) in [
+            (Method::GET, format!("/v1/webhooks/{other_id}")),
+            (Method::PATCH, format!("/v1/webhooks/{other_id}")),
+            (Method::DELETE, format!("/v1/webhooks/{other_id}")),
+            (
+                Method::POST,
+                format!("/v1/webhooks/{other_id}/rotate-secret"),
+            ),
+        ] {
+            let r = c
+                .request(method.clone(), &path)
+                .json(&json!({"state": "disabled"}))
+                .send()
+                .await
+                .unwrap();
+            expect_problem(r, 404).await;
+        }
+        let all: Value = app.admin.get("/v1/webhooks").await.unwrap();
+        assert_eq!(all["items"].as_array().unwrap().len(), 2);
+
+        // A viewer reads, and may not subscribe.
+        let viewer = token(&app, "viewer", None).await;
+        let (status, _) = post(
+            &app,
+            Some(&viewer),
+            "/v1/webhooks",
+            json!({"url": url, "events": ["*"]}),
+        )
+        .await;
+        assert_eq!(status, 403);
+        let seen: Value = app.client(&viewer).get("/v1/webhooks").await.unwrap();
+        assert_eq!(seen["items"].as_array().unwrap().len(), 2);
+    }
+);
+
+// With SQLite and no configured key, the data directory keeps a generated one (0600);
+// with PostgreSQL, replicas must share the key, so subscriptions wait for it (503).
+both_backends!(
+    without_a_configured_key_sqlite_generates_one_and_postgres_refuses,
+    |b| async move {
+        let app = TestApp::spawn(b).await;
+        let (status, body) = post(
+            &app,
+            None,
+            "/v1/webhooks",
+            json!({"url": "https://hooks.example.com/in", "events": ["*"]}),
+        )
+        .await;
+        let key_file = app.data_dir.join("webhook-key");
+        match b {
+            Backend::Sqlite => {
+                assert_eq!(status, 201, "{body}");
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+                assert_eq!(mode & 0o777, 0o600);
+            }
+            Backend::Postgres => {
+                assert_eq!(status, 503, "{body}");
+                assert!(!key_file.exists());
+            }
+        }
+    }
+);
