@@ -365,3 +365,206 @@ both_backends!(
         }
     }
 );
+
+/// What a receiver got: the request's headers (lower-case names) and body.
+struct Received {
+    headers: std::collections::BTreeMap<String, String>,
+    body: Vec<u8>,
+}
+
+/// A webhook receiver written for the test (not the project's code): answers every request
+/// with `status` and hands what it got to the channel.
+async fn receiver(
+    status: u16,
+) -> (
+    u16,
+    tokio::sync::mpsc::UnboundedReceiver<Received>,
+    tokio::task::JoinHandle<()>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let head_end = loop {
+                let n = sock.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break Some(i + 4);
+                }
+            };
+            let Some(head_end) = head_end else { continue };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+            let mut headers = std::collections::BTreeMap::new();
+            for line in head.lines().skip(1) {
+                if let Some((k, v)) = line.split_once(':') {
+                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                }
+            }
+            let len: usize = headers
+                .get("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            while buf.len() < head_end + len {
+                let n = sock.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = buf[head_end..].to_vec();
+            let _ = sock
+                .write_all(
+                    format!(
+                        "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .await;
+            let _ = tx.send(Received { headers, body });
+        }
+    });
+    (port, rx, task)
+}
+
+/// Standard Webhooks verification, as a receiver implements it from the specification:
+/// true when one of the `v1,` signatures is the HMAC-SHA256 of `{id}.{timestamp}.{body}`
+/// under the secret's key.
+fn verifies(secret: &str, r: &Received) -> bool {
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key = b64.decode(secret.strip_prefix("whsec_").unwrap()).unwrap();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    let signed = format!(
+        "{}.{}.{}",
+        r.headers["webhook-id"],
+        r.headers["webhook-timestamp"],
+        String::from_utf8_lossy(&r.body)
+    );
+    mac.update(signed.as_bytes());
+    let expected = b64.encode(mac.finalize().into_bytes());
+    r.headers["webhook-signature"]
+        .split(' ')
+        .any(|s| s.strip_prefix("v1,") == Some(expected.as_str()))
+}
+
+both_backends!(
+    a_ping_is_signed_per_the_specification_and_verifies_with_both_secrets_while_rotating,
+    |b| async move {
+        let app = TestApp::spawn_with(
+            b,
+            options().with("CELLPLANE__WEBHOOKS__ALLOW_PRIVATE_DESTINATIONS", "true"),
+        )
+        .await;
+        let (port, mut got, _rx_task) = receiver(200).await;
+        let (status, w) = post(
+            &app,
+            None,
+            "/v1/webhooks",
+            json!({"url": format!("http://127.0.0.1:{port}/hook"), "events": ["*"]}),
+        )
+        .await;
+        assert_eq!(status, 201, "{w}");
+        let id = w["webhook_id"].as_str().unwrap();
+        let old = w["secret"].as_str().unwrap().to_string();
+
+        let (status, attempt) =
+            post(&app, None, &format!("/v1/webhooks/{id}/test"), json!({})).await;
+        assert_eq!(status, 200, "{attempt}");
+        assert_eq!(attempt["delivered"], true, "{attempt}");
+        assert_eq!(attempt["status"], 200);
+        let r = got.recv().await.unwrap();
+        assert_eq!(
+            r.headers["webhook-id"],
+            attempt["message_id"].as_str().unwrap()
+        );
+        assert_eq!(r.headers["content-type"], "application/json");
+        let ts: i64 = r.headers["webhook-timestamp"].parse().unwrap();
+        assert!((chrono::Utc::now().timestamp() - ts).abs() < 60, "{ts}");
+        assert!(
+            verifies(&old, &r),
+            "the signature does not verify: {:?}",
+            r.headers
+        );
+        let other = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        assert!(
+            !verifies(other, &r),
+            "any secret verifies: the check is void"
+        );
+        let event: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(event["type"], "dev.cellplane.webhook.ping.v1");
+        assert_eq!(event["specversion"], "1.0");
+        assert_eq!(event["data"]["webhook_id"], id);
+        assert_eq!(event["id"], r.headers["webhook-id"].as_str());
+
+        // During a rotation both secrets verify the same delivery.
+        let (_, rotated) = post(
+            &app,
+            None,
+            &format!("/v1/webhooks/{id}/rotate-secret"),
+            json!({}),
+        )
+        .await;
+        let new = rotated["secret"].as_str().unwrap().to_string();
+        let (_, attempt) = post(&app, None, &format!("/v1/webhooks/{id}/test"), json!({})).await;
+        assert_eq!(attempt["delivered"], true, "{attempt}");
+        let r = got.recv().await.unwrap();
+        assert_eq!(r.headers["webhook-signature"].split(' ').count(), 2);
+        assert!(verifies(&old, &r) && verifies(&new, &r), "{:?}", r.headers);
+
+        // A destination that is down: no answer, the reason given.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = closed.local_addr().unwrap().port();
+        drop(closed);
+        let (_, d) = post(
+            &app,
+            None,
+            "/v1/webhooks",
+            json!({"url": format!("http://127.0.0.1:{dead}/hook"), "events": ["*"]}),
+        )
+        .await;
+        let (status, attempt) = post(
+            &app,
+            None,
+            &format!("/v1/webhooks/{}/test", d["webhook_id"].as_str().unwrap()),
+            json!({}),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(attempt["delivered"], false);
+        assert!(attempt["status"].is_null());
+        assert!(attempt["error"].is_string(), "{attempt}");
+
+        // An answer that is not 2xx is not a delivery.
+        let (port410, mut got410, _t) = receiver(410).await;
+        let (_, g) = post(
+            &app,
+            None,
+            "/v1/webhooks",
+            json!({"url": format!("http://127.0.0.1:{port410}/gone"), "events": ["*"]}),
+        )
+        .await;
+        let (_, attempt) = post(
+            &app,
+            None,
+            &format!("/v1/webhooks/{}/test", g["webhook_id"].as_str().unwrap()),
+            json!({}),
+        )
+        .await;
+        assert_eq!(
+            (attempt["delivered"].clone(), attempt["status"].clone()),
+            (json!(false), json!(410))
+        );
+        assert!(got410.recv().await.is_some());
+    }
+);

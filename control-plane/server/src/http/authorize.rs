@@ -86,7 +86,9 @@ pub fn need(method: &Method, path: &str) -> Option<Need> {
         "/v1/webhooks" | "/v1/webhooks/{webhook_id}" if get => Need::OwnTenantOr(Read),
         "/v1/webhooks" if post => Need::OwnTenantOr(Write),
         "/v1/webhooks/{webhook_id}" if patch || delete => Need::OwnTenantOr(Write),
-        "/v1/webhooks/{webhook_id}/rotate-secret" if post => Need::OwnTenantOr(Write),
+        "/v1/webhooks/{webhook_id}/rotate-secret" | "/v1/webhooks/{webhook_id}/test" if post => {
+            Need::OwnTenantOr(Write)
+        }
         "/v1/audit/verify" if get => Need::Role(Read),
         "/v1/tokens" if get || post => Need::Role(Admin),
         "/v1/tokens/{token_id}" if delete => Need::Role(Admin),

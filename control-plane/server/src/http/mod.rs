@@ -145,6 +145,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/webhooks/{webhook_id}/rotate-secret",
             post(webhooks::rotate_secret),
         )
+        .route("/v1/webhooks/{webhook_id}/test", post(webhooks::test))
         .route("/v1/tokens", post(tokens::create).get(tokens::list))
         .route(
             "/v1/tokens/{token_id}",

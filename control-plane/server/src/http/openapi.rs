@@ -50,6 +50,7 @@ impl Modify for BearerAuth {
         super::audit::list, super::audit::verify, super::events::list,
         super::webhooks::create, super::webhooks::list, super::webhooks::get_one,
         super::webhooks::patch, super::webhooks::delete, super::webhooks::rotate_secret,
+        super::webhooks::test,
         super::tokens::create, super::tokens::list, super::tokens::revoke,
         super::ops::healthz, super::ops::readyz, super::ops::metrics, super::ops::openapi,
     ),

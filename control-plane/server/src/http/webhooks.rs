@@ -143,3 +143,21 @@ pub async fn rotate_secret(
         .await?;
     Ok(with_secret(StatusCode::OK, w))
 }
+
+#[utoipa::path(post, path = "/v1/webhooks/{webhook_id}/test", tag = "webhooks",
+    params(("webhook_id" = String, Path)),
+    responses((status = 200, body = crate::webhooks::Attempt), (status = 404, body = Problem), (status = 503, body = Problem)))]
+pub async fn test(
+    State(s): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Extension(c): Extension<CorrelationId>,
+    path: PathParams,
+) -> ApiResult<Json<crate::webhooks::Attempt>> {
+    let id = path.id("webhook_id")?;
+    let scope = scope(&p, Access::Write)?;
+    Ok(Json(
+        s.service
+            .ping_webhook(&ctx(&p, &c), &id, scope.as_deref())
+            .await?,
+    ))
+}

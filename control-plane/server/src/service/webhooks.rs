@@ -13,6 +13,12 @@ use cellplane_api::{
 };
 use serde_json::json;
 
+/// The type of the ping `POST /v1/webhooks/{id}/test` sends (not a published event).
+pub const PING_TYPE: &str = "dev.cellplane.webhook.ping.v1";
+
+/// How long a ping waits for a 2xx.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Most event types one subscription names.
 const MAX_EVENTS: usize = 64;
 
@@ -298,6 +304,50 @@ impl Service {
         .await?;
         tx.commit().await?;
         Ok(to_wire(w, Some(secret)))
+    }
+
+    /// `POST /v1/webhooks/{id}/test`: sends a signed ping (`dev.cellplane.webhook.ping.v1`)
+    /// to the subscription now and answers with what the destination said.
+    pub async fn ping_webhook(
+        &self,
+        ctx: &Ctx,
+        id: &str,
+        scope: Option<&str>,
+    ) -> Result<crate::webhooks::Attempt> {
+        let w = self.visible_webhook(id, scope).await?;
+        let secrets = self.webhook_signing_secrets(id).await?;
+        let msg_id = persistence::new_id("msg");
+        let event = cellplane_api::Event {
+            specversion: "1.0".into(),
+            id: msg_id.clone(),
+            event_type: PING_TYPE.into(),
+            source: self.settings().event_source.clone(),
+            subject: format!("webhook/{id}"),
+            time: persistence::now(),
+            datacontenttype: "application/json".into(),
+            data: json!({"webhook_id": id}),
+            correlationid: Some(ctx.correlation_id.clone()),
+            seq: 0,
+        };
+        let body = serde_json::to_vec(&event).expect("events serialize");
+        let allow_private = self.settings().webhooks_allow_private;
+        let client = crate::webhooks::delivery_client(allow_private, PING_TIMEOUT);
+        let attempt =
+            crate::webhooks::deliver(&client, &w.url, allow_private, &secrets, &msg_id, &body)
+                .await;
+        let mut tx = self.store().write().await?;
+        tx.audit(AuditInput {
+            tenant_id: w.tenant_id.as_deref(),
+            event_type: "WEBHOOK_PINGED",
+            actor: &ctx.actor,
+            target: &format!("webhook/{id}"),
+            payload: json!({"message_id": msg_id, "delivered": attempt.delivered,
+                            "status": attempt.status, "latency_ms": attempt.latency_ms}),
+            correlation_id: Some(&ctx.correlation_id),
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(attempt)
     }
 
     /// The secrets that sign a delivery now: the current one, and the previous one during
