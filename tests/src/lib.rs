@@ -132,10 +132,24 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cell ports for the next control plane: each one a range of its own (200 ports out of
+/// the default 20000-29999), so cells stamped at once by the many control planes of a
+/// parallel test run never draw the same port. One control plane's allocations are
+/// checked in its store; two control planes know nothing of each other's.
+fn next_port_range() -> (String, String) {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let slot = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 50;
+    let lo = 20_000 + slot * 200;
+    (lo.to_string(), (lo + 199).to_string())
+}
+
 impl Default for AppOptions {
     fn default() -> Self {
+        let (port_min, port_max) = next_port_range();
         Self {
             env: vec![
+                ("CELLPLANE__IAC__PORT_MIN".into(), port_min),
+                ("CELLPLANE__IAC__PORT_MAX".into(), port_max),
                 (
                     "CELLPLANE__IAC__TEMPLATES_DIR".into(),
                     repo_root().join("cell-templates").display().to_string(),
