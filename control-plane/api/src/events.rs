@@ -21,7 +21,8 @@ pub struct Event {
     pub event_type: String,
     /// The control plane that published it (`events.source` in the configuration).
     pub source: String,
-    /// What the event is about: `tenant/{id}`, `cell/{id}` or `organization/{id}`.
+    /// What the event is about: `tenant/{id}`, `cell/{id}`, `organization/{id}` or
+    /// `webhook/{id}`.
     pub subject: String,
     /// When the change committed (RFC 3339, UTC).
     pub time: String,
@@ -82,6 +83,8 @@ event_types! {
     CellJobFailed => "dev.cellplane.cell.job_failed.v1",
     CellDrifted => "dev.cellplane.cell.drifted.v1",
     CellDraining => "dev.cellplane.cell.draining.v1",
+    WebhookDisabled => "dev.cellplane.webhook.disabled.v1",
+    WebhookRecovered => "dev.cellplane.webhook.recovered.v1",
 }
 
 impl std::fmt::Display for EventType {

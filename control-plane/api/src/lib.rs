@@ -14,4 +14,7 @@ pub use client::{Client, ClientError};
 pub use events::{Event, EventType};
 pub use ids::{validate_id, Id, IdError};
 pub use types::*;
-pub use webhooks::{CreateWebhook, PatchWebhook, Webhook, WebhookOrdering, WebhookState};
+pub use webhooks::{
+    CreateWebhook, DeliveryState, PatchWebhook, ReplayQueued, ReplayWebhook, Webhook,
+    WebhookAttempt, WebhookDelivery, WebhookOrdering, WebhookState,
+};

@@ -40,6 +40,27 @@ pub struct WebhooksConfig {
     pub secret_key: Option<Secret>,
     /// How long the previous secret keeps signing after a rotation.
     pub rotation_grace_secs: u64,
+    /// Delay before each attempt of a delivery, in milliseconds (the first is usually 0);
+    /// each non-zero delay gets ±10 % jitter. When it runs out the delivery is `failed`.
+    /// Default (the Svix schedule): immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
+    /// In the environment: comma-separated (`CELLPLANE__WEBHOOKS__RETRY_SCHEDULE_MS=0,5000`).
+    #[serde(deserialize_with = "list_of_ms")]
+    pub retry_schedule_ms: Vec<u64>,
+    /// An attempt that has no 2xx answer within this long failed (the answer may still
+    /// come; it is ignored and the attempt is retried).
+    pub attempt_timeout_ms: u64,
+    /// A subscription whose deliveries have failed for this long is disabled (and emits
+    /// `dev.cellplane.webhook.disabled.v1`). Default: 5 days.
+    pub disable_after_secs: u64,
+    /// How often a subscription disabled for failing is probed with a ping; a 2xx
+    /// re-enables it (`dev.cellplane.webhook.recovered.v1`).
+    pub probe_interval_secs: u64,
+    /// Attempts in flight at once on the replica that dispatches.
+    pub max_in_flight: usize,
+    /// How often the dispatcher looks for new events and due attempts.
+    pub poll_interval_ms: u64,
+    /// A `Retry-After` longer than this is cut to it.
+    pub max_retry_after_secs: u64,
 }
 
 impl Default for WebhooksConfig {
@@ -48,8 +69,43 @@ impl Default for WebhooksConfig {
             allow_private_destinations: false,
             secret_key: None,
             rotation_grace_secs: 86_400,
+            retry_schedule_ms: vec![
+                0, 5_000, 300_000, 1_800_000, 7_200_000, 18_000_000, 36_000_000, 36_000_000,
+            ],
+            attempt_timeout_ms: 15_000,
+            disable_after_secs: 5 * 86_400,
+            probe_interval_secs: 3_600,
+            max_in_flight: 64,
+            poll_interval_ms: 100,
+            max_retry_after_secs: 36_000,
         }
     }
+}
+
+/// A list of milliseconds: a TOML array, or a comma-separated string (environment).
+fn list_of_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<u64>),
+        One(u64),
+        Text(String),
+    }
+    let list = match Either::deserialize(d)? {
+        Either::List(l) => l,
+        Either::One(n) => vec![n],
+        Either::Text(t) => t
+            .split(',')
+            .map(|p| p.trim().parse::<u64>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| serde::de::Error::custom(format!("{t:?}: {e}")))?,
+    };
+    if list.is_empty() || list.len() > 50 {
+        return Err(serde::de::Error::custom(
+            "retry_schedule_ms needs 1 to 50 delays",
+        ));
+    }
+    Ok(list)
 }
 
 /// Published events (`GET /v1/events`).
@@ -391,6 +447,37 @@ mod tests {
         assert_eq!(cfg.jobs.workers, 7);
         assert_eq!(cfg.jobs.lease_secs, 30);
         assert_eq!(cfg.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn a_retry_schedule_comes_from_a_list_or_a_comma_separated_variable() {
+        let cfg = Config::load(
+            None,
+            [(
+                "CELLPLANE__WEBHOOKS__RETRY_SCHEDULE_MS".to_string(),
+                "0, 200,1000".to_string(),
+            )],
+        )
+        .expect("config loads");
+        assert_eq!(cfg.webhooks.retry_schedule_ms, vec![0, 200, 1000]);
+        assert_eq!(
+            Config::load(None, [])
+                .unwrap()
+                .webhooks
+                .retry_schedule_ms
+                .len(),
+            8
+        );
+        for bad in ["", "1,x"] {
+            let err = Config::load(
+                None,
+                [(
+                    "CELLPLANE__WEBHOOKS__RETRY_SCHEDULE_MS".to_string(),
+                    bad.to_string(),
+                )],
+            );
+            assert!(err.is_err(), "{bad:?}");
+        }
     }
 
     #[test]

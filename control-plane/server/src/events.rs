@@ -34,6 +34,8 @@ fn table() -> &'static BTreeMap<String, EventType> {
             ("CELL_DESTROYED", CellDestroyed),
             ("CELL_DRIFTED", CellDrifted),
             ("CELL_DRAINING", CellDraining),
+            ("WEBHOOK_DISABLED", WebhookDisabled),
+            ("WEBHOOK_RECOVERED", WebhookRecovered),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -146,6 +148,16 @@ pub fn to_public(row: &OutboxRow, source: &str) -> Option<Event> {
                    "error": field("error")})
         }
         EventType::CellDrifted | EventType::CellDraining => json!({"cell_id": cell()}),
+        EventType::WebhookDisabled => json!({
+            "webhook_id": id_of("webhook/"),
+            "reason": field("reason"),
+            "failing_since": field("failing_since"),
+        }),
+        EventType::WebhookRecovered => json!({
+            "webhook_id": id_of("webhook/"),
+            "failing_since": field("failing_since"),
+            "reenabled": p.get("reenabled").cloned().unwrap_or(Value::Bool(false)),
+        }),
     };
     Some(Event {
         specversion: "1.0".into(),

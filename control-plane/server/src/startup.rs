@@ -142,10 +142,16 @@ impl Application {
             )),
             tokens: Arc::new(crate::auth::TokenCache::new(Duration::from_secs(5))),
             replica: engine.owner().to_string(),
-            controllers: Arc::new(vec![(
-                <crate::controllers::drift::DriftController as crate::controllers::Controller>::NAME,
-                Arc::new(crate::controllers::ControllerStatus::default()),
-            )]),
+            controllers: Arc::new(vec![
+                (
+                    <crate::controllers::drift::DriftController as crate::controllers::Controller>::NAME,
+                    Arc::new(crate::controllers::ControllerStatus::default()),
+                ),
+                (
+                    <crate::controllers::webhooks::Dispatcher as crate::controllers::Controller>::NAME,
+                    Arc::new(crate::controllers::ControllerStatus::default()),
+                ),
+            ]),
         };
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
@@ -226,18 +232,27 @@ impl Application {
             ttl: Duration::from_millis(self.config.jobs.controller_lease_ms.max(100)),
             renew: Duration::from_millis(self.config.jobs.controller_renew_ms.max(10)),
         };
+        let host = crate::controllers::Host {
+            service: self.state.service.clone(),
+            replica: self.state.replica.clone(),
+            timing,
+            failpoints: self.engine.failpoints().clone(),
+            clock: self.engine.clock().clone(),
+        };
         let drift = crate::controllers::spawn(
             crate::controllers::drift::DriftController {
                 interval: Duration::from_secs(self.config.iac.drift_interval_secs),
             },
-            crate::controllers::Host {
-                service: self.state.service.clone(),
-                replica: self.state.replica.clone(),
-                timing,
-                failpoints: self.engine.failpoints().clone(),
-                clock: self.engine.clock().clone(),
-            },
+            host.clone(),
             self.state.controllers[0].1.clone(),
+            workers_stop.clone(),
+        );
+        let dispatcher = crate::controllers::spawn(
+            crate::controllers::webhooks::Dispatcher::new(
+                crate::controllers::webhooks::DispatchSettings::from_config(&self.config.webhooks),
+            ),
+            host,
+            self.state.controllers[1].1.clone(),
             workers_stop.clone(),
         );
         let app = http::router(self.state.clone());
@@ -257,6 +272,9 @@ impl Application {
         }
         if tokio::time::timeout(grace, drift).await.is_err() {
             tracing::warn!("the drift controller did not stop within the grace period");
+        }
+        if tokio::time::timeout(grace, dispatcher).await.is_err() {
+            tracing::warn!("the webhook dispatcher did not stop within the grace period");
         }
         housekeeping.abort();
         revision_poller.abort();

@@ -270,6 +270,107 @@ pub struct Attempt {
     pub message_id: String,
 }
 
+/// Whether subscription `w` takes an event of `event_type` about `tenant_id`.
+pub fn subscribed(
+    w: &crate::persistence::WebhookRow,
+    event_type: &str,
+    tenant_id: Option<&str>,
+) -> bool {
+    w.events.iter().any(|e| e == "*" || e == event_type)
+        && (w.tenant_id.is_none() || w.tenant_id.as_deref() == tenant_id)
+}
+
+/// The secrets that sign now: the current one, and the previous one until its grace period
+/// ends. None when a sealed secret does not open with this key.
+pub fn signing_secrets(
+    sealer: &SecretBox,
+    current: &str,
+    previous: Option<&str>,
+    previous_until: Option<&str>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<Vec<String>> {
+    let mut out = vec![sealer.open(current)?];
+    if let (Some(prev), Some(until)) = (previous, previous_until) {
+        if crate::persistence::parse_time(until).is_some_and(|t| t > now) {
+            out.push(sealer.open(prev)?);
+        }
+    }
+    Some(out)
+}
+
+/// What one attempt got, with what retrying it needs.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub attempt: Attempt,
+    /// The answer's `Retry-After`, when it had one.
+    pub retry_after: Option<std::time::Duration>,
+    /// No answer within the timeout.
+    pub timed_out: bool,
+}
+
+/// How an attempt ended, as delivery records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A 2xx within the timeout.
+    Delivered,
+    /// 410: the destination asks for no more deliveries; the subscription is disabled.
+    Gone,
+    /// 429, 502, 503, 504: retried, after `Retry-After` when given.
+    Throttled,
+    Timeout,
+    /// Any other answer, or no connection.
+    Failed,
+}
+
+impl Outcome {
+    pub fn of(sent: &Sent) -> Outcome {
+        if sent.attempt.delivered {
+            return Outcome::Delivered;
+        }
+        if sent.timed_out {
+            return Outcome::Timeout;
+        }
+        match sent.attempt.status {
+            Some(410) => Outcome::Gone,
+            Some(429 | 502 | 503 | 504) => Outcome::Throttled,
+            _ => Outcome::Failed,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Gone => "gone",
+            Outcome::Throttled => "throttled",
+            Outcome::Timeout => "timeout",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date, from `now`; none when unreadable or past.
+pub fn parse_retry_after(
+    value: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<std::time::Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(std::time::Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    (at.with_timezone(&chrono::Utc) - now).to_std().ok()
+}
+
+/// `ms` with ±10 % jitter, so retries of many deliveries that failed together spread out.
+pub fn with_jitter(ms: u64) -> u64 {
+    use rand::Rng;
+    if ms < 10 {
+        return ms;
+    }
+    let spread = ms / 10;
+    rand::thread_rng().gen_range(ms - spread..=ms + spread)
+}
+
 /// Posts `body` to `url`, signed with `secrets` (Standard Webhooks headers, a fresh
 /// timestamp). The URL is checked again first: a subscription taken before the rules
 /// changed gets no request.
@@ -281,16 +382,34 @@ pub async fn deliver(
     msg_id: &str,
     body: &[u8],
 ) -> Attempt {
+    send(client, url, allow_private, secrets, msg_id, body)
+        .await
+        .attempt
+}
+
+/// [`deliver`], with what a retry needs.
+pub async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    allow_private: bool,
+    secrets: &[String],
+    msg_id: &str,
+    body: &[u8],
+) -> Sent {
     let started = std::time::Instant::now();
-    let failed = |e: String| Attempt {
-        delivered: false,
-        status: None,
-        latency_ms: started.elapsed().as_millis() as u64,
-        error: Some(e),
-        message_id: msg_id.to_string(),
+    let failed = |e: String, timed_out: bool| Sent {
+        attempt: Attempt {
+            delivered: false,
+            status: None,
+            latency_ms: started.elapsed().as_millis() as u64,
+            error: Some(e),
+            message_id: msg_id.to_string(),
+        },
+        retry_after: None,
+        timed_out,
     };
     if let Err(e) = check_url(url, allow_private) {
-        return failed(format!("the destination {e}"));
+        return failed(format!("the destination {e}"), false);
     }
     let ts = chrono::Utc::now().timestamp();
     let sent = client
@@ -303,14 +422,23 @@ pub async fn deliver(
         .send()
         .await;
     match sent {
-        Ok(r) => Attempt {
-            delivered: r.status().is_success(),
-            status: Some(r.status().as_u16()),
-            latency_ms: started.elapsed().as_millis() as u64,
-            error: None,
-            message_id: msg_id.to_string(),
+        Ok(r) => Sent {
+            retry_after: r
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, chrono::Utc::now())),
+            timed_out: false,
+            attempt: Attempt {
+                delivered: r.status().is_success(),
+                status: Some(r.status().as_u16()),
+                latency_ms: started.elapsed().as_millis() as u64,
+                error: None,
+                message_id: msg_id.to_string(),
+            },
         },
         Err(e) => {
+            let timed_out = e.is_timeout();
             let mut why = e.to_string();
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {
@@ -318,7 +446,7 @@ pub async fn deliver(
                 why.push_str(&s.to_string());
                 src = s.source();
             }
-            failed(why)
+            failed(why, timed_out)
         }
     }
 }
@@ -346,6 +474,68 @@ mod tests {
             br#"{"test": 2432232314}"#,
         );
         assert!(two.starts_with(&format!("{sig} v1,")), "{two}");
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-04T08:49:30Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(std::time::Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 04 Dec 2026 08:49:37 GMT", now),
+            Some(std::time::Duration::from_secs(7))
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 04 Dec 2026 08:49:00 GMT", now),
+            None
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+    }
+
+    #[test]
+    fn jitter_stays_within_a_tenth() {
+        assert_eq!(with_jitter(0), 0);
+        for _ in 0..100 {
+            let j = with_jitter(5_000);
+            assert!((4_500..=5_500).contains(&j), "{j}");
+        }
+        let spread: std::collections::BTreeSet<u64> = (0..50).map(|_| with_jitter(5_000)).collect();
+        assert!(spread.len() > 1, "no jitter at all");
+    }
+
+    #[test]
+    fn outcomes_follow_the_status() {
+        let sent = |status: Option<u16>, delivered: bool, timed_out: bool| Sent {
+            attempt: Attempt {
+                delivered,
+                status,
+                latency_ms: 1,
+                error: None,
+                message_id: "m".into(),
+            },
+            retry_after: None,
+            timed_out,
+        };
+        assert_eq!(
+            Outcome::of(&sent(Some(204), true, false)),
+            Outcome::Delivered
+        );
+        assert_eq!(Outcome::of(&sent(Some(410), false, false)), Outcome::Gone);
+        for s in [429, 502, 503, 504] {
+            assert_eq!(
+                Outcome::of(&sent(Some(s), false, false)),
+                Outcome::Throttled
+            );
+        }
+        assert_eq!(Outcome::of(&sent(Some(500), false, false)), Outcome::Failed);
+        assert_eq!(Outcome::of(&sent(Some(301), false, false)), Outcome::Failed);
+        assert_eq!(Outcome::of(&sent(None, false, true)), Outcome::Timeout);
+        assert_eq!(Outcome::of(&sent(None, false, false)), Outcome::Failed);
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod aws;
 mod bad_input;
 mod cli;
 mod conventions;
+mod delivery;
 mod docs;
 mod engine;
 mod events;

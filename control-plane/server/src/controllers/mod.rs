@@ -9,6 +9,7 @@
 //! service with its fence.
 
 pub mod drift;
+pub mod webhooks;
 
 use crate::clock::SharedClock;
 use crate::failpoints::Failpoints;
@@ -35,6 +36,8 @@ pub use crate::persistence::Fence;
 pub enum ReconcileError {
     #[error(transparent)]
     Service(#[from] crate::service::ServiceError),
+    #[error(transparent)]
+    Store(#[from] crate::persistence::StoreError),
     /// The lease was lost while reconciling: the write was refused.
     #[error("the lease of controller {0} was lost; write refused")]
     Deposed(&'static str),

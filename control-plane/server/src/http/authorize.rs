@@ -83,10 +83,19 @@ pub fn need(method: &Method, path: &str) -> Option<Need> {
         "/v1/regions/{region}" if put => Need::Role(Write),
         "/v1/audit" if get => Need::OwnTenantOr(Read),
         "/v1/events" if get => Need::OwnTenantOr(Read),
-        "/v1/webhooks" | "/v1/webhooks/{webhook_id}" if get => Need::OwnTenantOr(Read),
+        "/v1/webhooks" | "/v1/webhooks/{webhook_id}" | "/v1/webhooks/{webhook_id}/deliveries"
+            if get =>
+        {
+            Need::OwnTenantOr(Read)
+        }
         "/v1/webhooks" if post => Need::OwnTenantOr(Write),
         "/v1/webhooks/{webhook_id}" if patch || delete => Need::OwnTenantOr(Write),
-        "/v1/webhooks/{webhook_id}/rotate-secret" | "/v1/webhooks/{webhook_id}/test" if post => {
+        "/v1/webhooks/{webhook_id}/rotate-secret"
+        | "/v1/webhooks/{webhook_id}/test"
+        | "/v1/webhooks/{webhook_id}/replay"
+        | "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"
+            if post =>
+        {
             Need::OwnTenantOr(Write)
         }
         "/v1/audit/verify" if get => Need::Role(Read),

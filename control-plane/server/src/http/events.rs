@@ -63,13 +63,13 @@ pub async fn list(
     if let Some(subject) = &q.subject {
         let ok = subject.len() <= 200
             && subject.split_once('/').is_some_and(|(kind, id)| {
-                matches!(kind, "tenant" | "cell" | "organization")
+                matches!(kind, "tenant" | "cell" | "organization" | "webhook")
                     && cellplane_api::validate_id(id).is_ok()
             });
         if !ok {
             return Err(ApiError::field(
                 "subject",
-                "must be tenant/{id}, cell/{id} or organization/{id}",
+                "must be tenant/{id}, cell/{id}, organization/{id} or webhook/{id}",
             ));
         }
     }

@@ -146,6 +146,15 @@ pub fn router(state: AppState) -> Router {
             post(webhooks::rotate_secret),
         )
         .route("/v1/webhooks/{webhook_id}/test", post(webhooks::test))
+        .route(
+            "/v1/webhooks/{webhook_id}/deliveries",
+            get(webhooks::deliveries),
+        )
+        .route(
+            "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver",
+            post(webhooks::redeliver),
+        )
+        .route("/v1/webhooks/{webhook_id}/replay", post(webhooks::replay))
         .route("/v1/tokens", post(tokens::create).get(tokens::list))
         .route(
             "/v1/tokens/{token_id}",

@@ -2,7 +2,7 @@
 //! in a rotation's), never stored in clear, never replayed. A tenant-admin manages only its
 //! own tenant's subscriptions; another's answers 404.
 
-use super::error::ApiResult;
+use super::error::{ApiError, ApiResult};
 use super::extract::{decode_cursor, limit_of, page, ApiJson, ApiQuery, IfMatch, PathParams};
 use super::{ctx, AppState, CorrelationId, WithheldOnReplay};
 use crate::auth::{Access, Principal};
@@ -10,7 +10,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use cellplane_api::{CreateWebhook, Page, PatchWebhook, Problem, Webhook};
+use cellplane_api::{
+    CreateWebhook, DeliveryState, Page, PatchWebhook, Problem, ReplayQueued, ReplayWebhook,
+    Webhook, WebhookDelivery,
+};
 use serde::Deserialize;
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -160,4 +163,82 @@ pub async fn test(
             .ping_webhook(&ctx(&p, &c), &id, scope.as_deref())
             .await?,
     ))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryParams {
+    /// Only deliveries in this state.
+    pub state: Option<DeliveryState>,
+    /// Page size (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/webhooks/{webhook_id}/deliveries", tag = "webhooks",
+    params(("webhook_id" = String, Path), DeliveryParams),
+    responses((status = 200, body = Page<WebhookDelivery>), (status = 400, body = Problem), (status = 404, body = Problem)))]
+pub async fn deliveries(
+    State(s): State<AppState>,
+    Extension(p): Extension<Principal>,
+    path: PathParams,
+    ApiQuery(q): ApiQuery<DeliveryParams>,
+) -> ApiResult<Json<Page<WebhookDelivery>>> {
+    let id = path.id("webhook_id")?;
+    let scope = scope(&p, Access::Read)?;
+    let limit = limit_of(q.limit)?;
+    let cursor = decode_cursor(q.cursor.as_deref())?;
+    let after = if cursor.is_empty() {
+        0
+    } else {
+        cursor
+            .parse::<i64>()
+            .map_err(|_| ApiError::field("cursor", "is not a cursor returned by this API"))?
+    };
+    let items = s
+        .service
+        .list_webhook_deliveries(&id, scope.as_deref(), q.state, after, limit + 1)
+        .await?;
+    Ok(Json(page(items, limit, |d| d.seq.to_string())))
+}
+
+#[utoipa::path(post, path = "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver", tag = "webhooks",
+    params(("webhook_id" = String, Path), ("delivery_id" = String, Path)),
+    responses((status = 202, body = WebhookDelivery), (status = 404, body = Problem)))]
+pub async fn redeliver(
+    State(s): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Extension(c): Extension<CorrelationId>,
+    path: PathParams,
+) -> ApiResult<(StatusCode, Json<WebhookDelivery>)> {
+    let id = path.id("webhook_id")?;
+    let delivery = path.id("delivery_id")?;
+    let scope = scope(&p, Access::Write)?;
+    let d = s
+        .service
+        .redeliver_webhook_delivery(&ctx(&p, &c), &id, &delivery, scope.as_deref())
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(d)))
+}
+
+#[utoipa::path(post, path = "/v1/webhooks/{webhook_id}/replay", tag = "webhooks",
+    request_body = ReplayWebhook,
+    params(("webhook_id" = String, Path)),
+    responses((status = 202, body = ReplayQueued), (status = 400, body = Problem), (status = 404, body = Problem)))]
+pub async fn replay(
+    State(s): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Extension(c): Extension<CorrelationId>,
+    path: PathParams,
+    ApiJson(req): ApiJson<ReplayWebhook>,
+) -> ApiResult<(StatusCode, Json<ReplayQueued>)> {
+    let id = path.id("webhook_id")?;
+    let scope = scope(&p, Access::Write)?;
+    let r = s
+        .service
+        .replay_webhook(&ctx(&p, &c), &id, scope.as_deref(), req)
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(r)))
 }

@@ -12,6 +12,7 @@ mod cells;
 mod controllers;
 pub use cells::{CellFilter, CellSecrets};
 pub use controllers::{ControllerLease, Fence};
+mod deliveries;
 mod idempotency;
 mod jobs;
 pub mod notify;
@@ -23,6 +24,7 @@ mod tokens;
 mod webhooks;
 
 pub use audit::{AuditInput, OutboxRow, OwnedAudit, VerifyOutcome};
+pub use deliveries::{AttemptResult, AttemptRow, DeliveryRow, DueDelivery, NewDelivery};
 pub use idempotency::StoredResponse;
 pub use jobs::{JobEnd, JobRow, LastStepRecord, NewJob};
 pub use placement::Reservation;
@@ -149,6 +151,10 @@ const MIGRATIONS_SQLITE: &[(i64, &str)] = &[
         include_str!("../../migrations/sqlite/0007_claim_order_index.sql"),
     ),
     (8, include_str!("../../migrations/sqlite/0008_webhooks.sql")),
+    (
+        9,
+        include_str!("../../migrations/sqlite/0009_webhook_deliveries.sql"),
+    ),
 ];
 const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
@@ -179,6 +185,10 @@ const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (
         8,
         include_str!("../../migrations/postgres/0008_webhooks.sql"),
+    ),
+    (
+        9,
+        include_str!("../../migrations/postgres/0009_webhook_deliveries.sql"),
     ),
 ];
 

@@ -20,9 +20,17 @@ pub struct WebhookRow {
     pub version: i64,
     pub created_at: String,
     pub updated_at: String,
+    /// The audit sequence number of its creation: it receives the events after it.
+    pub from_seq: i64,
+    /// Since when its deliveries fail (none while they succeed).
+    pub failing_since: Option<String>,
+    /// Why it was disabled: `gone` (410), `failing` (failed too long), `manual`.
+    pub disabled_reason: Option<String>,
+    /// When a subscription disabled for failing is probed next.
+    pub next_probe_at: Option<String>,
 }
 
-fn webhook_from_row(row: &sqlx::any::AnyRow) -> Result<WebhookRow> {
+pub(super) fn webhook_from_row(row: &sqlx::any::AnyRow) -> Result<WebhookRow> {
     let events: String = row.try_get("events")?;
     Ok(WebhookRow {
         webhook_id: row.try_get("webhook_id")?,
@@ -39,6 +47,10 @@ fn webhook_from_row(row: &sqlx::any::AnyRow) -> Result<WebhookRow> {
         version: row.try_get("version")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        from_seq: row.try_get("from_seq")?,
+        failing_since: row.try_get("failing_since")?,
+        disabled_reason: row.try_get("disabled_reason")?,
+        next_probe_at: row.try_get("next_probe_at")?,
     })
 }
 
@@ -46,8 +58,9 @@ impl WriteTx {
     pub async fn insert_webhook(&mut self, w: &WebhookRow) -> Result<()> {
         sqlx::query(
             "INSERT INTO webhooks (webhook_id, tenant_id, url, events, ordering, state, description, \
-             secret_enc, previous_secret_enc, previous_secret_until, version, created_at, updated_at) \
-             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)",
+             secret_enc, previous_secret_enc, previous_secret_until, version, created_at, updated_at, \
+             from_seq, failing_since, disabled_reason, next_probe_at) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)",
         )
         .bind(&w.webhook_id)
         .bind(w.tenant_id.as_deref())
@@ -62,6 +75,10 @@ impl WriteTx {
         .bind(w.version)
         .bind(&w.created_at)
         .bind(&w.updated_at)
+        .bind(w.from_seq)
+        .bind(w.failing_since.as_deref())
+        .bind(w.disabled_reason.as_deref())
+        .bind(w.next_probe_at.as_deref())
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -80,7 +97,8 @@ impl WriteTx {
         let res = sqlx::query(
             "UPDATE webhooks SET url = $1, events = $2, ordering = $3, state = $4, description = $5, \
              secret_enc = $6, previous_secret_enc = $7, previous_secret_until = $8, version = $9, \
-             updated_at = $10 WHERE webhook_id = $11 AND version = $12",
+             updated_at = $10, from_seq = $13, failing_since = $14, disabled_reason = $15, \
+             next_probe_at = $16 WHERE webhook_id = $11 AND version = $12",
         )
         .bind(&w.url)
         .bind(serde_json::to_string(&w.events).expect("strings serialize"))
@@ -94,12 +112,37 @@ impl WriteTx {
         .bind(&w.updated_at)
         .bind(&w.webhook_id)
         .bind(w.version - 1)
+        .bind(w.from_seq)
+        .bind(w.failing_since.as_deref())
+        .bind(w.disabled_reason.as_deref())
+        .bind(w.next_probe_at.as_deref())
         .execute(&mut *self.tx)
         .await?;
         Ok(res.rows_affected() == 1)
     }
 
+    pub async fn set_webhook_from_seq(&mut self, id: &str, seq: i64) -> Result<()> {
+        sqlx::query("UPDATE webhooks SET from_seq = $1 WHERE webhook_id = $2")
+            .bind(seq)
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes a subscription with its deliveries and their attempts.
     pub async fn delete_webhook(&mut self, id: &str) -> Result<bool> {
+        sqlx::query(
+            "DELETE FROM webhook_attempts WHERE delivery_id IN \
+             (SELECT delivery_id FROM webhook_deliveries WHERE webhook_id = $1)",
+        )
+        .bind(id)
+        .execute(&mut *self.tx)
+        .await?;
+        sqlx::query("DELETE FROM webhook_deliveries WHERE webhook_id = $1")
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
         let res = sqlx::query("DELETE FROM webhooks WHERE webhook_id = $1")
             .bind(id)
             .execute(&mut *self.tx)

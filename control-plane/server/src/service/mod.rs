@@ -2,7 +2,7 @@
 //! what serde could not, runs one write transaction through persistence (which appends the
 //! audit record and outbox event) and returns wire types. It never speaks HTTP.
 
-mod webhooks;
+pub mod webhooks;
 
 pub use crate::ctx::{cell_target, tenant_target, Ctx};
 pub use crate::error::{check_version, invalid, not_found, Result, ServiceError};

@@ -9,7 +9,8 @@ use crate::persistence::{self, AuditInput, WebhookRow};
 use crate::validate::validate_text;
 use crate::webhooks::{check_url, new_secret, SecretBox};
 use cellplane_api::{
-    CreateWebhook, EventType, FieldError, PatchWebhook, Webhook, WebhookOrdering, WebhookState,
+    CreateWebhook, DeliveryState, EventType, FieldError, PatchWebhook, ReplayQueued, ReplayWebhook,
+    Webhook, WebhookAttempt, WebhookDelivery, WebhookOrdering, WebhookState,
 };
 use serde_json::json;
 
@@ -67,6 +68,8 @@ fn to_wire(w: WebhookRow, secret: Option<String>) -> Webhook {
         version: w.version,
         created_at: w.created_at,
         updated_at: w.updated_at,
+        failing_since: w.failing_since,
+        disabled_reason: w.disabled_reason,
     }
 }
 
@@ -159,19 +162,26 @@ impl Service {
             version: 1,
             created_at: ts.clone(),
             updated_at: ts,
+            from_seq: 0,
+            failing_since: None,
+            disabled_reason: None,
+            next_probe_at: None,
         };
         let mut tx = self.store().write().await?;
         tx.insert_webhook(&row).await?;
-        tx.audit(AuditInput {
-            tenant_id: row.tenant_id.as_deref(),
-            event_type: "WEBHOOK_CREATED",
-            actor: &ctx.actor,
-            target: &format!("webhook/{}", row.webhook_id),
-            payload: json!({"host": host_of(&row.url), "events": row.events,
+        // It receives the events committed after its own creation record.
+        let seq = tx
+            .audit(AuditInput {
+                tenant_id: row.tenant_id.as_deref(),
+                event_type: "WEBHOOK_CREATED",
+                actor: &ctx.actor,
+                target: &format!("webhook/{}", row.webhook_id),
+                payload: json!({"host": host_of(&row.url), "events": row.events,
                             "ordering": row.ordering}),
-            correlation_id: Some(&ctx.correlation_id),
-        })
-        .await?;
+                correlation_id: Some(&ctx.correlation_id),
+            })
+            .await?;
+        tx.set_webhook_from_seq(&row.webhook_id, seq).await?;
         tx.commit().await?;
         Ok(to_wire(row, Some(secret)))
     }
@@ -224,6 +234,17 @@ impl Service {
             w.ordering = o.as_str().to_string();
         }
         if let Some(s) = patch.state {
+            if s.as_str() != w.state {
+                match s {
+                    // Enabled again by hand: its failing history starts over.
+                    WebhookState::Enabled => {
+                        w.disabled_reason = None;
+                        w.failing_since = None;
+                        w.next_probe_at = None;
+                    }
+                    WebhookState::Disabled => w.disabled_reason = Some("manual".into()),
+                }
+            }
             w.state = s.as_str().to_string();
         }
         w.version += 1;
@@ -358,20 +379,203 @@ impl Service {
             .get_webhook(id)
             .await?
             .ok_or_else(|| not_found("webhook", id))?;
-        let b = self.secret_box()?;
-        let open = |s: &str| {
-            b.open(s).ok_or_else(|| {
-                ServiceError::Unavailable(format!(
-                    "webhook {id}: its secret does not open with the configured key"
-                ))
+        crate::webhooks::signing_secrets(
+            self.secret_box()?,
+            &w.secret_enc,
+            w.previous_secret_enc.as_deref(),
+            w.previous_secret_until.as_deref(),
+            chrono::Utc::now(),
+        )
+        .ok_or_else(|| {
+            ServiceError::Unavailable(format!(
+                "webhook {id}: its secret does not open with the configured key"
+            ))
+        })
+    }
+}
+
+/// Most events one replay queues; a larger range is answered `truncated` with where to
+/// go on from.
+const REPLAY_MAX_EVENTS: i64 = 10_000;
+
+fn delivery_to_wire(
+    d: persistence::DeliveryRow,
+    attempts: Vec<persistence::AttemptRow>,
+) -> WebhookDelivery {
+    WebhookDelivery {
+        state: DeliveryState::parse(&d.state).unwrap_or(DeliveryState::Pending),
+        delivery_id: d.delivery_id,
+        webhook_id: d.webhook_id,
+        event_id: d.event_id,
+        event_type: d.event_type,
+        subject: d.subject,
+        seq: d.seq,
+        next_attempt_at: d.next_attempt_at,
+        attempts: attempts
+            .into_iter()
+            .map(|a| WebhookAttempt {
+                attempt: a.attempt,
+                started_at: a.started_at,
+                outcome: a.outcome,
+                status: a.status,
+                latency_ms: a.latency_ms,
+                error: a.error,
+                next_attempt_at: a.next_attempt_at,
             })
+            .collect(),
+        created_at: d.created_at,
+        updated_at: d.updated_at,
+    }
+}
+
+fn parse_instant(field: &str, v: &str) -> Result<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(v)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|_| invalid(field, format!("{v:?} is not an RFC 3339 time")))
+}
+
+impl Service {
+    /// `GET /v1/webhooks/{id}/deliveries`: deliveries in event order after `after_seq`.
+    pub async fn list_webhook_deliveries(
+        &self,
+        id: &str,
+        scope: Option<&str>,
+        state: Option<DeliveryState>,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<WebhookDelivery>> {
+        self.visible_webhook(id, scope).await?;
+        Ok(self
+            .store()
+            .list_deliveries(id, state.map(|s| s.as_str()), after_seq, limit)
+            .await?
+            .into_iter()
+            .map(|(d, a)| delivery_to_wire(d, a))
+            .collect())
+    }
+
+    /// `POST /v1/webhooks/{id}/deliveries/{delivery_id}/redeliver`: a new schedule for one
+    /// delivery, starting now (same `webhook-id`).
+    pub async fn redeliver_webhook_delivery(
+        &self,
+        ctx: &Ctx,
+        id: &str,
+        delivery_id: &str,
+        scope: Option<&str>,
+    ) -> Result<WebhookDelivery> {
+        let w = self.visible_webhook(id, scope).await?;
+        let now = persistence::now();
+        let mut tx = self.store().write().await?;
+        if !tx.redeliver(id, delivery_id, &now).await? {
+            return Err(not_found("delivery", delivery_id));
+        }
+        tx.audit(AuditInput {
+            tenant_id: w.tenant_id.as_deref(),
+            event_type: "WEBHOOK_REDELIVERY_REQUESTED",
+            actor: &ctx.actor,
+            target: &format!("webhook/{id}"),
+            payload: json!({"delivery_id": delivery_id}),
+            correlation_id: Some(&ctx.correlation_id),
+        })
+        .await?;
+        tx.commit().await?;
+        let d = self
+            .store()
+            .get_delivery(delivery_id)
+            .await?
+            .ok_or_else(|| not_found("delivery", delivery_id))?;
+        let attempts = self
+            .store()
+            .list_deliveries(id, None, d.seq - 1, 1)
+            .await?
+            .into_iter()
+            .next()
+            .map(|(_, a)| a)
+            .unwrap_or_default();
+        Ok(delivery_to_wire(d, attempts))
+    }
+
+    /// `POST /v1/webhooks/{id}/replay`: every event of the subscription's types (and
+    /// tenant) committed in `[since, until)` is delivered again (same `webhook-id`s;
+    /// `per-subject` order holds, by `seq`). Events from before the subscription existed
+    /// are included: replaying is how a new consumer catches up.
+    pub async fn replay_webhook(
+        &self,
+        ctx: &Ctx,
+        id: &str,
+        scope: Option<&str>,
+        req: ReplayWebhook,
+    ) -> Result<ReplayQueued> {
+        let w = self.visible_webhook(id, scope).await?;
+        let since = parse_instant("since", &req.since)?;
+        let until = match &req.until {
+            Some(u) => parse_instant("until", u)?,
+            None => chrono::Utc::now(),
         };
-        let mut out = vec![open(&w.secret_enc)?];
-        if let (Some(prev), Some(until)) = (&w.previous_secret_enc, &w.previous_secret_until) {
-            if persistence::parse_time(until).is_some_and(|t| t > chrono::Utc::now()) {
-                out.push(open(prev)?);
+        if since >= until {
+            return Err(invalid("until", "must be after since"));
+        }
+        let (since_s, until_s) = (persistence::fmt_time(since), persistence::fmt_time(until));
+        let source = &self.settings().event_source;
+        let now = persistence::now();
+        let mut new = Vec::new();
+        let mut after = 0;
+        let mut scanned = 0;
+        let mut truncated = None;
+        loop {
+            let rows = self
+                .store()
+                .outbox_between(&since_s, &until_s, after, 1000)
+                .await?;
+            let Some(last) = rows.last() else { break };
+            after = last.seq;
+            for row in &rows {
+                let Some(t) = crate::events::public_type(&row.event_type) else {
+                    continue;
+                };
+                if !crate::webhooks::subscribed(&w, t.as_str(), row.tenant_id.as_deref()) {
+                    continue;
+                }
+                if scanned == REPLAY_MAX_EVENTS {
+                    truncated = Some(row.created_at.clone());
+                    break;
+                }
+                scanned += 1;
+                let Some(event) = crate::events::to_public(row, source) else {
+                    continue;
+                };
+                new.push(persistence::NewDelivery {
+                    delivery_id: persistence::new_id("dlv"),
+                    webhook_id: id.to_string(),
+                    seq: row.seq,
+                    event_id: event.id.clone(),
+                    event_type: event.event_type.clone(),
+                    subject: event.subject.clone(),
+                    body: serde_json::to_string(&event).expect("events serialize"),
+                    next_attempt_at: now.clone(),
+                });
+            }
+            if truncated.is_some() || rows.len() < 1000 {
+                break;
             }
         }
-        Ok(out)
+        let mut tx = self.store().write().await?;
+        let queued = tx.replay_deliveries(&new, &now).await?;
+        tx.audit(AuditInput {
+            tenant_id: w.tenant_id.as_deref(),
+            event_type: "WEBHOOK_REPLAY_REQUESTED",
+            actor: &ctx.actor,
+            target: &format!("webhook/{id}"),
+            payload: json!({"since": since_s, "until": until_s, "queued": queued,
+                            "truncated": truncated.is_some()}),
+            correlation_id: Some(&ctx.correlation_id),
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(ReplayQueued {
+            queued: queued.min(new.len() as u64),
+            truncated: truncated.is_some(),
+            next_since: truncated,
+        })
     }
 }
