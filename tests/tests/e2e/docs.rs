@@ -79,8 +79,11 @@ fn runnable_markers_are_found() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runbook_commands_run_as_written() {
     let root = repo_root();
-    for name in ["place-and-route.md", "stamp-a-cell.md"] {
-        let app = TestApp::spawn(Backend::Sqlite).await;
+    for name in ["place-and-route.md", "stamp-a-cell.md", "webhooks.md"] {
+        // The webhooks runbook's receiver listens on loopback.
+        let options =
+            AppOptions::default().with("CELLPLANE__WEBHOOKS__ALLOW_PRIVATE_DESTINATIONS", "true");
+        let app = TestApp::spawn_with(Backend::Sqlite, options).await;
         // Outside the source tree: commands find their templates in the binary.
         let cwd = tempfile::tempdir().unwrap();
         run_blocks(&root.join("runbooks").join(name), &app, cwd.path());

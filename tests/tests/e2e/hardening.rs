@@ -119,6 +119,7 @@ both_backends!(
                 ("{region}", "eu-west-1"),
                 ("{token_id}", "tok-ghost"),
                 ("{webhook_id}", "wh-ghost"),
+                ("{delivery_id}", "dlv-ghost"),
             ] {
                 out = out.replace(name, if bad_ids { "Bad_Id!" } else { good });
             }

@@ -111,15 +111,17 @@ async fn jobs_submitted_to_either_replica_finish_exactly_once() {
             .unwrap_or(0.0);
         assert!(claimed > 0.0, "each replica claims jobs:\n{m}");
     }
-    // One drift controller holder among the two.
+    // One holder of each controller among the two.
     let ca = controllers(&a).await;
     let cb = controllers(&b).await;
-    let holders = ca
-        .iter()
-        .chain(cb.iter())
-        .filter(|c| c.this_replica)
-        .count();
-    assert_eq!(holders, 1, "{ca:?} {cb:?}");
+    for name in ["drift", "webhooks"] {
+        let holders = ca
+            .iter()
+            .chain(cb.iter())
+            .filter(|c| c.name == name && c.this_replica)
+            .count();
+        assert_eq!(holders, 1, "{name}: {ca:?} {cb:?}");
+    }
     assert!(a.audit_verify_ok().await);
 }
 

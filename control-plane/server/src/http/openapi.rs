@@ -16,6 +16,8 @@ pub const ID_PATTERN: &str = "^[a-z][a-z0-9-]{1,62}$";
 pub const JOB_ID_PATTERN: &str = "^job-[0-9a-f]{12}[0-9a-z]{10}$";
 /// Token ids are `persistence::new_id("tok")`, or `admin` for the bootstrap token.
 pub const WEBHOOK_ID_PATTERN: &str = "^wh-[0-9a-f]{12}[0-9a-z]{10}$";
+/// Webhook delivery ids are `persistence::new_id("dlv")`.
+pub const DELIVERY_ID_PATTERN: &str = "^dlv-[0-9a-f]{12}[0-9a-z]{10}$";
 pub const TOKEN_ID_PATTERN: &str = "^(admin|tok-[0-9a-f]{12}[0-9a-z]{10})$";
 
 struct BearerAuth;
@@ -138,6 +140,15 @@ fn edge_operation(path: &str, method: &str, op: &mut Operation) {
                 ))));
                 p.description =
                     Some("a webhook id as the server issues it: `wh-` and 22 characters".into());
+            }
+            (ParameterIn::Path, "delivery_id") => {
+                p.schema = Some(RefOr::T(Schema::Object(string_schema(
+                    Some(DELIVERY_ID_PATTERN),
+                    None,
+                    None,
+                ))));
+                p.description =
+                    Some("a delivery id as the server issues it: `dlv-` and 22 characters".into());
             }
             (ParameterIn::Path, "token_id") => {
                 p.schema = Some(RefOr::T(Schema::Object(string_schema(
