@@ -35,6 +35,11 @@ pub struct Config {
     /// atomically after every change.
     #[arg(long)]
     pub state_file: PathBuf,
+    /// Usage metering journal and unacknowledged batches (default: the state file's path
+    /// with `.usage` appended). Keep it with the state file: it is what makes the counts
+    /// survive a restart.
+    #[arg(long)]
+    pub usage_dir: Option<PathBuf>,
     /// Tenants are `{tenant}.{base_domain}`.
     #[arg(long, default_value = "localhost")]
     pub base_domain: String,

@@ -166,7 +166,15 @@ impl Meta {
 
 /// What to do with a request, decided from its head alone.
 enum Step {
-    Forward(Meta, RouteEntry, Option<Arc<TenantRuntime>>, String),
+    /// The request, its route, the tenant's runtime, the correlation id, and the tenant and
+    /// environment it is metered under.
+    Forward(
+        Meta,
+        RouteEntry,
+        Option<Arc<TenantRuntime>>,
+        String,
+        (String, String),
+    ),
     Answer(Meta, ProxyError, String),
     Hold(Target, Option<Arc<TenantRuntime>>),
     Bad(HeadError),
@@ -208,7 +216,13 @@ fn decide<P: Phases>(
     match pick {
         Pick::Forward(route, rt) => {
             phases.filter_request(req, &route, &target, out);
-            Step::Forward(Meta::of(req), route, rt, target.correlation_id)
+            Step::Forward(
+                Meta::of(req),
+                route,
+                rt,
+                target.correlation_id,
+                (target.tenant, target.env),
+            )
         }
         Pick::Refuse(e) => Step::Answer(Meta::of(req), e, target.correlation_id),
         Pick::Hold(rt) => Step::Hold(target, rt),
@@ -246,6 +260,7 @@ struct RespHead {
     /// The cell keeps the connection open after this response.
     keep_alive: bool,
     relay: h1::Relay,
+    usage_units: u64,
 }
 
 /// Why no response head was read.
@@ -366,8 +381,8 @@ impl<P: Phases> Session<'_, P> {
                 (e, None)
             }
             Step::Answer(meta, e, corr) => (e, Some((meta, corr))),
-            Step::Forward(meta, route, rt, corr) => {
-                return self.forward(meta, route, rt, corr, started).await;
+            Step::Forward(meta, route, rt, corr, who) => {
+                return self.forward(meta, route, rt, corr, who, started).await;
             }
             Step::Hold(..) => unreachable!("a held request waits above"),
         };
@@ -453,6 +468,7 @@ impl<P: Phases> Session<'_, P> {
         route: RouteEntry,
         rt: Option<Arc<TenantRuntime>>,
         corr: String,
+        who: (String, String),
         started: Instant,
     ) -> bool {
         let cell = &route.cell;
@@ -479,6 +495,7 @@ impl<P: Phases> Session<'_, P> {
         };
         self.wbuf.extend_from_slice(&rest[..n]);
         self.rbuf.advance(meta.head_len + n);
+        let mut request_bytes = n as u64;
         if meta.expect_continue && !body_done {
             let cont = b"HTTP/1.1 100 Continue\r\n\r\n";
             if self
@@ -543,6 +560,7 @@ impl<P: Phases> Session<'_, P> {
                         Err(_) => return false,
                     };
                 body_done = done;
+                request_bytes += n as u64;
                 let part = self.rbuf.split_to(n);
                 if self
                     .waits
@@ -591,7 +609,18 @@ impl<P: Phases> Session<'_, P> {
             framing,
             keep_alive: cell_keep_alive,
             relay,
+            usage_units,
         } = head;
+        // Counted before the response's last byte goes out (see `usage`).
+        let mut metered = false;
+        let mut response_bytes = 0u64;
+        let state: &RouterState = self.state;
+        let usage = &state.usage;
+        let meter = |response_bytes: u64| {
+            if let Some(u) = usage {
+                u.record(&who.0, &who.1, request_bytes, response_bytes, usage_units);
+            }
+        };
         RouterCounters::inc(self.state.counters.forwarded.local());
         let answered = tokio::time::Instant::now();
         self.phases.log(
@@ -622,6 +651,11 @@ impl<P: Phases> Session<'_, P> {
                 self.wbuf.extend_from_slice(&self.ubuf[..n]);
             }
             self.ubuf.advance(n);
+            response_bytes += n as u64;
+            if done && !metered {
+                metered = true;
+                meter(response_bytes);
+            }
             if !self.wbuf.is_empty() {
                 if self
                     .waits
@@ -650,6 +684,10 @@ impl<P: Phases> Session<'_, P> {
                     return false;
                 }
             }
+        }
+        if !metered {
+            // A close-delimited body ends at the cell's EOF, after its last byte went out.
+            meter(response_bytes);
         }
         if cell_keep_alive && self.ubuf.is_empty() {
             cell.upstream.checkin(conn);
@@ -694,6 +732,7 @@ impl<P: Phases> Session<'_, P> {
                                 framing: r.framing,
                                 keep_alive: r.keep_alive,
                                 relay,
+                                usage_units: r.usage_units,
                             };
                             Some((r.head_len, Some(head)))
                         }

@@ -57,6 +57,8 @@ enum Kind {
     /// (`X_Tenant_ID`, `x-tenant_env`): never forwarded. The trusted header's name.
     TrustedTwin(&'static str),
     Date,
+    /// A cell's usage report for the response (`X-Usage-Units`): metered, not relayed.
+    XUsageUnits,
 }
 
 fn kind(name: &str) -> Kind {
@@ -72,6 +74,7 @@ fn kind(name: &str) -> Kind {
         11 if eq("x-tenant-id") => Kind::XTenantId,
         11 if trusted_twin(name, "x-tenant-id") => Kind::TrustedTwin("X-Tenant-ID"),
         12 if eq("x-tenant-env") => Kind::XTenantEnv,
+        13 if eq("x-usage-units") => Kind::XUsageUnits,
         12 if trusted_twin(name, "x-tenant-env") => Kind::TrustedTwin("X-Tenant-Env"),
         14 if eq("content-length") => Kind::ContentLength,
         16 if eq("proxy-connection") => Kind::HopByHop,
@@ -429,6 +432,9 @@ pub struct Response<'h, 'b> {
     chunked_te_value: bool,
     listed: Listed<'b>,
     pub head_len: usize,
+    /// The application units the cell reported (`X-Usage-Units`; 0 when absent or not a
+    /// number).
+    pub usage_units: u64,
 }
 
 /// Parses a response head at the start of `buf`; `head_request` when it answers a HEAD.
@@ -455,6 +461,7 @@ pub fn parse_response<'h, 'b>(
     let (mut length, mut te, mut chunked) = (None, false, false);
     let (mut has_correlation_id, mut has_date) = (false, false);
     let mut listed = Listed::default();
+    let mut usage_units = 0;
     for h in headers {
         match kind(h.name) {
             Kind::ContentLength => {
@@ -470,6 +477,12 @@ pub fn parse_response<'h, 'b>(
             Kind::Connection => listed.add(h.value)?,
             Kind::XCorrelationId => has_correlation_id = true,
             Kind::Date => has_date = true,
+            Kind::XUsageUnits => {
+                usage_units = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            }
             _ => {}
         }
     }
@@ -507,6 +520,7 @@ pub fn parse_response<'h, 'b>(
         chunked_te_value: te && chunked,
         listed,
         head_len,
+        usage_units,
     })
 }
 
@@ -555,7 +569,8 @@ impl Response<'_, '_> {
             let keep = match kind(h.name) {
                 Kind::TransferEncoding => !relay.dechunk,
                 Kind::ContentLength => !self.te,
-                Kind::Connection | Kind::HopByHop => false,
+                // Hop-by-hop, and the cell's usage report (metered, not relayed).
+                Kind::Connection | Kind::HopByHop | Kind::XUsageUnits => false,
                 _ => !self.listed.contains(h.name),
             };
             if keep {

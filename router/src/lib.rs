@@ -20,4 +20,5 @@ pub mod state;
 pub mod sync;
 pub mod table;
 pub mod upstream;
+pub mod usage;
 pub mod wire;

@@ -46,6 +46,8 @@ pub struct RouterState {
     pub tenant_histograms: crate::table::SeriesBudget,
     /// The revision last written to the state file (-1: none this run).
     pub persisted_revision: std::sync::atomic::AtomicI64,
+    /// Where forwarded requests are counted for usage metering (none: not metered).
+    pub usage: Option<crate::usage::UsageJournal>,
     corr_prefix: String,
     corr_seq: AtomicU64,
 }
@@ -67,6 +69,7 @@ impl RouterState {
             counters,
             tenant_histograms: crate::table::SeriesBudget::new(max_tenant_histograms),
             persisted_revision: std::sync::atomic::AtomicI64::new(-1),
+            usage: None,
             corr_prefix: format!("rt-{corr_prefix}"),
             corr_seq: AtomicU64::new(1),
         }

@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 pub enum StartupError {
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("cannot open the usage journal in {dir}: {source}")]
+    Usage { dir: String, source: std::io::Error },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -84,7 +86,17 @@ impl Application {
                 Snapshot::empty()
             }
         };
-        let state = Arc::new(RouterState::new(
+        let usage_dir = cfg.usage_dir.clone().unwrap_or_else(|| {
+            let mut p = cfg.state_file.clone().into_os_string();
+            p.push(".usage");
+            p.into()
+        });
+        let usage =
+            crate::usage::UsageJournal::open(&usage_dir).map_err(|source| StartupError::Usage {
+                dir: usage_dir.display().to_string(),
+                source,
+            })?;
+        let mut state = RouterState::new(
             Resolver::new(cfg.tenant_from.clone(), &cfg.base_domain),
             ProxyConfig {
                 hold_deadline: Duration::from_millis(cfg.hold_timeout_ms),
@@ -97,7 +109,9 @@ impl Application {
                 underscore_trusted_headers: cfg.underscore_trusted_headers,
             },
             initial,
-        ));
+        );
+        state.usage = Some(usage);
+        let state = Arc::new(state);
         let (listeners, addr) = bind_workers(&cfg.listen, cfg.workers())?;
         let (admin, admin_addr) = bind(&cfg.admin_listen).await?;
         Ok(Self {

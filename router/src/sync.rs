@@ -212,6 +212,10 @@ pub async fn run_persister(
     }
 }
 
+/// Most usage batches one heartbeat carries (a backlog after an outage drains over the
+/// following heartbeats).
+const USAGE_BATCHES_PER_HEARTBEAT: usize = 20;
+
 /// Acks the applied revision: right after each swap, and every `every`.
 pub async fn run_heartbeats(
     state: Arc<RouterState>,
@@ -228,7 +232,21 @@ pub async fn run_heartbeats(
             let s = state.table.load();
             (s.revision, s.routes)
         };
-        let body = serde_json::json!({
+        // Usage rides along: the journal is sealed into a batch first; batches stay on
+        // disk until a heartbeat that carried them is answered 2xx.
+        let batches = match &state.usage {
+            Some(u) => {
+                if let Err(e) = u.seal() {
+                    tracing::error!(error = %e, "sealing the usage journal failed");
+                }
+                u.batches(USAGE_BATCHES_PER_HEARTBEAT).unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "reading usage batches failed");
+                    Vec::new()
+                })
+            }
+            None => Vec::new(),
+        };
+        let mut body = serde_json::json!({
             "applied_revision": rev,
             "stats": {
                 "routes": routes,
@@ -236,16 +254,26 @@ pub async fn run_heartbeats(
                 "forwarded": state.counters.forwarded_total(),
             }
         });
+        if !batches.is_empty() {
+            body["usage"] = serde_json::to_value(&batches).unwrap_or_default();
+        }
         let res = client
             .request(Method::POST, &format!("/v1/routers/{router_id}/heartbeat"))
             .json(&body)
             .timeout(Duration::from_secs(5))
             .send()
             .await;
+        let mut backlog = false;
         match res {
             Ok(r) if r.status().is_success() => {
                 failures = 0;
                 status.mark_reachable();
+                if let Some(u) = &state.usage {
+                    for b in &batches {
+                        u.ack(&b.batch_id);
+                    }
+                }
+                backlog = batches.len() == USAGE_BATCHES_PER_HEARTBEAT;
             }
             Ok(r) => {
                 failures += 1;
@@ -260,10 +288,12 @@ pub async fn run_heartbeats(
                 }
             }
         }
+        // More usage batches waiting: the next heartbeat goes at once.
+        let wait = if backlog { Duration::ZERO } else { every };
         tokio::select! {
             _ = stop.cancelled() => return,
             r = rx.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         // A burst of table changes is acked once it settles, not once per change.
         tokio::select! {

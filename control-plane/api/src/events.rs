@@ -85,6 +85,7 @@ event_types! {
     CellDraining => "dev.cellplane.cell.draining.v1",
     WebhookDisabled => "dev.cellplane.webhook.disabled.v1",
     WebhookRecovered => "dev.cellplane.webhook.recovered.v1",
+    UsageReported => "dev.cellplane.usage.v1",
 }
 
 impl std::fmt::Display for EventType {

@@ -8,12 +8,14 @@ pub mod client;
 pub mod events;
 pub mod ids;
 pub mod types;
+pub mod usage;
 pub mod webhooks;
 
 pub use client::{Client, ClientError};
 pub use events::{Event, EventType};
 pub use ids::{validate_id, Id, IdError};
 pub use types::*;
+pub use usage::{UsageBatch, UsagePoint, UsageRecord, UsageReport, METERS};
 pub use webhooks::{
     CreateWebhook, DeliveryState, PatchWebhook, ReplayQueued, ReplayWebhook, Webhook,
     WebhookAttempt, WebhookDelivery, WebhookOrdering, WebhookState,

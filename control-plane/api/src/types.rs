@@ -790,6 +790,9 @@ pub struct RouterHeartbeat {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub stats: Option<serde_json::Value>,
+    /// Usage batches not yet acknowledged (applied once each, by `batch_id`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub usage: Vec<crate::UsageBatch>,
 }
 
 /// A controller's lease: which replica runs it now and at which term.

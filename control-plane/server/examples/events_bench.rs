@@ -101,7 +101,7 @@ async fn serve(pg: Option<&str>) -> Server {
     .env("CELLPLANE__WEBHOOKS__ALLOW_PRIVATE_DESTINATIONS", "true")
     .env("CELLPLANE__RATE_LIMIT__AUTHORING_PER_SEC", "100000")
     .env("CELLPLANE__RATE_LIMIT__AUTHORING_BURST", "100000")
-    .env("CELLPLANE__LOG_LEVEL", "warn")
+    .env("RUST_LOG", "warn")
     .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::null());
     if let Some(pg) = pg {

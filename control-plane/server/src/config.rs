@@ -25,6 +25,26 @@ pub struct Config {
     pub iac: IacConfig,
     pub events: EventsConfig,
     pub webhooks: WebhooksConfig,
+    pub usage: UsageConfig,
+}
+
+/// Usage metering (`GET /v1/usage`, `dev.cellplane.usage.v1`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UsageConfig {
+    /// The period one `dev.cellplane.usage.v1` event covers (a multiple of 60).
+    pub export_period_secs: u64,
+    /// How long after a period ends its event waits for late router reports.
+    pub export_grace_secs: u64,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        Self {
+            export_period_secs: 3_600,
+            export_grace_secs: 300,
+        }
+    }
 }
 
 /// Webhook subscriptions.
@@ -294,6 +314,7 @@ impl Default for Config {
             iac: IacConfig::default(),
             events: EventsConfig::default(),
             webhooks: WebhooksConfig::default(),
+            usage: UsageConfig::default(),
         }
     }
 }

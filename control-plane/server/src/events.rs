@@ -36,6 +36,7 @@ fn table() -> &'static BTreeMap<String, EventType> {
             ("CELL_DRAINING", CellDraining),
             ("WEBHOOK_DISABLED", WebhookDisabled),
             ("WEBHOOK_RECOVERED", WebhookRecovered),
+            ("USAGE_REPORTED", UsageReported),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -148,6 +149,12 @@ pub fn to_public(row: &OutboxRow, source: &str) -> Option<Event> {
                    "error": field("error")})
         }
         EventType::CellDrifted | EventType::CellDraining => json!({"cell_id": cell()}),
+        EventType::UsageReported => json!({
+            "tenant_id": tenant(),
+            "period_start": field("period_start"),
+            "period_end": field("period_end"),
+            "usage": field("usage"),
+        }),
         EventType::WebhookDisabled => json!({
             "webhook_id": id_of("webhook/"),
             "reason": field("reason"),

@@ -24,5 +24,6 @@ pub mod shared;
 pub mod stamping;
 pub mod startup;
 pub mod telemetry;
+pub mod usage;
 pub mod validate;
 pub mod webhooks;

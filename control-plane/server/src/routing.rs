@@ -306,8 +306,23 @@ impl Routing {
         {
             return Err(invalid("stats", "must serialize to at most 8192 bytes"));
         }
+        crate::usage::validate_batches(&hb.usage)?;
         let mut tx = self.store().write().await?;
         let new = tx.router_heartbeat(router_id, &hb).await?;
+        // Usage rides on the heartbeat; each batch applies once, in this transaction.
+        let now = persistence::now();
+        for b in &hb.usage {
+            let records: Vec<_> = b
+                .records
+                .iter()
+                .map(|r| cellplane_api::UsageRecord {
+                    minute: crate::usage::stored_minute(&r.minute),
+                    ..r.clone()
+                })
+                .collect();
+            tx.apply_usage_batch(router_id, &b.batch_id, &records, &now)
+                .await?;
+        }
         if new {
             tx.audit(AuditInput {
                 tenant_id: None,

@@ -151,6 +151,10 @@ impl Application {
                     <crate::controllers::webhooks::Dispatcher as crate::controllers::Controller>::NAME,
                     Arc::new(crate::controllers::ControllerStatus::default()),
                 ),
+                (
+                    <crate::controllers::usage::UsageExporter as crate::controllers::Controller>::NAME,
+                    Arc::new(crate::controllers::ControllerStatus::default()),
+                ),
             ]),
         };
         let listener = tokio::net::TcpListener::bind(&config.listen)
@@ -251,8 +255,17 @@ impl Application {
             crate::controllers::webhooks::Dispatcher::new(
                 crate::controllers::webhooks::DispatchSettings::from_config(&self.config.webhooks),
             ),
-            host,
+            host.clone(),
             self.state.controllers[1].1.clone(),
+            workers_stop.clone(),
+        );
+        let usage = crate::controllers::spawn(
+            crate::controllers::usage::UsageExporter {
+                period: Duration::from_secs(self.config.usage.export_period_secs.max(60) / 60 * 60),
+                grace: Duration::from_secs(self.config.usage.export_grace_secs),
+            },
+            host,
+            self.state.controllers[2].1.clone(),
             workers_stop.clone(),
         );
         let app = http::router(self.state.clone());
@@ -275,6 +288,9 @@ impl Application {
         }
         if tokio::time::timeout(grace, dispatcher).await.is_err() {
             tracing::warn!("the webhook dispatcher did not stop within the grace period");
+        }
+        if tokio::time::timeout(grace, usage).await.is_err() {
+            tracing::warn!("the usage controller did not stop within the grace period");
         }
         housekeeping.abort();
         revision_poller.abort();

@@ -49,7 +49,20 @@ pub(super) async fn put(
         version: written.version,
         seq: written.seq,
     };
-    Ok((status, [etag(written.version)], Json(body)).into_response())
+    // Usage units: one per KiB written (at least one per write), metered by the router.
+    let units = (value.len() as u64).div_ceil(1024).max(1);
+    Ok((
+        status,
+        [
+            etag(written.version),
+            (
+                axum::http::header::HeaderName::from_static("x-usage-units"),
+                axum::http::HeaderValue::from(units),
+            ),
+        ],
+        Json(body),
+    )
+        .into_response())
 }
 
 pub(super) async fn get(

@@ -21,4 +21,5 @@ mod router;
 mod routing;
 mod stamping;
 mod store;
+mod usage;
 mod webhooks;

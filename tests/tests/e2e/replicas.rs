@@ -114,7 +114,7 @@ async fn jobs_submitted_to_either_replica_finish_exactly_once() {
     // One holder of each controller among the two.
     let ca = controllers(&a).await;
     let cb = controllers(&b).await;
-    for name in ["drift", "webhooks"] {
+    for name in ["drift", "webhooks", "usage"] {
         let holders = ca
             .iter()
             .chain(cb.iter())

@@ -9,6 +9,7 @@
 //! service with its fence.
 
 pub mod drift;
+pub mod usage;
 pub mod webhooks;
 
 use crate::clock::SharedClock;

@@ -83,6 +83,7 @@ pub fn need(method: &Method, path: &str) -> Option<Need> {
         "/v1/regions/{region}" if put => Need::Role(Write),
         "/v1/audit" if get => Need::OwnTenantOr(Read),
         "/v1/events" if get => Need::OwnTenantOr(Read),
+        "/v1/usage" if get => Need::OwnTenantOr(Read),
         "/v1/webhooks" | "/v1/webhooks/{webhook_id}" | "/v1/webhooks/{webhook_id}/deliveries"
             if get =>
         {

@@ -19,6 +19,7 @@ pub mod routes;
 pub mod templates;
 pub mod tenants;
 pub mod tokens;
+pub mod usage;
 pub mod webhooks;
 
 use crate::auth::{hash_token, Principal};
@@ -134,6 +135,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(audit::list))
         .route("/v1/audit/verify", get(audit::verify))
         .route("/v1/events", get(events::list))
+        .route("/v1/usage", get(usage::report))
         .route("/v1/webhooks", post(webhooks::create).get(webhooks::list))
         .route(
             "/v1/webhooks/{webhook_id}",

@@ -53,7 +53,7 @@ impl Modify for BearerAuth {
         super::webhooks::create, super::webhooks::list, super::webhooks::get_one,
         super::webhooks::patch, super::webhooks::delete, super::webhooks::rotate_secret,
         super::webhooks::test, super::webhooks::deliveries, super::webhooks::redeliver,
-        super::webhooks::replay,
+        super::webhooks::replay, super::usage::report,
         super::tokens::create, super::tokens::list, super::tokens::revoke,
         super::ops::healthz, super::ops::readyz, super::ops::metrics, super::ops::openapi,
     ),

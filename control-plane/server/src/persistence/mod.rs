@@ -21,6 +21,7 @@ mod placement;
 mod routing;
 mod tenants;
 mod tokens;
+mod usage;
 mod webhooks;
 
 pub use audit::{AuditInput, OutboxRow, OwnedAudit, VerifyOutcome};
@@ -31,6 +32,7 @@ pub use placement::Reservation;
 pub use routing::{RouteWrite, RouterRow, RoutingHead};
 pub use tenants::{Conditional, CreateOutcome, EnvironmentRow, NewTenant, TenantFilter, TenantRow};
 pub use tokens::TokenRow;
+pub use usage::UsageRow;
 pub use webhooks::WebhookRow;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -155,6 +157,7 @@ const MIGRATIONS_SQLITE: &[(i64, &str)] = &[
         9,
         include_str!("../../migrations/sqlite/0009_webhook_deliveries.sql"),
     ),
+    (10, include_str!("../../migrations/sqlite/0010_usage.sql")),
 ];
 const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
@@ -190,6 +193,7 @@ const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
         9,
         include_str!("../../migrations/postgres/0009_webhook_deliveries.sql"),
     ),
+    (10, include_str!("../../migrations/postgres/0010_usage.sql")),
 ];
 
 impl Store {
