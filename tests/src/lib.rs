@@ -136,9 +136,13 @@ pub fn repo_root() -> PathBuf {
 /// the default 20000-29999), so cells stamped at once by the many control planes of a
 /// parallel test run never draw the same port. One control plane's allocations are
 /// checked in its store; two control planes know nothing of each other's.
+/// In one test process (`cargo test`) the ranges go round in turn; a runner that starts a
+/// process per test (`cargo nextest`) starts each process at a slot of its own pid, which
+/// makes collisions between concurrent processes unlikely (not impossible).
 fn next_port_range() -> (String, String) {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let slot = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 50;
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU32> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| std::sync::atomic::AtomicU32::new(std::process::id() % 50));
+    let slot = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 50;
     let lo = 20_000 + slot * 200;
     (lo.to_string(), (lo + 199).to_string())
 }

@@ -236,6 +236,30 @@ pub enum TenantCmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Metered usage per environment and meter (requests, request_bytes, response_bytes,
+    /// units), by hour unless told otherwise.
+    #[command(
+        after_help = "Example:\n  cellplane tenant usage acme --meter requests --granularity day"
+    )]
+    Usage {
+        /// Tenant id.
+        id: String,
+        /// requests, request_bytes, response_bytes or units (default: all).
+        #[arg(long)]
+        meter: Option<String>,
+        /// Only this environment.
+        #[arg(long)]
+        env: Option<String>,
+        /// minute, hour or day.
+        #[arg(long, default_value = "hour")]
+        granularity: String,
+        /// RFC 3339 (default: a day before --to).
+        #[arg(long)]
+        from: Option<String>,
+        /// RFC 3339 (default: now).
+        #[arg(long)]
+        to: Option<String>,
+    },
     /// Activate a draft tenant: place its environments on cells and publish its routes.
     #[command(after_help = "Example:\n  cellplane tenant activate acme --wait")]
     Activate(ActionArgs),
@@ -777,6 +801,11 @@ fn print_json<T: Serialize>(v: &T) {
     );
 }
 
+/// A query parameter value, percent-encoded.
+fn enc(v: &str) -> String {
+    url::form_urlencoded::byte_serialize(v.as_bytes()).collect()
+}
+
 fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
@@ -1095,6 +1124,48 @@ async fn tenant(c: Client, cmd: TenantCmd, json: bool) -> CliResult {
                     return Ok(());
                 }
             }
+        }
+        TenantCmd::Usage {
+            id,
+            meter,
+            env,
+            granularity,
+            from,
+            to,
+        } => {
+            let id = id_arg("tenant", &id)?;
+            let mut q = format!("/v1/usage?tenant_id={id}&granularity={}", enc(&granularity));
+            for (k, v) in [
+                ("meter", &meter),
+                ("env", &env),
+                ("from", &from),
+                ("to", &to),
+            ] {
+                if let Some(v) = v {
+                    q.push_str(&format!("&{k}={}", enc(v)));
+                }
+            }
+            let report: cellplane_api::UsageReport = c.get(&q).await?;
+            if json {
+                print_json(&report);
+            } else {
+                print_table(
+                    &["START", "ENV", "METER", "AMOUNT"],
+                    report
+                        .items
+                        .iter()
+                        .map(|p| {
+                            vec![
+                                p.start.clone(),
+                                p.env.clone(),
+                                p.meter.clone(),
+                                p.amount.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+            return Ok(());
         }
         TenantCmd::Activate(a) => action(a, LifecycleAction::Activate),
         TenantCmd::Suspend(a) => action(a, LifecycleAction::Suspend),

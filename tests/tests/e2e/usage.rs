@@ -180,6 +180,44 @@ both_backends!(
         assert_eq!(total, seen["acme"].requests);
         assert_eq!(by_minute["granularity"], "minute");
 
+        // The CLI prints the same.
+        let out = std::process::Command::new(bin_path("cellplane"))
+            .args([
+                "tenant",
+                "usage",
+                "acme",
+                "--meter",
+                "requests",
+                "--granularity",
+                "day",
+            ])
+            .args([
+                "--from",
+                "2020-01-01T00:00:00Z",
+                "--url",
+                &app.url,
+                "--token",
+                ADMIN_TOKEN,
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("METER") && text.contains("requests"),
+            "{text}"
+        );
+        let printed: u64 = text
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+            .sum();
+        assert_eq!(printed, seen["acme"].requests, "{text}");
+
         // A tenant-admin reads its own tenant's usage only.
         let t: Value = app
             .admin
