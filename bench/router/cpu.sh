@@ -5,6 +5,8 @@
 # itself spends per request at a rate both sustain is a steadier number.
 #   CPU = utime + stime of the proxy's processes (nginx: master + workers; router: all
 #   threads) from /proc, read before and after the run, divided by the requests answered.
+# A second router with metering off (`--no-usage`) runs next to the first, so the table
+# also shows what usage metering costs per request (target: ≤ 3 %).
 # Usage: bench/router/cpu.sh [TENANTS]   (default 10; env RATE, DUR, ROUNDS, CONNS, OUT)
 # The router serves from a state file (no control plane: the table does not change during
 # the run); nginx gets the same configuration as in run.sh (lib.sh).
@@ -22,8 +24,10 @@ cargo build --profile "$PROFILE" -q -p cellplane-router --bins --example fixed_r
 RBIN=$CARGO_TARGET_DIR/$PROFILE
 OUT=${OUT:-$W/cpu.jsonl}
 R_PID=
+U_PID=
 cleanup() {
     [ -n "$R_PID" ] && kill "$R_PID" 2>/dev/null || true
+    [ -n "$U_PID" ] && kill "$U_PID" 2>/dev/null || true
     [ -f "$W/nginx.pid" ] && kill "$(cat "$W/nginx.pid")" 2>/dev/null || true
     [ -f "$W/upstream.pid" ] && kill "$(cat "$W/upstream.pid")" 2>/dev/null || true
     sleep 0.5
@@ -48,6 +52,13 @@ DEAD=$(free_port)
     --base-domain localhost >"$W/router.out" 2>"$W/router.log" &
 R_PID=$!
 R=$(wait_line "$W/router.out" "listening on ")
+cp "$W/router-state.json" "$W/unmetered-state.json"
+"$RBIN/cellplane-router" --workers 2 --control-plane "http://127.0.0.1:$DEAD" --no-usage \
+    --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --state-file "$W/unmetered-state.json" \
+    --base-domain localhost >"$W/unmetered.out" 2>"$W/unmetered.log" &
+U_PID=$!
+U=$(wait_line "$W/unmetered.out" "listening on ")
+curl -sf -H 'Host: t0.localhost' "$U/v1/kv/x" >/dev/null
 curl -sf -H 'Host: t0.localhost' "$R/v1/kv/x" >/dev/null
 curl -sf -H 'Host: t0.localhost' "http://127.0.0.1:$NG/v1/kv/x" >/dev/null
 TCK=$(getconf CLK_TCK)
@@ -55,12 +66,14 @@ echo "cpu per request: $N tenants, $RATE req/s for ${DUR}s, $ROUNDS rounds, rout
 # Warm both (connections to the upstream, page cache, CPU frequency).
 "$RBIN/examples/fixed_rate" "http://127.0.0.1:$NG/v1/kv/x" "$RATE" 2 "$CONNS" "$N" >/dev/null
 "$RBIN/examples/fixed_rate" "$R/v1/kv/x" "$RATE" 2 "$CONNS" "$N" >/dev/null
-NG_V=(); RT_V=()
+"$RBIN/examples/fixed_rate" "$U/v1/kv/x" "$RATE" 2 "$CONNS" "$N" >/dev/null
+NG_V=(); RT_V=(); UN_V=()
 for round in $(seq 1 "$ROUNDS"); do
-    for tgt in nginx router; do
+    for tgt in nginx router router-unmetered; do
         case $tgt in
             nginx) url="http://127.0.0.1:$NG/v1/kv/x"; pids=$(nginx_pids) ;;
             router) url="$R/v1/kv/x"; pids=$R_PID ;;
+            router-unmetered) url="$U/v1/kv/x"; pids=$U_PID ;;
         esac
         # shellcheck disable=SC2086
         before=$(cpu_ticks $pids)
@@ -69,9 +82,28 @@ for round in $(seq 1 "$ROUNDS"); do
         after=$(cpu_ticks $pids)
         ok=$(echo "$res" | python3 -c 'import json,sys; print(json.load(sys.stdin)["ok"])')
         us=$(python3 -c "print(round(($after - $before) * 1e6 / $TCK / max($ok, 1), 2))")
-        [ "$tgt" = nginx ] && NG_V+=("$us") || RT_V+=("$us")
+        case $tgt in
+            nginx) NG_V+=("$us") ;;
+            router) RT_V+=("$us") ;;
+            router-unmetered) UN_V+=("$us") ;;
+        esac
         echo "{\"metric\":\"cpu_us_per_req\",\"tenants\":$N,\"rate\":$RATE,\"target\":\"$tgt\",\"round\":$round,\"value\":$us,\"requests\":$ok,\"load1\":$(load1),\"result\":$res}" | tee -a "$OUT"
     done
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
-echo "{\"metric\":\"cpu_us_per_req_median\",\"tenants\":$N,\"rate\":$RATE,\"nginx\":$(median "${NG_V[@]}"),\"router\":$(median "${RT_V[@]}"),\"load1\":$(load1)}" | tee -a "$OUT"
+echo "{\"metric\":\"cpu_us_per_req_median\",\"tenants\":$N,\"rate\":$RATE,\"nginx\":$(median "${NG_V[@]}"),\"router\":$(median "${RT_V[@]}"),\"router_unmetered\":$(median "${UN_V[@]}"),\"load1\":$(load1)}" | tee -a "$OUT"
+python3 - "$OUT" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+m = [r for r in rows if r["metric"] == "cpu_us_per_req_median"][-1]
+per = {}
+for r in rows:
+    if r["metric"] == "cpu_us_per_req":
+        per.setdefault(r["target"], []).append(r["value"])
+print(f"| target ({m['tenants']} tenants, {m['rate']} req/s) | CPU µs per request (median) | rounds | vs nginx |")
+print("| --- | --- | --- | --- |")
+for name, key in [("nginx", "nginx"), ("cellplane-router, metering on", "router"), ("cellplane-router, --no-usage", "router_unmetered")]:
+    target = {"nginx": "nginx", "router": "router", "router_unmetered": "router-unmetered"}[key]
+    print(f"| {name} | {m[key]:.2f} | {', '.join(f'{v:.2f}' for v in per.get(target, []))} | {m[key] / m['nginx']:.2f} |")
+print(f"\nmetering adds {100 * (m['router'] / m['router_unmetered'] - 1):+.1f} % CPU per proxied request (target ≤ 3 %)")
+PY

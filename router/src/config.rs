@@ -40,6 +40,9 @@ pub struct Config {
     /// survive a restart.
     #[arg(long)]
     pub usage_dir: Option<PathBuf>,
+    /// Do not meter usage (no journal, nothing reported).
+    #[arg(long)]
+    pub no_usage: bool,
     /// Tenants are `{tenant}.{base_domain}`.
     #[arg(long, default_value = "localhost")]
     pub base_domain: String,

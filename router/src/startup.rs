@@ -91,11 +91,18 @@ impl Application {
             p.push(".usage");
             p.into()
         });
-        let usage =
-            crate::usage::UsageJournal::open(&usage_dir).map_err(|source| StartupError::Usage {
-                dir: usage_dir.display().to_string(),
-                source,
-            })?;
+        let usage = if cfg.no_usage {
+            None
+        } else {
+            Some(
+                crate::usage::UsageJournal::open(&usage_dir).map_err(|source| {
+                    StartupError::Usage {
+                        dir: usage_dir.display().to_string(),
+                        source,
+                    }
+                })?,
+            )
+        };
         let mut state = RouterState::new(
             Resolver::new(cfg.tenant_from.clone(), &cfg.base_domain),
             ProxyConfig {
@@ -110,7 +117,7 @@ impl Application {
             },
             initial,
         );
-        state.usage = Some(usage);
+        state.usage = usage;
         let state = Arc::new(state);
         let (listeners, addr) = bind_workers(&cfg.listen, cfg.workers())?;
         let (admin, admin_addr) = bind(&cfg.admin_listen).await?;

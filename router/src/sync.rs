@@ -239,10 +239,11 @@ pub async fn run_heartbeats(
                 if let Err(e) = u.seal() {
                     tracing::error!(error = %e, "sealing the usage journal failed");
                 }
-                u.batches(USAGE_BATCHES_PER_HEARTBEAT).unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "reading usage batches failed");
-                    Vec::new()
-                })
+                u.batches(USAGE_BATCHES_PER_HEARTBEAT, crate::usage::SEAL_LINES)
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "reading usage batches failed");
+                        Vec::new()
+                    })
             }
             None => Vec::new(),
         };
@@ -264,6 +265,7 @@ pub async fn run_heartbeats(
             .send()
             .await;
         let mut backlog = false;
+        let carried = batches.len();
         match res {
             Ok(r) if r.status().is_success() => {
                 failures = 0;
@@ -273,7 +275,13 @@ pub async fn run_heartbeats(
                         u.ack(&b.batch_id);
                     }
                 }
-                backlog = batches.len() == USAGE_BATCHES_PER_HEARTBEAT;
+                // More may wait than one heartbeat carried: go again at once.
+                backlog = carried > 0
+                    && state
+                        .usage
+                        .as_ref()
+                        .and_then(|u| u.batches(1, 0).ok())
+                        .is_some_and(|b| !b.is_empty());
             }
             Ok(r) => {
                 failures += 1;

@@ -25,6 +25,10 @@ use std::sync::Mutex;
 
 const JOURNAL: &str = "usage.journal";
 
+/// A journal is sealed when it reaches this many lines, so no batch outgrows a heartbeat's
+/// body (a batch holds at most this many records; ~170 bytes each as JSON).
+pub const SEAL_LINES: usize = 4_000;
+
 /// One tenant environment's counts in one minute.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct UsageRecord {
@@ -47,7 +51,8 @@ pub struct UsageBatch {
 
 pub struct UsageJournal {
     dir: PathBuf,
-    file: Mutex<std::fs::File>,
+    /// The journal and how many lines it holds.
+    file: Mutex<(std::fs::File, usize)>,
 }
 
 fn open_journal(dir: &Path) -> std::io::Result<std::fs::File> {
@@ -61,9 +66,13 @@ impl UsageJournal {
     /// Opens (creating) the usage directory and its journal.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
+        let file = open_journal(dir)?;
+        // A journal left by an earlier process is sealed at the first heartbeat; until then
+        // its size stands in for its line count.
+        let lines = (file.metadata()?.len() / 16) as usize;
         Ok(Self {
             dir: dir.to_path_buf(),
-            file: Mutex::new(open_journal(dir)?),
+            file: Mutex::new((file, lines)),
         })
     }
 
@@ -86,16 +95,27 @@ impl UsageJournal {
             .unwrap_or(0);
         let line =
             format!("{minute}\t{tenant}\t{env}\t{request_bytes}\t{response_bytes}\t{units}\n");
-        let mut f = self.file.lock().expect("not poisoned");
-        if let Err(e) = f.write_all(line.as_bytes()) {
+        let mut guard = self.file.lock().expect("not poisoned");
+        if let Err(e) = guard.0.write_all(line.as_bytes()) {
             tracing::error!(error = %e, tenant = %tenant, "writing the usage journal failed; this request is not metered");
+            return;
+        }
+        guard.1 += 1;
+        if guard.1 >= SEAL_LINES {
+            if let Err(e) = self.seal_locked(&mut guard) {
+                tracing::error!(error = %e, "sealing the usage journal failed");
+            }
         }
     }
 
     /// Seals the journal into a batch file when it holds anything.
     pub fn seal(&self) -> std::io::Result<()> {
-        let mut f = self.file.lock().expect("not poisoned");
-        if f.metadata()?.len() == 0 {
+        let mut guard = self.file.lock().expect("not poisoned");
+        self.seal_locked(&mut guard)
+    }
+
+    fn seal_locked(&self, guard: &mut (std::fs::File, usize)) -> std::io::Result<()> {
+        if guard.0.metadata()?.len() == 0 {
             return Ok(());
         }
         let now = std::time::SystemTime::now()
@@ -107,26 +127,33 @@ impl UsageJournal {
             self.dir.join(JOURNAL),
             self.dir.join(format!("batch-{id}.log")),
         )?;
-        *f = open_journal(&self.dir)?;
+        *guard = (open_journal(&self.dir)?, 0);
         Ok(())
     }
 
-    /// The sealed batches, oldest first, at most `max`.
-    pub fn batches(&self, max: usize) -> std::io::Result<Vec<UsageBatch>> {
+    /// The sealed batches, oldest first, at most `max` and (but for the first) at most
+    /// `max_records` records in all.
+    pub fn batches(&self, max: usize, max_records: usize) -> std::io::Result<Vec<UsageBatch>> {
         let mut names: Vec<String> = std::fs::read_dir(&self.dir)?
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().into_string().ok())
             .filter(|n| n.starts_with("batch-") && n.ends_with(".log"))
             .collect();
         names.sort();
-        let mut out = Vec::new();
+        let mut out: Vec<UsageBatch> = Vec::new();
+        let mut records = 0;
         for name in names.into_iter().take(max) {
             let text = std::fs::read_to_string(self.dir.join(&name))?;
             let id = name["batch-".len()..name.len() - ".log".len()].to_string();
-            out.push(UsageBatch {
+            let batch = UsageBatch {
                 batch_id: id,
                 records: aggregate(&text),
-            });
+            };
+            records += batch.records.len();
+            if !out.is_empty() && records > max_records {
+                break;
+            }
+            out.push(batch);
         }
         Ok(out)
     }
@@ -218,7 +245,7 @@ mod tests {
         let j = UsageJournal::open(dir.path()).unwrap();
         j.seal().unwrap();
         assert!(
-            j.batches(10).unwrap().is_empty(),
+            j.batches(10, 100).unwrap().is_empty(),
             "an empty journal seals nothing"
         );
         for _ in 0..3 {
@@ -238,7 +265,7 @@ mod tests {
         // What a restarted router finds: one batch, and a journal to seal.
         let j = UsageJournal::open(dir.path()).unwrap();
         j.seal().unwrap();
-        let b = j.batches(10).unwrap();
+        let b = j.batches(10, 100).unwrap();
         assert_eq!(b.len(), 2);
         let acme: u64 = b
             .iter()
@@ -259,7 +286,7 @@ mod tests {
             (3, 30, 300, 3)
         );
         j.ack(&b[0].batch_id.clone());
-        let left = j.batches(10).unwrap();
+        let left = j.batches(10, 100).unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(
             left[0].batch_id, b[1].batch_id,

@@ -764,8 +764,8 @@ both_backends!(
                 .unwrap();
             assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
         }
-        // t2's three events arrive in order; t1's first fails twice and is given up, and
-        // its update waited for it.
+        // t2's three events (created, two updates) arrive in order; t1's first fails twice
+        // and is given up, and its update waited for it.
         let delivered = |g: &[Received], subject: &str| -> Vec<String> {
             distinct_ids(
                 &g.iter()
@@ -774,10 +774,17 @@ both_backends!(
                     .collect::<Vec<_>>(),
             )
         };
-        until_received(&rx, Duration::from_secs(20), "t2's events", |g| {
-            delivered(g, "tenant/t2").len() == 2
-        })
-        .await;
+        if tokio::time::timeout(
+            Duration::from_secs(20),
+            until_received(&rx, Duration::from_secs(20), "t2's events", |g| {
+                delivered(g, "tenant/t2").len() == 3
+            }),
+        )
+        .await
+        .is_err()
+        {
+            panic!("t2's events did not arrive:\n{}", app.log());
+        }
         let d = until(Duration::from_secs(20), || async {
             let d = deliveries(&app, &hook).await;
             if d.iter().all(|x| x["state"] != "pending") {

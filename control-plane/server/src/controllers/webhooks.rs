@@ -68,18 +68,45 @@ impl DispatchSettings {
 pub struct Dispatcher {
     settings: Arc<DispatchSettings>,
     client: reqwest::Client,
-    /// Deliveries (and probes, as `probe:<webhook>`) being attempted now.
-    in_flight: Arc<Mutex<HashSet<String>>>,
+    /// Deliveries (and probes, as `probe:<webhook>`) being attempted now: from dispatch
+    /// until their outcome is committed (or dropped).
+    in_flight: Arc<Mutex<InFlightSet>>,
+    /// Finished attempts on their way to the recorder, which commits them in groups.
+    results: tokio::sync::mpsc::UnboundedSender<Finished>,
+    results_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Finished>>>,
+    /// Woken when an attempt's outcome is committed: a slot is free.
+    freed: Arc<tokio::sync::Notify>,
 }
+
+/// An attempt whose answer is in, waiting to be recorded. Its delivery stays in flight
+/// (not dispatched again) until the record commits or fails.
+struct Finished {
+    delivery: DueDelivery,
+    sent: crate::webhooks::Sent,
+    started_at: String,
+    fence: Fence,
+    _in_flight: InFlight,
+}
+
+/// Most outcomes one recorder transaction commits.
+const RECORD_BATCH: usize = 256;
+
+/// How long one reconcile keeps dispatching as slots free up before it returns to the
+/// lease loop.
+const DISPATCH_SLICE: Duration = Duration::from_millis(250);
 
 impl Dispatcher {
     pub fn new(settings: DispatchSettings) -> Self {
         let client =
             crate::webhooks::delivery_client(settings.allow_private, settings.attempt_timeout);
+        let (results, results_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             settings: Arc::new(settings),
             client,
-            in_flight: Arc::new(Mutex::new(HashSet::new())),
+            in_flight: Arc::new(Mutex::new(InFlightSet::default())),
+            results,
+            results_rx: Mutex::new(Some(results_rx)),
+            freed: Arc::new(tokio::sync::Notify::new()),
         }
     }
 }
@@ -113,11 +140,42 @@ impl Controller for Dispatcher {
             sealer: Arc::new(sealer),
             in_flight: self.in_flight.clone(),
             source: cx.service.settings().event_source.clone(),
+            results: self.results.clone(),
         };
-        self.dispatch(cx.service, &task).await?;
+        if let Some(rx) = self.results_rx.lock().expect("not poisoned").take() {
+            let (store, settings, freed) = (
+                cx.service.store().clone(),
+                self.settings.clone(),
+                self.freed.clone(),
+            );
+            tokio::spawn(record_loop(rx, store, settings, freed));
+        }
         self.probe(cx.service, &task).await?;
+        // Dispatch, and again whenever outcomes free slots, for a slice of time; new events
+        // are fanned out between rounds.
+        let until = tokio::time::Instant::now() + DISPATCH_SLICE;
+        loop {
+            let more = self.dispatch(cx.service, &task).await?;
+            let wait = if more {
+                self.settings.poll.min(Duration::from_millis(20))
+            } else {
+                self.settings.poll
+            };
+            let now = tokio::time::Instant::now();
+            if now + wait > until {
+                break;
+            }
+            tokio::select! {
+                _ = self.freed.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if fan_out(cx).await? == FAN_OUT_BATCH as usize {
+                caught_up = false;
+                break;
+            }
+        }
         Ok(Action::Requeue(if caught_up {
-            self.settings.poll
+            Duration::from_millis(10)
         } else {
             Duration::ZERO
         }))
@@ -194,11 +252,13 @@ async fn fenced(tx: &mut WriteTx, fence: &Fence) -> Result<(), ReconcileError> {
 
 impl Dispatcher {
     /// Starts attempts of due deliveries, up to the in-flight limit.
-    async fn dispatch(&self, service: &Service, task: &Task) -> Result<(), ReconcileError> {
-        let busy = self.in_flight.lock().expect("not poisoned").len();
+    /// Starts attempts of due deliveries, up to the in-flight limit; true when due
+    /// deliveries were left for lack of slots.
+    async fn dispatch(&self, service: &Service, task: &Task) -> Result<bool, ReconcileError> {
+        let busy = self.in_flight.lock().expect("not poisoned").settle();
         let free = self.settings.max_in_flight.saturating_sub(busy);
         if free == 0 {
-            return Ok(());
+            return Ok(true);
         }
         let now = persistence::fmt_time(task.clock.now());
         let due = service
@@ -206,14 +266,17 @@ impl Dispatcher {
             .due_deliveries(&now, (free + busy) as i64)
             .await?;
         let mut started = 0;
+        let mut left = false;
         for d in due {
             if started == free {
+                left = true;
                 break;
             }
             if !self
                 .in_flight
                 .lock()
                 .expect("not poisoned")
+                .live
                 .insert(d.delivery.delivery_id.clone())
             {
                 continue;
@@ -222,15 +285,22 @@ impl Dispatcher {
             let task = task.clone();
             tokio::spawn(async move { task.attempt(d).await });
         }
-        Ok(())
+        Ok(left)
     }
 
     /// Pings subscriptions disabled for failing whose probe is due.
     async fn probe(&self, service: &Service, task: &Task) -> Result<(), ReconcileError> {
+        self.in_flight.lock().expect("not poisoned").settle();
         let now = persistence::fmt_time(task.clock.now());
         for w in service.store().webhooks_to_probe(&now).await? {
             let key = format!("probe:{}", w.webhook_id);
-            if !self.in_flight.lock().expect("not poisoned").insert(key) {
+            if !self
+                .in_flight
+                .lock()
+                .expect("not poisoned")
+                .live
+                .insert(key)
+            {
                 continue;
             }
             let task = task.clone();
@@ -250,16 +320,41 @@ struct Task {
     settings: Arc<DispatchSettings>,
     client: reqwest::Client,
     sealer: Arc<SecretBox>,
-    in_flight: Arc<Mutex<HashSet<String>>>,
+    in_flight: Arc<Mutex<InFlightSet>>,
     source: String,
+    results: tokio::sync::mpsc::UnboundedSender<Finished>,
 }
 
 /// Takes a key out of the in-flight set when the attempt ends, however it ends.
-struct InFlight(Arc<Mutex<HashSet<String>>>, String);
+struct InFlight(Arc<Mutex<InFlightSet>>, String);
+
+/// What is in flight. An attempt that ends (recorded, or dropped) goes to `done`, and
+/// leaves `live` only when the next dispatch starts, before it reads the due deliveries:
+/// a read that began before an outcome committed must not see that delivery as free, or
+/// it would be sent twice.
+#[derive(Default)]
+struct InFlightSet {
+    live: HashSet<String>,
+    done: Vec<String>,
+}
+
+impl InFlightSet {
+    /// Lets go of the attempts that ended; how many are still in flight.
+    fn settle(&mut self) -> usize {
+        for k in std::mem::take(&mut self.done) {
+            self.live.remove(&k);
+        }
+        self.live.len()
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.lock().expect("not poisoned").remove(&self.1);
+        self.0
+            .lock()
+            .expect("not poisoned")
+            .done
+            .push(std::mem::take(&mut self.1));
     }
 }
 
@@ -275,22 +370,10 @@ impl Task {
         persistence::new_id("corr")
     }
 
+    /// Sends one attempt and hands its outcome to the recorder; the delivery stays in
+    /// flight until the outcome is committed.
     async fn attempt(self, d: DueDelivery) {
-        let _in_flight = InFlight(self.in_flight.clone(), d.delivery.delivery_id.clone());
-        let id = d.delivery.delivery_id.clone();
-        if let Err(e) = self.try_attempt(d).await {
-            match e {
-                ReconcileError::Deposed(_) => {
-                    tracing::info!(delivery = %id, "attempt not recorded: the dispatcher lease moved")
-                }
-                e => {
-                    tracing::warn!(delivery = %id, error = %e, "recording a delivery attempt failed")
-                }
-            }
-        }
-    }
-
-    async fn try_attempt(&self, d: DueDelivery) -> Result<(), ReconcileError> {
+        let in_flight = InFlight(self.in_flight.clone(), d.delivery.delivery_id.clone());
         let started = self.clock.now();
         let started_at = persistence::fmt_time(started);
         let secrets = signing_secrets(
@@ -328,118 +411,13 @@ impl Task {
             },
         };
         self.failpoint("sent");
-        let outcome = Outcome::of(&sent);
-        let now_t = self.clock.now();
-        let now = persistence::fmt_time(now_t);
-        let made = d.delivery.schedule_pos as usize + 1;
-        let (state, next) = if outcome == Outcome::Delivered {
-            ("succeeded", None)
-        } else if made >= self.settings.schedule_ms.len() {
-            ("failed", None)
-        } else {
-            let planned = Duration::from_millis(with_jitter(self.settings.schedule_ms[made]));
-            let wait = match sent.retry_after {
-                Some(ra) => ra.min(self.settings.max_retry_after),
-                None => planned,
-            };
-            let at = now_t + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::hours(1));
-            ("pending", Some(persistence::fmt_time(at)))
-        };
-        let status = sent.attempt.status.map(i64::from);
-        let mut tx = self.store.write().await?;
-        fenced(&mut tx, &self.fence).await?;
-        let recorded = tx
-            .record_attempt(&AttemptResult {
-                delivery_id: &d.delivery.delivery_id,
-                schedule_pos: d.delivery.schedule_pos,
-                started_at: &started_at,
-                outcome: outcome.as_str(),
-                status,
-                latency_ms: sent.attempt.latency_ms as i64,
-                error: sent.attempt.error.as_deref(),
-                new_state: state,
-                next_attempt_at: next.as_deref(),
-                now: &now,
-            })
-            .await?;
-        if !recorded {
-            return Ok(());
-        }
-        let webhook = &d.delivery.webhook_id;
-        let audit = |event_type: &'static str, payload: serde_json::Value| (event_type, payload);
-        let mut record = None;
-        match outcome {
-            Outcome::Delivered => {
-                if let Some(since) = tx.clear_webhook_failing(webhook).await? {
-                    record = Some(audit(
-                        "WEBHOOK_RECOVERED",
-                        json!({"failing_since": since, "reenabled": false,
-                               "delivery_id": d.delivery.delivery_id}),
-                    ));
-                }
-            }
-            Outcome::Gone => {
-                if tx.disable_webhook(webhook, "gone", None, &now).await? {
-                    record = Some(audit(
-                        "WEBHOOK_DISABLED",
-                        json!({"reason": "gone", "status": 410, "failing_since": null,
-                               "delivery_id": d.delivery.delivery_id}),
-                    ));
-                }
-            }
-            _ => {
-                let since = tx.mark_webhook_failing(webhook, &started_at).await?;
-                let failing_for = persistence::parse_time(&since)
-                    .map(|t| now_t - t)
-                    .and_then(|d| d.to_std().ok())
-                    .unwrap_or_default();
-                if failing_for >= self.settings.disable_after {
-                    let probe_at = persistence::fmt_time(
-                        now_t
-                            + chrono::Duration::from_std(self.settings.probe_interval)
-                                .unwrap_or(chrono::Duration::hours(1)),
-                    );
-                    if tx
-                        .disable_webhook(webhook, "failing", Some(&probe_at), &now)
-                        .await?
-                    {
-                        record = Some(audit(
-                            "WEBHOOK_DISABLED",
-                            json!({"reason": "failing", "failing_since": since,
-                                   "delivery_id": d.delivery.delivery_id}),
-                        ));
-                    }
-                }
-            }
-        }
-        if let Some((event_type, payload)) = record {
-            tx.audit(AuditInput {
-                tenant_id: d.tenant_id.as_deref(),
-                event_type,
-                actor: ACTOR,
-                target: &format!("webhook/{webhook}"),
-                payload,
-                correlation_id: Some(&Self::ctx_id()),
-            })
-            .await?;
-        }
-        tx.commit().await?;
-        match outcome {
-            Outcome::Delivered => {}
-            Outcome::Gone => {
-                tracing::warn!(webhook = %webhook, "destination answered 410: subscription disabled")
-            }
-            o => tracing::info!(
-                webhook = %webhook,
-                delivery = %d.delivery.delivery_id,
-                outcome = o.as_str(),
-                status = ?sent.attempt.status,
-                error = ?sent.attempt.error,
-                next_attempt_at = ?next,
-                "delivery attempt failed"
-            ),
-        }
-        Ok(())
+        let _ = self.results.send(Finished {
+            delivery: d,
+            sent,
+            started_at,
+            fence: self.fence.clone(),
+            _in_flight: in_flight,
+        });
     }
 
     async fn probe(self, w: persistence::WebhookRow) {
@@ -512,4 +490,204 @@ impl Task {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Commits finished attempts in groups: one transaction (one fence check) for up to
+/// [`RECORD_BATCH`] outcomes, so the store is not the limit of how fast deliveries go out.
+/// A group that fails to commit (the lease moved, the store failed) is dropped whole: its
+/// deliveries are still due and are sent again, with the same `webhook-id`.
+async fn record_loop(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Finished>,
+    store: Store,
+    settings: Arc<DispatchSettings>,
+    freed: Arc<tokio::sync::Notify>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut group = vec![first];
+        while group.len() < RECORD_BATCH {
+            match rx.try_recv() {
+                Ok(f) => group.push(f),
+                Err(_) => break,
+            }
+        }
+        // One fence per transaction: a group spanning a change of term splits there.
+        let mut start = 0;
+        while start < group.len() {
+            let term = group[start].fence.term;
+            let end = group[start..]
+                .iter()
+                .position(|f| f.fence.term != term)
+                .map(|p| start + p)
+                .unwrap_or(group.len());
+            if let Err(e) = record_group(&store, &settings, &group[start..end]).await {
+                match e {
+                    ReconcileError::Deposed(_) => tracing::info!(
+                        attempts = end - start,
+                        "attempts not recorded: the dispatcher lease moved; they are sent again"
+                    ),
+                    e => tracing::warn!(error = %e, attempts = end - start,
+                        "recording delivery attempts failed; they are sent again"),
+                }
+            }
+            start = end;
+        }
+        drop(group);
+        freed.notify_waiters();
+    }
+}
+
+async fn record_group(
+    store: &Store,
+    settings: &DispatchSettings,
+    group: &[Finished],
+) -> Result<(), ReconcileError> {
+    let mut tx = store.write().await?;
+    fenced(&mut tx, &group[0].fence).await?;
+    let mut logs = Vec::new();
+    for f in group {
+        if let Some(log) = record_one(&mut tx, settings, f).await? {
+            logs.push(log);
+        }
+    }
+    tx.commit().await?;
+    for (webhook, delivery, outcome, status, error, next) in logs {
+        match outcome {
+            Outcome::Gone => {
+                tracing::warn!(webhook = %webhook, "destination answered 410: subscription disabled")
+            }
+            o => tracing::info!(
+                webhook = %webhook,
+                delivery = %delivery,
+                outcome = o.as_str(),
+                status = ?status,
+                error = ?error,
+                next_attempt_at = ?next,
+                "delivery attempt failed"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// What a failed attempt logs once its record committed.
+type AttemptLog = (
+    String,
+    String,
+    Outcome,
+    Option<u16>,
+    Option<String>,
+    Option<String>,
+);
+
+/// Records one outcome and what it decides: the delivery's next state and attempt, and
+/// the subscription's failing mark, disabling or recovery (with its event).
+async fn record_one(
+    tx: &mut WriteTx,
+    settings: &DispatchSettings,
+    f: &Finished,
+) -> Result<Option<AttemptLog>, ReconcileError> {
+    let d = &f.delivery;
+    let sent = &f.sent;
+    let outcome = Outcome::of(sent);
+    let now_t = chrono::Utc::now();
+    let now = persistence::fmt_time(now_t);
+    let made = d.delivery.schedule_pos as usize + 1;
+    let (state, next) = if outcome == Outcome::Delivered {
+        ("succeeded", None)
+    } else if made >= settings.schedule_ms.len() {
+        ("failed", None)
+    } else {
+        let planned = Duration::from_millis(with_jitter(settings.schedule_ms[made]));
+        let wait = match sent.retry_after {
+            Some(ra) => ra.min(settings.max_retry_after),
+            None => planned,
+        };
+        let at = now_t + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::hours(1));
+        ("pending", Some(persistence::fmt_time(at)))
+    };
+    let status = sent.attempt.status.map(i64::from);
+    let recorded = tx
+        .record_attempt(&AttemptResult {
+            delivery_id: &d.delivery.delivery_id,
+            schedule_pos: d.delivery.schedule_pos,
+            started_at: &f.started_at,
+            outcome: outcome.as_str(),
+            status,
+            latency_ms: sent.attempt.latency_ms as i64,
+            error: sent.attempt.error.as_deref(),
+            new_state: state,
+            next_attempt_at: next.as_deref(),
+            now: &now,
+        })
+        .await?;
+    if !recorded {
+        return Ok(None);
+    }
+    let webhook = &d.delivery.webhook_id;
+    let mut record: Option<(&'static str, serde_json::Value)> = None;
+    match outcome {
+        Outcome::Delivered => {
+            if let Some(since) = tx.clear_webhook_failing(webhook).await? {
+                record = Some((
+                    "WEBHOOK_RECOVERED",
+                    json!({"failing_since": since, "reenabled": false,
+                           "delivery_id": d.delivery.delivery_id}),
+                ));
+            }
+        }
+        Outcome::Gone => {
+            if tx.disable_webhook(webhook, "gone", None, &now).await? {
+                record = Some((
+                    "WEBHOOK_DISABLED",
+                    json!({"reason": "gone", "status": 410, "failing_since": null,
+                           "delivery_id": d.delivery.delivery_id}),
+                ));
+            }
+        }
+        _ => {
+            let since = tx.mark_webhook_failing(webhook, &f.started_at).await?;
+            let failing_for = persistence::parse_time(&since)
+                .map(|t| now_t - t)
+                .and_then(|d| d.to_std().ok())
+                .unwrap_or_default();
+            if failing_for >= settings.disable_after {
+                let probe_at = persistence::fmt_time(
+                    now_t
+                        + chrono::Duration::from_std(settings.probe_interval)
+                            .unwrap_or(chrono::Duration::hours(1)),
+                );
+                if tx
+                    .disable_webhook(webhook, "failing", Some(&probe_at), &now)
+                    .await?
+                {
+                    record = Some((
+                        "WEBHOOK_DISABLED",
+                        json!({"reason": "failing", "failing_since": since,
+                               "delivery_id": d.delivery.delivery_id}),
+                    ));
+                }
+            }
+        }
+    }
+    if let Some((event_type, payload)) = record {
+        tx.audit(AuditInput {
+            tenant_id: d.tenant_id.as_deref(),
+            event_type,
+            actor: ACTOR,
+            target: &format!("webhook/{webhook}"),
+            payload,
+            correlation_id: Some(&persistence::new_id("corr")),
+        })
+        .await?;
+    }
+    Ok((outcome != Outcome::Delivered).then(|| {
+        (
+            webhook.clone(),
+            d.delivery.delivery_id.clone(),
+            outcome,
+            sent.attempt.status,
+            sent.attempt.error.clone(),
+            next,
+        )
+    }))
 }
