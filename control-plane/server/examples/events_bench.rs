@@ -344,6 +344,87 @@ async fn scenario(name: &str, pg: Option<&str>, rates: &[f64], secs: f64, backlo
     );
 }
 
+/// Usage ingestion: `routers` tasks each report `tenants` tenant-minutes per minute for
+/// `minutes` minutes, as routers do (batches of at most 4,000 records, one batch per
+/// heartbeat, each applied once); against the same number of heartbeats without usage.
+async fn ingest(name: &str, pg: Option<&str>, routers: usize, tenants: usize, minutes: usize) {
+    let server = serve(pg).await;
+    let c = client();
+    let t: serde_json::Value = c
+        .post(format!("{}/v1/tokens", server.url))
+        .json(&serde_json::json!({"role": "router"}))
+        .send()
+        .await
+        .expect("token")
+        .json()
+        .await
+        .expect("json");
+    let token = t["token"].as_str().expect("token").to_string();
+    let run = |with_usage: bool| {
+        let (url, token) = (server.url.clone(), token.clone());
+        async move {
+            let start = Instant::now();
+            let mut tasks = Vec::new();
+            let mut heartbeats = 0;
+            for r in 0..routers {
+                let (url, token) = (url.clone(), token.clone());
+                let mut bodies = Vec::new();
+                for m in 0..minutes {
+                    let minute = format!("2026-11-{:02}T{:02}:{:02}:00Z", 1 + r, m / 60, m % 60);
+                    for (k, chunk) in (0..tenants).collect::<Vec<_>>().chunks(4000).enumerate() {
+                        let usage = if with_usage {
+                            serde_json::json!([{"batch_id": format!("b-{r}-{m}-{k}"),
+                                "records": chunk.iter().map(|i| serde_json::json!({
+                                    "tenant_id": format!("tenant-{i}"), "env": "prod", "minute": minute,
+                                    "requests": 3, "request_bytes": 300, "response_bytes": 3000, "units": 1}))
+                                    .collect::<Vec<_>>()}])
+                        } else {
+                            serde_json::json!([])
+                        };
+                        bodies.push(serde_json::json!({"applied_revision": 0, "usage": usage}));
+                    }
+                }
+                heartbeats += bodies.len();
+                tasks.push(tokio::spawn(async move {
+                    let c = reqwest::Client::new();
+                    for b in bodies {
+                        let r = c
+                            .post(format!("{url}/v1/routers/bench-{r}/heartbeat"))
+                            .bearer_auth(&token)
+                            .json(&b)
+                            .send()
+                            .await
+                            .expect("heartbeat");
+                        assert!(
+                            r.status().is_success(),
+                            "{}",
+                            r.text().await.unwrap_or_default()
+                        );
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.expect("router task");
+            }
+            (heartbeats, start.elapsed().as_secs_f64())
+        }
+    };
+    let (hb_plain, secs_plain) = run(false).await;
+    let (hb, secs) = run(true).await;
+    let records = routers * tenants * minutes;
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": format!("{name}-ingest"),
+            "routers": routers, "tenants": tenants, "minutes": minutes,
+            "heartbeats": hb, "records": records,
+            "records_per_s": records as f64 / secs,
+            "heartbeat_ms": secs * 1000.0 * routers as f64 / hb as f64,
+            "plain_heartbeat_ms": secs_plain * 1000.0 * routers as f64 / hb_plain as f64,
+        })
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -359,12 +440,19 @@ async fn main() {
     let rates = [100.0, 1000.0];
     let only = std::env::var("BENCH_SCENARIOS").ok();
     let run = |n: &str| only.as_deref().is_none_or(|o| o.split(',').any(|s| s == n));
+    let minutes: usize = arg("--minutes").and_then(|s| s.parse().ok()).unwrap_or(3);
     if run("sqlite") {
         scenario("sqlite", None, &rates, secs, backlog).await;
     }
     if let Some(pg) = arg("--pg") {
         if run("postgres") {
             scenario("postgres", Some(&pg), &rates, secs, backlog).await;
+        }
+    }
+    if run("ingest") {
+        ingest("sqlite", None, 10, 10_000, minutes).await;
+        if let Some(pg) = arg("--pg") {
+            ingest("postgres", Some(&pg), 10, 10_000, minutes).await;
         }
     }
 }
