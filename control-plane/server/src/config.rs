@@ -95,7 +95,7 @@ impl Default for WebhooksConfig {
             attempt_timeout_ms: 15_000,
             disable_after_secs: 5 * 86_400,
             probe_interval_secs: 3_600,
-            max_in_flight: 64,
+            max_in_flight: 256,
             poll_interval_ms: 100,
             max_retry_after_secs: 36_000,
         }

@@ -544,8 +544,10 @@ async fn record_group(
     let mut tx = store.write().await?;
     fenced(&mut tx, &group[0].fence).await?;
     let mut logs = Vec::new();
+    // Subscriptions whose failing mark this group already cleared (or found clear).
+    let mut clear = HashSet::new();
     for f in group {
-        if let Some(log) = record_one(&mut tx, settings, f).await? {
+        if let Some(log) = record_one(&mut tx, settings, f, &mut clear).await? {
             logs.push(log);
         }
     }
@@ -585,6 +587,7 @@ async fn record_one(
     tx: &mut WriteTx,
     settings: &DispatchSettings,
     f: &Finished,
+    clear: &mut HashSet<String>,
 ) -> Result<Option<AttemptLog>, ReconcileError> {
     let d = &f.delivery;
     let sent = &f.sent;
@@ -626,7 +629,9 @@ async fn record_one(
     let webhook = &d.delivery.webhook_id;
     let mut record: Option<(&'static str, serde_json::Value)> = None;
     match outcome {
+        Outcome::Delivered if clear.contains(webhook) => {}
         Outcome::Delivered => {
+            clear.insert(webhook.clone());
             if let Some(since) = tx.clear_webhook_failing(webhook).await? {
                 record = Some((
                     "WEBHOOK_RECOVERED",
@@ -645,6 +650,7 @@ async fn record_one(
             }
         }
         _ => {
+            clear.remove(webhook);
             let since = tx.mark_webhook_failing(webhook, &f.started_at).await?;
             let failing_for = persistence::parse_time(&since)
                 .map(|t| now_t - t)

@@ -402,6 +402,32 @@ impl WriteTx {
     /// Records an attempt and what it did to its delivery. False (nothing written) when the
     /// delivery moved on meanwhile (redelivered, replayed or recorded by another attempt).
     pub async fn record_attempt(&mut self, r: &AttemptResult<'_>) -> Result<bool> {
+        if self.backend == super::Backend::Postgres {
+            // One round trip: the attempt row is inserted from the update's result.
+            let res = sqlx::query(
+                "WITH u AS (UPDATE webhook_deliveries SET state = $1, \
+                   schedule_pos = schedule_pos + 1, attempt_count = attempt_count + 1, \
+                   next_attempt_at = $2, last_status = $3, last_error = $4, updated_at = $5 \
+                   WHERE delivery_id = $6 AND schedule_pos = $7 AND state = 'pending' \
+                   RETURNING delivery_id, attempt_count) \
+                 INSERT INTO webhook_attempts (delivery_id, attempt, started_at, outcome, status, \
+                   latency_ms, error, next_attempt_at) \
+                 SELECT delivery_id, attempt_count, $8, $9, $3, $10, $4, $2 FROM u",
+            )
+            .bind(r.new_state)
+            .bind(r.next_attempt_at)
+            .bind(r.status)
+            .bind(r.error)
+            .bind(r.now)
+            .bind(r.delivery_id)
+            .bind(r.schedule_pos)
+            .bind(r.started_at)
+            .bind(r.outcome)
+            .bind(r.latency_ms)
+            .execute(&mut *self.tx)
+            .await?;
+            return Ok(res.rows_affected() == 1);
+        }
         let res = sqlx::query(
             "UPDATE webhook_deliveries SET state = $1, schedule_pos = schedule_pos + 1, \
              attempt_count = attempt_count + 1, next_attempt_at = $2, last_status = $3, \
