@@ -568,3 +568,154 @@ both_backends!(
         assert!(got410.recv().await.is_some());
     }
 );
+
+/// An HTTPS receiver (Python's `ssl`, a certificate made here with `openssl`): answers every
+/// POST 204 and records the `webhook-id`s it got. Returns the port, the path of the CA that
+/// signed its certificate, and the receiver's process.
+fn https_receiver(dir: &std::path::Path) -> (u16, std::path::PathBuf, std::process::Child) {
+    // A CA, and a server certificate for 127.0.0.1 it signed (a self-signed certificate
+    // used as a server's own is refused by the verifier: `CaUsedAsEndEntity`).
+    let (ca, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let (cert, key, csr, ext) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("leaf.csr"),
+        dir.join("ext.cnf"),
+    );
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        let ok = std::process::Command::new("openssl")
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "openssl {args:?}");
+    };
+    let s = |v: &str| std::ffi::OsStr::new(v).to_owned();
+    openssl(&[
+        &s("req"),
+        &s("-x509"),
+        &s("-newkey"),
+        &s("rsa:2048"),
+        &s("-nodes"),
+        &s("-days"),
+        &s("1"),
+        &s("-subj"),
+        &s("/CN=cellplane-test-ca"),
+        &s("-keyout"),
+        ca_key.as_os_str(),
+        &s("-out"),
+        ca.as_os_str(),
+    ]);
+    openssl(&[
+        &s("req"),
+        &s("-newkey"),
+        &s("rsa:2048"),
+        &s("-nodes"),
+        &s("-subj"),
+        &s("/CN=127.0.0.1"),
+        &s("-keyout"),
+        key.as_os_str(),
+        &s("-out"),
+        csr.as_os_str(),
+    ]);
+    openssl(&[
+        &s("x509"),
+        &s("-req"),
+        &s("-in"),
+        csr.as_os_str(),
+        &s("-CA"),
+        ca.as_os_str(),
+        &s("-CAkey"),
+        ca_key.as_os_str(),
+        &s("-CAcreateserial"),
+        &s("-days"),
+        &s("1"),
+        &s("-out"),
+        cert.as_os_str(),
+        &s("-extfile"),
+        ext.as_os_str(),
+    ]);
+    let script = dir.join("https_receiver.py");
+    std::fs::write(
+        &script,
+        r#"import http.server, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        with open(sys.argv[3], "a") as f:
+            f.write(self.headers["webhook-id"] + "\n")
+        self.send_response(204); self.end_headers()
+    def log_message(self, *a): pass
+s = http.server.HTTPServer(("127.0.0.1", 0), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+s.socket = ctx.wrap_socket(s.socket, server_side=True)
+print(s.server_port, flush=True)
+s.serve_forever()
+"#,
+    )
+    .unwrap();
+    let mut child = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&cert)
+        .arg(&key)
+        .arg(dir.join("got.txt"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    (line.trim().parse().unwrap(), ca, child)
+}
+
+// Deliveries go out over TLS, verified against the system's trust store (here: the test's
+// certificate, named by SSL_CERT_FILE); an unknown certificate fails the attempt.
+both_backends!(
+    https_destinations_are_verified_against_the_trust_store,
+    |b| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, ca, mut child) = https_receiver(dir.path());
+        for trusted in [false, true] {
+            let mut options =
+                options().with("CELLPLANE__WEBHOOKS__ALLOW_PRIVATE_DESTINATIONS", "true");
+            if trusted {
+                options = options.with("SSL_CERT_FILE", ca.to_str().unwrap());
+            }
+            let app = TestApp::spawn_with(b, options).await;
+            let (status, w) = post(
+                &app,
+                None,
+                "/v1/webhooks",
+                json!({"url": format!("https://127.0.0.1:{port}/hook"), "events": ["*"]}),
+            )
+            .await;
+            assert_eq!(status, 201, "{w}");
+            let id = w["webhook_id"].as_str().unwrap();
+            let (status, attempt) =
+                post(&app, None, &format!("/v1/webhooks/{id}/test"), json!({})).await;
+            assert_eq!(status, 200, "{attempt}");
+            if trusted {
+                assert_eq!(attempt["delivered"], true, "{attempt}");
+                assert_eq!(attempt["status"], 204);
+                let got = std::fs::read_to_string(dir.path().join("got.txt")).unwrap();
+                assert!(got.contains(attempt["message_id"].as_str().unwrap()));
+            } else {
+                assert_eq!(attempt["delivered"], false, "{attempt}");
+                let e = attempt["error"].as_str().unwrap().to_lowercase();
+                assert!(e.contains("certificate"), "{e}");
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+);
