@@ -239,7 +239,7 @@ pub async fn run_heartbeats(
                 if let Err(e) = u.seal() {
                     tracing::error!(error = %e, "sealing the usage journal failed");
                 }
-                u.batches(USAGE_BATCHES_PER_HEARTBEAT, crate::usage::SEAL_LINES)
+                u.batches(USAGE_BATCHES_PER_HEARTBEAT, crate::usage::MAX_BATCH_RECORDS)
                     .unwrap_or_else(|e| {
                         tracing::error!(error = %e, "reading usage batches failed");
                         Vec::new()

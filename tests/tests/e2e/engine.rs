@@ -324,14 +324,38 @@ both_backends!(
                 &format!("tenant.activate/{step}/after=kill@1"),
             );
             app.start().await.unwrap();
-            let job = app.start_action(&tenant, "activate").await;
+            // The job may reach the failpoint before the answer is written: then the
+            // request fails and the job is found in the store after the restart.
+            let answered = app
+                .req(
+                    reqwest::Method::POST,
+                    &format!("/v1/tenants/{tenant}/activate"),
+                )
+                .send()
+                .await;
+            let job_id = match answered {
+                Ok(r) => {
+                    assert_eq!(r.status(), 202, "{step}");
+                    Some(r.json::<cellplane_api::Job>().await.unwrap().job_id)
+                }
+                Err(_) => None,
+            };
             assert!(
                 app.wait_exit(JOB_TIMEOUT).await,
                 "the failpoint at {step} kills the control plane"
             );
             app.options = base.clone();
             app.start().await.unwrap();
-            let done = app.wait_job(&job.job_id, JOB_TIMEOUT).await;
+            let job_id = match job_id {
+                Some(j) => j,
+                None => {
+                    app.sql_text(&format!(
+                        "SELECT job_id FROM jobs WHERE target = 'tenant/{tenant}'"
+                    ))
+                    .await
+                }
+            };
+            let done = app.wait_job(&job_id, JOB_TIMEOUT).await;
             assert_eq!(
                 done.state,
                 JobState::Succeeded,
