@@ -274,20 +274,7 @@ impl Store {
         }
         let rows = q.bind(limit).fetch_all(&self.pool).await?;
         rows.iter()
-            .map(|row| {
-                let payload: String = row.try_get("payload")?;
-                Ok(OutboxRow {
-                    seq: row.try_get("seq")?,
-                    event_id: row.try_get("event_id")?,
-                    event_type: row.try_get("event_type")?,
-                    tenant_id: row.try_get("tenant_id")?,
-                    subject: row.try_get("target")?,
-                    payload: serde_json::from_str(&payload)
-                        .unwrap_or(serde_json::Value::String(payload)),
-                    correlation_id: row.try_get("correlation_id")?,
-                    created_at: row.try_get("created_at")?,
-                })
-            })
+            .map(super::deliveries::outbox_from_row)
             .collect()
     }
 

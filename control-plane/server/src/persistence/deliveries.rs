@@ -277,7 +277,8 @@ impl Store {
     }
 }
 
-fn outbox_from_row(row: &sqlx::any::AnyRow) -> Result<OutboxRow> {
+/// An outbox record read with its audit record's `target` (the subject).
+pub(super) fn outbox_from_row(row: &sqlx::any::AnyRow) -> Result<OutboxRow> {
     let payload: String = row.try_get("payload")?;
     Ok(OutboxRow {
         seq: row.try_get("seq")?,
