@@ -153,6 +153,7 @@ async fn serve(
     };
     let r = behave(n.fetch_add(1, std::sync::atomic::Ordering::SeqCst), &got);
     seen.lock().unwrap().push(got);
+    // The scripted answer time (a 20 s 200 is the behaviour under test), not a wait.
     tokio::time::sleep(r.delay).await;
     let mut out = format!(
         "HTTP/1.1 {} X\r\ncontent-length: 0\r\nconnection: close\r\n",
@@ -243,6 +244,22 @@ where
     }
 }
 
+/// Waits until the subscription has at least `n` deliveries and every one is recorded as
+/// succeeded: after that nothing of theirs is sent again, so what a receiver got is final
+/// (the sync point for "each once" checks, instead of a sleep).
+async fn settled(app: &TestApp, hook: &str, n: usize) {
+    until(Duration::from_secs(30), || async {
+        let d = deliveries(app, hook).await;
+        if d.len() >= n && d.iter().all(|x| x["state"] == "succeeded") {
+            Ok(())
+        } else {
+            anyhow::bail!("{} deliveries: {d:?}", d.len())
+        }
+    })
+    .await
+    .unwrap();
+}
+
 /// Waits until `f` holds for what the receiver got.
 async fn until_received(
     rx: &Receiver,
@@ -323,7 +340,7 @@ both_backends!(
             .unwrap();
         let globex_admin = app.client(t["token"].as_str().unwrap());
         let grx = Receiver::start(0, Arc::new(|_, _| reply(204))).await;
-        let (_, globex_secret) = subscribe(
+        let (globex_hook, globex_secret) = subscribe(
             &app,
             &globex_admin,
             json!({"url": grx.url(), "events": ["*"]}),
@@ -341,12 +358,9 @@ both_backends!(
                 && types_about(g, "tenant/globex").0.len() == 1
         })
         .await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let got = rx
-            .got()
-            .into_iter()
-            .chain(got.into_iter().take(0))
-            .collect::<Vec<_>>();
+        drop(got);
+        settled(&app, &hook, 6).await;
+        let got = rx.got();
         for r in &got {
             assert!(verifies(&secret, r), "signature: {:?}", r.headers);
         }
@@ -378,7 +392,7 @@ both_backends!(
                 .any(|r| r.event()["type"] == "dev.cellplane.tenancy.activated.v1")
         })
         .await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        settled(&app, &globex_hook, 1).await;
         let g = grx.got();
         for r in &g {
             assert!(verifies(&globex_secret, r));
@@ -897,12 +911,9 @@ both_backends!(
                 distinct_ids(g).len() == 3
             })
             .await;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let got = rx
-                .got()
-                .into_iter()
-                .chain(got.into_iter().take(0))
-                .collect::<Vec<_>>();
+            drop(got);
+            settled(&app, &hook, 3).await;
+            let got = rx.got();
             assert!(got.iter().all(|r| verifies(&secret, r)));
             let dups = got.len() - distinct_ids(&got).len();
             assert_eq!(dups, usize::from(dup), "{point}: {} requests", got.len());

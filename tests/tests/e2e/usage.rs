@@ -86,18 +86,44 @@ async fn counted(app: &TestApp, tenant: &str) -> Counts {
 }
 
 async fn wait_counted(app: &TestApp, seen: &BTreeMap<String, Counts>, what: &str) {
-    let mut last = BTreeMap::new();
-    for _ in 0..300 {
-        last.clear();
+    let last = std::sync::Mutex::new(BTreeMap::new());
+    let done = eventually(Duration::from_secs(30), || async {
+        let mut now = BTreeMap::new();
         for t in seen.keys() {
-            last.insert(t.clone(), counted(app, t).await);
+            now.insert(t.clone(), counted(app, t).await);
         }
-        if &last == seen {
-            return;
+        let same = &now == seen;
+        *last.lock().unwrap() = now;
+        same.then_some(())
+    })
+    .await;
+    assert!(
+        done.is_ok(),
+        "{what}: counted {:?}, sent {seen:?}",
+        last.lock().unwrap()
+    );
+}
+
+/// Requests per tenant reported by `dev.cellplane.usage.v1` events so far.
+async fn reported(app: &TestApp) -> (u64, u64) {
+    let page: Value = app
+        .admin
+        .get("/v1/events?type=dev.cellplane.usage.v1&limit=1000")
+        .await
+        .unwrap();
+    let mut requests = BTreeMap::<String, u64>::new();
+    for e in page["items"].as_array().unwrap() {
+        let tenant = e["data"]["tenant_id"].as_str().unwrap().to_string();
+        for u in e["data"]["usage"].as_array().unwrap() {
+            if u["meter"] == "requests" {
+                *requests.entry(tenant.clone()).or_default() += u["amount"].as_u64().unwrap();
+            }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("{what}: counted {last:?}, sent {seen:?}");
+    (
+        requests.get("acme").copied().unwrap_or(0),
+        requests.get("globex").copied().unwrap_or(0),
+    )
 }
 
 both_backends!(
@@ -259,33 +285,17 @@ both_backends!(
         }
 
         // Each closed minute goes out as usage events whose sums equal the counts.
-        let mut last = (0, 0);
-        for _ in 0..150 {
-            let page: Value = app
-                .admin
-                .get("/v1/events?type=dev.cellplane.usage.v1&limit=1000")
-                .await
-                .unwrap();
-            let mut requests = BTreeMap::<String, u64>::new();
-            for e in page["items"].as_array().unwrap() {
-                let tenant = e["data"]["tenant_id"].as_str().unwrap().to_string();
-                for u in e["data"]["usage"].as_array().unwrap() {
-                    if u["meter"] == "requests" {
-                        *requests.entry(tenant.clone()).or_default() +=
-                            u["amount"].as_u64().unwrap();
-                    }
-                }
-            }
-            last = (
-                requests.get("acme").copied().unwrap_or(0),
-                requests.get("globex").copied().unwrap_or(0),
-            );
-            if last == (seen["acme"].requests, seen["globex"].requests) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        panic!("usage events report {last:?}, sent {seen:?}");
+        // (A minute closes within 60 s; the usage controller looks every second.)
+        let want = (seen["acme"].requests, seen["globex"].requests);
+        let done = eventually(Duration::from_secs(150), || async {
+            (reported(&app).await == want).then_some(())
+        })
+        .await;
+        assert!(
+            done.is_ok(),
+            "usage events report {:?}, sent {seen:?}",
+            reported(&app).await
+        );
     }
 );
 
