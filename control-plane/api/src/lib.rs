@@ -7,6 +7,7 @@
 pub mod client;
 pub mod events;
 pub mod ids;
+pub mod moves;
 pub mod types;
 pub mod usage;
 pub mod webhooks;
@@ -14,6 +15,7 @@ pub mod webhooks;
 pub use client::{Client, ClientError};
 pub use events::{Event, EventType};
 pub use ids::{validate_id, Id, IdError};
+pub use moves::{Move, MoveRequest, MoveState, MoveWithJob};
 pub use types::*;
 pub use usage::{UsageBatch, UsagePoint, UsageRecord, UsageReport, METERS};
 pub use webhooks::{

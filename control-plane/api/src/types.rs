@@ -787,6 +787,11 @@ pub struct RouteHistoryEntry {
 #[serde(deny_unknown_fields)]
 pub struct RouterHeartbeat {
     pub applied_revision: i64,
+    /// The newest revision at which every route this router holds had no request still
+    /// in flight to the cell it pointed at before (the router *drained* its held routes).
+    /// Absent from routers that do not track it: such a router is never assumed drained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drained_revision: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub stats: Option<serde_json::Value>,
@@ -816,6 +821,9 @@ pub struct ControllerInfo {
 pub struct RouterInfo {
     pub router_id: String,
     pub applied_revision: i64,
+    /// See [`RouterHeartbeat::drained_revision`]; 0 when the router never reported one.
+    #[serde(default)]
+    pub drained_revision: i64,
     /// Revisions the router is behind the table (0 when current).
     pub lag: i64,
     #[schema(value_type = Option<Object>)]

@@ -260,6 +260,45 @@ pub enum TenantCmd {
         #[arg(long)]
         to: Option<String>,
     },
+    /// Move an environment to another cell (or to a dedicated cell stamped for it) with a
+    /// short cutover; `--wait` shows the steps, rows copied and the delta until the flip.
+    #[command(after_help = "Examples:\n  \
+        cellplane tenant move acme --env prod --to euw1-pool-2 --wait\n  \
+        cellplane tenant move acme --env prod --dedicated --wait")]
+    Move {
+        /// Tenant id.
+        id: String,
+        /// The environment to move.
+        #[arg(long, default_value = "prod")]
+        env: String,
+        /// The target cell.
+        #[arg(
+            long,
+            conflicts_with = "dedicated",
+            required_unless_present = "dedicated"
+        )]
+        to: Option<String>,
+        /// Stamp a dedicated cell for the environment and move there.
+        #[arg(long)]
+        dedicated: bool,
+        /// Follow the move until the tenant is served from the target (or it rolled back).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List moves (newest first), or show one with `--id`.
+    Moves {
+        /// Only this tenant's moves.
+        tenant: Option<String>,
+        /// running, succeeded, rolled_back or failed.
+        #[arg(long)]
+        state: Option<String>,
+        /// Moves into or out of this cell.
+        #[arg(long)]
+        cell: Option<String>,
+        /// Show this move with its evidence.
+        #[arg(long)]
+        id: Option<String>,
+    },
     /// Activate a draft tenant: place its environments on cells and publish its routes.
     #[command(after_help = "Example:\n  cellplane tenant activate acme --wait")]
     Activate(ActionArgs),
@@ -943,6 +982,71 @@ async fn org(c: Client, cmd: OrgCmd, json: bool) -> CliResult {
     Ok(())
 }
 
+fn move_rows(moves: &[cellplane_api::Move]) {
+    print_table(
+        &[
+            "MOVE", "TENANT", "ENV", "FROM", "TO", "STATE", "STEP", "ROWS", "ROUNDS", "HOLD_MS",
+        ],
+        moves
+            .iter()
+            .map(|m| {
+                vec![
+                    m.move_id.clone(),
+                    m.tenant_id.clone(),
+                    m.env.clone(),
+                    m.source_cell_id.clone(),
+                    m.target_cell_id.clone(),
+                    m.state.as_str().to_string(),
+                    m.step.clone(),
+                    m.rows_copied.to_string(),
+                    m.delta_rounds.to_string(),
+                    m.hold_ms
+                        .map(|h| h.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect(),
+    );
+}
+
+/// Follows a move until the tenant is served from the target (the purge of the source
+/// follows after its grace period) or the move ended; prints a line per change.
+async fn follow_move(c: &Client, id: &str, json: bool) -> Result<cellplane_api::Move, CliError> {
+    let mut last = String::new();
+    loop {
+        let m: cellplane_api::Move = c.get(&format!("/v1/moves/{id}")).await?;
+        let line = format!(
+            "{} · step {} · {} record(s), {} byte(s) copied · {} delta round(s){}",
+            m.state.as_str(),
+            m.step,
+            m.rows_copied,
+            m.bytes_copied,
+            m.delta_rounds,
+            m.current_delta
+                .map(|d| format!(" · delta {d}"))
+                .unwrap_or_default()
+        );
+        if line != last && !json {
+            eprintln!("{line}");
+            last = line;
+        }
+        let flipped = m.step == "flip" || m.step == "purge-source";
+        if m.state != cellplane_api::MoveState::Running || flipped && m.hold_ms.is_some() {
+            if m.state == cellplane_api::MoveState::Running && !json {
+                eprintln!(
+                    "moved: {}/{} is served from {} (held {} ms); the source is purged after its grace period",
+                    m.tenant_id,
+                    m.env,
+                    m.target_cell_id,
+                    m.hold_ms.unwrap_or(0)
+                );
+            }
+            return Ok(m);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
 async fn wait_and_show(c: &Client, job: Job, wait: bool, json: bool) -> CliResult {
     let job = if wait {
         watch(c, &job.job_id, json).await?
@@ -1164,6 +1268,77 @@ async fn tenant(c: Client, cmd: TenantCmd, json: bool) -> CliResult {
                         })
                         .collect(),
                 );
+            }
+            return Ok(());
+        }
+        TenantCmd::Move {
+            id,
+            env,
+            to,
+            dedicated,
+            wait,
+        } => {
+            let id = id_arg("tenant", &id)?;
+            let req = cellplane_api::MoveRequest {
+                env: id_arg("--env", &env)?.to_string(),
+                target_cell_id: to
+                    .map(|t| id_arg("--to", &t).map(|i| i.to_string()))
+                    .transpose()?,
+                target: dedicated.then(|| "dedicated".to_string()),
+            };
+            let out: cellplane_api::MoveWithJob =
+                c.post(&format!("/v1/tenants/{id}/move"), &req).await?;
+            let m = if wait {
+                follow_move(&c, &out.move_.move_id, json).await?
+            } else {
+                out.move_
+            };
+            if json {
+                print_json(&m);
+            } else {
+                move_rows(std::slice::from_ref(&m));
+            }
+            return match m.state {
+                cellplane_api::MoveState::RolledBack | cellplane_api::MoveState::Failed => {
+                    Err(CliError::Usage(format!(
+                        "move {} {}: {}",
+                        m.move_id,
+                        m.state.as_str(),
+                        opt(&m.error)
+                    )))
+                }
+                _ => Ok(()),
+            };
+        }
+        TenantCmd::Moves {
+            tenant,
+            state,
+            cell,
+            id,
+        } => {
+            if let Some(mid) = id {
+                let m: cellplane_api::Move = c.get(&format!("/v1/moves/{}", enc(&mid))).await?;
+                if json {
+                    print_json(&m);
+                } else {
+                    move_rows(std::slice::from_ref(&m));
+                    println!(
+                        "evidence: {}",
+                        serde_json::to_string_pretty(&m.evidence).unwrap_or_default()
+                    );
+                }
+                return Ok(());
+            }
+            let q = query(&[
+                ("tenant_id", &tenant),
+                ("state", &state),
+                ("cell_id", &cell),
+            ]);
+            let moves: Vec<cellplane_api::Move> = c.all(&format!("/v1/moves{q}")).await?;
+            if json {
+                print_json(&moves);
+            } else {
+                move_rows(&moves);
             }
             return Ok(());
         }

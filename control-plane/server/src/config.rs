@@ -26,6 +26,45 @@ pub struct Config {
     pub events: EventsConfig,
     pub webhooks: WebhooksConfig,
     pub usage: UsageConfig,
+    pub moves: MovesConfig,
+}
+
+/// Tenant moves (`POST /v1/tenants/{id}/move`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MovesConfig {
+    /// The route is held only once a delta round copied fewer records than this: the
+    /// final delta, copied while the tenant is frozen, is at most about this big.
+    pub delta_threshold: i64,
+    /// Delta rounds stop and the move is rolled back (never having held the route) when
+    /// the delta has not shrunk under the threshold within this long.
+    pub converge_timeout_secs: u64,
+    /// How long the hold waits for every live router to ack it with nothing in flight on
+    /// the old route; then the hold is released and the move rolled back.
+    pub ack_timeout_ms: u64,
+    /// How long the source keeps the tenant's (frozen) copy after the flip before it is
+    /// purged and its capacity given back.
+    pub purge_grace_secs: u64,
+    /// Longest copy (one export streamed into one import) or checksum.
+    pub copy_timeout_secs: u64,
+    /// Longest freeze, unfreeze or other short call to a cell.
+    pub call_timeout_ms: u64,
+    /// Moves a `cell drain --move` runs at once.
+    pub drain_parallel: usize,
+}
+
+impl Default for MovesConfig {
+    fn default() -> Self {
+        Self {
+            delta_threshold: 1_000,
+            converge_timeout_secs: 120,
+            ack_timeout_ms: 10_000,
+            purge_grace_secs: 300,
+            copy_timeout_secs: 3_600,
+            call_timeout_ms: 5_000,
+            drain_parallel: 2,
+        }
+    }
 }
 
 /// Usage metering (`GET /v1/usage`, `dev.cellplane.usage.v1`).
@@ -315,6 +354,7 @@ impl Default for Config {
             events: EventsConfig::default(),
             webhooks: WebhooksConfig::default(),
             usage: UsageConfig::default(),
+            moves: MovesConfig::default(),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! `main.rs` only wires these modules together.
 
 pub mod auth;
+pub mod cellclient;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -521,99 +521,14 @@ impl Placement {
         policy: &RegionPolicy,
         correlation_id: Option<&str>,
     ) -> Result<Outcome> {
-        let cell_id = dedicated_cell_id(&t.tenant_id, env);
-        let Some(cell) = self.store.get_cell(&cell_id).await? else {
-            let mut vars = policy.vars.clone();
-            vars.insert("tenant_id".into(), json!(t.tenant_id));
-            vars.insert("env".into(), json!(env));
-            vars.insert(
-                "isolation".into(),
-                json!(if t.profile == Profile::StByoc {
-                    "byoc"
-                } else {
-                    "dedicated"
-                }),
-            );
-            if t.policies.encryption == Some(Encryption::KmsPerTenant) {
-                vars.insert(
-                    "kms_key_alias".into(),
-                    json!(format!("alias/cellplane-{}", t.tenant_id)),
-                );
-            }
-            if let Some(days) = t.policies.retention_days {
-                vars.insert("retention_days".into(), json!(days));
-            }
-            // Only what the template declares (and does not manage) reaches it.
-            let name = policy.default_template.as_str();
-            let declared: Vec<String> = match self.templates.load(name) {
-                Ok(t) => t
-                    .info()
-                    .variables
-                    .into_iter()
-                    .filter(|v| v.managed_by.is_none())
-                    .map(|v| v.name)
-                    .collect(),
-                Err(e) => {
-                    let e = match e {
-                        TemplateError::Unknown(_) => format!("template {name:?} does not exist"),
-                        other => other.to_string(),
-                    };
-                    return Ok(Outcome::Impossible(format!(
-                        "cannot stamp a dedicated cell from template {name:?}: {e}"
-                    )));
-                }
-            };
-            vars.retain(|k, _| declared.contains(k));
-            let mut labels = BTreeMap::new();
-            labels.insert("origin".to_string(), "dedicated".to_string());
-            labels.insert("tenant".to_string(), t.tenant_id.clone());
-            let cell = CreateCell {
-                cell_id: Id::parse(cell_id.clone())
-                    .map_err(|e| invalid("cell_id", e.to_string()))?,
-                region: Id::parse(region).map_err(|e| invalid("region", e.to_string()))?,
-                tier: Tier::Dedicated,
-                template: policy.default_template.clone(),
-                capacity: Capacity {
-                    tenants: 1,
-                    units: units.max(1),
-                },
-                labels,
-                vars,
-                app_version: None,
-            };
-            return Ok(Outcome::Stamp {
-                cell: Box::new(cell),
-                why: format!("stamping dedicated cell {cell_id} for {}", t.tenant_id),
-            });
-        };
-        if cell.tier != Tier::Dedicated
-            || cell.labels.get("tenant").map(String::as_str) != Some(t.tenant_id.as_str())
+        let cell = match self
+            .dedicated_cell(t, env, region, units, policy, t.profile)
+            .await?
         {
-            return Ok(Outcome::Impossible(format!(
-                "cell {cell_id} exists but is not the dedicated cell of {}",
-                t.tenant_id
-            )));
-        }
-        match cell.state {
-            CellState::Active if endpoint_of(&cell).is_some() => {}
-            CellState::Active => {
-                return Ok(Outcome::Impossible(format!(
-                    "dedicated cell {cell_id} is active but has no endpoint output"
-                )))
-            }
-            CellState::Pending | CellState::Provisioning => {
-                return Ok(Outcome::Waiting(format!(
-                    "waiting for dedicated cell {cell_id} to become active ({})",
-                    cell.state.as_str()
-                )))
-            }
-            other => {
-                return Ok(Outcome::Impossible(format!(
-                    "dedicated cell {cell_id} is {}",
-                    other.as_str()
-                )))
-            }
-        }
+            Ok(cell) => cell,
+            Err(outcome) => return Ok(outcome),
+        };
+        let cell_id = cell.cell_id.clone();
         let decision = PlacementDecision {
             env: env.to_string(),
             cell_id: cell_id.clone(),
@@ -645,6 +560,114 @@ impl Placement {
                 t.tenant_id, units
             )))
         }
+    }
+
+    /// The dedicated cell of a tenant environment when it is active (`Ok`), or what to do
+    /// first (`Err`): stamp it, wait for it, or why it cannot be had. Reserves nothing:
+    /// placement and moves reserve on the cell themselves.
+    pub async fn dedicated_cell(
+        &self,
+        t: &TenantRow,
+        env: &str,
+        region: &str,
+        units: u64,
+        policy: &RegionPolicy,
+        profile: Profile,
+    ) -> Result<std::result::Result<Cell, Outcome>> {
+        let cell_id = dedicated_cell_id(&t.tenant_id, env);
+        let Some(cell) = self.store.get_cell(&cell_id).await? else {
+            let mut vars = policy.vars.clone();
+            vars.insert("tenant_id".into(), json!(t.tenant_id));
+            vars.insert("env".into(), json!(env));
+            vars.insert(
+                "isolation".into(),
+                json!(if profile == Profile::StByoc {
+                    "byoc"
+                } else {
+                    "dedicated"
+                }),
+            );
+            if t.policies.encryption == Some(Encryption::KmsPerTenant) {
+                vars.insert(
+                    "kms_key_alias".into(),
+                    json!(format!("alias/cellplane-{}", t.tenant_id)),
+                );
+            }
+            if let Some(days) = t.policies.retention_days {
+                vars.insert("retention_days".into(), json!(days));
+            }
+            // Only what the template declares (and does not manage) reaches it.
+            let name = policy.default_template.as_str();
+            let declared: Vec<String> = match self.templates.load(name) {
+                Ok(t) => t
+                    .info()
+                    .variables
+                    .into_iter()
+                    .filter(|v| v.managed_by.is_none())
+                    .map(|v| v.name)
+                    .collect(),
+                Err(e) => {
+                    let e = match e {
+                        TemplateError::Unknown(_) => format!("template {name:?} does not exist"),
+                        other => other.to_string(),
+                    };
+                    return Ok(Err(Outcome::Impossible(format!(
+                        "cannot stamp a dedicated cell from template {name:?}: {e}"
+                    ))));
+                }
+            };
+            vars.retain(|k, _| declared.contains(k));
+            let mut labels = BTreeMap::new();
+            labels.insert("origin".to_string(), "dedicated".to_string());
+            labels.insert("tenant".to_string(), t.tenant_id.clone());
+            let cell = CreateCell {
+                cell_id: Id::parse(cell_id.clone())
+                    .map_err(|e| invalid("cell_id", e.to_string()))?,
+                region: Id::parse(region).map_err(|e| invalid("region", e.to_string()))?,
+                tier: Tier::Dedicated,
+                template: policy.default_template.clone(),
+                capacity: Capacity {
+                    tenants: 1,
+                    units: units.max(1),
+                },
+                labels,
+                vars,
+                app_version: None,
+            };
+            return Ok(Err(Outcome::Stamp {
+                cell: Box::new(cell),
+                why: format!("stamping dedicated cell {cell_id} for {}", t.tenant_id),
+            }));
+        };
+        if cell.tier != Tier::Dedicated
+            || cell.labels.get("tenant").map(String::as_str) != Some(t.tenant_id.as_str())
+        {
+            return Ok(Err(Outcome::Impossible(format!(
+                "cell {cell_id} exists but is not the dedicated cell of {}",
+                t.tenant_id
+            ))));
+        }
+        match cell.state {
+            CellState::Active if endpoint_of(&cell).is_some() => {}
+            CellState::Active => {
+                return Ok(Err(Outcome::Impossible(format!(
+                    "dedicated cell {cell_id} is active but has no endpoint output"
+                ))))
+            }
+            CellState::Pending | CellState::Provisioning => {
+                return Ok(Err(Outcome::Waiting(format!(
+                    "waiting for dedicated cell {cell_id} to become active ({})",
+                    cell.state.as_str()
+                ))))
+            }
+            other => {
+                return Ok(Err(Outcome::Impossible(format!(
+                    "dedicated cell {cell_id} is {}",
+                    other.as_str()
+                ))))
+            }
+        }
+        Ok(Ok(cell))
     }
 }
 

@@ -296,6 +296,9 @@ impl Routing {
     ) -> Result<RouterInfo> {
         let mut errors = Vec::new();
         crate::validate::validate_count("applied_revision", hb.applied_revision, 0, &mut errors);
+        if let Some(d) = hb.drained_revision {
+            crate::validate::validate_count("drained_revision", d, 0, &mut errors);
+        }
         if !errors.is_empty() {
             return Err(ServiceError::Validation(errors));
         }
@@ -340,6 +343,7 @@ impl Routing {
         Ok(RouterInfo {
             router_id: router_id.to_string(),
             applied_revision: hb.applied_revision,
+            drained_revision: hb.drained_revision.unwrap_or(0),
             lag: (current - hb.applied_revision).max(0),
             stats: hb.stats,
             first_seen: ts.clone(),
@@ -362,6 +366,7 @@ impl Routing {
                 lag: (head.revision - r.applied_revision).max(0),
                 router_id: r.router_id,
                 applied_revision: r.applied_revision,
+                drained_revision: r.drained_revision,
                 stats: r.stats,
                 first_seen: r.first_seen,
                 last_seen: r.last_seen,

@@ -33,6 +33,7 @@ pub struct ServiceSettings {
     pub webhook_secrets: Option<crate::webhooks::SecretBox>,
     /// How long a rotated-out webhook secret keeps signing.
     pub webhook_rotation_grace_secs: u64,
+    pub moves: crate::config::MovesConfig,
 }
 
 #[derive(Clone)]
@@ -46,6 +47,8 @@ pub struct Shared {
     /// Woken whenever a job of this process records progress or ends, so live followers
     /// (server-sent events) need not wait for their poll.
     pub job_changed: Arc<Notify>,
+    /// Calls the cell contract (tenant moves).
+    pub cells: crate::cellclient::CellClient,
 }
 
 impl Shared {
@@ -56,7 +59,12 @@ impl Shared {
             settings.placement.clone(),
         );
         let routing = Routing::new(store.clone(), settings.routing.clone());
+        let cells = crate::cellclient::CellClient::new(
+            std::time::Duration::from_secs(settings.moves.copy_timeout_secs.max(1)),
+            std::time::Duration::from_millis(settings.moves.call_timeout_ms.max(100)),
+        );
         Self {
+            cells,
             store,
             settings: Arc::new(settings),
             placement,

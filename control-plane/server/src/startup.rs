@@ -76,6 +76,7 @@ pub fn service_and_engine(
             webhooks_allow_private: config.webhooks.allow_private_destinations,
             webhook_secrets: webhook_secrets(config, store.backend())?,
             webhook_rotation_grace_secs: config.webhooks.rotation_grace_secs,
+            moves: config.moves.clone(),
         },
     );
     let terraform = Terraform::new(runner_settings(config, store.backend()))

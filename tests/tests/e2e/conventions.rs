@@ -554,6 +554,7 @@ both_backends!(openapi_matches_the_edge, |b| async move {
                         Some("token_id") => "^(admin|tok-[0-9a-f]{12}[0-9a-z]{10})$",
                         Some("webhook_id") => "^wh-[0-9a-f]{12}[0-9a-z]{10}$",
                         Some("delivery_id") => "^dlv-[0-9a-f]{12}[0-9a-z]{10}$",
+                        Some("move_id") => "^mv-[0-9a-f]{12}[0-9a-z]{10}$",
                         _ => "^[a-z][a-z0-9-]{1,62}$",
                     };
                     assert_eq!(

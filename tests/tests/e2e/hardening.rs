@@ -120,6 +120,7 @@ both_backends!(
                 ("{token_id}", "tok-ghost"),
                 ("{webhook_id}", "wh-ghost"),
                 ("{delivery_id}", "dlv-ghost"),
+                ("{move_id}", "mv-ghost"),
             ] {
                 out = out.replace(name, if bad_ids { "Bad_Id!" } else { good });
             }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 pub mod jobs;
+mod moves;
 pub mod openapi;
 pub mod ops;
 pub mod organizations;
@@ -100,7 +101,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/tenants/{tenant_id}/environments",
             post(tenants::create_environment).get(tenants::list_environments),
         )
+        .route("/v1/tenants/{tenant_id}/move", post(moves::create))
         .route("/v1/tenants/{tenant_id}/{action}", post(tenants::action))
+        .route("/v1/moves", get(moves::list))
+        .route("/v1/moves/{move_id}", get(moves::get_one))
         .route("/v1/cells", post(cells::create).get(cells::list))
         .route(
             "/v1/cells/{cell_id}",

@@ -18,6 +18,8 @@ pub const JOB_ID_PATTERN: &str = "^job-[0-9a-f]{12}[0-9a-z]{10}$";
 pub const WEBHOOK_ID_PATTERN: &str = "^wh-[0-9a-f]{12}[0-9a-z]{10}$";
 /// Webhook delivery ids are `persistence::new_id("dlv")`.
 pub const DELIVERY_ID_PATTERN: &str = "^dlv-[0-9a-f]{12}[0-9a-z]{10}$";
+/// Move ids are `persistence::new_id("mv")`.
+pub const MOVE_ID_PATTERN: &str = "^mv-[0-9a-f]{12}[0-9a-z]{10}$";
 pub const TOKEN_ID_PATTERN: &str = "^(admin|tok-[0-9a-f]{12}[0-9a-z]{10})$";
 
 struct BearerAuth;
@@ -41,6 +43,7 @@ impl Modify for BearerAuth {
         super::organizations::create, super::organizations::list, super::organizations::get_one,
         super::tenants::create, super::tenants::list, super::tenants::get_one, super::tenants::patch,
         super::tenants::action, super::tenants::create_environment, super::tenants::list_environments,
+        super::moves::create, super::moves::list, super::moves::get_one,
         super::cells::create, super::cells::list, super::cells::get_one, super::cells::patch,
         super::cells::drain, super::cells::delete, super::cells::apply, super::cells::plan,
         super::templates::list, super::templates::get_one,
@@ -149,6 +152,15 @@ fn edge_operation(path: &str, method: &str, op: &mut Operation) {
                 ))));
                 p.description =
                     Some("a delivery id as the server issues it: `dlv-` and 22 characters".into());
+            }
+            (ParameterIn::Path, "move_id") => {
+                p.schema = Some(RefOr::T(Schema::Object(string_schema(
+                    Some(MOVE_ID_PATTERN),
+                    None,
+                    None,
+                ))));
+                p.description =
+                    Some("a move id as the server issues it: `mv-` and 22 characters".into());
             }
             (ParameterIn::Path, "token_id") => {
                 p.schema = Some(RefOr::T(Schema::Object(string_schema(

@@ -705,6 +705,17 @@ async fn conclude<K: Kind>(
         Outcome::Succeeded(last) => (End::Succeeded, last),
     };
     let (end, last) = end;
+    if end != End::Succeeded {
+        // Effects outside the registry (calls to cells) are undone before the transaction
+        // that ends the job; a crash here resumes the job at its recorded step.
+        let cx = StepCx {
+            engine,
+            job,
+            cancel: &tokens.cancel,
+            detach: &tokens.detach,
+        };
+        kind.undo(&cx, &spec, &state, &end).await;
+    }
     let finish = Box::new(TypedFinish { kind, spec, state });
     match finalize(
         engine,
@@ -836,6 +847,7 @@ mod tests {
                 webhooks_allow_private: false,
                 webhook_secrets: None,
                 webhook_rotation_grace_secs: 60,
+                moves: Default::default(),
             },
         );
         let terraform = crate::iac::runner::Terraform::new(crate::iac::runner::RunnerSettings {

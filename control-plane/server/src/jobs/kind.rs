@@ -156,6 +156,18 @@ pub trait Kind: Send + Sync + 'static {
         state: &Self::State,
         end: &End,
     ) -> impl Future<Output = Result<Finished, StoreError>> + Send;
+    /// Undoes what the job's steps did outside the registry (calls to cells) when it
+    /// failed or was cancelled: run before [`Kind::finish`], outside its transaction, and
+    /// best effort (it logs what it could not undo). Default: nothing to undo.
+    fn undo(
+        &self,
+        _cx: &StepCx<'_>,
+        _spec: &Self::Spec,
+        _state: &Self::State,
+        _end: &End,
+    ) -> impl Future<Output = ()> + Send {
+        async {}
+    }
     /// How long a waiting step may keep waiting, counted from the job's first start.
     fn wait_limit(&self, shared: &Shared) -> Duration {
         Duration::from_secs(shared.settings().job_wait_secs.max(1))

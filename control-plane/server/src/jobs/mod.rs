@@ -22,6 +22,7 @@ mod tenant;
 pub mod tenant_activate;
 pub mod tenant_archive;
 pub mod tenant_delete;
+pub mod tenant_move;
 pub mod tenant_place;
 pub mod tenant_resume;
 pub mod tenant_suspend;
@@ -47,6 +48,7 @@ pub fn kinds() -> &'static [&'static dyn DynKind] {
             &tenant_archive::TenantArchive,
             &tenant_delete::TenantDelete,
             &tenant_place::TenantPlace,
+            &tenant_move::TenantMove,
             &cell_stamp::CellStamp,
             &cell_apply::CellApply,
             &cell_destroy::CellDestroy,

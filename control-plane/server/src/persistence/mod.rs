@@ -15,6 +15,7 @@ pub use controllers::{ControllerLease, Fence};
 mod deliveries;
 mod idempotency;
 mod jobs;
+mod moves;
 pub mod notify;
 mod orgs;
 mod placement;
@@ -28,6 +29,7 @@ pub use audit::{AuditInput, OutboxRow, OwnedAudit, VerifyOutcome};
 pub use deliveries::{AttemptResult, AttemptRow, DeliveryRow, DueDelivery, NewDelivery};
 pub use idempotency::StoredResponse;
 pub use jobs::{JobEnd, JobRow, LastStepRecord, NewJob};
+pub use moves::{MoveFilter, MoveProgress, MoveRow};
 pub use placement::Reservation;
 pub use routing::{RouteWrite, RouterRow, RoutingHead};
 pub use tenants::{Conditional, CreateOutcome, EnvironmentRow, NewTenant, TenantFilter, TenantRow};
@@ -158,6 +160,7 @@ const MIGRATIONS_SQLITE: &[(i64, &str)] = &[
         include_str!("../../migrations/sqlite/0009_webhook_deliveries.sql"),
     ),
     (10, include_str!("../../migrations/sqlite/0010_usage.sql")),
+    (11, include_str!("../../migrations/sqlite/0011_moves.sql")),
 ];
 const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
@@ -194,6 +197,7 @@ const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
         include_str!("../../migrations/postgres/0009_webhook_deliveries.sql"),
     ),
     (10, include_str!("../../migrations/postgres/0010_usage.sql")),
+    (11, include_str!("../../migrations/postgres/0011_moves.sql")),
 ];
 
 impl Store {

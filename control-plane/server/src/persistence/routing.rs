@@ -31,6 +31,7 @@ pub enum RouteWrite {
 pub struct RouterRow {
     pub router_id: String,
     pub applied_revision: i64,
+    pub drained_revision: i64,
     pub stats: Option<serde_json::Value>,
     pub first_seen: String,
     pub last_seen: String,
@@ -185,11 +186,12 @@ impl WriteTx {
         let ts = now();
         let stats = hb.stats.as_ref().map(to_json);
         let res = sqlx::query(
-            "UPDATE routers SET applied_revision = $1, stats = $2, last_seen = $3 WHERE router_id = $4",
+            "UPDATE routers SET applied_revision = $1, stats = $2, last_seen = $3, drained_revision = $4 WHERE router_id = $5",
         )
         .bind(hb.applied_revision)
         .bind(stats.as_deref())
         .bind(&ts)
+        .bind(hb.drained_revision.unwrap_or(0))
         .bind(router_id)
         .execute(&mut *self.tx)
         .await?;
@@ -197,12 +199,13 @@ impl WriteTx {
             return Ok(false);
         }
         sqlx::query(
-            "INSERT INTO routers (router_id, applied_revision, stats, first_seen, last_seen) VALUES ($1,$2,$3,$4,$4)",
+            "INSERT INTO routers (router_id, applied_revision, stats, first_seen, last_seen, drained_revision) VALUES ($1,$2,$3,$4,$4,$5)",
         )
         .bind(router_id)
         .bind(hb.applied_revision)
         .bind(stats.as_deref())
         .bind(&ts)
+        .bind(hb.drained_revision.unwrap_or(0))
         .execute(&mut *self.tx)
         .await?;
         Ok(true)
@@ -372,6 +375,7 @@ impl Store {
                 Ok(RouterRow {
                     router_id: r.try_get("router_id")?,
                     applied_revision: r.try_get("applied_revision")?,
+                    drained_revision: r.try_get("drained_revision")?,
                     stats: opt_json_col(r, "stats")?,
                     first_seen: r.try_get("first_seen")?,
                     last_seen: r.try_get("last_seen")?,

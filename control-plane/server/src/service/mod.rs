@@ -2,6 +2,7 @@
 //! what serde could not, runs one write transaction through persistence (which appends the
 //! audit record and outbox event) and returns wire types. It never speaks HTTP.
 
+mod moves;
 pub mod webhooks;
 
 pub use crate::ctx::{cell_target, tenant_target, Ctx};
@@ -982,6 +983,12 @@ impl Service {
             .await?
             .ok_or_else(|| not_found("cell", id))?;
         check_version(if_match, cell.version)?;
+        if let Some(m) = tx.running_move_on_cell(id).await? {
+            return Err(ServiceError::Conflict(format!(
+                "cell {id:?} takes part in move {} of {}/{} (job {}): destroy it after the move",
+                m.move_id, m.tenant_id, m.env, m.job_id
+            )));
+        }
         let placed = tx.count_tenants_on_cell(id).await?;
         if placed > 0 {
             return Err(ServiceError::Conflict(format!(
