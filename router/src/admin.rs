@@ -73,6 +73,7 @@ pub fn handle(
 }
 
 pub fn render_metrics(state: &RouterState, status: &SyncStatus) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
     let snap = state.table.load_full();
     let mut out = String::with_capacity(16 * 1024);
     let _ = writeln!(
@@ -94,6 +95,16 @@ pub fn render_metrics(state: &RouterState, status: &SyncStatus) -> String {
             .unwrap_or(-1.0)
     );
     state.counters.render(&mut out);
+    let _ = writeln!(
+        out,
+        "# HELP cellplane_router_resyncs_total Times the router found it had not run for longer than its lease and fenced its table until it fetched it again.\n# TYPE cellplane_router_resyncs_total counter\ncellplane_router_resyncs_total {}",
+        state.fence.trips.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP cellplane_router_resync_needed Whether served routes wait for the routing table to be fetched again (the rejoin fence is up).\n# TYPE cellplane_router_resync_needed gauge\ncellplane_router_resync_needed {}",
+        u8::from(state.fence.resync_needed())
+    );
     out.push_str("# HELP cellplane_router_cell_up Whether the cell passes its health checks (1) or not (0).\n# TYPE cellplane_router_cell_up gauge\n");
     for c in snap.cells.iter() {
         let _ = writeln!(
@@ -123,7 +134,7 @@ pub fn render_metrics(state: &RouterState, status: &SyncStatus) -> String {
     let mut tenants = Vec::new();
     snap.each_tenant(|t, e| {
         if let Some(rt) = e.runtime.get() {
-            if rt.status.total() > 0 {
+            if rt.status.total() > 0 || rt.held_requests.load(Relaxed) > 0 {
                 tenants.push((t.to_string(), rt.clone()));
             }
         }
@@ -136,6 +147,26 @@ pub fn render_metrics(state: &RouterState, status: &SyncStatus) -> String {
             "cellplane_router_tenant_requests_total",
             &format!("tenant=\"{t}\""),
         );
+    }
+    out.push_str("# HELP cellplane_router_tenant_held_requests_total Requests that waited on a held route of the tenant (or on the rejoin fence), counted when the wait ended.\n# TYPE cellplane_router_tenant_held_requests_total counter\n");
+    for (t, rt) in &tenants {
+        let n = rt.held_requests.load(Relaxed);
+        if n > 0 {
+            let _ = writeln!(
+                out,
+                "cellplane_router_tenant_held_requests_total{{tenant=\"{t}\"}} {n}"
+            );
+        }
+    }
+    out.push_str("# HELP cellplane_router_tenant_hold_seconds_total Time the tenant's requests spent waiting on held routes (or on the rejoin fence).\n# TYPE cellplane_router_tenant_hold_seconds_total counter\n");
+    for (t, rt) in &tenants {
+        if rt.held_requests.load(Relaxed) > 0 {
+            let _ = writeln!(
+                out,
+                "cellplane_router_tenant_hold_seconds_total{{tenant=\"{t}\"}} {}",
+                rt.held_micros.load(Relaxed) as f64 / 1e6
+            );
+        }
     }
     out.push_str("# HELP cellplane_router_tenant_request_duration_seconds Time to the response head by tenant.\n# TYPE cellplane_router_tenant_request_duration_seconds histogram\n");
     for (t, rt) in &tenants {

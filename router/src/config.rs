@@ -114,6 +114,13 @@ pub struct Config {
     /// Long-poll wait per watch request.
     #[arg(long, default_value_t = 30)]
     pub watch_wait_secs: u64,
+    /// The control plane's router lease (its `--router-lease-secs`): a router not heard
+    /// from for longer is left out of tenant moves. A router that finds it did not run for
+    /// longer than this (SIGSTOP, a paused VM) holds requests to served routes until it
+    /// has fetched the routing table again (at most `--hold-timeout-ms`, then it serves
+    /// the table it has). 0 turns this off.
+    #[arg(long, default_value_t = 15)]
+    pub router_lease_secs: u64,
     /// Heartbeat period (a heartbeat is also sent right after each applied change).
     #[arg(long, default_value_t = 5)]
     pub heartbeat_secs: u64,

@@ -9,7 +9,9 @@
 use crate::config::UnderscoreTrusted;
 use crate::h1::{self, Chunked, Framing, HeadError, MAX_HEADERS};
 use crate::metrics::RouterCounters;
-use crate::proxy::{wait_for_release, Phases, Pick, ProxyError, RouterState, Target};
+use crate::proxy::{
+    commit, wait_for_release, Admitted, InFlight, Phases, ProxyError, RouterState, Target,
+};
 use crate::table::{RouteEntry, TenantRuntime};
 use crate::upstream::{Conn, UpstreamError};
 use bytes::{Buf, BytesMut};
@@ -165,13 +167,13 @@ impl Meta {
 }
 
 /// What to do with a request, decided from its head alone.
-enum Step {
-    /// The request, its route, the tenant's runtime, the correlation id, and the tenant and
-    /// environment it is metered under.
+enum Step<'s> {
+    /// The request, its route, its in-flight count (with the tenant's runtime), the
+    /// correlation id, and the tenant and environment it is metered under.
     Forward(
         Meta,
         RouteEntry,
-        Option<Arc<TenantRuntime>>,
+        Option<InFlight<'s>>,
         String,
         (String, String),
     ),
@@ -180,13 +182,13 @@ enum Step {
     Bad(HeadError),
 }
 
-fn decide<P: Phases>(
+fn decide<'s, P: Phases>(
     phases: &P,
-    state: &RouterState,
+    state: &'s RouterState,
     req: &h1::Request<'_, '_>,
-    held: Option<(Target, Pick)>,
+    held: Option<(Target, Admitted<'s>)>,
     out: &mut Vec<u8>,
-) -> Step {
+) -> Step<'s> {
     // Before any phase, whatever the phases do: with `refuse`, a field that reads as a
     // trusted header (`X_Tenant_ID`) gets 400. With `strip` it is dropped by the head
     // written for the cell.
@@ -199,33 +201,33 @@ fn decide<P: Phases>(
             return Step::Answer(Meta::of(req), e, state.correlation_id());
         }
     }
-    let (target, pick) = match held {
+    let (target, admitted) = match held {
         Some(x) => x,
         None => {
             let target = match phases.resolve(state, req) {
                 Ok(t) => t,
                 Err(e) => return Step::Answer(Meta::of(req), e, state.correlation_id()),
             };
-            let pick = {
+            let admitted = {
                 let snap = state.table.load();
-                phases.pick(state, &snap, &target)
+                commit(phases, state, &snap, &target, true)
             };
-            (target, pick)
+            (target, admitted)
         }
     };
-    match pick {
-        Pick::Forward(route, rt) => {
+    match admitted {
+        Admitted::Forward(route, flight) => {
             phases.filter_request(req, &route, &target, out);
             Step::Forward(
                 Meta::of(req),
                 route,
-                rt,
+                flight,
                 target.correlation_id,
                 (target.tenant, target.env),
             )
         }
-        Pick::Refuse(e) => Step::Answer(Meta::of(req), e, target.correlation_id),
-        Pick::Hold(rt) => Step::Hold(target, rt),
+        Admitted::Refuse(e) => Step::Answer(Meta::of(req), e, target.correlation_id),
+        Admitted::Hold(rt, _) => Step::Hold(target, rt),
     }
 }
 
@@ -318,7 +320,7 @@ impl<P: Phases> Session<'_, P> {
         let mut started = None;
         // Set at the first byte of the head: the whole head must arrive by then.
         let mut head_deadline = None;
-        let mut held: Option<(Target, Pick)> = None;
+        let mut held: Option<(Target, Admitted<'_>)> = None;
         let step = loop {
             if !self.rbuf.is_empty() {
                 let first = *started.get_or_insert_with(Instant::now);
@@ -381,8 +383,8 @@ impl<P: Phases> Session<'_, P> {
                 (e, None)
             }
             Step::Answer(meta, e, corr) => (e, Some((meta, corr))),
-            Step::Forward(meta, route, rt, corr, who) => {
-                return self.forward(meta, route, rt, corr, who, started).await;
+            Step::Forward(meta, route, flight, corr, who) => {
+                return self.forward(meta, route, flight, corr, who, started).await;
             }
             Step::Hold(..) => unreachable!("a held request waits above"),
         };
@@ -466,11 +468,12 @@ impl<P: Phases> Session<'_, P> {
         &mut self,
         meta: Meta,
         route: RouteEntry,
-        rt: Option<Arc<TenantRuntime>>,
+        mut flight: Option<InFlight<'_>>,
         corr: String,
         who: (String, String),
         started: Instant,
     ) -> bool {
+        let rt = flight.as_ref().and_then(InFlight::runtime);
         let cell = &route.cell;
         let cell_error = |reason: &str| ProxyError::Upstream {
             cell: cell.cell_id.to_string(),
@@ -519,12 +522,12 @@ impl<P: Phases> Session<'_, P> {
                 Ok(c) => c,
                 Err(UpstreamError::Timeout) => {
                     let e = ProxyError::UpstreamTimeout(cell.cell_id.to_string());
-                    return self.failed(&route, rt.as_deref(), e, &corr, started).await;
+                    return self.failed(&route, rt, e, &corr, started).await;
                 }
                 Err(e) => {
                     crate::health::record(cell, Err(e.to_string()), self.state.cfg.health_fails);
                     let e = cell_error(&e.to_string());
-                    return self.failed(&route, rt.as_deref(), e, &corr, started).await;
+                    return self.failed(&route, rt, e, &corr, started).await;
                 }
             };
             // An idempotent request that is whole in `wbuf` is sent again if a reused
@@ -542,7 +545,7 @@ impl<P: Phases> Session<'_, P> {
                     continue;
                 }
                 let e = cell_error("sending the request failed");
-                return self.failed(&route, rt.as_deref(), e, &corr, started).await;
+                return self.failed(&route, rt, e, &corr, started).await;
             }
             let streamed = !body_done;
             while !body_done {
@@ -569,7 +572,7 @@ impl<P: Phases> Session<'_, P> {
                     .is_err()
                 {
                     let e = cell_error("sending the request body failed");
-                    return self.failed(&route, rt.as_deref(), e, &corr, started).await;
+                    return self.failed(&route, rt, e, &corr, started).await;
                 }
             }
             // The cell's time to answer runs from the end of a streamed body.
@@ -590,15 +593,15 @@ impl<P: Phases> Session<'_, P> {
                 }
                 Err(HeadFail::Wait(Fail::Timeout)) => {
                     let e = ProxyError::UpstreamTimeout(cell.cell_id.to_string());
-                    return self.failed(&route, rt.as_deref(), e, &corr, started).await;
+                    return self.failed(&route, rt, e, &corr, started).await;
                 }
                 Err(HeadFail::Wait(_)) => {
                     let e = cell_error("the connection closed before a response");
-                    return self.failed(&route, rt.as_deref(), e, &corr, started).await;
+                    return self.failed(&route, rt, e, &corr, started).await;
                 }
                 Err(HeadFail::Bad(reason)) => {
                     return self
-                        .failed(&route, rt.as_deref(), cell_error(&reason), &corr, started)
+                        .failed(&route, rt, cell_error(&reason), &corr, started)
                         .await;
                 }
             }
@@ -625,7 +628,7 @@ impl<P: Phases> Session<'_, P> {
         let answered = tokio::time::Instant::now();
         self.phases.log(
             self.state,
-            Some((&route, rt.as_deref())),
+            Some((&route, rt)),
             code,
             answered.into_std().saturating_duration_since(started),
             None,
@@ -655,6 +658,10 @@ impl<P: Phases> Session<'_, P> {
             if done && !metered {
                 metered = true;
                 meter(response_bytes);
+            }
+            if done {
+                // The exchange with the cell is over: a drain no longer waits on it.
+                drop(flight.take());
             }
             if !self.wbuf.is_empty() {
                 if self

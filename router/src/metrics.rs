@@ -146,6 +146,9 @@ pub struct RouterCounters {
     pub bad_request: AtomicU64,
     pub suspended: AtomicU64,
     pub held: AtomicU64,
+    /// Requests the rejoin fence held until the hold deadline and that were then served
+    /// from the last-known table (the control plane did not answer in time).
+    pub stale_served: AtomicU64,
     pub hold_timeout: AtomicU64,
     pub hold_overflow: AtomicU64,
     pub rate_limited: AtomicU64,
@@ -167,6 +170,7 @@ impl RouterCounters {
             bad_request: z(),
             suspended: z(),
             held: z(),
+            stale_served: z(),
             hold_timeout: z(),
             hold_overflow: z(),
             rate_limited: z(),
@@ -222,6 +226,11 @@ impl RouterCounters {
                 "cellplane_router_held_total",
                 "Requests that waited on a held route.",
                 &self.held,
+            ),
+            (
+                "cellplane_router_stale_served_total",
+                "Requests the rejoin fence held (the router was not running for longer than its lease) that were served from the last-known table at the hold deadline because no fetch of the table succeeded in time.",
+                &self.stale_served,
             ),
             (
                 "cellplane_router_sync_total",

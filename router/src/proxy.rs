@@ -7,14 +7,14 @@
 use crate::h1;
 use crate::metrics::RouterCounters;
 use crate::resolve::{ResolveError, Resolver};
-use crate::table::{RouteEntry, Snapshot, TenantEntry, TenantRuntime};
+use crate::table::{env_slot, RouteEntry, Snapshot, TenantEntry, TenantRuntime};
 use arc_swap::ArcSwap;
 use cellplane_api::RouteMode;
 use http::StatusCode;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -33,6 +33,138 @@ pub struct ProxyConfig {
     pub workers: usize,
     /// Client fields that read as a trusted header with `_` as `-`: stripped or refused.
     pub underscore_trusted_headers: crate::config::UnderscoreTrusted,
+    /// The control plane's router lease (`--router-lease-secs`): a router that was not
+    /// running for longer (stopped, paused) fences its table until it has fetched it
+    /// again. Zero turns the fence off.
+    pub router_lease: Duration,
+}
+
+/// The rejoin fence. A router stopped (SIGSTOP, a paused VM) for longer than its lease was
+/// dropped from the control plane's live routers, which may have moved a tenant in the
+/// meantime: its table may be stale. A ticker records that the process runs
+/// (`alive_at_ms`, every ~100 ms); whoever sees a gap longer than the lease since then (the
+/// ticker or a request) sets `resync_needed` and wakes the watch for an immediate fetch.
+/// Until a fetch that started after that succeeds, requests to served routes wait like
+/// held ones (same deadline and queue), and are served from the last-known table when the
+/// deadline passes (fail-static, counted in `cellplane_router_stale_served_total`).
+///
+/// Time is `CLOCK_MONOTONIC` (`Instant`): a pause the guest's monotonic clock does not see
+/// is not detected.
+pub struct Fence {
+    started: Instant,
+    /// Milliseconds since `started` when the process was last seen running.
+    alive_at_ms: AtomicI64,
+    /// 0: the fence is off.
+    lease_ms: i64,
+    /// `(epoch << 1) | needed`: the epoch grows with every trip, so a fetch can tell
+    /// whether the flag was set before it started.
+    resync: AtomicU64,
+    /// Wakes the watch for an immediate (`wait=0`) fetch.
+    pub wake: Notify,
+    /// Times a gap was seen.
+    pub trips: AtomicU64,
+}
+
+impl Fence {
+    pub fn new(lease: Duration) -> Self {
+        Self {
+            started: Instant::now(),
+            alive_at_ms: AtomicI64::new(0),
+            lease_ms: lease.as_millis().min(i64::MAX as u128) as i64,
+            resync: AtomicU64::new(0),
+            wake: Notify::new(),
+            trips: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.started.elapsed().as_millis() as i64
+    }
+
+    /// Records that the process runs (the ticker); first trips the fence if it did not
+    /// for longer than the lease. Returns whether it tripped.
+    pub fn tick(&self) -> bool {
+        let now = self.now_ms();
+        let tripped = self.check_gap(now);
+        self.alive_at_ms.fetch_max(now, Ordering::Relaxed);
+        tripped
+    }
+
+    fn check_gap(&self, now: i64) -> bool {
+        if self.lease_ms == 0 || now - self.alive_at_ms.load(Ordering::Relaxed) <= self.lease_ms {
+            return false;
+        }
+        self.trip();
+        // After the flag: a request that sees the new time also sees the flag.
+        self.alive_at_ms.fetch_max(now, Ordering::SeqCst);
+        true
+    }
+
+    /// Sets `resync_needed` (a new epoch) and wakes the watch.
+    pub fn trip(&self) {
+        let _ = self
+            .resync
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                Some((((v >> 1) + 1) << 1) | 1)
+            });
+        self.trips.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            lease_ms = self.lease_ms,
+            "the router did not run for longer than its lease; \
+             holding served routes until the routing table is fetched again"
+        );
+        self.wake.notify_one();
+    }
+
+    /// The request path: whether served routes wait for a resync (after looking for a
+    /// gap). One clock read and two loads.
+    #[inline]
+    pub fn blocks(&self) -> bool {
+        if self.lease_ms == 0 {
+            return false;
+        }
+        self.check_gap(self.now_ms());
+        self.resync_needed()
+    }
+
+    pub fn resync_needed(&self) -> bool {
+        self.resync.load(Ordering::Acquire) & 1 == 1
+    }
+
+    /// Taken when a fetch starts; hand it to [`Fence::fetched`] when it succeeds.
+    pub fn fetch_started(&self) -> u64 {
+        self.resync.load(Ordering::SeqCst)
+    }
+
+    /// A fetch that started at `at_start` succeeded: clears the flag if it was already set
+    /// when the fetch started and has not been set again since. True when it cleared it.
+    pub fn fetched(&self, at_start: u64) -> bool {
+        at_start & 1 == 1
+            && self
+                .resync
+                .compare_exchange(at_start, at_start & !1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+    }
+
+    /// Tests: pretend the process last ran `ms` ago.
+    pub fn set_alive_ago(&self, ms: u64) {
+        self.alive_at_ms
+            .store(self.now_ms() - ms as i64, Ordering::SeqCst);
+    }
+}
+
+/// Keeps [`Fence::tick`] going every 100 ms until `stop`.
+pub async fn run_alive_ticker(state: Arc<RouterState>, stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    // After a pause, one tick at once (which sees the gap), not a burst.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        state.fence.tick();
+    }
 }
 
 /// Everything the request path shares.
@@ -48,6 +180,18 @@ pub struct RouterState {
     pub persisted_revision: std::sync::atomic::AtomicI64,
     /// Where forwarded requests are counted for usage metering (none: not metered).
     pub usage: Option<crate::usage::UsageJournal>,
+    /// The generation of the snapshot in `table` ([`Snapshot::generation`]), stored
+    /// (SeqCst) by every swap after the table: a request raises its in-flight count, then
+    /// checks that the snapshot it picked from is still current (see [`commit`]).
+    pub generation: AtomicU64,
+    pub fence: Fence,
+    swap_lock: Mutex<()>,
+    /// Runtimes a swap could not carry into the new snapshot (see
+    /// [`Snapshot::relink`]) whose requests are still in flight.
+    orphans: Mutex<Vec<(Arc<str>, Arc<TenantRuntime>)>>,
+    /// Drain waits in progress, and their wake-up (an in-flight count falling to 0).
+    drain_waiters: AtomicU32,
+    drain_notify: Notify,
     corr_prefix: String,
     corr_seq: AtomicU64,
 }
@@ -61,9 +205,16 @@ impl RouterState {
         let corr_prefix: String = (0..8)
             .map(|_| (b'a' + rng.gen_range(0..26u8)) as char)
             .collect();
+        let fence = Fence::new(cfg.router_lease);
         Self {
             swaps: watch::Sender::new(initial.revision),
+            generation: AtomicU64::new(initial.generation),
             table: ArcSwap::from_pointee(initial),
+            fence,
+            swap_lock: Mutex::new(()),
+            orphans: Mutex::new(Vec::new()),
+            drain_waiters: AtomicU32::new(0),
+            drain_notify: Notify::new(),
             resolver,
             cfg,
             counters,
@@ -76,10 +227,73 @@ impl RouterState {
     }
 
     /// Installs a new snapshot and wakes held requests.
-    pub fn swap(&self, snap: Snapshot) {
+    pub fn swap(&self, mut snap: Snapshot) {
+        let _one = self.swap_lock.lock().unwrap_or_else(|p| p.into_inner());
         let rev = snap.revision;
-        self.table.store(Arc::new(snap));
+        let generation = self.generation.load(Ordering::Relaxed) + 1;
+        snap.generation = generation;
+        let new = Arc::new(snap);
+        let old = self.table.swap(new.clone());
+        // From here a request that picked from `old` finds it stale and picks again.
+        self.generation.store(generation, Ordering::SeqCst);
+        let orphans = new.relink(&old);
+        {
+            let mut o = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+            o.retain(|(_, rt)| rt.any_in_flight());
+            o.extend(orphans);
+        }
+        drop(old);
         self.swaps.send_replace(rev);
+    }
+
+    /// Wakes held requests without a new table (the rejoin fence was lifted).
+    pub fn wake_held(&self) {
+        self.swaps.send_modify(|_| {});
+    }
+
+    /// Whether no route held in `snap` has a request still in flight to a cell.
+    pub fn drained(&self, snap: &Snapshot) -> bool {
+        let held = snap.held();
+        if held.is_empty() {
+            return true;
+        }
+        let orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+        held.iter().all(|(tenant, env)| {
+            let slot = env_slot(env);
+            let busy = |rt: &TenantRuntime| rt.in_flight[slot].load(Ordering::SeqCst) != 0;
+            let current = snap
+                .tenant(tenant)
+                .and_then(|e| e.runtime.get())
+                .is_some_and(|rt| busy(rt));
+            !current && !orphans.iter().any(|(t, rt)| t == tenant && busy(rt))
+        })
+    }
+
+    /// Waits until [`RouterState::drained`] holds for `snap` or `until` passes; returns
+    /// whether it drained. Woken by the request whose in-flight count falls to 0.
+    pub async fn wait_drained(&self, snap: &Snapshot, until: tokio::time::Instant) -> bool {
+        struct Waiter<'a>(&'a AtomicU32);
+        impl Drop for Waiter<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.drain_waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiter = Waiter(&self.drain_waiters);
+        loop {
+            let notified = self.drain_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.drained(snap) {
+                return true;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(until) => return self.drained(snap),
+                // Only a safety net: the notification is what wakes a drain.
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
     }
 
     /// `{prefix}-{sequence in hex}`, built without the formatting machinery.
@@ -421,18 +635,116 @@ fn admit(_t: &TenantEntry, route: &RouteEntry, rt: &TenantRuntime) -> Result<(),
     }
 }
 
-/// Waits on a held route until a swap releases it or the deadline passes.
-pub(crate) async fn wait_for_release<P: Phases>(
+/// A request committed to a cell: counted in its tenant environment's in-flight slot
+/// until dropped (when its exchange with the cell ends, however it ends).
+pub struct InFlight<'s> {
+    state: &'s RouterState,
+    rt: Arc<TenantRuntime>,
+    slot: usize,
+    /// The runtime came from the pick (so the request's metrics go to it).
+    from_pick: bool,
+}
+
+impl<'s> InFlight<'s> {
+    fn enter(state: &'s RouterState, rt: Arc<TenantRuntime>, slot: usize, from_pick: bool) -> Self {
+        rt.in_flight[slot].fetch_add(1, Ordering::SeqCst);
+        Self {
+            state,
+            rt,
+            slot,
+            from_pick,
+        }
+    }
+
+    /// The tenant's runtime as the pick gave it (for the request's metrics).
+    pub fn runtime(&self) -> Option<&TenantRuntime> {
+        self.from_pick.then_some(&*self.rt)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let was = self.rt.in_flight[self.slot].fetch_sub(1, Ordering::SeqCst);
+        // Dekker with `wait_drained`: it registers, then reads the counts.
+        if was == 1 && self.state.drain_waiters.load(Ordering::SeqCst) != 0 {
+            self.state.drain_notify.notify_waiters();
+        }
+    }
+}
+
+/// What admission decided, with a forwarded request counted in flight.
+pub enum Admitted<'s> {
+    Forward(RouteEntry, Option<InFlight<'s>>),
+    /// Wait: the route is held, or (`true`) it is served but the rejoin fence is up.
+    Hold(Option<Arc<TenantRuntime>>, bool),
+    Refuse(ProxyError),
+}
+
+/// Picks the route for `t` from `snap` ([`Phases::pick`]) and commits a forward: the
+/// request is counted in its tenant environment's in-flight slot (SeqCst), then the router's
+/// generation is read again (SeqCst). If a swap happened since `snap`, the count is undone
+/// and the request picks again from the new table (which may hold it now). Either the
+/// request sees the swap, or the swap's drain check sees the request: a request never
+/// reaches the old cell of a route once the router reported that route drained.
+///
+/// With `fence`, a served route waits while the rejoin fence is up.
+pub fn commit<'s, P: Phases>(
     phases: &P,
-    state: &RouterState,
+    state: &'s RouterState,
+    snap: &Snapshot,
+    t: &Target,
+    fence: bool,
+) -> Admitted<'s> {
+    let mut reloaded;
+    let mut snap = snap;
+    loop {
+        let (route, rt) = match phases.pick(state, snap, t) {
+            Pick::Forward(route, rt) => (route, rt),
+            Pick::Hold(rt) => return Admitted::Hold(rt, false),
+            Pick::Refuse(e) => return Admitted::Refuse(e),
+        };
+        if fence && state.fence.blocks() {
+            return Admitted::Hold(rt, true);
+        }
+        let (rt, from_pick) = match rt {
+            Some(rt) => (rt, true),
+            // Phases that give no runtime: count the request on the tenant's anyway.
+            None => match snap.tenant(&t.tenant) {
+                Some(e) => (
+                    e.runtime(&state.cfg.buckets, &state.tenant_histograms)
+                        .clone(),
+                    false,
+                ),
+                None => return Admitted::Forward(route, None),
+            },
+        };
+        let flight = InFlight::enter(state, rt, env_slot(&t.env), from_pick);
+        if state.generation.load(Ordering::SeqCst) == snap.generation {
+            return Admitted::Forward(route, Some(flight));
+        }
+        drop(flight);
+        reloaded = state.table.load();
+        snap = &reloaded;
+    }
+}
+
+/// Waits on a held route (or on the rejoin fence) until a swap releases it or the deadline
+/// passes. A request held only by the fence is then served from the table it has.
+pub(crate) async fn wait_for_release<'s, P: Phases>(
+    phases: &P,
+    state: &'s RouterState,
     t: &Target,
     rt: Option<Arc<TenantRuntime>>,
-) -> Pick {
-    struct Waiting(Option<Arc<TenantRuntime>>);
+) -> Admitted<'s> {
+    /// Leaves the queue and accounts the wait to the tenant.
+    struct Waiting(Option<Arc<TenantRuntime>>, Instant);
     impl Drop for Waiting {
         fn drop(&mut self) {
             if let Some(rt) = &self.0 {
                 rt.waiting.fetch_sub(1, Ordering::Relaxed);
+                rt.held_requests.fetch_add(1, Ordering::Relaxed);
+                rt.held_micros
+                    .fetch_add(self.1.elapsed().as_micros() as u64, Ordering::Relaxed);
             }
         }
     }
@@ -440,23 +752,25 @@ pub(crate) async fn wait_for_release<P: Phases>(
         let n = rt.waiting.fetch_add(1, Ordering::Relaxed) + 1;
         if n > state.cfg.hold_queue {
             rt.waiting.fetch_sub(1, Ordering::Relaxed);
-            return Pick::Refuse(ProxyError::HoldOverflow(t.tenant.clone()));
+            return Admitted::Refuse(ProxyError::HoldOverflow(t.tenant.clone()));
         }
     }
-    let _waiting = Waiting(rt);
-    RouterCounters::inc(&state.counters.held);
     let started = Instant::now();
+    let _waiting = Waiting(rt, started);
+    RouterCounters::inc(&state.counters.held);
     let deadline = tokio::time::sleep(state.cfg.hold_deadline);
     tokio::pin!(deadline);
     let mut rx = state.swaps.subscribe();
+    let mut fenced;
     loop {
         // Look at the current table first: a swap may have happened before we subscribed.
-        let pick = {
+        let admitted = {
             let snap = state.table.load();
-            phases.pick(state, &snap, t)
+            commit(phases, state, &snap, t, true)
         };
-        if !matches!(pick, Pick::Hold(_)) {
-            return pick;
+        match admitted {
+            Admitted::Hold(_, f) => fenced = f,
+            other => return other,
         }
         tokio::select! {
             changed = rx.changed() => {
@@ -467,8 +781,363 @@ pub(crate) async fn wait_for_release<P: Phases>(
             _ = &mut deadline => break,
         }
     }
-    Pick::Refuse(ProxyError::HoldTimeout {
+    if fenced {
+        // The control plane did not answer in time: fail-static, as when it is down.
+        let admitted = {
+            let snap = state.table.load();
+            commit(phases, state, &snap, t, false)
+        };
+        match admitted {
+            Admitted::Hold(..) => {}
+            Admitted::Forward(r, f) => {
+                RouterCounters::inc(&state.counters.stale_served);
+                return Admitted::Forward(r, f);
+            }
+            other => return other,
+        }
+    }
+    Admitted::Refuse(ProxyError::HoldTimeout {
         tenant: t.tenant.clone(),
         waited_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resolve::{Resolver, Source};
+    use crate::table::{RouteSpec, TableBuilder};
+    use std::sync::atomic::Ordering::SeqCst;
+
+    fn cfg(lease: Duration, hold_deadline: Duration) -> ProxyConfig {
+        ProxyConfig {
+            hold_deadline,
+            hold_queue: 10,
+            upstream_timeout: Duration::from_secs(1),
+            buckets: Arc::from(vec![0.01]),
+            max_tenant_histograms: 10,
+            health_fails: 2,
+            workers: 1,
+            underscore_trusted_headers: Default::default(),
+            router_lease: lease,
+        }
+    }
+
+    fn spec(tenant: &str, env: &str, mode: RouteMode) -> RouteSpec {
+        RouteSpec {
+            tenant_id: tenant.into(),
+            env: env.into(),
+            cell_id: "c1".into(),
+            endpoint: "http://127.0.0.1:9".into(),
+            mode,
+            rate_limit: None,
+        }
+    }
+
+    struct Fixture {
+        state: RouterState,
+        builder: std::cell::RefCell<TableBuilder>,
+    }
+
+    impl Fixture {
+        fn new(lease: Duration, hold_deadline: Duration) -> Self {
+            Self {
+                state: RouterState::new(
+                    Resolver::new(vec![Source::Header], "localhost"),
+                    cfg(lease, hold_deadline),
+                    Snapshot::empty(),
+                ),
+                builder: TableBuilder::new(Arc::from(vec![0.01]), Default::default()).into(),
+            }
+        }
+
+        /// Applies a delta of upserts as revision `rev` and swaps it in.
+        fn set(&self, rev: i64, routes: &[(&str, &str, RouteMode)]) {
+            let base = self.state.table.load_full();
+            let ups: Vec<_> = routes.iter().map(|(t, e, m)| spec(t, e, *m)).collect();
+            let (snap, rejected) = self
+                .builder
+                .borrow_mut()
+                .apply(&base, rev, false, &ups, &[]);
+            assert!(rejected.is_empty());
+            self.state.swap(snap);
+        }
+
+        fn runtime(&self, tenant: &str) -> Arc<TenantRuntime> {
+            let snap = self.state.table.load();
+            snap.tenant(tenant)
+                .unwrap()
+                .runtime(&self.state.cfg.buckets, &self.state.tenant_histograms)
+                .clone()
+        }
+
+        fn commit(&self, snap: &Snapshot, t: &Target) -> Admitted<'_> {
+            commit(&DefaultPhases, &self.state, snap, t, true)
+        }
+    }
+
+    fn target(tenant: &str, env: &str) -> Target {
+        Target {
+            tenant: tenant.into(),
+            env: env.into(),
+            forward_path: None,
+            correlation_id: "c".into(),
+        }
+    }
+
+    fn current(state: &RouterState) -> Arc<Snapshot> {
+        state.table.load_full()
+    }
+
+    /// A waker that counts its wake-ups.
+    struct Count(AtomicU64);
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, SeqCst);
+        }
+    }
+
+    fn poll_once<F: std::future::Future>(
+        f: std::pin::Pin<&mut F>,
+        waker: &std::task::Waker,
+    ) -> std::task::Poll<F::Output> {
+        f.poll(&mut std::task::Context::from_waker(waker))
+    }
+
+    #[tokio::test]
+    async fn a_request_that_picked_serve_before_the_hold_swap_picks_again_and_waits() {
+        let f = Fixture::new(Duration::ZERO, Duration::from_secs(5));
+        f.set(1, &[("acme", "prod", RouteMode::Serve)]);
+        let t = target("acme", "prod");
+        // The request loaded revision 1 (serve)...
+        let stale = current(&f.state);
+        assert!(matches!(
+            DefaultPhases.pick(&f.state, &stale, &t),
+            Pick::Forward(..)
+        ));
+        // ...the swap to a hold lands before it counts itself in flight...
+        f.set(2, &[("acme", "prod", RouteMode::Hold)]);
+        // ...so its commit sees the new generation and picks again: it waits.
+        match f.commit(&stale, &t) {
+            Admitted::Hold(Some(_), false) => {}
+            _ => panic!("expected the request to wait on the hold"),
+        }
+        assert_eq!(f.runtime("acme").in_flight_of("prod"), 0);
+        assert!(f.state.drained(&current(&f.state)));
+    }
+
+    #[tokio::test]
+    async fn a_request_in_flight_when_its_route_is_held_delays_the_drain_until_it_ends() {
+        let f = Fixture::new(Duration::ZERO, Duration::from_secs(5));
+        f.set(
+            1,
+            &[
+                ("acme", "prod", RouteMode::Serve),
+                ("acme", "dev", RouteMode::Serve),
+            ],
+        );
+        let t = target("acme", "prod");
+        let flight = match f.commit(&current(&f.state), &t) {
+            Admitted::Forward(_, Some(flight)) => flight,
+            _ => panic!("expected a forward"),
+        };
+        assert_eq!(f.runtime("acme").in_flight_of("prod"), 1);
+        assert_eq!(f.runtime("acme").in_flight_of("dev"), 0);
+        f.set(2, &[("acme", "prod", RouteMode::Hold)]);
+        let held = current(&f.state);
+        assert!(!f.state.drained(&held));
+        // A drain wait registers, then is woken by the request's end (not by a timer).
+        let wait = f
+            .state
+            .wait_drained(&held, tokio::time::Instant::now() + Duration::from_secs(60));
+        tokio::pin!(wait);
+        let count = Arc::new(Count(AtomicU64::new(0)));
+        let waker = std::task::Waker::from(count.clone());
+        assert!(poll_once(wait.as_mut(), &waker).is_pending());
+        drop(flight);
+        assert_eq!(count.0.load(SeqCst), 1, "the request's end woke the drain");
+        assert_eq!(
+            poll_once(wait.as_mut(), &waker),
+            std::task::Poll::Ready(true)
+        );
+        assert!(f.state.drained(&held));
+    }
+
+    #[tokio::test]
+    async fn routes_never_held_or_held_with_nothing_in_flight_are_drained_at_once() {
+        let f = Fixture::new(Duration::ZERO, Duration::from_secs(5));
+        f.set(1, &[("acme", "prod", RouteMode::Serve)]);
+        let snap = current(&f.state);
+        assert!(snap.held().is_empty());
+        assert!(f.state.drained(&snap));
+        // A request on another env of the same tenant does not delay a hold of prod,
+        // nor one of another tenant.
+        f.set(
+            2,
+            &[
+                ("acme", "dev", RouteMode::Serve),
+                ("globex", "prod", RouteMode::Serve),
+            ],
+        );
+        let other = match f.commit(&current(&f.state), &target("acme", "dev")) {
+            Admitted::Forward(_, Some(flight)) => flight,
+            _ => panic!("expected a forward"),
+        };
+        let globex = match f.commit(&current(&f.state), &target("globex", "prod")) {
+            Admitted::Forward(_, Some(flight)) => flight,
+            _ => panic!("expected a forward"),
+        };
+        f.set(
+            3,
+            &[
+                ("acme", "prod", RouteMode::Hold),
+                // Never had a request: no runtime at all.
+                ("initech", "prod", RouteMode::Hold),
+            ],
+        );
+        let held = current(&f.state);
+        assert_eq!(held.held().len(), 2);
+        assert!(f.state.drained(&held));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let wait = f.state.wait_drained(&held, deadline);
+        tokio::pin!(wait);
+        let waker = std::task::Waker::from(Arc::new(Count(AtomicU64::new(0))));
+        assert_eq!(
+            poll_once(wait.as_mut(), &waker),
+            std::task::Poll::Ready(true)
+        );
+        drop((other, globex));
+    }
+
+    #[tokio::test]
+    async fn a_runtime_created_on_the_old_table_during_a_build_is_still_drained() {
+        let f = Fixture::new(Duration::ZERO, Duration::from_secs(5));
+        f.set(1, &[("acme", "prod", RouteMode::Serve)]);
+        let t = target("acme", "prod");
+        // Build the hold from revision 1 (copying acme's shard, which has no runtime yet)...
+        let base = current(&f.state);
+        let (held, _) = f.builder.borrow_mut().apply(
+            &base,
+            2,
+            false,
+            &[spec("acme", "prod", RouteMode::Hold)],
+            &[],
+        );
+        // ...while acme's first request creates its runtime on revision 1 and commits.
+        let flight = match f.commit(&base, &t) {
+            Admitted::Forward(_, Some(flight)) => flight,
+            _ => panic!("expected a forward"),
+        };
+        assert!(held.tenant("acme").unwrap().runtime.get().is_none());
+        f.state.swap(held);
+        let now = current(&f.state);
+        // The swap carried the runtime over: the drain sees the request.
+        assert!(!f.state.drained(&now));
+        drop(flight);
+        assert!(f.state.drained(&now));
+
+        // The same race when the new table also got a runtime of its own first: the old
+        // one is watched as an orphan.
+        f.set(3, &[("globex", "prod", RouteMode::Serve)]);
+        let base = current(&f.state);
+        let (next, _) = f.builder.borrow_mut().apply(
+            &base,
+            4,
+            false,
+            &[spec("globex", "dev", RouteMode::Serve)],
+            &[],
+        );
+        let flight = match f.commit(&base, &target("globex", "prod")) {
+            Admitted::Forward(_, Some(flight)) => flight,
+            _ => panic!("expected a forward"),
+        };
+        next.tenant("globex")
+            .unwrap()
+            .runtime(&f.state.cfg.buckets, &f.state.tenant_histograms);
+        f.state.swap(next);
+        f.set(5, &[("globex", "prod", RouteMode::Hold)]);
+        let now = current(&f.state);
+        assert_eq!(f.runtime("globex").in_flight_of("prod"), 0);
+        assert!(!f.state.drained(&now), "the orphan's request is seen");
+        drop(flight);
+        assert!(f.state.drained(&now));
+    }
+
+    #[tokio::test]
+    async fn after_a_gap_longer_than_the_lease_served_routes_wait_for_a_fetch() {
+        let f = Fixture::new(Duration::from_secs(1), Duration::from_secs(60));
+        f.set(1, &[("acme", "prod", RouteMode::Serve)]);
+        let t = target("acme", "prod");
+        assert!(matches!(
+            f.commit(&current(&f.state), &t),
+            Admitted::Forward(..)
+        ));
+        // A fetch that starts before the gap cannot lift the fence.
+        let early = f.state.fence.fetch_started();
+        // The process did not run for 5 s: the request path sees the gap itself.
+        f.state.fence.set_alive_ago(5000);
+        match f.commit(&current(&f.state), &t) {
+            Admitted::Hold(Some(_), true) => {}
+            _ => panic!("expected the fence to hold a served route"),
+        }
+        assert!(f.state.fence.resync_needed());
+        assert_eq!(f.state.fence.trips.load(SeqCst), 1);
+        let state = &f.state;
+        let waiting = wait_for_release(&DefaultPhases, state, &t, Some(f.runtime("acme")));
+        tokio::pin!(waiting);
+        let waker = std::task::Waker::from(Arc::new(Count(AtomicU64::new(0))));
+        assert!(poll_once(waiting.as_mut(), &waker).is_pending());
+        assert!(
+            !state.fence.fetched(early),
+            "that fetch started before the gap"
+        );
+        state.wake_held();
+        assert!(poll_once(waiting.as_mut(), &waker).is_pending());
+        // A fetch that started after the flag succeeds: the waiter is released.
+        let at = state.fence.fetch_started();
+        assert!(state.fence.fetched(at));
+        state.wake_held();
+        match poll_once(waiting.as_mut(), &waker) {
+            std::task::Poll::Ready(Admitted::Forward(_, Some(_))) => {}
+            _ => panic!("expected the request to be forwarded"),
+        }
+        assert!(!state.fence.resync_needed());
+        assert_eq!(state.counters.stale_served.load(SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_fenced_request_is_served_stale_at_the_hold_deadline_and_counted() {
+        let f = Fixture::new(Duration::from_secs(1), Duration::from_millis(30));
+        f.set(1, &[("acme", "prod", RouteMode::Serve)]);
+        let t = target("acme", "prod");
+        f.state.fence.set_alive_ago(5000);
+        assert!(f.state.fence.tick());
+        let rt = f.runtime("acme");
+        match wait_for_release(&DefaultPhases, &f.state, &t, Some(rt.clone())).await {
+            Admitted::Forward(_, Some(flight)) => drop(flight),
+            _ => panic!("expected fail-static"),
+        }
+        assert_eq!(f.state.counters.stale_served.load(SeqCst), 1);
+        assert_eq!(rt.held_requests.load(SeqCst), 1);
+        assert!(rt.held_micros.load(SeqCst) >= 30_000);
+        assert_eq!(rt.waiting.load(SeqCst), 0);
+        let m = crate::admin::render_metrics(&f.state, &crate::sync::SyncStatus::default());
+        assert!(m.contains("cellplane_router_stale_served_total 1\n"), "{m}");
+        assert!(m.contains("cellplane_router_resyncs_total 1\n"), "{m}");
+        assert!(
+            m.contains("cellplane_router_tenant_held_requests_total{tenant=\"acme\"} 1\n"),
+            "{m}"
+        );
+        assert!(
+            m.contains("cellplane_router_tenant_hold_seconds_total{tenant=\"acme\"} 0.0"),
+            "{m}"
+        );
+        // A held route still answers 503 at its deadline.
+        f.set(2, &[("acme", "prod", RouteMode::Hold)]);
+        assert!(matches!(
+            wait_for_release(&DefaultPhases, &f.state, &t, Some(rt.clone())).await,
+            Admitted::Refuse(ProxyError::HoldTimeout { .. })
+        ));
+        assert_eq!(rt.held_requests.load(SeqCst), 2);
+    }
 }

@@ -114,6 +114,7 @@ impl Application {
                 health_fails: cfg.health_fails,
                 workers: cfg.workers(),
                 underscore_trusted_headers: cfg.underscore_trusted_headers,
+                router_lease: Duration::from_secs(cfg.router_lease_secs),
             },
             initial,
         );
@@ -177,6 +178,10 @@ impl Application {
                 path: self.cfg.health_path.clone(),
                 fails: self.cfg.health_fails,
             },
+            background.clone(),
+        ));
+        let ticker = tokio::spawn(crate::proxy::run_alive_ticker(
+            self.state.clone(),
             background.clone(),
         ));
         let heartbeats = tokio::spawn(crate::sync::run_heartbeats(
@@ -281,6 +286,7 @@ impl Application {
         let _ = watch.await;
         let _ = heartbeats.await;
         let _ = prober.await;
+        let _ = ticker.await;
         let _ = persister.await;
         let _ = admin.await;
         tracing::info!("router stopped");

@@ -78,19 +78,31 @@ impl Syncer {
             let since = self.state.table.load().revision;
             // After a start or a failure, ask without waiting: a table that changed while
             // we were away arrives at once, and an unchanged one confirms we are current.
-            let wait = if first || failures > 0 {
+            // The same after a gap longer than the lease (the rejoin fence).
+            let fence = &self.state.fence;
+            let wait = if first || failures > 0 || fence.resync_needed() {
                 0
             } else {
                 self.wait_secs
             };
             first = false;
+            let at_start = fence.fetch_started();
             let fetch = self.fetch(since, wait);
             let outcome = tokio::select! {
                 _ = stop.cancelled() => return,
                 r = fetch => r,
+                // The fence tripped: this long poll started before; ask again at once.
+                _ = fence.wake.notified() => continue,
             };
             match outcome {
-                Ok(()) => {
+                Ok(applied) => {
+                    if applied && fence.fetched(at_start) {
+                        tracing::info!(
+                            revision = self.state.table.load().revision,
+                            "routing table fetched again after the gap; serving"
+                        );
+                        self.state.wake_held();
+                    }
                     if failures > 0 {
                         tracing::info!(failures, "control plane reachable again");
                     }
@@ -113,13 +125,16 @@ impl Syncer {
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                        _ = self.state.fence.wake.notified() => {}
                     }
                 }
             }
         }
     }
 
-    async fn fetch(&self, since: i64, wait: u64) -> Result<(), String> {
+    /// One watch request, applied; false when its answer was dropped because the table
+    /// changed meanwhile (ask again).
+    async fn fetch(&self, since: i64, wait: u64) -> Result<bool, String> {
         let resp = self
             .client
             .request(
@@ -143,31 +158,42 @@ impl Syncer {
             .await
             .map_err(|e| format!("reading the answer: {e}"))?;
         let (state, builder) = (self.state.clone(), self.builder.clone());
-        // Parsing a large table is CPU work: keep it off the request workers.
-        let applied = tokio::task::spawn_blocking(move || {
-            let base = state.table.load_full();
+        // Parsing a large table is CPU work, and so is carrying tenants' runtime state
+        // into it (the swap): keep both off the request workers and the control runtime.
+        let rejected = tokio::task::spawn_blocking(move || {
+            // Base, build and swap under the builder's lock: a fetch abandoned by `run`
+            // (the fence woke it) may still be applying its answer here.
             let mut b = builder.lock().unwrap_or_else(|p| p.into_inner());
-            crate::wire::apply_changes(&bytes, &mut b, &base)
+            let base = state.table.load_full();
+            if base.revision != since {
+                // That one swapped in between: this answer is relative to an older table.
+                return Ok(None);
+            }
+            let applied = crate::wire::apply_changes(&bytes, &mut b, &base)?;
+            let rev = applied.snapshot.revision;
+            if rev != since || applied.full {
+                tracing::debug!(
+                    revision = rev,
+                    full = applied.full,
+                    upserts = applied.upserts,
+                    removals = applied.removals,
+                    routes = applied.snapshot.routes,
+                    "routing table updated"
+                );
+                state.swap(applied.snapshot);
+            }
+            Ok::<_, crate::wire::WireError>(Some(applied.rejected))
         })
         .await
         .map_err(|e| format!("applying the answer panicked: {e}"))?
         .map_err(|e| e.to_string())?;
-        for r in applied.rejected.iter().take(5) {
+        let Some(rejected) = rejected else {
+            return Ok(false);
+        };
+        for r in rejected.iter().take(5) {
             tracing::warn!(error = %r, "route refused");
         }
-        let rev = applied.snapshot.revision;
-        if rev != since || applied.full {
-            tracing::debug!(
-                revision = rev,
-                full = applied.full,
-                upserts = applied.upserts,
-                removals = applied.removals,
-                routes = applied.snapshot.routes,
-                "routing table updated"
-            );
-            self.state.swap(applied.snapshot);
-        }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -216,7 +242,18 @@ pub async fn run_persister(
 /// following heartbeats).
 const USAGE_BATCHES_PER_HEARTBEAT: usize = 20;
 
-/// Acks the applied revision: right after each swap, and every `every`.
+/// How long a burst of table changes may take to settle before it is acked (one ack for
+/// the burst, not one per change; short, since a tenant move waits for the ack).
+const ACK_SETTLE: Duration = Duration::from_millis(5);
+
+/// Acks the applied revision and the drained one: right after each swap (once a burst
+/// settled), again as soon as the held routes drain, and every `every`.
+///
+/// `drained_revision` is the newest revision whose held routes had no request in flight
+/// to a cell (see `RouterState::drained`). A swap that leaves requests in flight on a
+/// route it holds is acked at once with the previous drained revision, then again when
+/// the last of them ends: a drain waits at most `drain_timeout` (the upstream timeout)
+/// before it is given up with a warning; later heartbeats still report it once drained.
 pub async fn run_heartbeats(
     state: Arc<RouterState>,
     client: Client,
@@ -225,13 +262,22 @@ pub async fn run_heartbeats(
     status: Arc<SyncStatus>,
     stop: CancellationToken,
 ) {
+    let drain_timeout = state.cfg.upstream_timeout;
     let mut rx = state.swaps.subscribe();
     let mut failures = 0u32;
+    let mut drained_rev: i64 = 0;
+    // The snapshot generation a drain is awaited for, and until when.
+    let mut draining: Option<(u64, tokio::time::Instant)> = None;
     loop {
-        let (rev, routes) = {
-            let s = state.table.load();
-            (s.revision, s.routes)
-        };
+        let snap = state.table.load_full();
+        let (rev, routes) = (snap.revision, snap.routes);
+        let drained = state.drained(&snap);
+        if drained {
+            drained_rev = rev;
+            draining = None;
+        } else if draining.is_none_or(|(g, _)| g != snap.generation) {
+            draining = Some((snap.generation, tokio::time::Instant::now() + drain_timeout));
+        }
         // Usage rides along: the journal is sealed into a batch first; batches stay on
         // disk until a heartbeat that carried them is answered 2xx.
         let batches = match &state.usage {
@@ -249,6 +295,7 @@ pub async fn run_heartbeats(
         };
         let mut body = serde_json::json!({
             "applied_revision": rev,
+            "drained_revision": drained_rev,
             "stats": {
                 "routes": routes,
                 "source": status.source_name(),
@@ -298,15 +345,37 @@ pub async fn run_heartbeats(
         }
         // More usage batches waiting: the next heartbeat goes at once.
         let wait = if backlog { Duration::ZERO } else { every };
-        tokio::select! {
+        // A drain still awaited for this snapshot (and not given up).
+        let until = draining
+            .filter(|(g, until)| {
+                *g == snap.generation && !drained && *until > tokio::time::Instant::now()
+            })
+            .map(|(_, until)| until);
+        let drain = async {
+            match until {
+                Some(until) => state.wait_drained(&snap, until).await,
+                None => std::future::pending().await,
+            }
+        };
+        let swapped = tokio::select! {
             _ = stop.cancelled() => return,
-            r = rx.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(wait) => {}
-        }
-        // A burst of table changes is acked once it settles, not once per change.
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            r = rx.changed() => if r.is_err() { return } else { true },
+            _ = tokio::time::sleep(wait) => false,
+            done = drain => {
+                if !done {
+                    tracing::warn!(revision = rev, drained_revision = drained_rev,
+                        timeout_ms = drain_timeout.as_millis() as u64,
+                        "requests still in flight on held routes; acking the last drained revision");
+                }
+                false
+            }
+        };
+        if swapped {
+            // A burst of table changes is acked once it settles, not once per change.
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(ACK_SETTLE) => {}
+            }
         }
     }
 }

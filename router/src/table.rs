@@ -14,10 +14,27 @@ use crate::metrics::{Histogram, PerWorker, StatusCounters};
 use cellplane_api::RouteMode;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 const SHARDS: usize = 256;
+
+/// Slots of [`TenantRuntime::in_flight`]: one per environment, shared on a collision.
+pub const ENV_SLOTS: usize = 8;
+
+/// The in-flight slot of an environment: `prod` is 0, the others hash (FNV-1a) onto 1..8.
+/// Two environments of one tenant sharing a slot only make a drain wait for both.
+#[inline]
+pub fn env_slot(env: &str) -> usize {
+    if env == "prod" {
+        return 0;
+    }
+    let mut h: u32 = 0x811c_9dc5;
+    for b in env.bytes() {
+        h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+    }
+    1 + (h as usize) % (ENV_SLOTS - 1)
+}
 
 /// A cell as routes see it: identity, where it is, its connection pool and its metrics.
 pub struct CellHandle {
@@ -39,6 +56,25 @@ pub struct TenantRuntime {
     pub latency: Option<Histogram>,
     /// Requests currently parked on a held route of this tenant.
     pub waiting: AtomicU32,
+    /// Requests committed to a cell and not done with it, by [`env_slot`]. Raised before
+    /// the request re-checks the table generation (see `proxy::commit`), lowered when its
+    /// exchange with the cell ends; a drain waits for the slots of held routes to be 0.
+    pub in_flight: [AtomicU32; ENV_SLOTS],
+    /// Requests that finished waiting on a held route (or on the rejoin fence).
+    pub held_requests: AtomicU64,
+    /// Microseconds those requests spent waiting.
+    pub held_micros: AtomicU64,
+}
+
+impl TenantRuntime {
+    /// Requests of `env` in flight to a cell.
+    pub fn in_flight_of(&self, env: &str) -> u32 {
+        self.in_flight[env_slot(env)].load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn any_in_flight(&self) -> bool {
+        self.in_flight.iter().any(|c| c.load(Ordering::SeqCst) != 0)
+    }
 }
 
 /// How many more per-tenant histograms may be created.
@@ -82,9 +118,13 @@ pub struct TenantEntry {
     pub prod: Option<RouteEntry>,
     pub others: Option<Arc<[EnvRoute]>>,
     /// Created on the tenant's first request. A delta copies the shard with whatever is
-    /// set at that moment; a first request racing an update of the same shard may start a
-    /// fresh one (its first counts are lost), which is cheaper than a shared cell per
-    /// tenant in a table of a million.
+    /// set at that moment, so a first request racing an update of the same shard may set
+    /// it in the old snapshot after the copy. [`Snapshot::relink`] (run by every swap, once
+    /// the old snapshot can no longer admit requests) carries such a runtime into the new
+    /// snapshot; only when the new snapshot's entry got a runtime of its own in between are
+    /// there two (the old one's first counts are lost from the metrics, and its in-flight
+    /// requests are tracked as an orphan by `RouterState` until they end). That is cheaper
+    /// than a shared cell per tenant in a table of a million.
     pub runtime: OnceLock<Arc<TenantRuntime>>,
 }
 
@@ -139,12 +179,18 @@ impl TenantEntry {
                 status: StatusCounters::default(),
                 latency: histograms.take().then(|| Histogram::new(buckets)),
                 waiting: AtomicU32::new(0),
+                in_flight: Default::default(),
+                held_requests: AtomicU64::new(0),
+                held_micros: AtomicU64::new(0),
             })
         })
     }
 }
 
 type Shard = HashMap<Arc<str>, TenantEntry>;
+
+/// A route in `hold` mode: (tenant, env).
+pub type HeldRoute = (Arc<str>, Arc<str>);
 
 /// One immutable version of the table.
 pub struct Snapshot {
@@ -153,6 +199,12 @@ pub struct Snapshot {
     pub routes: usize,
     /// Every cell some route points at.
     pub cells: Arc<[Arc<CellHandle>]>,
+    /// Every route in `hold` mode, sorted: kept by the draft from the base's list and the
+    /// changes (never by walking the table), so a drain finds them at once.
+    held: Arc<[HeldRoute]>,
+    /// Set by `RouterState::swap`: which swap installed this snapshot (0: never swapped
+    /// in). Unlike the revision it is never repeated (a full reload may keep a revision).
+    pub(crate) generation: u64,
 }
 
 fn shard_of(hasher: &std::collections::hash_map::RandomState, tenant: &str) -> usize {
@@ -172,7 +224,43 @@ impl Snapshot {
             shards: (0..SHARDS).map(|_| Arc::new(Shard::new())).collect(),
             routes: 0,
             cells: Arc::from(Vec::new()),
+            held: Arc::from(Vec::new()),
+            generation: 0,
         }
+    }
+
+    /// The routes in `hold` mode.
+    pub fn held(&self) -> &[HeldRoute] {
+        &self.held
+    }
+
+    /// Carries into `self` the runtimes that requests created in `old` after the draft of
+    /// `self` copied their shard (see [`TenantEntry::runtime`]). Call it once `old` can no
+    /// longer admit requests (after the swap's generation store). Returns the runtimes of
+    /// `old` that could not be carried because `self` already has another one for the same
+    /// tenant and that still have requests in flight: the caller keeps watching those.
+    pub fn relink(&self, old: &Snapshot) -> Vec<(Arc<str>, Arc<TenantRuntime>)> {
+        let mut orphans = Vec::new();
+        for (new, old) in self.shards.iter().zip(old.shards.iter()) {
+            if Arc::ptr_eq(new, old) {
+                continue;
+            }
+            for (tenant, entry) in old.iter() {
+                let Some(rt) = entry.runtime.get() else {
+                    continue;
+                };
+                let Some(now) = new.get(tenant) else {
+                    // Gone from the table: requests still in flight are for routes that
+                    // no longer exist, which no drain waits on.
+                    continue;
+                };
+                let kept = now.runtime.get_or_init(|| rt.clone());
+                if !Arc::ptr_eq(kept, rt) && rt.any_in_flight() {
+                    orphans.push((tenant.clone(), rt.clone()));
+                }
+            }
+        }
+        orphans
     }
 
     pub fn tenant(&self, tenant: &str) -> Option<&TenantEntry> {
@@ -288,6 +376,7 @@ impl TableBuilder {
             base,
             full,
             rejected: Vec::new(),
+            held: None,
         }
     }
 
@@ -347,9 +436,44 @@ pub struct Draft<'b> {
     shards: Vec<Option<Shard>>,
     routes: i64,
     rejected: Vec<RejectedRoute>,
+    /// The held routes, once a change was made (until then the base's list stands).
+    held: Option<std::collections::BTreeSet<HeldRoute>>,
 }
 
 impl Draft<'_> {
+    fn held_set(&mut self) -> &mut std::collections::BTreeSet<HeldRoute> {
+        let (full, base) = (self.full, self.base);
+        self.held.get_or_insert_with(|| {
+            if full {
+                Default::default()
+            } else {
+                base.held.iter().cloned().collect()
+            }
+        })
+    }
+
+    fn mark_held(&mut self, tenant: &str, env: &Arc<str>, held: bool) {
+        if !held {
+            // The common case (a route served) costs a scan of the few held routes and
+            // no allocation.
+            let is = |(t, e): &HeldRoute| &**t == tenant && e == env;
+            let present = match &self.held {
+                Some(set) => set.iter().any(is),
+                None => !self.full && self.base.held.iter().any(is),
+            };
+            if !present {
+                return;
+            }
+        }
+        let set = self.held_set();
+        let key: HeldRoute = (Arc::from(tenant), env.clone());
+        if held {
+            set.insert(key);
+        } else {
+            set.remove(&key);
+        }
+    }
+
     fn shard(&mut self, tenant: &str) -> &mut Shard {
         let i = shard_of(shard_hasher(), tenant);
         let (full, base) = (self.full, &self.base.shards);
@@ -376,6 +500,7 @@ impl Draft<'_> {
         if removed {
             self.routes -= 1;
         }
+        self.mark_held(tenant, &env, false);
     }
 
     pub fn upsert(
@@ -424,10 +549,16 @@ impl Draft<'_> {
         if added {
             self.routes += 1;
         }
+        self.mark_held(tenant, &env, mode == RouteMode::Hold);
     }
 
     pub fn finish(self, revision: i64) -> (Snapshot, Vec<RejectedRoute>) {
         let (full, base) = (self.full, self.base);
+        let held: Arc<[HeldRoute]> = match self.held {
+            Some(set) => set.into_iter().collect(),
+            None if full => Arc::from(Vec::new()),
+            None => base.held.clone(),
+        };
         let shards: Arc<[Arc<Shard>]> = self
             .shards
             .into_iter()
@@ -446,6 +577,8 @@ impl Draft<'_> {
             shards,
             routes: self.routes.max(0) as usize,
             cells: Arc::from(Vec::new()),
+            held,
+            generation: 0,
         };
         let walk = full || snapshot.routes <= 100_000;
         snapshot.cells = self.builder.live_cells(&snapshot, walk);
@@ -525,5 +658,117 @@ mod tests {
         let (s, rej) = b.apply(&Snapshot::empty(), 1, true, &[bad], &[]);
         assert_eq!(s.routes, 0);
         assert_eq!(rej.len(), 1);
+    }
+
+    fn held(s: &Snapshot) -> Vec<(String, String)> {
+        s.held()
+            .iter()
+            .map(|(t, e)| (t.to_string(), e.to_string()))
+            .collect()
+    }
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(t, e)| (t.to_string(), e.to_string()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_held_list_follows_deltas_removals_full_loads_and_the_state_file() {
+        let mut b = builder();
+        let (s1, _) = b.apply(
+            &Snapshot::empty(),
+            1,
+            true,
+            &[
+                spec("acme", "prod", "c1", 1001, RouteMode::Hold),
+                spec("acme", "dev", "c1", 1001, RouteMode::Serve),
+                spec("globex", "prod", "c1", 1001, RouteMode::Hold),
+                spec("initech", "prod", "c1", 1001, RouteMode::Suspended),
+            ],
+            &[],
+        );
+        assert_eq!(held(&s1), pairs(&[("acme", "prod"), ("globex", "prod")]));
+        // A delta that touches no held route keeps the list (shared, not rebuilt).
+        let (s2, _) = b.apply(
+            &s1,
+            2,
+            false,
+            &[spec("hooli", "prod", "c2", 1002, RouteMode::Serve)],
+            &[],
+        );
+        assert!(Arc::ptr_eq(&s1.held, &s2.held));
+        // Served again, held anew, removed, and a refused upsert that changes nothing.
+        let mut bad = spec("globex", "prod", "c9", 1009, RouteMode::Serve);
+        bad.endpoint = "ftp://nowhere".into();
+        let (s3, rej) = b.apply(
+            &s2,
+            3,
+            false,
+            &[
+                spec("acme", "prod", "c2", 1002, RouteMode::Serve),
+                spec("acme", "dev", "c2", 1002, RouteMode::Hold),
+                spec("hooli", "prod", "c2", 1002, RouteMode::Hold),
+                bad,
+            ],
+            &[("initech".into(), "prod".into())],
+        );
+        assert_eq!(rej.len(), 1);
+        assert_eq!(
+            held(&s3),
+            pairs(&[("acme", "dev"), ("globex", "prod"), ("hooli", "prod")])
+        );
+        let (s4, _) = b.apply(
+            &s3,
+            4,
+            false,
+            &[],
+            &[
+                ("hooli".into(), "prod".into()),
+                ("acme".into(), "dev".into()),
+            ],
+        );
+        assert_eq!(held(&s4), pairs(&[("globex", "prod")]));
+        // Held and removed in one delta: gone.
+        let (s5, _) = b.apply(
+            &s4,
+            5,
+            false,
+            &[spec("wonka", "prod", "c1", 1001, RouteMode::Hold)],
+            &[("wonka".into(), "prod".into())],
+        );
+        assert_eq!(held(&s5), pairs(&[("globex", "prod"), ("wonka", "prod")]));
+        let (s5, _) = b.apply(&s5, 6, false, &[], &[("wonka".into(), "prod".into())]);
+        assert_eq!(held(&s5), pairs(&[("globex", "prod")]));
+        // Through the state file (a full load from scratch).
+        let mut file = Vec::new();
+        crate::wire::write_snapshot(&s5, &mut file).unwrap();
+        let loaded = crate::wire::apply_changes(&file, &mut builder(), &Snapshot::empty())
+            .unwrap()
+            .snapshot;
+        assert_eq!(held(&loaded), pairs(&[("globex", "prod")]));
+        // A full load replaces the list.
+        let (s6, _) = b.apply(
+            &s5,
+            7,
+            true,
+            &[
+                spec("globex", "prod", "c1", 1001, RouteMode::Serve),
+                spec("stark", "qa", "c1", 1001, RouteMode::Hold),
+            ],
+            &[],
+        );
+        assert_eq!(held(&s6), pairs(&[("stark", "qa")]));
+        let (s7, _) = b.apply(&s6, 8, true, &[], &[]);
+        assert!(s7.held().is_empty());
+    }
+
+    #[test]
+    fn env_slots_put_prod_first_and_spread_the_others() {
+        assert_eq!(env_slot("prod"), 0);
+        for e in ["dev", "stage", "qa", "preview-1", "x"] {
+            assert!((1..ENV_SLOTS).contains(&env_slot(e)), "{e}");
+            assert_eq!(env_slot(e), env_slot(e));
+        }
     }
 }

@@ -142,6 +142,7 @@ async fn requests_only_reach_their_own_tenants_current_route() {
                 max_tenant_histograms: 100,
                 workers: 1,
                 underscore_trusted_headers: Default::default(),
+                router_lease: Duration::ZERO,
             },
             Snapshot::empty(),
         );
@@ -157,6 +158,19 @@ async fn requests_only_reach_their_own_tenants_current_route() {
                 model.len(),
                 "seed {seed} rev {revision}"
             );
+            // The held routes the snapshot lists are exactly the model's.
+            let held: Vec<(String, String)> = applied
+                .snapshot
+                .held()
+                .iter()
+                .map(|(t, e)| (t.to_string(), e.to_string()))
+                .collect();
+            let want: Vec<(String, String)> = model
+                .iter()
+                .filter(|(_, v)| v.2 == RouteMode::Hold)
+                .map(|(k, _)| k.clone())
+                .collect();
+            assert_eq!(held, want, "seed {seed} rev {revision}");
             state.swap(applied.snapshot);
             for _ in 0..20 {
                 let (tenant, env, raw) = request(&mut rng);
