@@ -770,6 +770,11 @@ impl TestRouter {
         self.dir.path().join("router.log")
     }
 
+    /// The router process's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }

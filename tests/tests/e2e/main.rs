@@ -15,6 +15,7 @@ mod hardening;
 mod jobs;
 mod layers;
 mod lifecycle;
+mod moves;
 mod placement;
 mod replicas;
 mod router;
