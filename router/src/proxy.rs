@@ -2,7 +2,9 @@
 //! `ProxyHttp`): resolve the tenant → pick the route (admission: mode, rate limit, hold) →
 //! filter the request for the cell → forward → log. A request reads the table once, from
 //! one snapshot; only a held request looks again, after each swap, until it is released or
-//! its deadline passes. Every response the router makes itself is `application/problem+json`.
+//! its deadline passes (and a request that finds, when it commits to a cell, that a swap
+//! happened since it read the table: see [`commit`]). Every response the router makes
+//! itself is `application/problem+json`.
 
 use crate::h1;
 use crate::metrics::RouterCounters;
@@ -61,7 +63,8 @@ pub struct Fence {
     resync: AtomicU64,
     /// Wakes the watch for an immediate (`wait=0`) fetch.
     pub wake: Notify,
-    /// Times a gap was seen.
+    /// Times a gap was seen (the ticker and a request seeing the same gap at once may
+    /// both count it).
     pub trips: AtomicU64,
 }
 
@@ -147,6 +150,7 @@ impl Fence {
     }
 
     /// Tests: pretend the process last ran `ms` ago.
+    #[doc(hidden)]
     pub fn set_alive_ago(&self, ms: u64) {
         self.alive_at_ms
             .store(self.now_ms() - ms as i64, Ordering::SeqCst);

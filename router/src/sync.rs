@@ -1,7 +1,11 @@
 //! Keeping the table current: a long-poll watch on `GET /v1/routes?since=REV` with capped,
-//! jittered exponential backoff; heartbeats that ack the applied revision; and the writer
-//! that mirrors each applied snapshot to the state file. None of this is on the request
-//! path: when the control plane is unreachable the router keeps serving the table it has.
+//! jittered exponential backoff; heartbeats that ack the applied revision and the drained
+//! one (`{"applied_revision": R, "drained_revision": D, "stats": {…}}`: D is the newest
+//! revision whose held routes had no request left in flight to a cell, acked as soon as
+//! the last one ends); and the writer that mirrors each applied snapshot to the state
+//! file. None of this is on the request path: when the control plane is unreachable the
+//! router keeps serving the table it has. The rejoin fence (`proxy::Fence`) wakes the
+//! watch for an immediate fetch and is lifted by the first fetch that started after it.
 
 use crate::proxy::RouterState;
 use crate::table::TableBuilder;
