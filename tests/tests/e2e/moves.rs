@@ -663,7 +663,14 @@ async fn a_move_killed_at_each_step_finishes_after_a_restart() {
         "verify/after",
         "flip/after",
     ];
-    let mut f = fleet(Backend::Sqlite, options(), 1, 300).await;
+    // A short job lease: the restarted control plane takes the killed one's job sooner.
+    let mut f = fleet(
+        Backend::Sqlite,
+        options().with("CELLPLANE__JOBS__LEASE_SECS", "4"),
+        1,
+        300,
+    )
+    .await;
     let mut from = "pool-1";
     for step in steps {
         let to = if from == "pool-1" { "pool-2" } else { "pool-1" };
@@ -672,7 +679,7 @@ async fn a_move_killed_at_each_step_finishes_after_a_restart() {
             &format!("tenant.move/{step}=kill@1"),
         );
         f.app.kill9();
-        f.app.start().await.unwrap();
+        f.app.start_same_address().await.unwrap();
         let started = f
             .start_move("acme", json!({"env": "prod", "target_cell_id": to}))
             .await;
@@ -680,7 +687,7 @@ async fn a_move_killed_at_each_step_finishes_after_a_restart() {
             f.app.wait_exit(MOVE_TIMEOUT).await,
             "the control plane dies at tenant.move/{step}"
         );
-        f.app.start().await.unwrap();
+        f.app.start_same_address().await.unwrap();
         let m = f.ended(&started.move_.move_id).await;
         assert_eq!(
             m.state,

@@ -666,6 +666,7 @@ impl TenantMove {
         st.hold_ms = hold_ms;
         st.evidence.insert("flip_revision".into(), json!(rev));
         st.evidence.insert("hold_ms".into(), json!(hold_ms));
+        st.evidence.insert("hold_at_ms".into(), json!(st.hold_at_ms));
         tx.audit(AuditInput {
             tenant_id: Some(tenant),
             event_type: "TENANCY_MOVED",
