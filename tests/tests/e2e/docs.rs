@@ -79,7 +79,12 @@ fn runnable_markers_are_found() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runbook_commands_run_as_written() {
     let root = repo_root();
-    for name in ["place-and-route.md", "stamp-a-cell.md", "webhooks.md"] {
+    for name in [
+        "place-and-route.md",
+        "stamp-a-cell.md",
+        "webhooks.md",
+        "move-a-tenant.md",
+    ] {
         // The webhooks runbook's receiver listens on loopback.
         let options =
             AppOptions::default().with("CELLPLANE__WEBHOOKS__ALLOW_PRIVATE_DESTINATIONS", "true");

@@ -127,6 +127,8 @@ struct Stats {
     failed: Vec<String>,
     /// key → the last value a 2xx acknowledged.
     acked: BTreeMap<String, String>,
+    /// (start, Unix ms; latency, µs) of every request.
+    samples: Vec<(i64, u64)>,
 }
 
 /// Steady mixed read/write load on one tenant, spread over the routers: `workers` loops,
@@ -156,6 +158,8 @@ impl Load {
                     i += 1;
                     let write = i % 2 == 0 || i < 4;
                     let key = format!("load-{w}-{}", i % 200);
+                    let t0 = std::time::Instant::now();
+                    let at = chrono::Utc::now().timestamp_millis();
                     let (result, value) = if write {
                         let value = format!("{w}:{i}");
                         let res = http
@@ -174,7 +178,9 @@ impl Load {
                             .await;
                         (res, None)
                     };
+                    let took = t0.elapsed().as_micros() as u64;
                     let mut st = stats.lock().unwrap();
+                    st.samples.push((at, took));
                     match result {
                         Ok(r) if r.status().is_success() => {
                             st.ok += 1;
@@ -734,4 +740,119 @@ async fn a_move_to_a_dedicated_cell_stamps_it_in_the_same_job() {
         .wait_revision(f.app.routing_revision().await)
         .await;
     assert_readable(&f.routers[0], "acme", &Stats::default(), 500, "acme-ded").await;
+}
+
+fn pct(v: &mut [u64], p: f64) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    v.sort_unstable();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+// The move benchmark (bench/move/run.sh runs it with release binaries): MOVES moves of a
+// KEYS-key tenant back and forth between two pooled cells under steady load through two
+// routers (the moving tenant and a neighbour, ~300 requests/s each). Prints a markdown
+// table: hold p50/p99/max against the 250 ms target, failed requests, request latency
+// p99 during holds against outside them (the baseline, same run), copy throughput, move
+// time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "benchmark: bench/move/run.sh"]
+async fn bench_moves() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (moves, keys) = (env("MOVES", 20), env("KEYS", 10_000));
+    let backend = match std::env::var("BACKEND").as_deref() {
+        Ok("postgres") => Backend::Postgres,
+        _ => Backend::Sqlite,
+    };
+    let f = fleet(backend, options(), 2, keys).await;
+    let rs: Vec<&TestRouter> = f.routers.iter().collect();
+    let acme = Load::start("acme", &rs, 6, Duration::from_millis(20));
+    let globex = Load::start("globex", &rs, 6, Duration::from_millis(20));
+    let mut done = Vec::new();
+    let mut to = "pool-2";
+    for _ in 0..moves {
+        let t0 = std::time::Instant::now();
+        let started = f
+            .start_move("acme", json!({"env": "prod", "target_cell_id": to}))
+            .await;
+        // The tenant is moved at the flip; the purge follows after the grace period.
+        let m = eventually(MOVE_TIMEOUT, || async {
+            let m = f.get_move(&started.move_.move_id).await;
+            (m.hold_ms.is_some() || m.state != cellplane_api::MoveState::Running).then_some(m)
+        })
+        .await
+        .unwrap();
+        let took = t0.elapsed();
+        assert!(m.hold_ms.is_some(), "{m:?}");
+        let m = f.ended(&m.move_id).await;
+        assert_eq!(m.state, cellplane_api::MoveState::Succeeded, "{m:?}");
+        done.push((m, took));
+        to = if to == "pool-2" { "pool-1" } else { "pool-2" };
+    }
+    let acme = acme.finish().await;
+    let globex = globex.finish().await;
+    let holds: Vec<(i64, i64)> = done
+        .iter()
+        .map(|(m, _)| {
+            let at = m.evidence["hold_at_ms"].as_i64().unwrap();
+            (at, at + m.hold_ms.unwrap())
+        })
+        .collect();
+    let mut during = Vec::new();
+    let mut outside = Vec::new();
+    for (at, us) in acme.samples.iter().chain(globex.samples.iter()) {
+        if holds.iter().any(|(a, b)| at >= a && at <= b) {
+            during.push(*us);
+        } else {
+            outside.push(*us);
+        }
+    }
+    let mut hold: Vec<u64> = done
+        .iter()
+        .map(|(m, _)| m.hold_ms.unwrap() as u64)
+        .collect();
+    let mut total: Vec<u64> = done.iter().map(|(_, t)| t.as_millis() as u64).collect();
+    let rate: Vec<f64> = done
+        .iter()
+        .map(|(m, _)| {
+            let r = &m.evidence["rounds"][0];
+            r["records"].as_f64().unwrap() / (r["ms"].as_f64().unwrap().max(1.0) / 1000.0)
+        })
+        .collect();
+    let mut rate_sorted: Vec<u64> = rate.iter().map(|r| *r as u64).collect();
+    let failed = acme.failed.len() + globex.failed.len();
+    let (h50, h99, hmax) = (
+        pct(&mut hold, 0.5),
+        pct(&mut hold, 0.99),
+        pct(&mut hold, 1.0),
+    );
+    let (d99, o99) = (pct(&mut during, 0.99), pct(&mut outside, 0.99));
+    println!("\n### {moves} moves of a {keys}-key tenant ({backend:?}, 2 routers, ~300 req/s per tenant)\n");
+    println!("| measure | value | baseline / target | ratio |");
+    println!("| --- | --- | --- | --- |");
+    println!("| hold p50 / p99 / max | {h50} / {h99} / {hmax} ms | target p99 ≤ 250 ms (stretch 100) | {:.2} |", h99 as f64 / 250.0);
+    println!(
+        "| requests failed | {failed} of {} | 0 | - |",
+        acme.ok + globex.ok + failed as u64
+    );
+    println!("| request latency p99 during holds ({} requests) | {:.1} ms | outside holds ({} requests): {:.1} ms | {:.1}× |",
+        during.len(), d99 as f64 / 1000.0, outside.len(), o99 as f64 / 1000.0, d99 as f64 / o99.max(1) as f64);
+    println!(
+        "| snapshot copy (rows/s) p50 / min | {} / {} | target ≥ 50,000 | {:.2} |",
+        pct(&mut rate_sorted, 0.5),
+        pct(&mut rate_sorted, 0.0),
+        pct(&mut rate_sorted, 0.5) as f64 / 50_000.0
+    );
+    println!(
+        "| request → flip (move time) p50 / max | {} / {} ms | - | - |",
+        pct(&mut total, 0.5),
+        pct(&mut total, 1.0)
+    );
+    assert_eq!(failed, 0, "{:?} {:?}", acme.failed, globex.failed);
 }

@@ -49,6 +49,7 @@ pub fn kinds() -> &'static [&'static dyn DynKind] {
             &tenant_delete::TenantDelete,
             &tenant_place::TenantPlace,
             &tenant_move::TenantMove,
+            &tenant_move::TenantMovePurge,
             &cell_stamp::CellStamp,
             &cell_apply::CellApply,
             &cell_destroy::CellDestroy,

@@ -69,7 +69,6 @@ const STEPS: &[&str] = &[
     "final-delta",
     "verify",
     "flip",
-    "purge-source",
 ];
 const FLIP: usize = 10;
 
@@ -507,64 +506,6 @@ impl TenantMove {
                 )))
             }
             "flip" => self.flip(cx, spec, st).await,
-            "purge-source" => {
-                let flipped_at = st.flipped_at_ms.unwrap_or(0);
-                let due = flipped_at + (cfg.purge_grace_secs as i64) * 1000;
-                let now = now_ms();
-                if now < due {
-                    return Ok(Next::Wait(format!(
-                        "the source keeps its frozen copy until {} ({} s grace)",
-                        crate::persistence::fmt_time(
-                            chrono::DateTime::from_timestamp_millis(due).unwrap_or_default()
-                        ),
-                        cfg.purge_grace_secs
-                    )));
-                }
-                let from = match endpoint(shared, &spec.source_cell_id).await {
-                    Ok(f) => Some(f),
-                    Err(why) => {
-                        tracing::warn!(reason = %why, "the source cannot be purged");
-                        None
-                    }
-                };
-                let purged = match &from {
-                    Some(f) => match shared.cells.purge(f, tenant).await {
-                        Ok(n) => Some(n),
-                        Err(CellError::Unavailable { detail, .. }) => {
-                            return Ok(Next::Wait(format!(
-                                "purging the source: {detail}; trying again"
-                            )))
-                        }
-                        Err(e) => return Err(StepError::Fatal(e.to_string())),
-                    },
-                    None => None,
-                };
-                st.evidence.insert("purged_rows".into(), json!(purged));
-                let mut tx = store.write().await?;
-                if tx.take_source_hold(&spec.move_id).await? {
-                    tx.give_back_capacity(&spec.source_cell_id, spec.units)
-                        .await?;
-                    tx.audit(AuditInput {
-                        tenant_id: Some(tenant),
-                        event_type: "TENANCY_MOVE_SOURCE_PURGED",
-                        actor: "system:moves",
-                        target: &tenant_target(tenant),
-                        payload: json!({"move_id": spec.move_id, "env": spec.env,
-                                        "cell_id": spec.source_cell_id, "purged_rows": purged,
-                                        "units_released": spec.units}),
-                        correlation_id: cx.correlation_id(),
-                    })
-                    .await?;
-                }
-                tx.commit().await?;
-                Ok(Next::Continue(format!(
-                    "source {} purged ({} record(s)); its capacity given back",
-                    spec.source_cell_id,
-                    purged
-                        .map(|n| n.to_string())
-                        .unwrap_or_else(|| "unknown".into())
-                )))
-            }
             other => Err(StepError::Fatal(format!("unknown step {other}"))),
         }
     }
@@ -666,7 +607,8 @@ impl TenantMove {
         st.hold_ms = hold_ms;
         st.evidence.insert("flip_revision".into(), json!(rev));
         st.evidence.insert("hold_ms".into(), json!(hold_ms));
-        st.evidence.insert("hold_at_ms".into(), json!(st.hold_at_ms));
+        st.evidence
+            .insert("hold_at_ms".into(), json!(st.hold_at_ms));
         tx.audit(AuditInput {
             tenant_id: Some(tenant),
             event_type: "TENANCY_MOVED",
@@ -802,8 +744,16 @@ impl Kind for TenantMove {
         evidence.insert("hold_ms".into(), json!(state.hold_ms.or(m.public.hold_ms)));
         let evidence = serde_json::Value::Object(evidence);
         if *end == End::Succeeded {
-            tx.end_move(&spec.move_id, MoveState::Succeeded, None, &evidence)
-                .await?;
+            // The tenant is on the target: the job ends here and lets go of the tenant; the
+            // purge of the source waits out its grace period in a job of its own (the move
+            // stays `running` until then, so the environment is not moved again before).
+            let purge = PurgeSpec {
+                spec: spec.clone(),
+                flipped_at_ms: state.flipped_at_ms.unwrap_or_else(now_ms),
+                evidence: state.evidence.clone(),
+            };
+            super::enqueue::<TenantMovePurge>(tx, &purge, job.max_attempts, corr).await?;
+            tx.move_step(&spec.move_id, "purge-source").await?;
             return Ok(Finished::default());
         }
         let error = end.error().unwrap_or("failed").to_string();
@@ -873,5 +823,166 @@ impl Kind for TenantMove {
         Ok(Finished {
             routes_revision: revision,
         })
+    }
+}
+
+/// The purge that follows a move's flip.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PurgeSpec {
+    #[serde(flatten)]
+    pub spec: MoveSpec,
+    /// When the move flipped (Unix ms): the grace period counts from here.
+    pub flipped_at_ms: i64,
+    /// The move's evidence so far; the purge adds to it.
+    #[serde(default)]
+    pub evidence: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `tenant.move-purge`: after a move's flip and its grace period, purges the tenant's
+/// (frozen) copy from the source cell and gives the source's capacity back; then the move
+/// has succeeded. Holds no lock: the tenant is already served by the target.
+pub struct TenantMovePurge;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PurgeState {
+    pub purged_rows: Option<i64>,
+}
+
+impl Kind for TenantMovePurge {
+    const NAME: &'static str = "tenant.move-purge";
+    type Spec = PurgeSpec;
+    type State = PurgeState;
+
+    fn target(p: &PurgeSpec) -> String {
+        tenant_target(&p.spec.tenant_id)
+    }
+    fn locks(_p: &PurgeSpec) -> Vec<String> {
+        Vec::new()
+    }
+    fn tenant(p: &PurgeSpec) -> Option<&str> {
+        Some(&p.spec.tenant_id)
+    }
+    fn steps(&self) -> Vec<&'static str> {
+        vec!["purge-source"]
+    }
+    fn wait_limit(&self, shared: &Shared) -> Duration {
+        Duration::from_secs(shared.settings().moves.purge_grace_secs + 7 * 86_400)
+    }
+    fn wait_poll(&self, shared: &Shared) -> Duration {
+        Duration::from_millis(shared.settings().job_wait_poll_ms.clamp(10, 1_000))
+    }
+    async fn step(
+        &self,
+        cx: &StepCx<'_>,
+        p: &PurgeSpec,
+        st: &mut PurgeState,
+        _index: usize,
+    ) -> Result<Next, StepError> {
+        let shared = cx.shared();
+        let store = shared.store();
+        let cfg = &shared.settings().moves;
+        let spec = &p.spec;
+        let tenant = spec.tenant_id.as_str();
+        let due = p.flipped_at_ms + (cfg.purge_grace_secs as i64) * 1000;
+        if now_ms() < due {
+            return Ok(Next::Wait(format!(
+                "the source keeps its frozen copy until {} ({} s grace)",
+                crate::persistence::fmt_time(
+                    chrono::DateTime::from_timestamp_millis(due).unwrap_or_default()
+                ),
+                cfg.purge_grace_secs
+            )));
+        }
+        // Never purge the cell the environment lives on (defensive: a move holds the
+        // environment until its purge, so it cannot have come back).
+        let on = store
+            .list_environments(tenant)
+            .await?
+            .into_iter()
+            .find(|e| e.name == spec.env)
+            .and_then(|e| e.cell_id);
+        let purged = if on.as_deref() == Some(spec.source_cell_id.as_str()) {
+            tracing::warn!(tenant_id = tenant, cell_id = %spec.source_cell_id,
+                "the environment is on the source again: not purged");
+            None
+        } else {
+            match endpoint(shared, &spec.source_cell_id).await {
+                Ok(f) => match shared.cells.purge(&f, tenant).await {
+                    Ok(n) => Some(n),
+                    Err(CellError::Unavailable { detail, .. }) => {
+                        return Ok(Next::Wait(format!(
+                            "purging the source: {detail}; trying again"
+                        )))
+                    }
+                    Err(e) => return Err(StepError::Fatal(e.to_string())),
+                },
+                Err(why) => {
+                    tracing::warn!(reason = %why, "the source cannot be purged");
+                    None
+                }
+            }
+        };
+        st.purged_rows = purged;
+        Ok(Next::Continue(format!(
+            "source {} purged ({} record(s))",
+            spec.source_cell_id,
+            purged
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "none".into())
+        )))
+    }
+
+    async fn finish(
+        &self,
+        tx: &mut WriteTx,
+        cx: &FinishCx<'_>,
+        p: &PurgeSpec,
+        st: &PurgeState,
+        end: &End,
+    ) -> Result<Finished, StoreError> {
+        let spec = &p.spec;
+        let job = &cx.job.job;
+        let mut evidence = p.evidence.clone();
+        evidence.insert("purged_rows".into(), json!(st.purged_rows));
+        let evidence = serde_json::Value::Object(evidence);
+        if *end != End::Succeeded {
+            let error = format!(
+                "the tenant is on {}; purging the source {} failed: {}",
+                spec.target_cell_id,
+                spec.source_cell_id,
+                end.error().unwrap_or("failed")
+            );
+            tx.end_move(&spec.move_id, MoveState::Failed, Some(&error), &evidence)
+                .await?;
+            tx.audit(AuditInput {
+                tenant_id: Some(&spec.tenant_id),
+                event_type: "TENANCY_MOVE_FAILED",
+                actor: "system:moves",
+                target: &job.target,
+                payload: json!({"move_id": spec.move_id, "job_id": job.job_id, "env": spec.env,
+                                "error": error, "flipped": true, "source_purged": false}),
+                correlation_id: job.correlation_id.as_deref(),
+            })
+            .await?;
+            return Ok(Finished::default());
+        }
+        if tx.take_source_hold(&spec.move_id).await? {
+            tx.give_back_capacity(&spec.source_cell_id, spec.units)
+                .await?;
+            tx.audit(AuditInput {
+                tenant_id: Some(&spec.tenant_id),
+                event_type: "TENANCY_MOVE_SOURCE_PURGED",
+                actor: "system:moves",
+                target: &job.target,
+                payload: json!({"move_id": spec.move_id, "env": spec.env,
+                                "cell_id": spec.source_cell_id, "purged_rows": st.purged_rows,
+                                "units_released": spec.units}),
+                correlation_id: job.correlation_id.as_deref(),
+            })
+            .await?;
+        }
+        tx.end_move(&spec.move_id, MoveState::Succeeded, None, &evidence)
+            .await?;
+        Ok(Finished::default())
     }
 }

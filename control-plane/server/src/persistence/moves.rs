@@ -347,3 +347,18 @@ impl WriteTx {
         Ok(())
     }
 }
+
+impl WriteTx {
+    /// Records the step a move is at.
+    pub async fn move_step(&mut self, move_id: &str, step: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE moves SET step = $1, updated_at = $2 WHERE move_id = $3 AND state = 'running'",
+        )
+        .bind(step)
+        .bind(super::now())
+        .bind(move_id)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+}
