@@ -156,7 +156,7 @@ impl Load {
                 while !stop.load(Ordering::Relaxed) {
                     tick.tick().await;
                     i += 1;
-                    let write = i % 2 == 0 || i < 4;
+                    let write = i.is_multiple_of(2) || i < 4;
                     let key = format!("load-{w}-{}", i % 200);
                     let t0 = std::time::Instant::now();
                     let at = chrono::Utc::now().timestamp_millis();
