@@ -265,6 +265,12 @@ pub struct CreateTenant {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchTenant {
+    /// A new profile, alone in its request. `mt-standard` → `st-dedicated` on an active
+    /// tenant moves its placed environment to a dedicated cell stamped for it (answered
+    /// 202 with the move; the profile changes at the move's flip); on a tenant with
+    /// nothing placed it just changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Profile>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quotas: Option<Quotas>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -390,6 +396,8 @@ pub enum CellState {
     Provisioning,
     Active,
     Draining,
+    /// Drained by `cell.drain`: no tenant environment is left on it.
+    Drained,
     Destroying,
     Destroyed,
     Failed,
@@ -402,6 +410,7 @@ impl CellState {
             Self::Provisioning => "provisioning",
             Self::Active => "active",
             Self::Draining => "draining",
+            Self::Drained => "drained",
             Self::Destroying => "destroying",
             Self::Destroyed => "destroyed",
             Self::Failed => "failed",
@@ -413,6 +422,7 @@ impl CellState {
             Self::Provisioning,
             Self::Active,
             Self::Draining,
+            Self::Drained,
             Self::Destroying,
             Self::Destroyed,
             Self::Failed,

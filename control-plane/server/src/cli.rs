@@ -417,10 +417,18 @@ pub enum CellCmd {
         #[arg(long)]
         wait: bool,
     },
-    /// Stop placing new tenants on the cell.
+    /// Stop placing new tenants on the cell; with --move, also move every tenant off it (a
+    /// few at a time, to cells chosen by placement); the cell ends `drained`.
+    #[command(after_help = "Example:\n  cellplane cell drain euw1-pool-1 --move --wait")]
     Drain {
         /// Cell id.
         id: String,
+        /// Move every tenant environment off the cell (a `cell.drain` job).
+        #[arg(long = "move")]
+        move_tenants: bool,
+        /// With --move: follow the drain job until it ends.
+        #[arg(long, requires = "move_tenants")]
+        wait: bool,
     },
     /// Destroys the cell's stack (refused while tenants are placed on it).
     Delete {
@@ -1153,6 +1161,7 @@ async fn tenant(c: Client, cmd: TenantCmd, json: bool) -> CliResult {
             if_match,
         } => {
             let body = PatchTenant {
+                profile: None,
                 quotas: parse_json_arg("quotas", quotas)?,
                 policies: parse_json_arg("policies", policies)?,
                 billing: parse_json_arg("billing", billing)?,
@@ -1472,14 +1481,26 @@ async fn cell(c: Client, cmd: CellCmd, json: bool) -> CliResult {
             .await?,
             wait,
         ),
-        CellCmd::Drain { id } => {
-            let cell: Cell = c
-                .post(
-                    &format!("/v1/cells/{}/drain", id_arg("cell", &id)?),
-                    &serde_json::json!({}),
-                )
-                .await?;
-            (CellWithJob { cell, job: None }, false)
+        CellCmd::Drain {
+            id,
+            move_tenants,
+            wait,
+        } => {
+            let id = id_arg("cell", &id)?;
+            if move_tenants {
+                let out: CellWithJob = c
+                    .post(
+                        &format!("/v1/cells/{id}/drain?move=true"),
+                        &serde_json::json!({}),
+                    )
+                    .await?;
+                (out, wait)
+            } else {
+                let cell: Cell = c
+                    .post(&format!("/v1/cells/{id}/drain"), &serde_json::json!({}))
+                    .await?;
+                (CellWithJob { cell, job: None }, false)
+            }
         }
         CellCmd::Delete { id, wait } => (
             c.delete(&format!("/v1/cells/{}", id_arg("cell", &id)?))

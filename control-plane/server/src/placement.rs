@@ -562,6 +562,34 @@ impl Placement {
         }
     }
 
+    /// Where a move of a pooled tenant environment off `exclude`d cells should go: the best
+    /// ranked active pooled cell with room in the regions the environment may live in
+    /// (none when no cell can take it).
+    pub async fn move_target(
+        &self,
+        t: &TenantRow,
+        region: &str,
+        units: u64,
+        exclude: &[String],
+    ) -> Result<Option<Ranked>> {
+        let regions = candidate_regions(
+            region,
+            t.policies.data_residency,
+            t.policies.allowed_regions.as_deref(),
+        );
+        let policy = self.region_policy(region).await?;
+        let cells: Vec<Cell> = self
+            .store
+            .active_cells_in("pooled", &regions)
+            .await?
+            .into_iter()
+            .filter(|c| !exclude.contains(&c.cell_id))
+            .collect();
+        Ok(rank(&cells, &regions, units, policy.strategy)
+            .into_iter()
+            .next())
+    }
+
     /// The dedicated cell of a tenant environment when it is active (`Ok`), or what to do
     /// first (`Err`): stamp it, wait for it, or why it cannot be had. Reserves nothing:
     /// placement and moves reserve on the cell themselves.

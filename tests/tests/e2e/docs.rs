@@ -86,8 +86,11 @@ async fn runbook_commands_run_as_written() {
         "move-a-tenant.md",
     ] {
         // The webhooks runbook's receiver listens on loopback.
-        let options =
-            AppOptions::default().with("CELLPLANE__WEBHOOKS__ALLOW_PRIVATE_DESTINATIONS", "true");
+        // The move runbook drains a cell whose tenant was just moved: a short purge grace
+        // lets that move end (and the tenant be moved again) within the test.
+        let options = AppOptions::default()
+            .with("CELLPLANE__WEBHOOKS__ALLOW_PRIVATE_DESTINATIONS", "true")
+            .with("CELLPLANE__MOVES__PURGE_GRACE_SECS", "1");
         let app = TestApp::spawn_with(Backend::Sqlite, options).await;
         // Outside the source tree: commands find their templates in the binary.
         let cwd = tempfile::tempdir().unwrap();

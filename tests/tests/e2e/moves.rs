@@ -712,15 +712,49 @@ async fn a_move_killed_at_each_step_finishes_after_a_restart() {
     }
 }
 
-// pooled → dedicated: the job stamps the tenant's dedicated cell and moves there; the
-// tenant's profile and placement show it.
+// pooled → dedicated by a profile change (`PATCH … {"profile": "st-dedicated"}`; the
+// runbook does the same with `"target": "dedicated"`): the job stamps the tenant's
+// dedicated cell and moves there; the tenant's profile and placement show it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_to_a_dedicated_cell_stamps_it_in_the_same_job() {
     let f = fleet(Backend::Sqlite, options(), 1, 500).await;
-    let started = f
-        .start_move("acme", json!({"env": "prod", "target": "dedicated"}))
-        .await;
+    // A tenant-admin may not change its profile (it moves cells).
+    let own = f
+        .app
+        .admin
+        .post::<_, Value>(
+            "/v1/tokens",
+            &json!({"role": "tenant-admin", "tenant_id": "acme"}),
+        )
+        .await
+        .unwrap();
+    let r = reqwest::Client::new()
+        .patch(format!("{}/v1/tenants/acme", f.app.url))
+        .bearer_auth(own["token"].as_str().unwrap())
+        .json(&json!({"profile": "st-dedicated"}))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(r, 403).await;
+    let r = f
+        .app
+        .req(Method::PATCH, "/v1/tenants/acme")
+        .json(&json!({"profile": "st-dedicated", "billing": {"plan": "x"}}))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(r, 400).await;
+    let r = f
+        .app
+        .req(Method::PATCH, "/v1/tenants/acme")
+        .json(&json!({"profile": "st-dedicated"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let started: cellplane_api::MoveWithJob = r.json().await.unwrap();
     assert_eq!(started.move_.target_cell_id, "acme-ded");
+    assert!(started.move_.dedicated);
     let m = f.ended(&started.move_.move_id).await;
     assert_eq!(
         m.state,
@@ -855,4 +889,137 @@ async fn bench_moves() {
         pct(&mut total, 1.0)
     );
     assert_eq!(failed, 0, "{:?} {:?}", acme.failed, globex.failed);
+}
+
+// `cell drain --move`: every tenant environment leaves the cell (two moves at a time, to
+// cells placement chooses), requests keep being answered, and the cell ends `drained`
+// with nothing left on it once the sources are purged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_cell_moves_every_tenant_off_it() {
+    let f = fleet(Backend::Sqlite, options(), 1, 1_000).await;
+    let rs: Vec<&TestRouter> = f.routers.iter().collect();
+    let load = Load::start("globex", &rs, 4, Duration::from_millis(20));
+    let r = f
+        .app
+        .req(Method::POST, "/v1/cells/pool-1/drain?move=true")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let out: cellplane_api::CellWithJob = r.json().await.unwrap();
+    assert_eq!(out.cell.state, cellplane_api::CellState::Draining);
+    let job = out.job.expect("a drain job");
+    assert_eq!(job.kind, "cell.drain");
+    // The drained cell cannot be destroyed while its drain runs.
+    let r = f
+        .app
+        .req(Method::DELETE, "/v1/cells/pool-1")
+        .send()
+        .await
+        .unwrap();
+    let p = expect_problem(r, 409).await;
+    assert!(p["detail"].as_str().unwrap().contains("job-"), "{p}");
+    let done = f.app.wait_job(&job.job_id, MOVE_TIMEOUT).await;
+    let stats = load.finish().await;
+    assert_eq!(
+        done.state,
+        cellplane_api::JobState::Succeeded,
+        "{done:?}\n{}",
+        f.app.job_log(&job.job_id).await
+    );
+    assert!(stats.failed.is_empty(), "{:?}", stats.failed);
+    assert_eq!(
+        f.app.cell("pool-1").await.state,
+        cellplane_api::CellState::Drained
+    );
+    for t in ["acme", "globex"] {
+        // In-region-only residency: pool-2, never the us-east-1 cell.
+        assert_eq!(f.cell_of(t).await, "pool-2", "{t}");
+    }
+    // Once the purges ran, nothing is held on the drained cell.
+    eventually(MOVE_TIMEOUT, || async {
+        (f.used("pool-1").await == (0, 0)).then_some(())
+    })
+    .await
+    .unwrap();
+    f.routers[0]
+        .wait_revision(f.app.routing_revision().await)
+        .await;
+    assert_readable(&f.routers[0], "acme", &Stats::default(), 1_000, "pool-2").await;
+    assert_readable(&f.routers[0], "globex", &stats, 0, "pool-2").await;
+}
+
+// A router paused for longer than its lease is excluded and the move goes on without it;
+// when it resumes, its first request of the moved tenant goes to the target (it takes the
+// current table before serving a route again), never to the frozen source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_back_from_a_pause_serves_the_moved_tenant_from_the_target() {
+    let f = fleet(
+        Backend::Sqlite,
+        options()
+            .with("CELLPLANE__ROUTING__ROUTER_LIVE_SECS", "3")
+            .with("CELLPLANE__MOVES__PURGE_GRACE_SECS", "120"),
+        1,
+        200,
+    )
+    .await;
+    let token = f.app.token("router").await;
+    let paused = TestRouter::spawn(
+        &f.app.url,
+        &token,
+        &["--heartbeat-secs", "1", "--router-lease-secs", "2"],
+    )
+    .await;
+    paused.wait_revision(f.app.routing_revision().await).await;
+    let r = paused
+        .tenant_req(Method::GET, "acme", "/v1/kv/seed-000001")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-cell-id"], "pool-1");
+    let pid = paused.pid().unwrap();
+    stop_cont(pid, nix::sys::signal::Signal::SIGSTOP).await;
+    // The control plane stops counting it once its lease has run out.
+    eventually(Duration::from_secs(30), || async {
+        let v: Value = f.app.admin.get("/v1/routers").await.ok()?;
+        let live = v["items"]
+            .as_array()?
+            .iter()
+            .filter(|r| r["live"] == true)
+            .count();
+        (live == 1).then_some(())
+    })
+    .await
+    .expect("the paused router drops out");
+    let started = f
+        .start_move("acme", json!({"env": "prod", "target_cell_id": "pool-2"}))
+        .await;
+    let m = eventually(MOVE_TIMEOUT, || async {
+        let m = f.get_move(&started.move_.move_id).await;
+        (m.hold_ms.is_some() || m.state != cellplane_api::MoveState::Running).then_some(m)
+    })
+    .await
+    .unwrap();
+    assert!(m.hold_ms.is_some(), "{m:?}");
+    assert_eq!(m.evidence["router_acks"].as_array().unwrap().len(), 1);
+    stop_cont(pid, nix::sys::signal::Signal::SIGCONT).await;
+    let r = paused
+        .tenant_req(Method::GET, "acme", "/v1/kv/seed-000001")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-cell-id"],
+        "pool-2",
+        "the first request after the pause goes to the target"
+    );
+    let r = paused
+        .tenant_req(Method::PUT, "acme", "/v1/kv/after-pause")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(r.headers()["x-cell-id"], "pool-2");
 }

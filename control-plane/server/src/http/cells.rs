@@ -105,20 +105,38 @@ pub async fn patch(
     Ok(with_etag(StatusCode::OK, cell.version, &cell))
 }
 
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct DrainParams {
+    /// Also move every tenant environment off the cell (a `cell.drain` job; 202).
+    #[serde(rename = "move")]
+    pub move_tenants: Option<bool>,
+}
+
 #[utoipa::path(post, path = "/v1/cells/{cell_id}/drain", tag = "cells",
-    params(("cell_id" = String, Path), ("If-Match" = Option<String>, Header)),
-    responses((status = 200, body = Cell), (status = 404, body = Problem), (status = 409, body = Problem)))]
+    params(("cell_id" = String, Path), ("If-Match" = Option<String>, Header), DrainParams),
+    responses((status = 200, body = Cell), (status = 202, body = CellWithJob, description = "with move=true: the cell and its drain job"),
+        (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn drain(
     State(s): State<AppState>,
     Extension(p): Extension<Principal>,
     Extension(c): Extension<CorrelationId>,
     path: PathParams,
     IfMatch(if_match): IfMatch,
+    ApiQuery(q): ApiQuery<DrainParams>,
 ) -> ApiResult<Response> {
     let id = path.id("cell_id")?;
     p.allow(Access::Write)?;
-    let cell = s.service.drain_cell(&ctx(&p, &c), &id, if_match).await?;
-    Ok(with_etag(StatusCode::OK, cell.version, &cell))
+    let move_tenants = q.move_tenants.unwrap_or(false);
+    let out = s
+        .service
+        .drain_cell(&ctx(&p, &c), &id, if_match, move_tenants)
+        .await?;
+    if move_tenants {
+        return Ok(with_etag(StatusCode::ACCEPTED, out.cell.version, &out));
+    }
+    Ok(with_etag(StatusCode::OK, out.cell.version, &out.cell))
 }
 
 #[utoipa::path(delete, path = "/v1/cells/{cell_id}", tag = "cells",

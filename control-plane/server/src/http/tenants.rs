@@ -10,8 +10,8 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::{Extension, Json};
 use cellplane_api::{
-    validate_id, CreateEnvironment, CreateTenant, Environment, Job, LifecycleAction, Page,
-    PatchTenant, Problem, Tenant, TenantState,
+    validate_id, CreateEnvironment, CreateTenant, Environment, Job, LifecycleAction, MoveWithJob,
+    Page, PatchTenant, Problem, Tenant, TenantState,
 };
 use serde::Deserialize;
 
@@ -115,7 +115,9 @@ pub async fn get_one(
 
 #[utoipa::path(patch, path = "/v1/tenants/{tenant_id}", tag = "tenants", request_body = PatchTenant,
     params(("tenant_id" = String, Path), ("If-Match" = Option<String>, Header, description = "expected version, quoted")),
-    responses((status = 200, body = Tenant), (status = 400, body = Problem), (status = 404, body = Problem),
+    responses((status = 200, body = Tenant),
+               (status = 202, body = MoveWithJob, description = "a profile change that moves the tenant to a dedicated cell"),
+               (status = 400, body = Problem), (status = 404, body = Problem),
                (status = 409, body = Problem), (status = 412, body = Problem)))]
 pub async fn patch(
     State(s): State<AppState>,
@@ -127,6 +129,31 @@ pub async fn patch(
 ) -> ApiResult<Response> {
     let id = path.id("tenant_id")?;
     p.allow_tenant(&id, Access::Write)?;
+    if req.profile.is_some() {
+        // A profile change may move the tenant between cells: operators only.
+        if p.tenant_scope().is_some() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "forbidden",
+                "only operators and admins change a tenant's profile",
+            ));
+        }
+        return match s
+            .service
+            .change_profile(&ctx(&p, &c), &id, if_match, req)
+            .await?
+        {
+            crate::service::ProfileChange::Changed(t) => {
+                Ok(with_etag(StatusCode::OK, t.version, &t))
+            }
+            crate::service::ProfileChange::Moving(m) => Ok(super::with_location(
+                StatusCode::ACCEPTED,
+                &format!("/v1/moves/{}", m.move_.move_id),
+                &m,
+            )),
+        };
+    }
     let t = s
         .service
         .patch_tenant(&ctx(&p, &c), &id, if_match, req)

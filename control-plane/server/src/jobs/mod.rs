@@ -12,10 +12,12 @@
 mod cell;
 pub mod cell_apply;
 pub mod cell_destroy;
+pub mod cell_drain;
 pub mod cell_plan;
 pub mod cell_stamp;
 mod engine;
 mod kind;
+pub mod move_request;
 #[cfg(any(debug_assertions, feature = "bench-kinds"))]
 pub mod noop;
 mod tenant;
@@ -53,6 +55,7 @@ pub fn kinds() -> &'static [&'static dyn DynKind] {
             &cell_stamp::CellStamp,
             &cell_apply::CellApply,
             &cell_destroy::CellDestroy,
+            &cell_drain::CellDrain,
             &cell_plan::CellPlan,
         ];
         #[cfg(debug_assertions)]

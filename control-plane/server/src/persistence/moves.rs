@@ -17,6 +17,13 @@ pub struct MoveRow {
     pub flipped: bool,
 }
 
+/// The capacity flags of a move (column names come from here, never from input).
+#[derive(Debug, Clone, Copy)]
+enum Flag {
+    TargetReserved,
+    SourceHeld,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct MoveFilter {
     pub tenant_id: Option<String>,
@@ -145,28 +152,32 @@ impl WriteTx {
         Ok(())
     }
 
-    /// Records that the target's reservation belongs to the move; false if it already did.
-    pub async fn mark_target_reserved(&mut self, move_id: &str) -> Result<bool> {
-        let res = sqlx::query(
-            "UPDATE moves SET target_reserved = 1, updated_at = $1 WHERE move_id = $2 AND target_reserved = 0",
-        )
+    /// Sets a capacity flag from `from` to `to`; true when this call changed it.
+    async fn swap_flag(&mut self, move_id: &str, flag: Flag, from: i64, to: i64) -> Result<bool> {
+        let col = match flag {
+            Flag::TargetReserved => "target_reserved",
+            Flag::SourceHeld => "source_held",
+        };
+        let res = sqlx::query(&format!(
+            "UPDATE moves SET {col} = $1, updated_at = $2 WHERE move_id = $3 AND {col} = $4"
+        ))
+        .bind(to)
         .bind(super::now())
         .bind(move_id)
+        .bind(from)
         .execute(&mut *self.tx)
         .await?;
         Ok(res.rows_affected() == 1)
     }
 
+    /// Records that the target's reservation belongs to the move; false if it already did.
+    pub async fn mark_target_reserved(&mut self, move_id: &str) -> Result<bool> {
+        self.swap_flag(move_id, Flag::TargetReserved, 0, 1).await
+    }
+
     /// Clears `target_reserved`; true when this call cleared it (give the capacity back).
     pub async fn take_target_reservation(&mut self, move_id: &str) -> Result<bool> {
-        let res = sqlx::query(
-            "UPDATE moves SET target_reserved = 0, updated_at = $1 WHERE move_id = $2 AND target_reserved = 1",
-        )
-        .bind(super::now())
-        .bind(move_id)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(res.rows_affected() == 1)
+        self.swap_flag(move_id, Flag::TargetReserved, 1, 0).await
     }
 
     /// The flip: the target's reservation now belongs to the environment, the source's
@@ -186,29 +197,7 @@ impl WriteTx {
 
     /// Clears `source_held`; true when this call cleared it.
     pub async fn take_source_hold(&mut self, move_id: &str) -> Result<bool> {
-        let res = sqlx::query(
-            "UPDATE moves SET source_held = 0, updated_at = $1 WHERE move_id = $2 AND source_held = 1",
-        )
-        .bind(super::now())
-        .bind(move_id)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(res.rows_affected() == 1)
-    }
-
-    /// Gives `units` and one tenant slot back to a cell (never below zero).
-    pub async fn give_back_capacity(&mut self, cell_id: &str, units: i64) -> Result<()> {
-        sqlx::query(
-            "UPDATE cells SET used_tenants = CASE WHEN used_tenants > 0 THEN used_tenants - 1 ELSE 0 END, \
-             used_units = CASE WHEN used_units >= $1 THEN used_units - $1 ELSE 0 END, updated_at = $2 \
-             WHERE cell_id = $3",
-        )
-        .bind(units)
-        .bind(super::now())
-        .bind(cell_id)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(())
+        self.swap_flag(move_id, Flag::SourceHeld, 1, 0).await
     }
 
     /// Ends a move (once): its state, error and hold time.
@@ -360,5 +349,17 @@ impl WriteTx {
         .execute(&mut *self.tx)
         .await?;
         Ok(())
+    }
+}
+
+impl Store {
+    /// The environments placed on a cell.
+    pub async fn environments_on_cell(&self, cell_id: &str) -> Result<Vec<super::EnvironmentRow>> {
+        let rows =
+            sqlx::query("SELECT * FROM environments WHERE cell_id = $1 ORDER BY tenant_id, name")
+                .bind(cell_id)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(super::tenants::env_from_row).collect()
     }
 }

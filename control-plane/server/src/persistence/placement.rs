@@ -30,6 +30,21 @@ impl WriteTx {
         Ok(res.rows_affected() == 1)
     }
 
+    /// Gives `units` and one tenant slot back to a cell (never below zero).
+    pub async fn give_back_capacity(&mut self, cell_id: &str, units: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE cells SET used_tenants = CASE WHEN used_tenants > 0 THEN used_tenants - 1 ELSE 0 END, \
+             used_units = CASE WHEN used_units >= $1 THEN used_units - $1 ELSE 0 END, updated_at = $2 \
+             WHERE cell_id = $3",
+        )
+        .bind(units)
+        .bind(super::now())
+        .bind(cell_id)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
     /// Points an environment at its cell and records the units it holds there.
     pub async fn set_environment_cell(
         &mut self,
@@ -82,16 +97,7 @@ impl WriteTx {
             .execute(&mut *self.tx)
             .await?;
             if res.rows_affected() == 1 {
-                sqlx::query(
-                    "UPDATE cells SET used_tenants = CASE WHEN used_tenants > 0 THEN used_tenants - 1 ELSE 0 END, \
-                     used_units = CASE WHEN used_units >= $1 THEN used_units - $1 ELSE 0 END, updated_at = $2 \
-                     WHERE cell_id = $3",
-                )
-                .bind(units)
-                .bind(super::now())
-                .bind(cell)
-                .execute(&mut *self.tx)
-                .await?;
+                self.give_back_capacity(cell, units).await?;
                 released = Some(Reservation {
                     cell_id: cell.clone(),
                     units,

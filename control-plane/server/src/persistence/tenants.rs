@@ -70,7 +70,7 @@ fn tenant_from_row(row: &sqlx::any::AnyRow) -> Result<TenantRow> {
     })
 }
 
-fn env_from_row(row: &sqlx::any::AnyRow) -> Result<EnvironmentRow> {
+pub(super) fn env_from_row(row: &sqlx::any::AnyRow) -> Result<EnvironmentRow> {
     Ok(EnvironmentRow {
         tenant_id: row.try_get("tenant_id")?,
         name: row.try_get("name")?,

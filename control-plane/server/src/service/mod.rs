@@ -3,6 +3,7 @@
 //! audit record and outbox event) and returns wire types. It never speaks HTTP.
 
 mod moves;
+pub use moves::ProfileChange;
 pub mod webhooks;
 
 pub use crate::ctx::{cell_target, tenant_target, Ctx};
@@ -753,7 +754,7 @@ impl Service {
             }
             if !matches!(
                 cell.state,
-                CellState::Active | CellState::Draining | CellState::Failed
+                CellState::Active | CellState::Draining | CellState::Drained | CellState::Failed
             ) {
                 return Err(ServiceError::Conflict(format!(
                     "cell {id:?} is {}: vars and app_version change on stamped cells",
@@ -834,7 +835,7 @@ impl Service {
         }
         if !matches!(
             cell.state,
-            CellState::Active | CellState::Draining | CellState::Failed
+            CellState::Active | CellState::Draining | CellState::Drained | CellState::Failed
         ) {
             return Err(ServiceError::Conflict(format!(
                 "cannot apply cell {id:?} in state {}",
@@ -894,7 +895,10 @@ impl Service {
             .get_cell_tx(id)
             .await?
             .ok_or_else(|| not_found("cell", id))?;
-        if !matches!(cell.state, CellState::Active | CellState::Draining) {
+        if !matches!(
+            cell.state,
+            CellState::Active | CellState::Draining | CellState::Drained
+        ) {
             return Err(ServiceError::Conflict(format!(
                 "cell {id:?} is {}: only stamped cells have drift",
                 cell.state.as_str()
@@ -936,18 +940,53 @@ impl Service {
         })
     }
 
-    pub async fn drain_cell(&self, ctx: &Ctx, id: &str, if_match: Option<i64>) -> Result<Cell> {
+    /// Stops new placements on a cell; with `move_tenants`, also starts a `cell.drain` job
+    /// that moves every tenant environment off it (a draining cell may be given one).
+    pub async fn drain_cell(
+        &self,
+        ctx: &Ctx,
+        id: &str,
+        if_match: Option<i64>,
+        move_tenants: bool,
+    ) -> Result<CellWithJob> {
         let mut tx = self.shared.store.write().await?;
         let mut cell = tx
             .get_cell_tx(id)
             .await?
             .ok_or_else(|| not_found("cell", id))?;
         check_version(if_match, cell.version)?;
-        if cell.state != CellState::Active {
+        let again = move_tenants && cell.state == CellState::Draining;
+        if cell.state != CellState::Active && !again {
             return Err(ServiceError::Conflict(format!(
                 "cannot drain cell {id:?} in state {}",
                 cell.state.as_str()
             )));
+        }
+        if move_tenants && cell.tier != cellplane_api::Tier::Pooled {
+            return Err(ServiceError::Conflict(format!(
+                "cell {id:?} is dedicated: move its tenant with \"target\": \"dedicated\" instead"
+            )));
+        }
+        let job = if move_tenants {
+            let spec = crate::jobs::cell_drain::DrainSpec {
+                cell_id: id.to_string(),
+            };
+            Some(
+                crate::jobs::enqueue::<crate::jobs::cell_drain::CellDrain>(
+                    &mut tx,
+                    &spec,
+                    self.shared.settings.job_max_attempts,
+                    Some(&ctx.correlation_id),
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        if again {
+            tx.commit().await?;
+            self.shared.job_notify.notify_waiters();
+            return Ok(CellWithJob { cell, job });
         }
         cell.state = CellState::Draining;
         cell.version += 1;
@@ -961,12 +1000,13 @@ impl Service {
             event_type: "CELL_DRAINING",
             actor: &ctx.actor,
             target: &cell_target(id),
-            payload: json!({"version": cell.version}),
+            payload: json!({"version": cell.version, "job_id": job.as_ref().map(|j| &j.job_id)}),
             correlation_id: Some(&ctx.correlation_id),
         })
         .await?;
         tx.commit().await?;
-        Ok(cell)
+        self.shared.job_notify.notify_waiters();
+        Ok(CellWithJob { cell, job })
     }
 
     /// Destroys a cell: a destroy job runs `terraform destroy` on its stack. Refused while
@@ -987,6 +1027,11 @@ impl Service {
             return Err(ServiceError::Conflict(format!(
                 "cell {id:?} takes part in move {} of {}/{} (job {}): destroy it after the move",
                 m.move_id, m.tenant_id, m.env, m.job_id
+            )));
+        }
+        if let Some(job) = tx.lock_holder(&crate::jobs::cell_resource(id)).await? {
+            return Err(ServiceError::Conflict(format!(
+                "cell {id:?} is held by job {job}"
             )));
         }
         let placed = tx.count_tenants_on_cell(id).await?;
@@ -1012,7 +1057,11 @@ impl Service {
                     cell.state.as_str()
                 )))
             }
-            CellState::Pending | CellState::Active | CellState::Draining | CellState::Failed => {}
+            CellState::Pending
+            | CellState::Active
+            | CellState::Draining
+            | CellState::Drained
+            | CellState::Failed => {}
         }
         let job = self
             .enqueue_cell_job(&mut tx, ctx, &mut cell, CellAction::Destroy)

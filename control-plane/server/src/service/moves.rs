@@ -1,279 +1,98 @@
-//! The service's tenant move operations (`POST /v1/tenants/{id}/move`, `/v1/moves`). A
-//! move is checked whole before anything is written: the environment, the target (known,
-//! active, not draining, the right tier, inside the tenant's regions, with room), and that
-//! no other move or lifecycle job holds the tenant. The move's row, its job and the target's
-//! reservation are written in one transaction, so a refused move reserves nothing.
+//! The service's tenant move operations (`POST /v1/tenants/{id}/move`, `/v1/moves`); the
+//! checks and the transaction of a new move are `jobs::move_request` (a drain starts moves
+//! too).
 
 use super::Service;
 use crate::ctx::{tenant_target, Ctx};
-use crate::error::{invalid, not_found, Result, ServiceError};
-use crate::jobs::tenant_move::{MoveSpec, TenantMove};
-use crate::persistence::{self, AuditInput, MoveFilter};
-use cellplane_api::{
-    CellState, Id, Move, MoveRequest, MoveState, MoveWithJob, Profile, TenantState, Tier,
-};
+use crate::error::{check_version, invalid, not_found, Result, ServiceError};
+use crate::persistence::{AuditInput, MoveFilter};
+use cellplane_api::{Move, MoveRequest, MoveWithJob, PatchTenant, Profile, Tenant, TenantState};
 use serde_json::json;
 
+/// What a profile change did.
+pub enum ProfileChange {
+    /// The profile changed (nothing was placed that would have to move).
+    Changed(Box<Tenant>),
+    /// A move to a dedicated cell started; the profile changes at its flip.
+    Moving(Box<MoveWithJob>),
+}
+
 impl Service {
+    /// `PATCH /v1/tenants/{id}` with a `profile`.
+    pub async fn change_profile(
+        &self,
+        ctx: &Ctx,
+        id: &str,
+        if_match: Option<i64>,
+        patch: PatchTenant,
+    ) -> Result<ProfileChange> {
+        let Some(to) = patch.profile else {
+            return Err(invalid("profile", "required"));
+        };
+        if patch.quotas.is_some() || patch.policies.is_some() || patch.billing.is_some() {
+            return Err(invalid(
+                "profile",
+                "a profile change goes alone in its request (it may move the tenant)",
+            ));
+        }
+        let store = &self.shared.store;
+        let t = store
+            .get_tenant(id)
+            .await?
+            .ok_or_else(|| not_found("tenant", id))?;
+        check_version(if_match, t.version)?;
+        let envs = store.list_environments(id).await?;
+        let placed: Vec<_> = envs.iter().filter(|e| e.cell_id.is_some()).collect();
+        if to == t.profile {
+            return Ok(ProfileChange::Changed(Box::new(self.get_tenant(id).await?)));
+        }
+        if placed.is_empty() && matches!(t.state, TenantState::Draft) {
+            let mut tx = store.write().await?;
+            tx.set_tenant_profile(id, to.as_str()).await?;
+            tx.audit(AuditInput {
+                tenant_id: Some(id),
+                event_type: "TENANCY_UPDATED",
+                actor: &ctx.actor,
+                target: &tenant_target(id),
+                payload: json!({"changes": {"profile": to}, "version": t.version + 1}),
+                correlation_id: Some(&ctx.correlation_id),
+            })
+            .await?;
+            tx.commit().await?;
+            return Ok(ProfileChange::Changed(Box::new(self.get_tenant(id).await?)));
+        }
+        if t.profile != Profile::MtStandard || to != Profile::StDedicated {
+            return Err(ServiceError::Conflict(format!(
+                "tenant {id:?} is {} with placed environments: only mt-standard → st-dedicated \
+                 is done by moving it (to {} it is not)",
+                t.profile.as_str(),
+                to.as_str()
+            )));
+        }
+        let [env] = placed.as_slice() else {
+            return Err(ServiceError::Conflict(format!(
+                "tenant {id:?} has {} placed environments: move each with \"target\": \
+                 \"dedicated\" (one move at a time); the profile changes with the first",
+                placed.len()
+            )));
+        };
+        let req = MoveRequest {
+            env: env.name.clone(),
+            target_cell_id: None,
+            target: Some("dedicated".into()),
+        };
+        Ok(ProfileChange::Moving(Box::new(
+            crate::jobs::move_request::request_move(&self.shared, ctx, id, req).await?,
+        )))
+    }
+
     pub async fn move_tenant(
         &self,
         ctx: &Ctx,
         tenant_id: &str,
         req: MoveRequest,
     ) -> Result<MoveWithJob> {
-        let env = Id::parse(req.env.clone()).map_err(|e| invalid("env", e.to_string()))?;
-        let dedicated = match (req.target_cell_id.as_deref(), req.target.as_deref()) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "target",
-                    "give either target_cell_id or target, not both",
-                ))
-            }
-            (None, None) => {
-                return Err(invalid(
-                    "target_cell_id",
-                    "required: the cell to move to (or \"target\": \"dedicated\")",
-                ))
-            }
-            (None, Some("dedicated")) => true,
-            (None, Some(other)) => {
-                return Err(invalid(
-                    "target",
-                    format!("must be \"dedicated\", not {other:?}"),
-                ))
-            }
-            (Some(c), None) => {
-                Id::parse(c.to_string()).map_err(|e| invalid("target_cell_id", e.to_string()))?;
-                false
-            }
-        };
-        let store = &self.shared.store;
-        let t = store
-            .get_tenant(tenant_id)
-            .await?
-            .ok_or_else(|| not_found("tenant", tenant_id))?;
-        let envs = store.list_environments(tenant_id).await?;
-        let e = envs
-            .iter()
-            .find(|e| e.name == env.as_str())
-            .ok_or_else(|| not_found("environment", &format!("{tenant_id}/{env}")))?;
-        if t.state != TenantState::Active {
-            return Err(ServiceError::Conflict(format!(
-                "tenant {tenant_id:?} is {}: only an active tenant is moved (its routes serve)",
-                t.state.as_str()
-            )));
-        }
-        if let Some(job) = &t.pending_job_id {
-            return Err(ServiceError::Conflict(format!(
-                "tenant {tenant_id:?} has job {job} in progress"
-            )));
-        }
-        let Some(source) = e.cell_id.clone() else {
-            return Err(ServiceError::Conflict(format!(
-                "{tenant_id}/{env} is not placed on a cell: there is nothing to move"
-            )));
-        };
-        let units = t.quotas.units.unwrap_or(1).max(1) as i64;
-        let target_id = if dedicated {
-            if t.profile == Profile::StDedicated
-                && store
-                    .get_cell(&source)
-                    .await?
-                    .is_some_and(|c| c.tier == Tier::Dedicated)
-            {
-                return Err(ServiceError::Conflict(format!(
-                    "{tenant_id}/{env} is already on its dedicated cell {source}"
-                )));
-            }
-            crate::placement::dedicated_cell_id(tenant_id, env.as_str())
-        } else {
-            req.target_cell_id.clone().unwrap_or_default()
-        };
-        if target_id == source {
-            return Err(ServiceError::Conflict(format!(
-                "{tenant_id}/{env} is already on cell {source}"
-            )));
-        }
-        // Other environments of the tenant: the cell contract keys data by tenant, so two
-        // environments of one tenant never share a cell, and the source's purge must not
-        // touch another environment's data.
-        for other in envs.iter().filter(|o| o.name != env.as_str()) {
-            match other.cell_id.as_deref() {
-                Some(c) if c == target_id => {
-                    return Err(ServiceError::Conflict(format!(
-                        "cell {target_id} already serves {tenant_id}/{}: a cell holds one \
-                         environment of a tenant (the cell contract keys data by tenant)",
-                        other.name
-                    )))
-                }
-                Some(c) if c == source => {
-                    return Err(ServiceError::Conflict(format!(
-                        "{tenant_id}/{} shares cell {source} with {tenant_id}/{env}: moving one \
-                         would purge the other's data from it",
-                        other.name
-                    )))
-                }
-                _ => {}
-            }
-        }
-        let allowed = crate::placement::candidate_regions(
-            &e.region,
-            t.policies.data_residency,
-            t.policies.allowed_regions.as_deref(),
-        );
-        if dedicated {
-            // The dedicated cell is stamped in the environment's region by the move's job.
-        } else {
-            let target = store.get_cell(&target_id).await?.ok_or_else(|| {
-                invalid("target_cell_id", format!("there is no cell {target_id:?}"))
-            })?;
-            match target.state {
-                CellState::Active => {}
-                CellState::Draining => {
-                    return Err(ServiceError::Conflict(format!(
-                        "cell {target_id} is draining: it takes no tenants"
-                    )))
-                }
-                other => {
-                    return Err(ServiceError::Conflict(format!(
-                        "cell {target_id} is {}: a move needs an active target",
-                        other.as_str()
-                    )))
-                }
-            }
-            let wanted = if t.profile.is_pooled() {
-                Tier::Pooled
-            } else {
-                Tier::Dedicated
-            };
-            if target.tier != wanted {
-                return Err(ServiceError::Conflict(format!(
-                    "cell {target_id} is {}, and profile {} lives on {} cells{}",
-                    target.tier.as_str(),
-                    t.profile.as_str(),
-                    wanted.as_str(),
-                    if wanted == Tier::Pooled {
-                        " (move to \"target\": \"dedicated\" to isolate the tenant)"
-                    } else {
-                        ""
-                    }
-                )));
-            }
-            if target.tier == Tier::Dedicated
-                && target.labels.get("tenant").map(String::as_str) != Some(tenant_id)
-            {
-                return Err(ServiceError::Conflict(format!(
-                    "cell {target_id} is dedicated to another tenant"
-                )));
-            }
-            if !allowed.iter().any(|r| r == &target.region) {
-                return Err(ServiceError::Conflict(format!(
-                    "cell {target_id} is in {}, outside the regions {tenant_id}/{env} may live in \
-                     ({}; data residency {})",
-                    target.region,
-                    allowed.join(", "),
-                    match t.policies.data_residency {
-                        Some(cellplane_api::DataResidency::InRegionOnly) => "in-region-only",
-                        Some(cellplane_api::DataResidency::AllowedRegions) => "allowed-regions",
-                        Some(cellplane_api::DataResidency::Any) => "any",
-                        None => "unset",
-                    }
-                )));
-            }
-            let free_units = target.capacity.units.saturating_sub(target.used.units);
-            let free_slots = target.capacity.tenants.saturating_sub(target.used.tenants);
-            if free_slots < 1 || free_units < units as u64 {
-                return Err(ServiceError::Conflict(format!(
-                    "cell {target_id} has no room for {tenant_id}/{env}: {}/{} tenants, {}/{} units \
-                     used, {units} unit(s) needed",
-                    target.used.tenants,
-                    target.capacity.tenants,
-                    target.used.units,
-                    target.capacity.units
-                )));
-            }
-            crate::jobs::tenant_move::endpoint(&self.shared, &target_id)
-                .await
-                .map_err(ServiceError::Conflict)?;
-        }
-        crate::jobs::tenant_move::endpoint(&self.shared, &source)
-            .await
-            .map_err(ServiceError::Conflict)?;
-
-        let move_id = persistence::new_id("mv");
-        let spec = MoveSpec {
-            move_id: move_id.clone(),
-            tenant_id: tenant_id.to_string(),
-            env: env.to_string(),
-            source_cell_id: source.clone(),
-            target_cell_id: target_id.clone(),
-            dedicated,
-            units,
-        };
-        let mut tx = store.write().await?;
-        if let Some(m) = tx.running_move_of(tenant_id, env.as_str()).await? {
-            return Err(ServiceError::Conflict(format!(
-                "{tenant_id}/{env} is being moved by move {} (job {})",
-                m.move_id, m.job_id
-            )));
-        }
-        let job = crate::jobs::enqueue::<TenantMove>(
-            &mut tx,
-            &spec,
-            self.shared.settings.job_max_attempts,
-            Some(&ctx.correlation_id),
-        )
-        .await?;
-        let now = persistence::now();
-        let mv = Move {
-            move_id: move_id.clone(),
-            tenant_id: tenant_id.to_string(),
-            env: env.to_string(),
-            source_cell_id: source.clone(),
-            target_cell_id: target_id.clone(),
-            dedicated,
-            state: MoveState::Running,
-            step: "queued".into(),
-            job_id: job.job_id.clone(),
-            units,
-            rows_copied: 0,
-            bytes_copied: 0,
-            delta_rounds: 0,
-            current_delta: None,
-            hold_ms: None,
-            error: None,
-            evidence: json!({}),
-            created_at: now.clone(),
-            updated_at: now,
-            finished_at: None,
-        };
-        tx.insert_move(&mv).await?;
-        if !dedicated {
-            // Reserved now, in the transaction that records the move: a refusal for room
-            // is immediate and reserves nothing.
-            if !tx.reserve_capacity(&target_id, units).await? {
-                return Err(ServiceError::Conflict(format!(
-                    "cell {target_id} has no room for {tenant_id}/{env} ({units} unit(s)) or is \
-                     no longer active"
-                )));
-            }
-            tx.mark_target_reserved(&move_id).await?;
-        }
-        tx.audit(AuditInput {
-            tenant_id: Some(tenant_id),
-            event_type: "TENANCY_MOVE_REQUESTED",
-            actor: &ctx.actor,
-            target: &tenant_target(tenant_id),
-            payload: json!({"move_id": move_id, "job_id": job.job_id, "env": env.as_str(),
-                            "from_cell_id": source, "to_cell_id": target_id,
-                            "dedicated": dedicated, "units": units,
-                            "target_reserved": !dedicated}),
-            correlation_id: Some(&ctx.correlation_id),
-        })
-        .await?;
-        tx.commit().await?;
-        self.shared.job_notify.notify_waiters();
-        Ok(MoveWithJob { move_: mv, job })
+        crate::jobs::move_request::request_move(&self.shared, ctx, tenant_id, req).await
     }
 
     pub async fn get_move(&self, id: &str) -> Result<Move> {
