@@ -34,6 +34,9 @@ fn table() -> &'static BTreeMap<String, EventType> {
             ("CELL_DESTROYED", CellDestroyed),
             ("CELL_DRIFTED", CellDrifted),
             ("CELL_DRAINING", CellDraining),
+            ("CELL_DRAINED", CellDrained),
+            ("TENANCY_MOVED", TenantMoved),
+            ("TENANCY_MOVE_ROLLED_BACK", TenantMoveRolledBack),
             ("WEBHOOK_DISABLED", WebhookDisabled),
             ("WEBHOOK_RECOVERED", WebhookRecovered),
             ("USAGE_REPORTED", UsageReported),
@@ -148,7 +151,28 @@ pub fn to_public(row: &OutboxRow, source: &str) -> Option<Event> {
             json!({"cell_id": cell(), "action": verb, "state": field("state"),
                    "error": field("error")})
         }
-        EventType::CellDrifted | EventType::CellDraining => json!({"cell_id": cell()}),
+        EventType::CellDrifted | EventType::CellDraining | EventType::CellDrained => {
+            json!({"cell_id": cell()})
+        }
+        EventType::TenantMoved => json!({
+            "tenant_id": tenant(),
+            "move_id": field("move_id"),
+            "env": field("env"),
+            "from_cell_id": field("from_cell_id"),
+            "to_cell_id": field("to_cell_id"),
+            "dedicated": field("dedicated"),
+            "rows_copied": field("rows_copied"),
+            "bytes_copied": field("bytes_copied"),
+            "hold_ms": field("hold_ms"),
+        }),
+        EventType::TenantMoveRolledBack => json!({
+            "tenant_id": tenant(),
+            "move_id": field("move_id"),
+            "env": field("env"),
+            "from_cell_id": field("from_cell_id"),
+            "to_cell_id": field("to_cell_id"),
+            "error": field("error"),
+        }),
         EventType::UsageReported => json!({
             "tenant_id": tenant(),
             "period_start": field("period_start"),

@@ -353,6 +353,18 @@ both_backends!(a_move_under_load_fails_no_request, |b| async move {
         .unwrap();
     assert_eq!(moved["payload"]["hold_ms"], json!(hold));
     assert!(f.app.audit_verify_ok().await);
+    // Consumers see it as a public event (docs/events.md), without the internal evidence.
+    let events: Value = f
+        .app
+        .admin
+        .get("/v1/events?type=dev.cellplane.tenancy.moved.v1&subject=tenant/acme")
+        .await
+        .unwrap();
+    let data = &events["items"][0]["data"];
+    assert_eq!(data["move_id"], json!(m.move_id), "{events}");
+    assert_eq!(data["to_cell_id"], "pool-2");
+    assert_eq!(data["hold_ms"], json!(hold));
+    assert!(data.get("evidence").is_none(), "{data}");
     // The listing finds it by tenant and state.
     let list: Value = f
         .app
@@ -662,6 +674,11 @@ both_backends!(moves_that_cannot_run_are_refused, |b| async move {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_killed_at_each_step_finishes_after_a_restart() {
     let steps = [
+        "reserve/after",
+        "copy",
+        "copy/after",
+        "catch-up/after",
+        "hold",
         "hold/after",
         "await-acks/after",
         "freeze/after",
