@@ -673,18 +673,25 @@ both_backends!(moves_that_cannot_run_are_refused, |b| async move {
 // serving), and the data is whole on the tenant's cell.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_killed_at_each_step_finishes_after_a_restart() {
+    // Every step of the move (before it runs, or after its effect committed and before
+    // the job recorded it), and the purge that follows the flip.
     let steps = [
-        "reserve/after",
-        "copy",
-        "copy/after",
-        "catch-up/after",
-        "hold",
-        "hold/after",
-        "await-acks/after",
-        "freeze/after",
-        "final-delta/after",
-        "verify/after",
-        "flip/after",
+        "tenant.move/check/after",
+        "tenant.move/stamp-target/after",
+        "tenant.move/reserve/after",
+        "tenant.move/copy",
+        "tenant.move/copy/after",
+        "tenant.move/catch-up/after",
+        "tenant.move/hold",
+        "tenant.move/hold/after",
+        "tenant.move/await-acks/after",
+        "tenant.move/freeze",
+        "tenant.move/freeze/after",
+        "tenant.move/final-delta/after",
+        "tenant.move/verify/after",
+        "tenant.move/flip",
+        "tenant.move/flip/after",
+        "tenant.move-purge/purge-source/after",
     ];
     // A short job lease: the restarted control plane takes the killed one's job sooner.
     let mut f = fleet(
@@ -699,7 +706,7 @@ async fn a_move_killed_at_each_step_finishes_after_a_restart() {
         let to = if from == "pool-1" { "pool-2" } else { "pool-1" };
         f.app.options = f.app.options.clone().with(
             "CELLPLANE__JOBS__FAILPOINTS",
-            &format!("tenant.move/{step}=kill@1"),
+            &format!("{step}=kill@1"),
         );
         f.app.kill9();
         f.app.start_same_address().await.unwrap();
@@ -708,7 +715,7 @@ async fn a_move_killed_at_each_step_finishes_after_a_restart() {
             .await;
         assert!(
             f.app.wait_exit(MOVE_TIMEOUT).await,
-            "the control plane dies at tenant.move/{step}"
+            "the control plane dies at {step}"
         );
         f.app.start_same_address().await.unwrap();
         let m = f.ended(&started.move_.move_id).await;
