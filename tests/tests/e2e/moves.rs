@@ -704,10 +704,11 @@ async fn a_move_killed_at_each_step_finishes_after_a_restart() {
     let mut from = "pool-1";
     for step in steps {
         let to = if from == "pool-1" { "pool-2" } else { "pool-1" };
-        f.app.options = f.app.options.clone().with(
-            "CELLPLANE__JOBS__FAILPOINTS",
-            &format!("{step}=kill@1"),
-        );
+        f.app.options = f
+            .app
+            .options
+            .clone()
+            .with("CELLPLANE__JOBS__FAILPOINTS", &format!("{step}=kill@1"));
         f.app.kill9();
         f.app.start_same_address().await.unwrap();
         let started = f
