@@ -2,7 +2,7 @@
 //! (`CELLPLANE_BIN`) on SQLite and, with `--pg`, on PostgreSQL, subscribes a receiver
 //! written here, and measures
 //! - commit → first delivery attempt: events are committed at a fixed rate (each
-//!   `POST /v1/organizations` commits one) and the receiver notes when each `webhook-id`
+//!   `POST /v1/tenants` commits one) and the receiver notes when each `webhook-id`
 //!   first arrives; latency = arrival − the event's `time` (stamped inside the committing
 //!   transaction, so the measure includes the commit);
 //! - deliveries/s at saturation: a replay queues `--backlog` deliveries at once; from the
@@ -149,7 +149,7 @@ async fn subscribe(c: &reqwest::Client, url: &str, port: u16) -> (String, String
         .post(format!("{url}/v1/webhooks"))
         .json(
             &serde_json::json!({"url": format!("http://127.0.0.1:{port}/hook"),
-                                  "events": ["dev.cellplane.organization.created.v1"]}),
+                                  "events": ["dev.cellplane.tenancy.created.v1"]}),
         )
         .send()
         .await
@@ -163,7 +163,11 @@ async fn subscribe(c: &reqwest::Client, url: &str, port: u16) -> (String, String
     )
 }
 
-/// Commits `n` events at `rate`/s (one organization each); the wall time it took.
+/// The organization the generated tenants belong to.
+const ORG: &str = "bench-org";
+
+/// Commits `n` events at `rate`/s (one tenant creation each: `tenancy.created`, through
+/// the registry's group commit); the wall time it took.
 async fn generate(c: &reqwest::Client, url: &str, prefix: &str, n: usize, rate: f64) -> f64 {
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(n);
@@ -175,8 +179,9 @@ async fn generate(c: &reqwest::Client, url: &str, prefix: &str, n: usize, rate: 
         let id = format!("{prefix}-{i}");
         tasks.push(tokio::spawn(async move {
             let r = c
-                .post(format!("{url}/v1/organizations"))
-                .json(&serde_json::json!({"organization_id": id, "name": id}))
+                .post(format!("{url}/v1/tenants"))
+                .json(&serde_json::json!({"tenant_id": id, "organization_id": ORG,
+                    "profile": "mt-standard", "region": "eu-west-1"}))
                 .send()
                 .await
                 .expect("create");
@@ -260,6 +265,13 @@ async fn bare_sender(
 async fn scenario(name: &str, pg: Option<&str>, rates: &[f64], secs: f64, backlog: usize) {
     let server = serve(pg).await;
     let c = client();
+    let r = c
+        .post(format!("{}/v1/organizations", server.url))
+        .json(&serde_json::json!({"organization_id": ORG, "name": ORG}))
+        .send()
+        .await
+        .expect("organization");
+    assert_eq!(r.status().as_u16(), 201);
     let seen = Arc::new(Mutex::new(Seen::default()));
     let port = receiver(seen.clone()).await;
     let (hook, secret) = subscribe(&c, &server.url, port).await;
