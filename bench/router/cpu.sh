@@ -69,7 +69,9 @@ echo "cpu per request: $N tenants, $RATE req/s for ${DUR}s, $ROUNDS rounds, rout
 "$RBIN/examples/fixed_rate" "$U/v1/kv/x" "$RATE" 2 "$CONNS" "$N" >/dev/null
 NG_V=(); RT_V=(); UN_V=()
 for round in $(seq 1 "$ROUNDS"); do
-    for tgt in nginx router router-unmetered; do
+    # The two routers swap places every round, so neither always runs right after nginx.
+    if [ $((round % 2)) = 1 ]; then order="nginx router router-unmetered"; else order="nginx router-unmetered router"; fi
+    for tgt in $order; do
         case $tgt in
             nginx) url="http://127.0.0.1:$NG/v1/kv/x"; pids=$(nginx_pids) ;;
             router) url="$R/v1/kv/x"; pids=$R_PID ;;
@@ -106,4 +108,11 @@ for name, key in [("nginx", "nginx"), ("cellplane-router, metering on", "router"
     target = {"nginx": "nginx", "router": "router", "router_unmetered": "router-unmetered"}[key]
     print(f"| {name} | {m[key]:.2f} | {', '.join(f'{v:.2f}' for v in per.get(target, []))} | {m[key] / m['nginx']:.2f} |")
 print(f"\nmetering adds {100 * (m['router'] / m['router_unmetered'] - 1):+.1f} % CPU per proxied request (target ≤ 3 %)")
+# The same per round (metered vs unmetered of the same round): mean and its standard error,
+# to tell the metering cost from the drift between rounds.
+d = [100 * (a / b - 1) for a, b in zip(per.get("router", []), per.get("router-unmetered", []))]
+if len(d) > 1:
+    mean = sum(d) / len(d)
+    se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+    print(f"per round: {mean:+.1f} ± {se:.1f} % (mean ± standard error of {len(d)} rounds: {', '.join(f'{x:+.1f}' for x in d)})")
 PY

@@ -619,13 +619,21 @@ impl<P: Phases> Session<'_, P> {
         let mut response_bytes = 0u64;
         let state: &RouterState = self.state;
         let usage = &state.usage;
+        let answered = tokio::time::Instant::now();
         let meter = |response_bytes: u64| {
             if let Some(u) = usage {
-                u.record(&who.0, &who.1, request_bytes, response_bytes, usage_units);
+                let at = answered.into_std();
+                u.record(
+                    &who.0,
+                    &who.1,
+                    request_bytes,
+                    response_bytes,
+                    usage_units,
+                    at,
+                );
             }
         };
         RouterCounters::inc(self.state.counters.forwarded.local());
-        let answered = tokio::time::Instant::now();
         self.phases.log(
             self.state,
             Some((&route, rt)),

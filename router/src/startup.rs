@@ -95,7 +95,7 @@ impl Application {
             None
         } else {
             Some(
-                crate::usage::UsageJournal::open(&usage_dir).map_err(|source| {
+                crate::usage::UsageJournal::open(&usage_dir, cfg.workers()).map_err(|source| {
                     StartupError::Usage {
                         dir: usage_dir.display().to_string(),
                         source,

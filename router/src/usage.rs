@@ -19,13 +19,14 @@
 //! response byte counts a request its client saw fail (at most one per connection).
 
 use cellplane_api::{UsageBatch, UsageRecord};
-use std::collections::BTreeMap;
-use std::io::Write;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+use std::time::Instant;
 
-const JOURNAL: &str = "usage.journal";
+/// Journal files are `journal-<id>.journal` (one per worker, a new one after each seal);
+/// `usage.journal` is the name an earlier version used (sealed like the others at open).
+const JOURNAL_EXT: &str = ".journal";
 
 /// Bytes of one journal segment. A full segment is sealed into a batch, so a batch holds at
 /// most this many bytes of lines (at least 22 bytes each): at most [`MAX_BATCH_RECORDS`]
@@ -35,78 +36,118 @@ const SEGMENT_BYTES: usize = 96 * 1024;
 /// The most records one batch can hold.
 pub const MAX_BATCH_RECORDS: usize = SEGMENT_BYTES / 22;
 
-/// One mapped journal file. Writers reserve bytes with an atomic add and copy their line
-/// in; `writers` counts copies under way, so a sealer can wait for them.
+/// The longest journal line (the fields of one request).
+const MAX_LINE: usize = 256;
+
+/// One mapped journal file, written by one worker at a time (under its shard's lock).
 struct Segment {
-    map: memmap2::MmapRaw,
-    next: AtomicUsize,
-    writers: AtomicUsize,
+    map: memmap2::MmapMut,
+    used: usize,
+    path: PathBuf,
+    /// The wall clock (seconds since the epoch) at `since`: a request's minute is read
+    /// from the instant it was answered, with no clock call per request. A segment lives
+    /// until the next heartbeat at most, so the two clocks cannot drift apart meanwhile.
+    epoch_secs: u64,
+    since: Instant,
 }
 
 impl Segment {
     fn create(dir: &Path) -> std::io::Result<Segment> {
+        let path = dir.join(format!("journal-{}{JOURNAL_EXT}", batch_id()));
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.join(JOURNAL))?;
+            .create_new(true)
+            .open(&path)?;
         f.set_len(SEGMENT_BYTES as u64)?;
+        let since = Instant::now();
+        let epoch_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         Ok(Segment {
-            map: memmap2::MmapRaw::map_raw(&f)?,
-            next: AtomicUsize::new(0),
-            writers: AtomicUsize::new(0),
+            map: map_journal(&f)?,
+            used: 0,
+            path,
+            epoch_secs,
+            since,
         })
     }
 
-    /// Copies `line` in; false when the segment is full.
-    ///
-    /// The crate's one `unsafe` block (the workspace denies unsafe code): a copy into the
-    /// shared mapping is what makes metering cost no system call per request. The file is
-    /// the router's own (`--usage-dir`); nothing else may truncate it while it is mapped.
-    #[allow(unsafe_code)]
-    fn append(&self, line: &[u8]) -> bool {
-        let at = self.next.fetch_add(line.len(), Ordering::SeqCst);
-        if at + line.len() > SEGMENT_BYTES {
-            return false;
-        }
-        // SAFETY: `[at, at + len)` lies inside the mapping (checked above) and was reserved
-        // by the `fetch_add` for this call alone; the mapping lives as long as `self`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(line.as_ptr(), self.map.as_mut_ptr().add(at), line.len());
-        }
-        true
+    fn left(&self) -> usize {
+        SEGMENT_BYTES - self.used
     }
 
-    fn used(&self) -> usize {
-        self.next.load(Ordering::SeqCst).min(SEGMENT_BYTES)
+    /// The minute (since the epoch) of `at`.
+    fn minute(&self, at: Instant) -> u64 {
+        let secs = match at.checked_duration_since(self.since) {
+            Some(d) => self.epoch_secs + d.as_secs(),
+            None => self
+                .epoch_secs
+                .saturating_sub(self.since.duration_since(at).as_secs()),
+        };
+        secs / 60
     }
 }
+
+/// Maps a journal file (shared, writable): a request is journaled with a copy into the page
+/// cache, no system call, and survives a SIGKILL of the process.
+///
+/// The crate's one `unsafe` block (the workspace denies unsafe code): memmap2 cannot know
+/// whether another process truncates or rewrites the file while it is mapped. This file is
+/// the router's own (`--usage-dir`, a name no other process uses; created here with
+/// `create_new`), nothing else truncates it, and the router only renames it (which leaves
+/// the mapping intact) and trims it after unmapping it.
+#[allow(unsafe_code)]
+fn map_journal(f: &std::fs::File) -> std::io::Result<memmap2::MmapMut> {
+    // SAFETY: see above; the mapping owns its own reference to the file.
+    unsafe { memmap2::MmapMut::map_mut(f) }
+}
+
+/// One worker's segment, on cache lines of its own: a worker journals its requests
+/// without touching another core's lines (the lock is uncontended but for a seal).
+#[repr(align(128))]
+struct Shard(Mutex<Segment>);
 
 pub struct UsageJournal {
     dir: PathBuf,
-    active: arc_swap::ArcSwap<Segment>,
-    /// Serializes sealing.
-    sealing: Mutex<()>,
+    /// One per worker (`upstream::worker()`); threads that are not workers share the first.
+    shards: Box<[Shard]>,
+    /// Batches already read from their files, by batch id (batch files never change;
+    /// dropped when acknowledged): a heartbeat retried during an outage reads no file
+    /// twice.
+    read: Mutex<HashMap<String, UsageBatch>>,
 }
 
 impl UsageJournal {
-    /// Opens (creating) the usage directory. A journal left by an earlier process is
-    /// sealed into a batch first.
-    pub fn open(dir: &Path) -> std::io::Result<Self> {
+    /// Opens (creating) the usage directory with one journal per worker. Journals left by
+    /// an earlier process are sealed into batches first.
+    pub fn open(dir: &Path, workers: usize) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let left = dir.join(JOURNAL);
-        if left.exists() {
-            if std::fs::read(&left)?.contains(&b'\n') {
-                std::fs::rename(&left, dir.join(format!("batch-{}.log", batch_id())))?;
+        let mut left: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.ends_with(JOURNAL_EXT))
+            })
+            .collect();
+        left.sort();
+        for path in left {
+            if std::fs::read(&path)?.contains(&b'\n') {
+                std::fs::rename(&path, dir.join(format!("batch-{}.log", batch_id())))?;
             } else {
-                std::fs::remove_file(&left)?;
+                std::fs::remove_file(&path)?;
             }
         }
+        let shards = (0..workers.max(1))
+            .map(|_| Ok(Shard(Mutex::new(Segment::create(dir)?))))
+            .collect::<std::io::Result<_>>()?;
         Ok(Self {
             dir: dir.to_path_buf(),
-            active: arc_swap::ArcSwap::from_pointee(Segment::create(dir)?),
-            sealing: Mutex::new(()),
+            shards,
+            read: Mutex::new(HashMap::new()),
         })
     }
 
@@ -114,7 +155,8 @@ impl UsageJournal {
         &self.dir
     }
 
-    /// Counts one request.
+    /// Counts one request (`at`: when it was answered; its minute is the one counted):
+    /// one line in this worker's journal.
     pub fn record(
         &self,
         tenant: &str,
@@ -122,78 +164,93 @@ impl UsageJournal {
         request_bytes: u64,
         response_bytes: u64,
         units: u64,
+        at: Instant,
     ) {
-        let minute = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() / 60)
-            .unwrap_or(0);
-        let mut buf = [0u8; 256];
-        let mut w = &mut buf[..];
-        if writeln!(
-            w,
-            "{minute}\t{tenant}\t{env}\t{request_bytes}\t{response_bytes}\t{units}"
-        )
-        .is_err()
-        {
-            tracing::error!(tenant = %tenant, "a usage line does not fit its buffer; this request is not metered");
+        let shard = &self.shards[crate::upstream::worker() % self.shards.len()];
+        let mut seg = shard.0.lock().unwrap_or_else(|p| p.into_inner());
+        if seg.left() < MAX_LINE {
+            // Full: a new segment takes its place, and the full one becomes a batch.
+            match Segment::create(&self.dir) {
+                Ok(fresh) => {
+                    let full = std::mem::replace(&mut *seg, fresh);
+                    if let Err(e) = self.seal_segment(full) {
+                        tracing::error!(error = %e, "sealing the usage journal failed");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "opening a new usage journal failed; this request is not metered");
+                    return;
+                }
+            }
+        }
+        let minute = seg.minute(at);
+        let used = seg.used;
+        // Written in place: a line is at most MAX_LINE bytes, and that much is left.
+        let mut line = Line {
+            buf: &mut seg.map[used..used + MAX_LINE],
+            len: 0,
+            fits: true,
+        };
+        line.num(minute);
+        line.text(tenant.as_bytes());
+        line.text(env.as_bytes());
+        line.num(request_bytes);
+        line.num(response_bytes);
+        line.num(units);
+        line.put(b"\n");
+        if !line.fits {
+            // Zeroed again, so a later line starts on clean bytes.
+            let len = line.len;
+            seg.map[used..used + len].fill(0);
+            drop(seg);
+            tracing::error!(tenant = %tenant, "a usage line is too long; this request is not metered");
             return;
         }
-        let len = 256 - w.len();
-        let line = &buf[..len];
-        for _ in 0..3 {
-            let seg = self.active.load_full();
-            seg.writers.fetch_add(1, Ordering::SeqCst);
-            // A sealer that swapped the segment out waits for writers that got in before
-            // the swap; one that came after sees the swap here and moves on.
-            if !Arc::ptr_eq(&seg, &self.active.load()) {
-                seg.writers.fetch_sub(1, Ordering::SeqCst);
+        seg.used += line.len;
+    }
+
+    /// Seals every journal that holds anything into a batch file.
+    pub fn seal(&self) -> std::io::Result<()> {
+        let mut result = Ok(());
+        for shard in self.shards.iter() {
+            if shard.0.lock().unwrap_or_else(|p| p.into_inner()).used == 0 {
                 continue;
             }
-            let done = seg.append(line);
-            seg.writers.fetch_sub(1, Ordering::SeqCst);
-            if done {
-                return;
+            // The new segment is made before the lock is taken again: the worker waits
+            // for no file system call.
+            let fresh = Segment::create(&self.dir)?;
+            let mut seg = shard.0.lock().unwrap_or_else(|p| p.into_inner());
+            if seg.used == 0 {
+                // A full segment was swapped meanwhile; the new one is not needed.
+                drop(seg);
+                let path = fresh.path.clone();
+                drop(fresh);
+                std::fs::remove_file(path)?;
+                continue;
             }
-            if let Err(e) = self.seal_segment(&seg) {
-                tracing::error!(error = %e, "sealing the usage journal failed; this request is not metered");
-                return;
+            let full = std::mem::replace(&mut *seg, fresh);
+            drop(seg);
+            if let Err(e) = self.seal_segment(full) {
+                result = Err(e);
             }
         }
-        tracing::error!(tenant = %tenant, "the usage journal kept filling up; this request is not metered");
+        result
     }
 
-    /// Seals the journal into a batch file when it holds anything.
-    pub fn seal(&self) -> std::io::Result<()> {
-        let seg = self.active.load_full();
-        self.seal_segment(&seg)
-    }
-
-    /// Seals `seg` if it is still the active segment and holds anything.
-    fn seal_segment(&self, seg: &Arc<Segment>) -> std::io::Result<()> {
-        let _one = self.sealing.lock().expect("not poisoned");
-        if !Arc::ptr_eq(seg, &self.active.load()) || seg.used() == 0 {
-            return Ok(());
-        }
-        // The journal file becomes the batch; a new one takes its place.
+    /// Turns a journal no worker writes any more into a batch file. A process killed
+    /// before the rename leaves a journal, sealed at the next start.
+    fn seal_segment(&self, seg: Segment) -> std::io::Result<()> {
+        let Segment {
+            map, used, path, ..
+        } = seg;
+        drop(map);
         let batch = self.dir.join(format!("batch-{}.log", batch_id()));
-        std::fs::rename(self.dir.join(JOURNAL), &batch)?;
-        let fresh = match Segment::create(&self.dir) {
-            Ok(s) => s,
-            Err(e) => {
-                // Put the journal back: writers keep filling it.
-                std::fs::rename(&batch, self.dir.join(JOURNAL))?;
-                return Err(e);
-            }
-        };
-        self.active.store(Arc::new(fresh));
-        while seg.writers.load(Ordering::SeqCst) > 0 {
-            std::thread::yield_now();
-        }
+        std::fs::rename(&path, &batch)?;
         // Trim the unused tail (a killed process leaves it zeroed; parsing skips it).
         std::fs::OpenOptions::new()
             .write(true)
             .open(&batch)?
-            .set_len(seg.used() as u64)?;
+            .set_len(used as u64)?;
         Ok(())
     }
 
@@ -206,15 +263,25 @@ impl UsageJournal {
             .filter(|n| n.starts_with("batch-") && n.ends_with(".log"))
             .collect();
         names.sort();
+        names.truncate(max);
+        let mut read = self.read.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the oldest batches stay read (a long outage does not fill memory).
+        read.retain(|id, _| names.iter().any(|n| batch_id_of(n) == id));
         let mut out: Vec<UsageBatch> = Vec::new();
         let mut records = 0;
-        for name in names.into_iter().take(max) {
-            let bytes = std::fs::read(self.dir.join(&name))?;
-            let text = String::from_utf8_lossy(&bytes);
-            let id = name["batch-".len()..name.len() - ".log".len()].to_string();
-            let batch = UsageBatch {
-                batch_id: id,
-                records: aggregate(&text),
+        for name in &names {
+            let id = batch_id_of(name);
+            let batch = match read.get(id) {
+                Some(b) => b.clone(),
+                None => {
+                    let bytes = std::fs::read(self.dir.join(name))?;
+                    let batch = UsageBatch {
+                        batch_id: id.to_string(),
+                        records: aggregate(&bytes),
+                    };
+                    read.insert(id.to_string(), batch.clone());
+                    batch
+                }
             };
             records += batch.records.len();
             if !out.is_empty() && records > max_records {
@@ -227,10 +294,64 @@ impl UsageJournal {
 
     /// Forgets a batch the control plane acknowledged.
     pub fn ack(&self, batch_id: &str) {
+        self.read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(batch_id);
         let path = self.dir.join(format!("batch-{batch_id}.log"));
         if let Err(e) = std::fs::remove_file(&path) {
             tracing::warn!(error = %e, path = %path.display(), "removing an acknowledged usage batch failed");
         }
+    }
+}
+
+fn batch_id_of(name: &str) -> &str {
+    &name["batch-".len()..name.len() - ".log".len()]
+}
+
+/// One journal line, `minute\ttenant\tenv\trequest_bytes\tresponse_bytes\tunits\n`,
+/// formatted straight into the journal without `fmt`.
+struct Line<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+    fits: bool,
+}
+
+impl Line<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        match self.buf.get_mut(self.len..self.len + bytes.len()) {
+            Some(to) => {
+                to.copy_from_slice(bytes);
+                self.len += bytes.len();
+            }
+            None => self.fits = false,
+        }
+    }
+
+    fn sep(&mut self) {
+        if self.len > 0 {
+            self.put(b"\t");
+        }
+    }
+
+    fn text(&mut self, s: &[u8]) {
+        self.sep();
+        self.put(s);
+    }
+
+    fn num(&mut self, mut n: u64) {
+        self.sep();
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.put(&digits[i..]);
     }
 }
 
@@ -245,31 +366,45 @@ fn batch_id() -> String {
 
 /// Sums journal lines per tenant env and minute. A line torn by a kill mid-copy (missing
 /// fields, zero bytes) and the zeroed tail of a mapped journal are skipped.
-fn aggregate(text: &str) -> Vec<UsageRecord> {
-    let mut sums: BTreeMap<(u64, &str, &str), [u64; 4]> = BTreeMap::new();
-    for line in text.split('\n') {
-        if line.contains('\0') {
+fn aggregate(bytes: &[u8]) -> Vec<UsageRecord> {
+    /// Minute, tenant, env.
+    type Key<'a> = (u64, &'a [u8], &'a [u8]);
+    let mut sums: HashMap<Key, [u64; 4]> = HashMap::new();
+    for line in bytes.split(|b| *b == b'\n') {
+        if line.is_empty() || line.contains(&0) {
             continue;
         }
-        let f: Vec<&str> = line.split('\t').collect();
-        if f.len() != 6 {
+        let mut f = line.split(|b| *b == b'\t');
+        let (Some(minute), Some(tenant), Some(env), Some(req), Some(resp), Some(units), None) = (
+            f.next(),
+            f.next(),
+            f.next(),
+            f.next(),
+            f.next(),
+            f.next(),
+            f.next(),
+        ) else {
+            continue;
+        };
+        let (Some(minute), Some(req), Some(resp), Some(units)) =
+            (number(minute), number(req), number(resp), number(units))
+        else {
+            continue;
+        };
+        if std::str::from_utf8(tenant).is_err() || std::str::from_utf8(env).is_err() {
             continue;
         }
-        let nums: Option<Vec<u64>> = [f[0], f[3], f[4], f[5]]
-            .iter()
-            .map(|s| s.parse::<u64>().ok())
-            .collect();
-        let Some(n) = nums else { continue };
-        let e = sums.entry((n[0], f[1], f[2])).or_default();
+        let e = sums.entry((minute, tenant, env)).or_default();
         e[0] += 1;
-        e[1] += n[1];
-        e[2] += n[2];
-        e[3] += n[3];
+        e[1] += req;
+        e[2] += resp;
+        e[3] += units;
     }
+    let sums: BTreeMap<_, _> = sums.into_iter().collect();
     sums.into_iter()
         .map(|((minute, tenant, env), c)| UsageRecord {
-            tenant_id: tenant.to_string(),
-            env: env.to_string(),
+            tenant_id: String::from_utf8_lossy(tenant).into_owned(),
+            env: String::from_utf8_lossy(env).into_owned(),
             minute: minute_rfc3339(minute),
             requests: c[0],
             request_bytes: c[1],
@@ -277,6 +412,21 @@ fn aggregate(text: &str) -> Vec<UsageRecord> {
             units: c[3],
         })
         .collect()
+}
+
+/// A decimal `u64` field (digits only, like `str::parse` without a sign).
+fn number(field: &[u8]) -> Option<u64> {
+    if field.is_empty() || field.len() > 20 {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &b in field {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    Some(n)
 }
 
 /// `2026-12-04T10:15:00Z` for a minute since the epoch.
@@ -309,6 +459,18 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    /// The one journal file in `dir`.
+    fn journal_file(dir: &Path) -> PathBuf {
+        let found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with(JOURNAL_EXT))
+            .collect();
+        assert_eq!(found.len(), 1, "{found:?}");
+        found.into_iter().next().unwrap()
+    }
 
     #[test]
     fn minutes_print_as_rfc3339() {
@@ -321,27 +483,25 @@ mod tests {
     #[test]
     fn sealed_batches_sum_per_tenant_env_and_minute_and_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let j = UsageJournal::open(dir.path()).unwrap();
+        let j = UsageJournal::open(dir.path(), 1).unwrap();
         j.seal().unwrap();
         assert!(
             j.batches(10, 100).unwrap().is_empty(),
             "an empty journal seals nothing"
         );
         for _ in 0..3 {
-            j.record("acme", "prod", 10, 100, 1);
+            j.record("acme", "prod", 10, 100, 1, Instant::now());
         }
-        j.record("globex", "prod", 0, 5, 0);
+        j.record("globex", "prod", 0, 5, 0, Instant::now());
         j.seal().unwrap();
-        j.record("acme", "prod", 1, 1, 0);
+        j.record("acme", "prod", 1, 1, 0, Instant::now());
         drop(j);
         // A line torn by a kill mid-copy is skipped (the rest of the file is zeroes).
         {
-            let j = std::fs::OpenOptions::new()
-                .write(true)
-                .open(dir.path().join(JOURNAL))
-                .unwrap();
+            let path = journal_file(dir.path());
+            let j = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
             use std::os::unix::fs::FileExt;
-            let used = std::fs::read(dir.path().join(JOURNAL))
+            let used = std::fs::read(&path)
                 .unwrap()
                 .iter()
                 .position(|b| *b == 0)
@@ -349,7 +509,7 @@ mod tests {
             j.write_at(b"123\tacme\tpr\0\0\t1\n", used as u64).unwrap();
         }
         // What a restarted router finds: one batch, and a journal to seal.
-        let j = UsageJournal::open(dir.path()).unwrap();
+        let j = UsageJournal::open(dir.path(), 1).unwrap();
         j.seal().unwrap();
         let b = j.batches(10, 100).unwrap();
         assert_eq!(b.len(), 2);
@@ -383,10 +543,10 @@ mod tests {
     #[test]
     fn a_full_journal_seals_itself_and_a_heartbeat_takes_what_fits() {
         let dir = tempfile::tempdir().unwrap();
-        let j = UsageJournal::open(dir.path()).unwrap();
+        let j = UsageJournal::open(dir.path(), 1).unwrap();
         let n = 5_000;
         for i in 0..n {
-            j.record(&format!("tenant-{i:05}"), "prod", 0, 0, 0);
+            j.record(&format!("tenant-{i:05}"), "prod", 0, 0, 0, Instant::now());
         }
         j.seal().unwrap();
         let all = j.batches(100, usize::MAX).unwrap();
@@ -399,15 +559,57 @@ mod tests {
     }
 
     #[test]
+    fn journals_of_every_worker_and_of_an_earlier_version_are_sealed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Arc::new(UsageJournal::open(dir.path(), 3).unwrap());
+        for w in 0..3 {
+            let j = j.clone();
+            std::thread::spawn(move || {
+                crate::upstream::set_worker_index(w);
+                for _ in 0..=w {
+                    j.record("acme", "prod", 1, 1, 0, Instant::now());
+                }
+            })
+            .join()
+            .unwrap();
+        }
+        drop(j);
+        std::fs::write(
+            dir.path().join("usage.journal"),
+            b"1\tacme\tprod\t1\t1\t0\n\0\0",
+        )
+        .unwrap();
+        // Killed with three journals and the old one: a restart seals all four.
+        let j = UsageJournal::open(dir.path(), 2).unwrap();
+        let b = j.batches(10, 100).unwrap();
+        assert_eq!(b.len(), 4);
+        let n: u64 = b.iter().flat_map(|b| &b.records).map(|r| r.requests).sum();
+        assert_eq!(n, 7);
+        // Read once: the same again, and an acknowledged batch is gone.
+        assert_eq!(j.batches(10, 100).unwrap().len(), 4);
+        j.ack(&b[0].batch_id);
+        assert_eq!(j.batches(10, 100).unwrap().len(), 3);
+    }
+
+    #[test]
     fn concurrent_writers_and_seals_lose_and_double_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Arc::new(UsageJournal::open(dir.path()).unwrap());
+        let j = Arc::new(UsageJournal::open(dir.path(), 2).unwrap());
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let j = j.clone();
                 std::thread::spawn(move || {
+                    // Two threads per worker's journal.
+                    crate::upstream::set_worker_index(t as usize % 2);
                     for i in 0..20_000 {
-                        j.record("acme", "prod", 1, 2, u64::from(t == 0 && i % 2 == 0));
+                        j.record(
+                            "acme",
+                            "prod",
+                            1,
+                            2,
+                            u64::from(t == 0 && i % 2 == 0),
+                            Instant::now(),
+                        );
                     }
                 })
             })
