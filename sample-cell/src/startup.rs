@@ -95,7 +95,13 @@ impl Application {
             tracing::info!("shutting down: no new connections, draining in-flight requests");
             let _ = stopping_tx.send(());
         };
-        let serve = axum::serve(self.listener, self.router).with_graceful_shutdown(signal);
+        // No Nagle: an export streams its rows and then its short cursor record; with
+        // Nagle on, that last write waits for the client's delayed ACK (~40 ms), which a
+        // tenant move pays inside its cutover.
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |s| {
+            let _ = s.set_nodelay(true);
+        });
+        let serve = axum::serve(listener, self.router).with_graceful_shutdown(signal);
         let grace = self.grace;
         let deadline = async move {
             if stopping_rx.await.is_ok() {

@@ -273,7 +273,11 @@ impl Application {
         let grace = Duration::from_secs(self.config.shutdown_grace_secs);
         tracing::info!(addr = %self.addr, store = self.backend(), "control plane listening");
         let server_stop = shutdown.clone();
-        let server = axum::serve(self.listener, app)
+        // No Nagle: small answers (a long poll's change, a heartbeat's ack) go out at once.
+        let tcp = axum::serve::ListenerExt::tap_io(self.listener, |s| {
+            let _ = s.set_nodelay(true);
+        });
+        let server = axum::serve(tcp, app)
             .with_graceful_shutdown(async move { server_stop.cancelled().await });
         let result = server.await;
         tracing::info!("stopped accepting requests; stopping job workers");

@@ -913,6 +913,21 @@ async fn bench_moves() {
         pct(&mut total, 0.5),
         pct(&mut total, 1.0)
     );
+    // Where the hold goes: p50 of the ms from the hold to the end of each cutover step.
+    let phase = |k: &str| {
+        let mut v: Vec<u64> = done
+            .iter()
+            .filter_map(|(m, _)| m.evidence["cutover"][k].as_u64())
+            .collect();
+        pct(&mut v, 0.5)
+    };
+    println!(
+        "| hold breakdown p50, ms after the hold: routers drained / source frozen / final delta copied / checksums compared / flip | {} / {} / {} / {} / {h50} | - | - |",
+        phase("acked"),
+        phase("frozen"),
+        phase("final_delta"),
+        phase("verified")
+    );
     assert_eq!(failed, 0, "{:?} {:?}", acme.failed, globex.failed);
 }
 

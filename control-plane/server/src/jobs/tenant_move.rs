@@ -70,7 +70,7 @@ const STEPS: &[&str] = &[
     "verify",
     "flip",
 ];
-const FLIP: usize = 10;
+const HOLD: usize = 5;
 
 /// Rounds kept in the evidence (the first and the latest).
 const MAX_ROUNDS_KEPT: usize = 50;
@@ -134,6 +134,15 @@ impl TenantMove {
         cx.shared().job_changed.notify_waiters();
     }
 
+    /// Records when a step of the cutover ended, in ms since the hold (the hold's
+    /// breakdown: `cutover.acked`, `.frozen`, `.final_delta`, `.verified`).
+    fn mark(st: &mut MoveJobState, what: &str) {
+        if let Some(at) = st.hold_at_ms {
+            let cut = st.evidence.entry("cutover").or_insert_with(|| json!({}));
+            cut[what] = json!((now_ms() - at).max(0));
+        }
+    }
+
     fn record_round(st: &mut MoveJobState, c: &Copied, took: Duration, phase: &str) {
         st.rows_copied += c.records;
         st.bytes_copied += c.bytes;
@@ -169,7 +178,10 @@ impl TenantMove {
         let cfg = &shared.settings().moves;
         let tenant = spec.tenant_id.as_str();
         let name = STEPS[index];
-        if index != FLIP {
+        // The live view learns of each step up to the hold; from the hold to the flip the
+        // steps take milliseconds and every write here would lengthen the cutover (the
+        // flip records the rest).
+        if index <= HOLD {
             self.progress(cx, spec, st, name).await;
         }
         match name {
@@ -438,6 +450,7 @@ impl TenantMove {
                             })
                             .collect();
                         st.evidence.insert("router_acks".into(), json!(acks));
+                        Self::mark(st, "acked");
                         return Ok(Next::Continue(format!(
                             "{} live router(s) drained revision {rev}",
                             routers.len()
@@ -461,6 +474,7 @@ impl TenantMove {
                     .await
                     .map_err(cell_step)?;
                 st.evidence.insert("freeze_cursor".into(), json!(cursor));
+                Self::mark(st, "frozen");
                 Ok(Next::Continue(format!(
                     "source {} frozen at {cursor}",
                     spec.source_cell_id
@@ -476,6 +490,7 @@ impl TenantMove {
                     .map_err(cell_step)?;
                 st.delta_rounds += 1;
                 Self::record_round(st, &c, t0.elapsed(), "final");
+                Self::mark(st, "final_delta");
                 Ok(Next::Continue(format!(
                     "final delta: {} record(s) in {} ms",
                     c.records,
@@ -494,6 +509,7 @@ impl TenantMove {
                     json!({"source": {"rows": a.rows, "digest": a.digest},
                            "target": {"rows": b.rows, "digest": b.digest}}),
                 );
+                Self::mark(st, "verified");
                 if a != b {
                     return Err(StepError::Fatal(format!(
                         "checksums differ: source {} rows {}, target {} rows {}",
