@@ -339,19 +339,10 @@ impl Line<'_> {
         self.put(s);
     }
 
-    fn num(&mut self, mut n: u64) {
+    fn num(&mut self, n: u64) {
         self.sep();
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.put(&digits[i..]);
+        let mut buf = [0u8; 20];
+        self.put(crate::h1::u64_digits(n, &mut buf));
     }
 }
 
