@@ -81,6 +81,21 @@ impl Client {
         Self::send(self.request(Method::POST, path).json(body)).await
     }
 
+    /// `POST` of a body that is not JSON (e.g. `application/yaml` manifests).
+    pub async fn post_raw<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<T, ClientError> {
+        Self::send(
+            self.request(Method::POST, path)
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .body(body),
+        )
+        .await
+    }
+
     pub async fn patch<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,

@@ -7,6 +7,7 @@
 pub mod client;
 pub mod events;
 pub mod ids;
+pub mod manifests;
 pub mod moves;
 pub mod types;
 pub mod usage;
@@ -15,6 +16,9 @@ pub mod webhooks;
 pub use client::{Client, ClientError};
 pub use events::{Event, EventType};
 pub use ids::{validate_id, Id, IdError};
+pub use manifests::{
+    ApplyResult, Condition, Document, Drift, PlanAction, PlannedObject, Refusal, TenantStatus,
+};
 pub use moves::{Move, MoveRequest, MoveState, MoveWithJob};
 pub use types::*;
 pub use usage::{UsageBatch, UsagePoint, UsageRecord, UsageReport, METERS};

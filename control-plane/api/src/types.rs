@@ -315,11 +315,22 @@ pub struct Tenant {
     #[schema(value_type = Option<Object>)]
     pub placement: Option<serde_json::Value>,
     pub version: i64,
+    /// The lifecycle state asked for (by a manifest or the last lifecycle action); the
+    /// tenant controller converges `state` to it.
+    pub desired_state: TenantState,
+    /// Moves with every change of the desired spec (quotas, policies, billing, profile,
+    /// environments, desired state), through `POST /v1/apply` or an imperative call.
+    pub generation: i64,
+    /// What the tenant controller last found (absent until its first pass).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<crate::manifests::TenantStatus>,
     pub created_at: String,
     pub updated_at: String,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum EnvName {
     Prod,

@@ -2,6 +2,8 @@
 //! commands are clients of the HTTP API (`CELLPLANE_URL`, `CELLPLANE_TOKEN`) that print
 //! tables, or JSON with `--json`.
 
+mod manifests;
+
 use crate::config::{Config, LogFormat, Secret};
 use crate::startup::{shutdown_signal, Application};
 use cellplane_api::*;
@@ -44,6 +46,18 @@ pub enum Command {
         cellplane down              # stop the control plane and router of ./.cellplane\n  \
         cellplane down --destroy    # and destroy its cells, then remove ./.cellplane")]
     Down(crate::down::DownArgs),
+    /// Apply manifests (organizations, region policies, cells, tenants) with a plan.
+    #[command(after_help = "Example:\n  \
+        cellplane apply -f examples/fleet --dry-run   # the plan: what changes, which jobs run\n  \
+        cellplane apply -f examples/fleet")]
+    Apply(manifests::ApplyArgs),
+    /// What applying manifests would change, field by field (a dry run).
+    Diff(manifests::DiffArgs),
+    /// Objects as tables or as documents that re-apply as no-ops (`-o yaml`).
+    #[command(after_help = "Example:\n  \
+        cellplane get tenants --wide\n  \
+        cellplane get tenant acme -o yaml > acme.yaml && cellplane apply -f acme.yaml")]
+    Get(manifests::GetArgs),
     /// Organizations.
     Org(ClientArgs<OrgCmd>),
     /// Tenants and their lifecycle.
@@ -562,6 +576,9 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Up(a) => return up(a).await,
         Command::Down(a) => return crate::down::down(a).await,
         Command::Completion { shell } => return completion(shell),
+        Command::Apply(a) => manifests::apply(a).await,
+        Command::Diff(a) => manifests::diff(a).await,
+        Command::Get(a) => manifests::get(a).await,
         Command::Org(a) => {
             let (conn, json) = (conn_of(&a), a.json);
             client(conn, |c| org(c, a.cmd, json)).await

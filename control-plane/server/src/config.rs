@@ -17,6 +17,8 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     pub log_format: LogFormat,
     pub max_body_bytes: usize,
+    /// Body limit of `POST /v1/apply`, which carries a fleet of manifests.
+    pub max_apply_bytes: usize,
     pub shutdown_grace_secs: u64,
     pub rate_limit: RateLimitConfig,
     pub jobs: JobsConfig,
@@ -284,6 +286,13 @@ pub struct JobsConfig {
     pub controller_lease_ms: u64,
     /// How often a controller's holder renews its lease and a standby tries to take it.
     pub controller_renew_ms: u64,
+    /// The tenant controller: first retry of a failed convergence (doubling up to
+    /// `tenant_retry_max_ms`), how often it looks without a signal, and how often it looks
+    /// at every tenant for drift.
+    pub tenant_retry_base_ms: u64,
+    pub tenant_retry_max_ms: u64,
+    pub tenant_poll_ms: u64,
+    pub tenant_sweep_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -345,6 +354,7 @@ impl Default for Config {
             admin_token: None,
             log_format: LogFormat::Text,
             max_body_bytes: 1024 * 1024,
+            max_apply_bytes: 16 * 1024 * 1024,
             shutdown_grace_secs: 10,
             rate_limit: RateLimitConfig::default(),
             jobs: JobsConfig::default(),
@@ -383,6 +393,10 @@ impl Default for JobsConfig {
             failpoints: String::new(),
             controller_lease_ms: 10_000,
             controller_renew_ms: 2_000,
+            tenant_retry_base_ms: 2_000,
+            tenant_retry_max_ms: 60_000,
+            tenant_poll_ms: 1_000,
+            tenant_sweep_secs: 30,
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod http;
 pub mod iac;
 pub mod jobs;
 pub mod local_router;
+pub mod manifests;
 pub mod persistence;
 pub mod placement;
 pub mod routing;

@@ -212,6 +212,15 @@ impl Placement {
         if_match: Option<i64>,
         policy: RegionPolicy,
     ) -> Result<(Region, bool)> {
+        self.check_region_policy(&policy)?;
+        let mut tx = self.store.write().await?;
+        let out = put_region_in(&mut tx, ctx, region, if_match, policy).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Checks a region policy (fields and the default template's variables) without writing.
+    pub fn check_region_policy(&self, policy: &RegionPolicy) -> Result<()> {
         let mut errors = Vec::new();
         if let Some(t) = policy.prestamp_threshold {
             if !(t > 0.0 && t <= 1.0) {
@@ -236,40 +245,7 @@ impl Placement {
         if let Err(errors) = template.validate_vars(&policy.vars) {
             return Err(ServiceError::Validation(errors));
         }
-        let mut tx = self.store.write().await?;
-        let current = tx.get_region_policy_tx(region).await?;
-        let version = match &current {
-            Some((_, v, _)) => {
-                check_version(if_match, *v)?;
-                v + 1
-            }
-            None => {
-                if if_match.is_some() {
-                    return Err(not_found("region policy", region));
-                }
-                1
-            }
-        };
-        let updated_at = tx.put_region_policy(region, &policy, version).await?;
-        tx.audit(AuditInput {
-            tenant_id: None,
-            event_type: "CELL_REGION_POLICY_SET",
-            actor: &ctx.actor,
-            target: &format!("region/{region}"),
-            payload: json!({"policy": policy, "version": version}),
-            correlation_id: Some(&ctx.correlation_id),
-        })
-        .await?;
-        tx.commit().await?;
-        Ok((
-            Region {
-                region: region.to_string(),
-                policy,
-                version,
-                updated_at,
-            },
-            version == 1,
-        ))
+        Ok(())
     }
 
     /// The placement policy of a region (defaults when none was set).
@@ -829,6 +805,237 @@ pub async fn record_failure_in(
     Ok(())
 }
 
+/// Placement without writing: where tenant environments would go, given the cells and
+/// policies there are (and those an apply is about to add), counting each preview's
+/// reservation so a set of tenants is spread as placement would spread it. Used by the plan
+/// of `POST /v1/apply` and by the tenant controller before it starts an activation.
+#[derive(Debug, Clone, Default)]
+pub struct Preview {
+    cells: Vec<Cell>,
+    /// Cells that are not active yet (being stamped, or added by the apply being planned).
+    upcoming: std::collections::HashSet<String>,
+    policies: BTreeMap<String, RegionPolicy>,
+    auto_stamped: usize,
+}
+
+/// Where a preview put an environment.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Previewed {
+    /// On this cell; `ready` false when the cell is not active yet.
+    Cell {
+        cell_id: String,
+        region: String,
+        utilization_after: f64,
+        ready: bool,
+    },
+    /// No pooled cell has room and the region auto-stamps one.
+    AutoStamp { region: String },
+    /// Its own dedicated cell (`exists`: registered already).
+    Dedicated { cell_id: String, exists: bool },
+    /// Nowhere: the reason.
+    NoCapacity(String),
+}
+
+impl Previewed {
+    /// The plan's words for placing `env` this way.
+    pub fn describe(&self, env: &str, env_region: &str) -> String {
+        match self {
+            Previewed::Cell {
+                cell_id,
+                region,
+                utilization_after,
+                ready,
+            } => format!(
+                "place {env} in {region} (today: {cell_id}{}, utilization after {utilization_after:.2})",
+                if *ready { "" } else { ", not active yet" }
+            ),
+            Previewed::AutoStamp { region } => format!(
+                "place {env} in {region} (no pooled cell has room: a pooled cell is auto-stamped)"
+            ),
+            Previewed::Dedicated { cell_id, exists } => format!(
+                "place {env} in {env_region} (on its dedicated cell {cell_id}{})",
+                if *exists { "" } else { ", stamped for it" }
+            ),
+            Previewed::NoCapacity(why) => format!("cannot place {env}: {why}"),
+        }
+    }
+}
+
+impl Preview {
+    /// A preview over `cells` (any state: only active and upcoming ones are used) and the
+    /// regions' policies.
+    pub fn new(cells: Vec<Cell>, policies: BTreeMap<String, RegionPolicy>) -> Self {
+        let mut p = Preview {
+            policies,
+            ..Default::default()
+        };
+        for c in cells {
+            p.add_cell(c);
+        }
+        p
+    }
+
+    /// Counts a cell: active ones as they are, pending or provisioning ones as upcoming.
+    pub fn add_cell(&mut self, mut c: Cell) {
+        match c.state {
+            CellState::Active => {}
+            CellState::Pending | CellState::Provisioning => {
+                self.upcoming.insert(c.cell_id.clone());
+                c.state = CellState::Active;
+                c.outputs
+                    .insert("endpoint".into(), json!("http://upcoming.invalid"));
+            }
+            _ => return,
+        }
+        self.cells.retain(|x| x.cell_id != c.cell_id);
+        self.cells.push(c);
+    }
+
+    pub fn set_policy(&mut self, region: &str, policy: RegionPolicy) {
+        self.policies.insert(region.to_string(), policy);
+    }
+
+    fn policy(&self, region: &str) -> RegionPolicy {
+        self.policies.get(region).cloned().unwrap_or_default()
+    }
+
+    /// Where one environment of a tenant would go; the choice holds its room in the
+    /// preview.
+    #[allow(clippy::too_many_arguments)]
+    pub fn place(
+        &mut self,
+        tenant_id: &str,
+        profile: cellplane_api::Profile,
+        residency: Option<DataResidency>,
+        allowed: Option<&[Id]>,
+        units: u64,
+        env: &str,
+        env_region: &str,
+    ) -> Previewed {
+        let policy = self.policy(env_region);
+        if !profile.is_pooled() {
+            let cell_id = dedicated_cell_id(tenant_id, env);
+            let exists = self.cells.iter().any(|c| c.cell_id == cell_id);
+            return Previewed::Dedicated { cell_id, exists };
+        }
+        let regions = candidate_regions(env_region, residency, allowed);
+        // Active cells first, as placement sees them; cells still being stamped after.
+        let pooled = |upcoming: bool| -> Vec<Cell> {
+            self.cells
+                .iter()
+                .filter(|c| {
+                    c.tier == Tier::Pooled && self.upcoming.contains(&c.cell_id) == upcoming
+                })
+                .cloned()
+                .collect()
+        };
+        let mut ranked = rank(&pooled(false), &regions, units, policy.strategy);
+        if ranked.is_empty() {
+            ranked = rank(&pooled(true), &regions, units, policy.strategy);
+        }
+        if let Some(best) = ranked.first() {
+            let cell = self
+                .cells
+                .iter_mut()
+                .find(|c| c.cell_id == best.cell_id)
+                .expect("ranked cells come from the preview");
+            cell.used.tenants += 1;
+            cell.used.units += units;
+            return Previewed::Cell {
+                cell_id: best.cell_id.clone(),
+                region: cell.region.clone(),
+                utilization_after: best.utilization_after,
+                ready: !self.upcoming.contains(&best.cell_id),
+            };
+        }
+        if policy.auto_stamp {
+            // The stamped cell takes this tenant and the ones after it, as it will.
+            self.auto_stamped += 1;
+            if let Ok(req) = pooled_cell(env_region, &policy, units) {
+                let mut cell = Cell {
+                    cell_id: format!("{}-preview-{}", req.cell_id.as_str(), self.auto_stamped),
+                    region: env_region.to_string(),
+                    tier: Tier::Pooled,
+                    template: req.template.as_str().to_string(),
+                    capacity: req.capacity,
+                    used: Capacity {
+                        tenants: 1,
+                        units,
+                    },
+                    labels: BTreeMap::new(),
+                    vars: BTreeMap::new(),
+                    state: CellState::Active,
+                    outputs: BTreeMap::new(),
+                    app_version: None,
+                    drift: None,
+                    pending_job_id: None,
+                    version: 1,
+                    created_at: String::new(),
+                    updated_at: String::new(),
+                };
+                cell.outputs
+                    .insert("endpoint".into(), json!("http://upcoming.invalid"));
+                self.upcoming.insert(cell.cell_id.clone());
+                self.cells.push(cell);
+            }
+            return Previewed::AutoStamp {
+                region: env_region.to_string(),
+            };
+        }
+        Previewed::NoCapacity(format!(
+            "no capacity and auto-stamp off: no active pooled cell in {} has room for one more \
+             tenant with {units} unit(s), and auto-stamp is off for region {env_region}",
+            regions.join(", ")
+        ))
+    }
+}
+
+/// The writes of [`Placement::put_region`] in the caller's transaction (policy checked).
+pub async fn put_region_in(
+    tx: &mut WriteTx,
+    ctx: &Ctx,
+    region: &str,
+    if_match: Option<i64>,
+    policy: RegionPolicy,
+) -> Result<(Region, bool)> {
+    let current = tx.get_region_policy_tx(region).await?;
+    let version = match &current {
+        Some((_, v, _)) => {
+            check_version(if_match, *v)?;
+            v + 1
+        }
+        None => {
+            if if_match.is_some() {
+                return Err(not_found("region policy", region));
+            }
+            1
+        }
+    };
+    let updated_at = tx.put_region_policy(region, &policy, version).await?;
+    if current.as_ref().is_some_and(|(p, _, _)| *p != policy) {
+        tx.bump_generation(cellplane_api::manifests::Kind::RegionPolicy, region, None)
+            .await?;
+    }
+    tx.audit(AuditInput {
+        tenant_id: None,
+        event_type: "CELL_REGION_POLICY_SET",
+        actor: &ctx.actor,
+        target: &format!("region/{region}"),
+        payload: json!({"policy": policy, "version": version}),
+        correlation_id: Some(&ctx.correlation_id),
+    })
+    .await?;
+    Ok((
+        Region {
+            region: region.to_string(),
+            policy,
+            version,
+            updated_at,
+        },
+        version == 1,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -937,3 +1144,4 @@ mod tests {
         }
     }
 }
+

@@ -47,6 +47,9 @@ pub struct Shared {
     /// Woken whenever a job of this process records progress or ends, so live followers
     /// (server-sent events) need not wait for their poll.
     pub job_changed: Arc<Notify>,
+    /// Woken when a desired spec changes (an apply, an imperative change): the tenant
+    /// controller looks at once.
+    pub desired_changed: Arc<Notify>,
     /// Calls the cell contract (tenant moves).
     pub cells: crate::cellclient::CellClient,
 }
@@ -71,6 +74,7 @@ impl Shared {
             routing,
             job_notify: Arc::new(Notify::new()),
             job_changed: Arc::new(Notify::new()),
+            desired_changed: Arc::new(Notify::new()),
         }
     }
 

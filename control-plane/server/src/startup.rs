@@ -135,6 +135,7 @@ impl Application {
         let state = AppState {
             service,
             max_body_bytes: config.max_body_bytes,
+            max_apply_bytes: config.max_apply_bytes,
             http_metrics: Arc::new(HttpMetrics::default()),
             job_metrics: engine.metrics.clone(),
             limiter: Arc::new(RateLimiter::new(
@@ -154,6 +155,10 @@ impl Application {
                 ),
                 (
                     <crate::controllers::usage::UsageExporter as crate::controllers::Controller>::NAME,
+                    Arc::new(crate::controllers::ControllerStatus::default()),
+                ),
+                (
+                    <crate::controllers::tenants::TenantController as crate::controllers::Controller>::NAME,
                     Arc::new(crate::controllers::ControllerStatus::default()),
                 ),
             ]),
@@ -265,8 +270,21 @@ impl Application {
                 period: Duration::from_secs(self.config.usage.export_period_secs.max(60) / 60 * 60),
                 grace: Duration::from_secs(self.config.usage.export_grace_secs),
             },
-            host,
+            host.clone(),
             self.state.controllers[2].1.clone(),
+            workers_stop.clone(),
+        );
+        let tenants = crate::controllers::spawn(
+            crate::controllers::tenants::TenantController {
+                retry_base: Duration::from_millis(self.config.jobs.tenant_retry_base_ms.max(10)),
+                retry_max: Duration::from_millis(self.config.jobs.tenant_retry_max_ms.max(10)),
+                sweep: Duration::from_secs(self.config.jobs.tenant_sweep_secs.max(1)),
+                poll: Duration::from_millis(self.config.jobs.tenant_poll_ms.max(10)),
+                wake: self.state.service.shared().desired_changed.clone(),
+                last_sweep: Default::default(),
+            },
+            host.clone(),
+            self.state.controllers[3].1.clone(),
             workers_stop.clone(),
         );
         let app = http::router(self.state.clone());
@@ -293,6 +311,9 @@ impl Application {
         }
         if tokio::time::timeout(grace, dispatcher).await.is_err() {
             tracing::warn!("the webhook dispatcher did not stop within the grace period");
+        }
+        if tokio::time::timeout(grace, tenants).await.is_err() {
+            tracing::warn!("the tenant controller did not stop within the grace period");
         }
         if tokio::time::timeout(grace, usage).await.is_err() {
             tracing::warn!("the usage controller did not stop within the grace period");

@@ -78,6 +78,7 @@ async fn seed(store: &Store) {
         version: 1,
         created_at: ts.clone(),
         updated_at: ts.clone(),
+        desired: Default::default(),
     })
     .await
     .unwrap();

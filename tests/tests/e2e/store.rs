@@ -312,6 +312,7 @@ fn new_tenant(id: &str, org: &str) -> cellplane::persistence::NewTenant {
             version: 1,
             created_at: ts.clone(),
             updated_at: ts.clone(),
+            desired: Default::default(),
         },
         env: cellplane::persistence::EnvironmentRow {
             tenant_id: id.into(),

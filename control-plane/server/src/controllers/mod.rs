@@ -9,6 +9,7 @@
 //! service with its fence.
 
 pub mod drift;
+pub mod tenants;
 pub mod usage;
 pub mod webhooks;
 
@@ -67,6 +68,11 @@ pub trait Controller: Send + Sync + 'static {
     const NAME: &'static str;
     /// How often to reconcile without a change signal.
     fn resync(&self) -> Duration;
+    /// Signalled when there may be work: the controller reconciles at once (still under
+    /// its lease) instead of at its next resync.
+    fn wake(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
     /// Brings actual state towards desired; idempotent.
     fn reconcile(
         &self,
@@ -142,6 +148,7 @@ async fn run<C: Controller>(
     let mut held: Option<i64> = None;
     let mut next_reconcile = tokio::time::Instant::now();
     let mut errors: u32 = 0;
+    let wake = controller.wake();
     while !stop.is_cancelled() {
         match service
             .store()
@@ -222,9 +229,20 @@ async fn run<C: Controller>(
         } else {
             timing.renew
         };
+        let woken = async {
+            match &wake {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
+            _ = woken => {
+                if held.is_some() {
+                    next_reconcile = next_reconcile.min(tokio::time::Instant::now());
+                }
+            }
         }
     }
     if held.is_some() {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 pub mod jobs;
+mod manifests;
 mod moves;
 pub mod openapi;
 pub mod ops;
@@ -45,6 +46,8 @@ use std::time::Instant;
 pub struct AppState {
     pub service: Service,
     pub max_body_bytes: usize,
+    /// The body limit of `POST /v1/apply` (a fleet of manifests).
+    pub max_apply_bytes: usize,
     pub http_metrics: Arc<HttpMetrics>,
     pub job_metrics: Arc<JobMetrics>,
     pub limiter: Arc<RateLimiter>,
@@ -104,6 +107,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tenants/{tenant_id}/move", post(moves::create))
         .route("/v1/tenants/{tenant_id}/{action}", post(tenants::action))
         .route("/v1/moves", get(moves::list))
+        .route("/v1/apply", post(manifests::apply))
+        .route("/v1/manifests/{kind}/{name}", get(manifests::get_one))
         .route("/v1/moves/{move_id}", get(moves::get_one))
         .route("/v1/cells", post(cells::create).get(cells::list))
         .route(
@@ -224,14 +229,25 @@ async fn observe(State(state): State<AppState>, mut req: Request, next: Next) ->
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
-        .is_some_and(|n| n > state.max_body_bytes);
+        .is_some_and(|n| {
+            n > if route == "/v1/apply" {
+                state.max_apply_bytes
+            } else {
+                state.max_body_bytes
+            }
+        });
     let span =
         tracing::info_span!("request", method = %method, route = %route, correlation_id = %corr);
     let mut resp = if too_large {
         let (_, body) = req.into_parts();
         let _ = extract::read_body(body, 0).await;
         CURRENT_CORRELATION_ID.sync_scope(corr.clone(), || {
-            ApiError::too_large(state.max_body_bytes).into_response()
+            ApiError::too_large(if route == "/v1/apply" {
+                state.max_apply_bytes
+            } else {
+                state.max_body_bytes
+            })
+            .into_response()
         })
     } else {
         use tracing::Instrument;

@@ -44,6 +44,7 @@ impl Modify for BearerAuth {
         super::tenants::create, super::tenants::list, super::tenants::get_one, super::tenants::patch,
         super::tenants::action, super::tenants::create_environment, super::tenants::list_environments,
         super::moves::create, super::moves::list, super::moves::get_one,
+        super::manifests::apply, super::manifests::get_one,
         super::cells::create, super::cells::list, super::cells::get_one, super::cells::patch,
         super::cells::drain, super::cells::delete, super::cells::apply, super::cells::plan,
         super::templates::list, super::templates::get_one,

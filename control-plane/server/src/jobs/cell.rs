@@ -335,6 +335,30 @@ pub async fn register_cell(
     ctx: &Ctx,
     req: CreateCell,
 ) -> crate::error::Result<CellWithJob> {
+    let prepared = prepare_cell(shared, req)?;
+    let mut tx = shared.store.write().await?;
+    let out = register_cell_in(&mut tx, shared, ctx, prepared).await?;
+    tx.commit().await?;
+    shared.job_notify.notify_waiters();
+    Ok(out)
+}
+
+/// A cell checked against its template, with its secrets drawn: what
+/// [`register_cell_in`] writes.
+pub struct PreparedCell {
+    cell: Cell,
+    secrets: CellSecrets,
+    template: crate::iac::Template,
+}
+
+impl PreparedCell {
+    pub fn cell(&self) -> &Cell {
+        &self.cell
+    }
+}
+
+/// Checks a cell registration (variables, capacity, template and tier) without writing.
+pub fn prepare_cell(shared: &Shared, req: CreateCell) -> crate::error::Result<PreparedCell> {
     let mut errors = Vec::new();
     validate_labels(&req.labels, &mut errors);
     validate_vars(&req.vars, &mut errors);
@@ -374,7 +398,7 @@ pub async fn register_cell(
         }
     }
     let ts = persistence::now();
-    let mut cell = Cell {
+    let cell = Cell {
         cell_id: req.cell_id.into_string(),
         region: req.region.into_string(),
         tier: req.tier,
@@ -392,12 +416,31 @@ pub async fn register_cell(
         created_at: ts.clone(),
         updated_at: ts,
     };
-    let mut tx = shared.store.write().await?;
+    Ok(PreparedCell {
+        cell,
+        secrets,
+        template,
+    })
+}
+
+/// Registers a prepared cell and enqueues its stamp in `tx` (the caller commits and
+/// wakes the workers).
+pub async fn register_cell_in(
+    tx: &mut WriteTx,
+    shared: &Shared,
+    ctx: &Ctx,
+    prepared: PreparedCell,
+) -> crate::error::Result<CellWithJob> {
+    let PreparedCell {
+        mut cell,
+        secrets,
+        template,
+    } = prepared;
     let mut chosen = std::collections::HashSet::new();
     for (name, spec) in &template.manifest.variables {
         if spec.source == Some(VarSource::Port) {
             let port = take_port(
-                &mut tx,
+                tx,
                 shared.settings.port_range,
                 &cell.cell_id,
                 name,
@@ -420,7 +463,7 @@ pub async fn register_cell(
     tx.set_cell_secrets(&cell.cell_id, &secrets).await?;
     let target = cell_target(&cell.cell_id);
     let job = enqueue_cell_job(
-        &mut tx,
+        tx,
         shared.settings.job_max_attempts,
         ctx,
         &mut cell,
@@ -439,8 +482,6 @@ pub async fn register_cell(
         correlation_id: Some(&ctx.correlation_id),
     })
     .await?;
-    tx.commit().await?;
-    shared.job_notify.notify_waiters();
     Ok(CellWithJob {
         cell,
         job: Some(job),

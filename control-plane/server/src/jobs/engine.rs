@@ -298,6 +298,13 @@ impl JobEngine {
         for e in batch {
             let held = ended.contains(&e.job.job.job_id);
             let finished = if held {
+                // The tenant controller looks again at a tenant whose job ended, and at
+                // tenants waiting for capacity when a cell's job ended.
+                if let Some(tenant) = e.job.job.target.strip_prefix("tenant/") {
+                    tx.wake_tenant(tenant).await?;
+                } else if e.job.job.target.starts_with("cell/") {
+                    tx.wake_waiting_tenants().await?;
+                }
                 e.finish
                     .finish(&mut tx, &self.shared, &e.job, &e.end)
                     .await?

@@ -31,7 +31,9 @@ pub mod tenant_suspend;
 #[cfg(debug_assertions)]
 pub mod test_hold;
 
-pub use cell::{enqueue_cell_job, register_cell, CellSpec};
+pub use cell::{
+    enqueue_cell_job, prepare_cell, register_cell, register_cell_in, CellSpec, PreparedCell,
+};
 pub use engine::{backoff_for, CancellationToken, JobEngine, JobMetrics, Shutdown};
 pub use kind::{enqueue, DynKind, End, FinishCx, Finished, Kind, Next, StepCx, StepError};
 pub use tenant::{lifecycle_kind, TenantSpec};

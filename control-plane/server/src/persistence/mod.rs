@@ -15,6 +15,7 @@ pub use controllers::{ControllerLease, Fence};
 mod deliveries;
 mod idempotency;
 mod jobs;
+mod manifests;
 mod moves;
 pub mod notify;
 mod orgs;
@@ -29,10 +30,13 @@ pub use audit::{AuditInput, OutboxRow, OwnedAudit, VerifyOutcome};
 pub use deliveries::{AttemptResult, AttemptRow, DeliveryRow, DueDelivery, NewDelivery};
 pub use idempotency::StoredResponse;
 pub use jobs::{JobEnd, JobRow, LastStepRecord, NewJob};
+pub use manifests::ObjectBook;
 pub use moves::{MoveFilter, MoveProgress, MoveRow};
 pub use placement::Reservation;
 pub use routing::{RouteWrite, RouterRow, RoutingHead};
-pub use tenants::{Conditional, CreateOutcome, EnvironmentRow, NewTenant, TenantFilter, TenantRow};
+pub use tenants::{
+    Conditional, CreateOutcome, Desired, EnvironmentRow, NewTenant, TenantFilter, TenantRow,
+};
 pub use tokens::TokenRow;
 pub use usage::UsageRow;
 pub use webhooks::WebhookRow;
@@ -161,6 +165,10 @@ const MIGRATIONS_SQLITE: &[(i64, &str)] = &[
     ),
     (10, include_str!("../../migrations/sqlite/0010_usage.sql")),
     (11, include_str!("../../migrations/sqlite/0011_moves.sql")),
+    (
+        12,
+        include_str!("../../migrations/sqlite/0012_manifests.sql"),
+    ),
 ];
 const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
@@ -198,6 +206,10 @@ const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     ),
     (10, include_str!("../../migrations/postgres/0010_usage.sql")),
     (11, include_str!("../../migrations/postgres/0011_moves.sql")),
+    (
+        12,
+        include_str!("../../migrations/postgres/0012_manifests.sql"),
+    ),
 ];
 
 impl Store {

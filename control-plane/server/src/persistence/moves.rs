@@ -326,7 +326,8 @@ impl WriteTx {
     /// Sets a tenant's profile (a move to a dedicated cell makes it `st-dedicated`).
     pub async fn set_tenant_profile(&mut self, id: &str, profile: &str) -> Result<()> {
         sqlx::query(
-            "UPDATE tenants SET profile = $1, version = version + 1, updated_at = $2 WHERE tenant_id = $3 AND profile <> $1",
+            "UPDATE tenants SET profile = $1, version = version + 1, generation = generation + 1, \
+             settled = 0, updated_at = $2 WHERE tenant_id = $3 AND profile <> $1",
         )
         .bind(profile)
         .bind(super::now())

@@ -24,6 +24,45 @@ pub struct TenantRow {
     pub version: i64,
     pub created_at: String,
     pub updated_at: String,
+    /// The desired spec's bookkeeping (manifests and the tenant controller).
+    pub desired: Desired,
+}
+
+/// What the tenant controller and manifests keep on a tenant row (migration 0012).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    /// The lifecycle state asked for; `None`: whatever the tenant is now.
+    pub state: Option<TenantState>,
+    pub generation: i64,
+    pub observed_generation: i64,
+    pub status: Option<cellplane_api::TenantStatus>,
+    pub settled: bool,
+    pub reconcile_after: Option<String>,
+    pub reconcile_failures: i64,
+    /// `{"labels", "annotations"}` of the tenant's manifest.
+    pub meta: Option<serde_json::Value>,
+}
+
+impl Default for Desired {
+    fn default() -> Self {
+        Self {
+            state: None,
+            generation: 1,
+            observed_generation: 0,
+            status: None,
+            settled: false,
+            reconcile_after: None,
+            reconcile_failures: 0,
+            meta: None,
+        }
+    }
+}
+
+impl TenantRow {
+    /// The lifecycle state the tenant should be in.
+    pub fn desired_state(&self) -> TenantState {
+        self.desired.state.unwrap_or(self.state)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +106,18 @@ fn tenant_from_row(row: &sqlx::any::AnyRow) -> Result<TenantRow> {
         version: row.try_get("version")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        desired: Desired {
+            state: row
+                .try_get::<Option<String>, _>("desired_state")?
+                .and_then(|s| TenantState::parse(&s)),
+            generation: row.try_get("generation")?,
+            observed_generation: row.try_get("observed_generation")?,
+            status: opt_json_col(row, "status")?,
+            settled: row.try_get::<i64, _>("settled")? != 0,
+            reconcile_after: row.try_get("reconcile_after")?,
+            reconcile_failures: row.try_get("reconcile_failures")?,
+            meta: opt_json_col(row, "meta")?,
+        },
     })
 }
 
@@ -82,6 +133,88 @@ pub(super) fn env_from_row(row: &sqlx::any::AnyRow) -> Result<EnvironmentRow> {
     })
 }
 
+impl Store {
+    /// Tenants the controller has work for: a generation it has not observed, or unsettled
+    /// and due (no retry time, or one that has passed). Oldest change first.
+    pub async fn tenants_to_reconcile(&self, now: &str, limit: i64) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT tenant_id FROM tenants WHERE state <> 'deleted' AND \
+             (generation <> observed_generation OR \
+              (settled = 0 AND (reconcile_after IS NULL OR reconcile_after <= $1))) \
+             ORDER BY updated_at, tenant_id LIMIT $2",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get("tenant_id").map_err(Into::into))
+            .collect()
+    }
+
+    /// The newest lifecycle or placement job of a tenant: its id, kind, state and error.
+    pub async fn latest_job_of(
+        &self,
+        target: &str,
+    ) -> Result<Option<(String, String, String, Option<String>)>> {
+        let row = sqlx::query(
+            "SELECT job_id, kind, state, error FROM jobs WHERE target = $1 AND kind IN \
+             ('tenant.activate', 'tenant.suspend', 'tenant.resume', 'tenant.archive', 'tenant.place') \
+             ORDER BY created_at DESC, job_id DESC LIMIT 1",
+        )
+        .bind(target)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok((
+                r.try_get("job_id")?,
+                r.try_get("kind")?,
+                r.try_get("state")?,
+                r.try_get("error")?,
+            ))
+        })
+        .transpose()
+    }
+
+    /// Every tenant that is not deleted, by id after `after` (the controller's drift sweep).
+    pub async fn tenant_ids_after(&self, after: &str, limit: i64) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT tenant_id FROM tenants WHERE state <> 'deleted' AND tenant_id > $1 \
+             ORDER BY tenant_id LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get("tenant_id").map_err(Into::into))
+            .collect()
+    }
+
+    /// The tenants with these ids (any order; unknown ids are left out).
+    pub async fn tenants_by_ids(&self, ids: &[String]) -> Result<Vec<TenantRow>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            if chunk.is_empty() {
+                continue;
+            }
+            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "{TENANT_SELECT} WHERE tenant_id IN ({})",
+                placeholders.join(",")
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id.as_str());
+            }
+            for row in q.fetch_all(&self.pool).await? {
+                out.push(tenant_from_row(&row)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// Outcome of a conditional update.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Conditional {
@@ -95,8 +228,8 @@ impl WriteTx {
     pub async fn insert_tenant(&mut self, t: &TenantRow) -> Result<()> {
         sqlx::query(
             "INSERT INTO tenants (tenant_id, organization_id, profile, state, region, quotas, policies, billing, \
-             placement, archived_at, version, created_at, updated_at) \
-             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,NULL,NULL,$9,$10,$11)",
+             placement, archived_at, version, created_at, updated_at, desired_state, generation, meta) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,NULL,NULL,$9,$10,$11,$12,$13,$14)",
         )
         .bind(&t.tenant_id)
         .bind(&t.organization_id)
@@ -109,6 +242,9 @@ impl WriteTx {
         .bind(t.version)
         .bind(&t.created_at)
         .bind(&t.updated_at)
+        .bind(t.desired.state.map(|s| s.as_str()))
+        .bind(t.desired.generation)
+        .bind(t.desired.meta.as_ref().map(to_json))
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -157,7 +293,8 @@ impl WriteTx {
         billing: &Billing,
     ) -> Result<Conditional> {
         let res = sqlx::query(
-            "UPDATE tenants SET quotas = $1, policies = $2, billing = $3, version = version + 1, updated_at = $4 \
+            "UPDATE tenants SET quotas = $1, policies = $2, billing = $3, version = version + 1, updated_at = $4, \
+             generation = generation + 1, settled = 0, reconcile_after = NULL, reconcile_failures = 0 \
              WHERE tenant_id = $5 AND ($6 < 0 OR version = $6)",
         )
         .bind(to_json(quotas))
@@ -175,6 +312,86 @@ impl WriteTx {
             None => Conditional::NotFound,
             Some(_) => Conditional::VersionMismatch,
         })
+    }
+
+    /// Records a change of the desired spec outside quotas/policies/billing: the desired
+    /// lifecycle state (`Some`), the manifest's metadata (`Some`), or only that the spec moved
+    /// (environments). Bumps `generation` and `version` and wakes the tenant controller.
+    pub async fn touch_desired(
+        &mut self,
+        id: &str,
+        state: Option<TenantState>,
+        meta: Option<&serde_json::Value>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE tenants SET desired_state = COALESCE($1, desired_state), meta = COALESCE($2, meta), \
+             generation = generation + 1, version = version + 1, updated_at = $3, settled = 0, \
+             reconcile_after = NULL, reconcile_failures = 0 WHERE tenant_id = $4",
+        )
+        .bind(state.map(|s| s.as_str()))
+        .bind(meta.map(to_json))
+        .bind(now())
+        .bind(id)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Sets the desired lifecycle state without moving the generation (the caller did).
+    pub async fn set_desired_state(&mut self, id: &str, state: TenantState) -> Result<()> {
+        sqlx::query("UPDATE tenants SET desired_state = $1 WHERE tenant_id = $2")
+            .bind(state.as_str())
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Writes what the tenant controller found at `generation`. `settled` holds only while
+    /// the generation is still the one observed (a newer spec is reconciled again).
+    pub async fn write_tenant_status(
+        &mut self,
+        id: &str,
+        generation: i64,
+        status: &cellplane_api::TenantStatus,
+        settled: bool,
+        reconcile_after: Option<&str>,
+        failures: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE tenants SET status = $1, observed_generation = $2, \
+             settled = CASE WHEN generation = $2 THEN $3 ELSE 0 END, \
+             reconcile_after = $4, reconcile_failures = $5 WHERE tenant_id = $6",
+        )
+        .bind(to_json(status))
+        .bind(generation)
+        .bind(settled as i64)
+        .bind(reconcile_after)
+        .bind(failures)
+        .bind(id)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// A job that held the tenant ended: the controller looks at it again at once.
+    pub async fn wake_tenant(&mut self, id: &str) -> Result<()> {
+        sqlx::query("UPDATE tenants SET settled = 0, reconcile_after = NULL WHERE tenant_id = $1")
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Makes every unsettled tenant waiting for a retry due now (a cell became active: a
+    /// tenant blocked on capacity may fit).
+    pub async fn wake_waiting_tenants(&mut self) -> Result<u64> {
+        let res = sqlx::query(
+            "UPDATE tenants SET reconcile_after = NULL WHERE settled = 0 AND reconcile_after IS NOT NULL",
+        )
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(res.rows_affected())
     }
 
     /// Checks that the tenant may start a lifecycle job now: it exists, is in one of

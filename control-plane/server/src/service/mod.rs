@@ -2,7 +2,9 @@
 //! what serde could not, runs one write transaction through persistence (which appends the
 //! audit record and outbox event) and returns wire types. It never speaks HTTP.
 
+pub mod manifests;
 mod moves;
+pub use manifests::{ApplyOptions, ApplyOutcome};
 pub use moves::ProfileChange;
 pub mod webhooks;
 
@@ -66,6 +68,22 @@ async fn run_tenant_batcher(store: Store, mut rx: tokio::sync::mpsc::Receiver<Ba
     }
 }
 
+/// Refuses the write of a controller that lost its lease (`None`: not a controller).
+pub(crate) async fn check_fence(
+    tx: &mut persistence::WriteTx,
+    fence: Option<&persistence::Fence>,
+) -> Result<()> {
+    if let Some(f) = fence {
+        if !tx.fence(f.name, &f.holder, f.term).await? {
+            return Err(ServiceError::Fenced(format!(
+                "controller {} lost its lease (term {}); write refused",
+                f.name, f.term
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Where an environment's data lives. Pooled tenants share a database and get a schema,
 /// prefix and partition; dedicated tenants get their own database, bucket and queue.
 pub fn resource_mapping(tenant_id: &str, env: &str, profile: Profile) -> BTreeMap<String, String> {
@@ -121,6 +139,9 @@ fn tenant_to_wire(t: TenantRow, envs: Vec<EnvironmentRow>) -> Tenant {
         environments: envs.into_iter().map(|e| env_to_wire(e, profile)).collect(),
         pending_job_id: t.pending_job_id,
         placement: t.placement,
+        desired_state: t.desired.state.unwrap_or(t.state),
+        generation: t.desired.generation,
+        status: t.desired.status,
         version: t.version,
         created_at: t.created_at,
         updated_at: t.updated_at,
@@ -260,6 +281,7 @@ impl Service {
             version: 1,
             created_at: ts.clone(),
             updated_at: ts.clone(),
+            desired: Default::default(),
         };
         let env = EnvironmentRow {
             tenant_id: row.tenant_id.clone(),
@@ -439,8 +461,34 @@ impl Service {
         if_match: Option<i64>,
         force: bool,
     ) -> Result<Job> {
+        self.lifecycle(ctx, id, action, if_match, force, None).await
+    }
+
+    /// [`Service::tenant_action`] for the tenant controller: the write carries its fence,
+    /// and the desired state is left as it is (the controller converges to it).
+    pub async fn converge_tenant(
+        &self,
+        ctx: &Ctx,
+        id: &str,
+        action: LifecycleAction,
+        fence: &persistence::Fence,
+    ) -> Result<Job> {
+        self.lifecycle(ctx, id, action, None, false, Some(fence))
+            .await
+    }
+
+    async fn lifecycle(
+        &self,
+        ctx: &Ctx,
+        id: &str,
+        action: LifecycleAction,
+        if_match: Option<i64>,
+        force: bool,
+        fence: Option<&persistence::Fence>,
+    ) -> Result<Job> {
         let (from, to) = action.transition();
         let mut tx = self.shared.store.write().await?;
+        check_fence(&mut tx, fence).await?;
         let current = tx
             .get_tenant_tx(id)
             .await?
@@ -491,6 +539,10 @@ impl Service {
                 )))
             }
         }
+        if fence.is_none() {
+            // An imperative action is a change of the desired state.
+            tx.touch_desired(id, Some(to), None).await?;
+        }
         let target = tenant_target(id);
         let spec = crate::jobs::TenantSpec {
             tenant_id: id.to_string(),
@@ -510,9 +562,52 @@ impl Service {
             event_type: &format!("TENANCY_{}_REQUESTED", action.as_str().to_uppercase()),
             actor: &ctx.actor,
             target: &target,
-            payload: json!({"job_id": job_id, "from": current.state, "to": to, "force": force}),
+            payload: json!({"job_id": job_id, "from": current.state, "to": to, "force": force,
+                            "controller_term": fence.map(|f| f.term)}),
             correlation_id: Some(&ctx.correlation_id),
         })
+        .await?;
+        tx.commit().await?;
+        self.shared.job_notify.notify_waiters();
+        Ok(job)
+    }
+
+    /// For the tenant controller: enqueues the `tenant.place` job of an environment of an
+    /// active tenant that is not placed (or has no route), fenced by the controller's lease.
+    pub async fn converge_place(
+        &self,
+        ctx: &Ctx,
+        tenant_id: &str,
+        env: &str,
+        fence: &persistence::Fence,
+    ) -> Result<Job> {
+        let mut tx = self.shared.store.write().await?;
+        check_fence(&mut tx, Some(fence)).await?;
+        let t = tx
+            .get_tenant_tx(tenant_id)
+            .await?
+            .ok_or_else(|| not_found("tenant", tenant_id))?;
+        if let Some(pending) = &t.pending_job_id {
+            return Err(ServiceError::Conflict(format!(
+                "tenant {tenant_id:?} already has job {pending} in progress"
+            )));
+        }
+        if t.state != TenantState::Active {
+            return Err(ServiceError::Conflict(format!(
+                "tenant {tenant_id:?} is {}; its environments are placed when it is active",
+                t.state.as_str()
+            )));
+        }
+        let spec = crate::jobs::TenantSpec {
+            tenant_id: tenant_id.to_string(),
+            env: Some(env.to_string()),
+        };
+        let job = crate::jobs::enqueue::<crate::jobs::tenant_place::TenantPlace>(
+            &mut tx,
+            &spec,
+            self.shared.settings.job_max_attempts,
+            Some(&ctx.correlation_id),
+        )
         .await?;
         tx.commit().await?;
         self.shared.job_notify.notify_waiters();
@@ -576,6 +671,7 @@ impl Service {
             }
             return Err(e.into());
         }
+        tx.touch_desired(tenant_id, None, None).await?;
         tx.audit(AuditInput {
             tenant_id: Some(tenant_id),
             event_type: "TENANCY_ENVIRONMENT_CREATED",
@@ -711,6 +807,24 @@ impl Service {
             return Err(ServiceError::Validation(errors));
         }
         let mut tx = self.shared.store.write().await?;
+        let (cell, job) = self.patch_cell_in(&mut tx, ctx, id, if_match, patch).await?;
+        tx.commit().await?;
+        if job.is_some() {
+            self.shared.job_notify.notify_waiters();
+        }
+        Ok(cell)
+    }
+
+    /// The writes of [`Service::patch_cell`] in the caller's transaction (fields already
+    /// checked on their own); returns the cell and the apply job a spec change enqueued.
+    pub(crate) async fn patch_cell_in(
+        &self,
+        tx: &mut persistence::WriteTx,
+        ctx: &Ctx,
+        id: &str,
+        if_match: Option<i64>,
+        patch: PatchCell,
+    ) -> Result<(Cell, Option<Job>)> {
         let mut cell = tx
             .get_cell_tx(id)
             .await?
@@ -762,6 +876,8 @@ impl Service {
                 )));
             }
         }
+        let registry_changes = patch.capacity.is_some_and(|c| c != cell.capacity)
+            || patch.labels.as_ref().is_some_and(|l| *l != cell.labels);
         if let Some(c) = patch.capacity {
             if c.tenants < cell.used.tenants || c.units < cell.used.units {
                 return Err(invalid(
@@ -785,12 +901,16 @@ impl Service {
         }
         let job = if spec_changes {
             Some(
-                self.enqueue_cell_job(&mut tx, ctx, &mut cell, CellAction::Apply)
+                self.enqueue_cell_job(tx, ctx, &mut cell, CellAction::Apply)
                     .await?,
             )
         } else {
             None
         };
+        if spec_changes || registry_changes {
+            tx.bump_generation(cellplane_api::manifests::Kind::Cell, id, None)
+                .await?;
+        }
         cell.version += 1;
         if !tx.update_cell(&cell).await? {
             return Err(ServiceError::PreconditionFailed {
@@ -807,11 +927,7 @@ impl Service {
             correlation_id: Some(&ctx.correlation_id),
         })
         .await?;
-        tx.commit().await?;
-        if job.is_some() {
-            self.shared.job_notify.notify_waiters();
-        }
-        Ok(cell)
+        Ok((cell, job))
     }
 
     /// `POST /v1/cells/{id}/apply`: re-applies the cell's current spec (repairs a failed
@@ -883,14 +999,7 @@ impl Service {
         fence: Option<&persistence::Fence>,
     ) -> Result<CellWithJob> {
         let mut tx = self.shared.store.write().await?;
-        if let Some(f) = fence {
-            if !tx.fence(f.name, &f.holder, f.term).await? {
-                return Err(ServiceError::Fenced(format!(
-                    "controller {} lost its lease (term {}); write refused",
-                    f.name, f.term
-                )));
-            }
-        }
+        check_fence(&mut tx, fence).await?;
         let mut cell = tx
             .get_cell_tx(id)
             .await?
