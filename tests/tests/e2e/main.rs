@@ -15,6 +15,7 @@ mod hardening;
 mod jobs;
 mod layers;
 mod lifecycle;
+mod manifests;
 mod moves;
 mod placement;
 mod replicas;

@@ -300,21 +300,23 @@ impl Service {
             }
         } else {
             let mut tx = self.shared.store.write().await?;
+            let mut written = Vec::new();
             for &i in &order {
                 let pl = &mut plans[i];
                 if pl.write.is_none() && !pl.meta_changed {
                     continue;
                 }
                 self.write_one(&mut tx, ctx, pl).await?;
+                written.push(i);
+            }
+            if !written.is_empty() {
+                tx.commit().await?;
                 wrote_any = true;
             }
-            if wrote_any {
-                tx.commit().await?;
+            for i in written {
+                plans[i].obj.applied = true;
             }
             for pl in plans.iter_mut() {
-                if pl.write.is_some() || pl.meta_changed {
-                    pl.obj.applied = true;
-                }
                 afters.extend(pl.after.take());
             }
         }
@@ -974,6 +976,8 @@ impl Service {
                 }
             }
         }
+        let mut desired_envs = desired_envs;
+        desired_envs.sort_by(|a, b| a.0.cmp(&b.0));
         let desired_state = s.state.as_tenant_state();
         let mut normalized = s.clone();
         normalized.environments = Some(
