@@ -101,13 +101,7 @@ pub fn read_yaml(text: &str) -> Read {
             Err(e) => {
                 let at = e
                     .location()
-                    .map(|l| {
-                        format!(
-                            "line {} column {}",
-                            l.line() + start - 1,
-                            l.column()
-                        )
-                    })
+                    .map(|l| format!("line {} column {}", l.line() + start - 1, l.column()))
                     .unwrap_or_else(|| format!("the document starting at line {start}"));
                 let msg = e.to_string();
                 // The library's own position is relative to the piece: say ours instead.
@@ -209,7 +203,10 @@ pub fn type_documents(values: Vec<(usize, Value)>) -> (Vec<Parsed>, Vec<FieldErr
     for (index, value) in values {
         let at = format!("documents[{index}]");
         if !value.is_object() {
-            errors.push(err(at, "must be a mapping with apiVersion, kind, metadata, spec"));
+            errors.push(err(
+                at,
+                "must be a mapping with apiVersion, kind, metadata, spec",
+            ));
             continue;
         }
         if let Some(v) = value.get("apiVersion") {

@@ -958,10 +958,7 @@ impl Preview {
                     tier: Tier::Pooled,
                     template: req.template.as_str().to_string(),
                     capacity: req.capacity,
-                    used: Capacity {
-                        tenants: 1,
-                        units,
-                    },
+                    used: Capacity { tenants: 1, units },
                     labels: BTreeMap::new(),
                     vars: BTreeMap::new(),
                     state: CellState::Active,
@@ -1144,4 +1141,3 @@ mod tests {
         }
     }
 }
-

@@ -130,8 +130,28 @@ async fn wait_ready(app: &TestApp, ids: &[&str], timeout: Duration) {
 async fn counts(app: &TestApp) -> (i64, i64) {
     (
         app.sql_i64("SELECT COUNT(*) FROM jobs").await.unwrap(),
-        app.sql_i64("SELECT COUNT(*) FROM tenant_audit").await.unwrap(),
+        app.sql_i64("SELECT COUNT(*) FROM tenant_audit")
+            .await
+            .unwrap(),
     )
+}
+
+/// Passes the tenant controller has started (`/metrics`).
+async fn tenant_passes(app: &TestApp) -> i64 {
+    let text = app
+        .req(Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("cellplane_controller_reconciles_total{controller=\"tenant\"} ")
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the tenant controller's pass counter")
 }
 
 fn cli(app: &TestApp, args: &[&str]) -> (i32, String, String) {
@@ -172,17 +192,23 @@ both_backends!(a_fleet_converges_and_reapplies_as_a_noop, |b| async move {
     assert!(jobs.contains("suspend globex"), "{jobs}");
     // A dry run changes nothing and writes no audit record.
     assert_eq!(counts(&app).await, empty);
-    let r = app.req(Method::GET, "/v1/tenants/acme").send().await.unwrap();
+    let r = app
+        .req(Method::GET, "/v1/tenants/acme")
+        .send()
+        .await
+        .unwrap();
     expect_problem(r, 404).await;
 
     let (status, result) = apply(&app, FLEET, "").await;
     assert_eq!(status, 200, "{result:#}");
-    assert!(result["objects"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|o| o["applied"] == true && o["generation"] == 1),
-        "{result:#}");
+    assert!(
+        result["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|o| o["applied"] == true && o["generation"] == 1),
+        "{result:#}"
+    );
     wait_ready(
         &app,
         &["acme", "globex", "initech"],
@@ -236,7 +262,13 @@ both_backends!(a_fleet_converges_and_reapplies_as_a_noop, |b| async move {
         assert_eq!(o["action"], "unchanged", "{o:#}");
         assert!(o.get("jobs").is_none() && o.get("diff").is_none(), "{o:#}");
     }
-    tokio::time::sleep(Duration::from_millis(500)).await; // let a wrong controller act
+    // Two passes of the tenant controller started after the apply: one ran whole.
+    let passes = tenant_passes(&app).await;
+    eventually(Duration::from_secs(10), || async {
+        (tenant_passes(&app).await >= passes + 2).then_some(())
+    })
+    .await
+    .unwrap();
     assert_eq!(counts(&app).await, before);
 
     // One field changed in the file: the plan shows exactly that field, and after the
@@ -317,9 +349,11 @@ both_backends!(a_fleet_converges_and_reapplies_as_a_noop, |b| async move {
     assert!(app.audit_verify_ok().await);
 });
 
-both_backends!(no_capacity_is_shown_then_converges_when_a_cell_arrives, |b| async move {
-    let app = TestApp::spawn_with(b, quick()).await;
-    let tenant = r#"
+both_backends!(
+    no_capacity_is_shown_then_converges_when_a_cell_arrives,
+    |b| async move {
+        let app = TestApp::spawn_with(b, quick()).await;
+        let tenant = r#"
 apiVersion: cellplane.dev/v1
 kind: Organization
 metadata: {name: acme-corp}
@@ -330,184 +364,206 @@ kind: Tenant
 metadata: {name: hooli}
 spec: {organization_id: acme-corp, profile: mt-standard, region: us-east-1}
 "#;
-    // The plan says why it will not place, and changes nothing.
-    let empty = counts(&app).await;
-    let (status, plan) = apply(&app, tenant, "?dry_run=true").await;
-    assert_eq!(status, 200, "{plan:#}");
-    let o = object(&plan, "Tenant", "hooli");
-    assert_eq!(o["refusal"]["reason"], "NoCapacity", "{o:#}");
-    assert_eq!(o["refusal"]["blocking"], false);
-    assert!(
-        o["refusal"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("auto-stamp is off for region us-east-1"),
-        "{o:#}"
-    );
-    assert_eq!(counts(&app).await, empty);
-    // Applied, the tenant is stored and waits, saying why.
-    let (status, _) = apply(&app, tenant, "").await;
-    assert_eq!(status, 200);
-    let t = eventually(Duration::from_secs(30), || async {
-        let t: Value = app.admin.get("/v1/tenants/hooli").await.ok()?;
-        (condition(&t, "Placed")["reason"] == "NoCapacity").then_some(t)
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no NoCapacity condition\n{}", app.log()));
-    assert_eq!(condition(&t, "Placed")["status"], "False");
-    assert_eq!(condition(&t, "Ready")["status"], "False");
-    assert_eq!(t["status"]["phase"], "Blocked");
-    assert_eq!(t["state"], "draft");
-    assert_eq!(t["desired_state"], "active");
-    // No activation was started while nothing fits.
-    assert_eq!(
-        app.sql_i64("SELECT COUNT(*) FROM jobs WHERE kind = 'tenant.activate'")
-            .await
-            .unwrap(),
-        0
-    );
-    // A later apply adds a cell; the tenant converges without being applied again.
-    let cell = r#"
+        // The plan says why it will not place, and changes nothing.
+        let empty = counts(&app).await;
+        let (status, plan) = apply(&app, tenant, "?dry_run=true").await;
+        assert_eq!(status, 200, "{plan:#}");
+        let o = object(&plan, "Tenant", "hooli");
+        assert_eq!(o["refusal"]["reason"], "NoCapacity", "{o:#}");
+        assert_eq!(o["refusal"]["blocking"], false);
+        assert!(
+            o["refusal"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("auto-stamp is off for region us-east-1"),
+            "{o:#}"
+        );
+        assert_eq!(counts(&app).await, empty);
+        // Applied, the tenant is stored and waits, saying why.
+        let (status, _) = apply(&app, tenant, "").await;
+        assert_eq!(status, 200);
+        let t = eventually(Duration::from_secs(30), || async {
+            let t: Value = app.admin.get("/v1/tenants/hooli").await.ok()?;
+            (condition(&t, "Placed")["reason"] == "NoCapacity").then_some(t)
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no NoCapacity condition\n{}", app.log()));
+        assert_eq!(condition(&t, "Placed")["status"], "False");
+        assert_eq!(condition(&t, "Ready")["status"], "False");
+        assert_eq!(t["status"]["phase"], "Blocked");
+        assert_eq!(t["state"], "draft");
+        assert_eq!(t["desired_state"], "active");
+        // No activation was started while nothing fits.
+        assert_eq!(
+            app.sql_i64("SELECT COUNT(*) FROM jobs WHERE kind = 'tenant.activate'")
+                .await
+                .unwrap(),
+            0
+        );
+        // A later apply adds a cell; the tenant converges without being applied again.
+        let cell = r#"
 apiVersion: cellplane.dev/v1
 kind: Cell
 metadata: {name: use1-pool-1}
 spec: {region: us-east-1, tier: pooled, template: local, capacity: {tenants: 5, units: 5}}
 "#;
-    let (status, _) = apply(&app, cell, "").await;
-    assert_eq!(status, 200);
-    wait_ready(&app, &["hooli"], Duration::from_secs(120)).await;
-    let t: Value = app.admin.get("/v1/tenants/hooli").await.unwrap();
-    assert_eq!(t["environments"][0]["cell_id"], "use1-pool-1");
-    assert_eq!(t["generation"], 1, "the tenant was not applied again");
+        let (status, _) = apply(&app, cell, "").await;
+        assert_eq!(status, 200);
+        wait_ready(&app, &["hooli"], Duration::from_secs(120)).await;
+        let t: Value = app.admin.get("/v1/tenants/hooli").await.unwrap();
+        assert_eq!(t["environments"][0]["cell_id"], "use1-pool-1");
+        assert_eq!(t["generation"], 1, "the tenant was not applied again");
 
-    // Drift: the cell is drained without moving its tenants; the tenant says so.
-    let r = app
-        .req(Method::POST, "/v1/cells/use1-pool-1/drain")
-        .send()
+        // Drift: the cell is drained without moving its tenants; the tenant says so.
+        let r = app
+            .req(Method::POST, "/v1/cells/use1-pool-1/drain")
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        let t = eventually(Duration::from_secs(30), || async {
+            let t: Value = app.admin.get("/v1/tenants/hooli").await.ok()?;
+            t["status"]["drift"].is_array().then_some(t)
+        })
         .await
-        .unwrap();
-    assert!(r.status().is_success());
-    let t = eventually(Duration::from_secs(30), || async {
-        let t: Value = app.admin.get("/v1/tenants/hooli").await.ok()?;
-        t["status"]["drift"].is_array().then_some(t)
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no drift reported\n{}", app.log()));
-    assert_eq!(t["status"]["drift"][0]["field"], "environments.prod.cell");
-    assert_eq!(
-        t["status"]["drift"][0]["actual"],
-        "cell use1-pool-1 is draining"
-    );
-    assert_eq!(t["status"]["phase"], "Degraded");
-    assert_eq!(condition(&t, "Ready")["reason"], "Drifted");
-    let (code, out, _) = cli(&app, &["get", "tenant", "hooli", "--wide"]);
-    assert_eq!(code, 0);
-    assert!(out.contains("use1-pool-1 is draining"), "{out}");
-});
+        .unwrap_or_else(|_| panic!("no drift reported\n{}", app.log()));
+        assert_eq!(t["status"]["drift"][0]["field"], "environments.prod.cell");
+        assert_eq!(
+            t["status"]["drift"][0]["actual"],
+            "cell use1-pool-1 is draining"
+        );
+        assert_eq!(t["status"]["phase"], "Degraded");
+        assert_eq!(condition(&t, "Ready")["reason"], "Drifted");
+        let (code, out, _) = cli(&app, &["get", "tenant", "hooli", "--wide"]);
+        assert_eq!(code, 0);
+        assert!(out.contains("use1-pool-1 is draining"), "{out}");
+    }
+);
 
-both_backends!(imperative_calls_write_the_same_desired_state, |b| async move {
-    let app = TestApp::spawn_with(b, quick()).await;
-    app.stamp_local("euw1-pool-1", json!({})).await;
-    app.create_org("acme-corp").await;
-    app.create_tenant("acme", "acme-corp").await;
-    let t: Value = app.admin.get("/v1/tenants/acme").await.unwrap();
-    assert_eq!((t["generation"].as_i64(), t["desired_state"].as_str()), (Some(1), Some("draft")));
-    app.lifecycle("acme", "activate").await;
-    wait_ready(&app, &["acme"], Duration::from_secs(30)).await;
-    let t: Value = app.admin.get("/v1/tenants/acme").await.unwrap();
-    assert_eq!(t["desired_state"], "active");
-    assert_eq!(t["generation"], 2);
-    // PATCH and env-add move the generation; the controller observes it.
-    let r = app
-        .req(Method::PATCH, "/v1/tenants/acme")
-        .json(&json!({"billing": {"plan": "gold"}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let r = app
-        .req(Method::POST, "/v1/tenants/acme/environments")
-        .json(&json!({"name": "dev"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    wait_ready(&app, &["acme"], Duration::from_secs(60)).await;
-    let t: Value = app.admin.get("/v1/tenants/acme").await.unwrap();
-    assert_eq!(t["generation"], 4);
-    assert_eq!(t["status"]["observedGeneration"], 4);
-    // The exported document re-applies as a no-op; with a stale version it is refused
-    // and the tenant is unchanged.
-    let doc: Value = app.admin.get("/v1/manifests/tenant/acme").await.unwrap();
-    assert_eq!(doc["spec"]["billing"]["plan"], "gold");
-    assert_eq!(doc["spec"]["state"], "active");
-    let r = app
-        .req(Method::POST, "/v1/apply")
-        .json(&json!([doc]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let plan: Value = r.json().await.unwrap();
-    assert_eq!(plan["objects"][0]["action"], "unchanged", "{plan:#}");
-    let mut stale = doc.clone();
-    stale["metadata"]["version"] = json!(doc["metadata"]["version"].as_i64().unwrap() - 1);
-    stale["spec"]["billing"]["plan"] = json!("free");
-    let r = app
-        .req(Method::POST, "/v1/apply")
-        .json(&json!([stale]))
-        .send()
-        .await
-        .unwrap();
-    let p = expect_problem(r, 409).await;
-    assert!(p["errors"][0]["message"].as_str().unwrap().contains("StaleVersion"), "{p:#}");
-    let t: Value = app.admin.get("/v1/tenants/acme").await.unwrap();
-    assert_eq!(t["billing"]["plan"], "gold");
-    // A manifest that suspends: the controller runs the same job as `suspend`.
-    let mut suspend = doc.clone();
-    suspend["metadata"].as_object_mut().unwrap().remove("version");
-    suspend["spec"]["state"] = json!("suspended");
-    let r = app
-        .req(Method::POST, "/v1/apply")
-        .json(&json!([suspend]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    wait_ready(&app, &["acme"], Duration::from_secs(60)).await;
-    let t: Value = app.admin.get("/v1/tenants/acme").await.unwrap();
-    assert_eq!(t["state"], "suspended");
-    let kinds: Vec<String> = app
-        .sql_text("SELECT kind FROM jobs WHERE kind = 'tenant.suspend'")
-        .await
-        .lines()
-        .map(str::to_string)
-        .collect();
-    assert_eq!(kinds.len(), 1, "{kinds:?}");
-    // Illegal transitions are refused whole: back to draft, or a profile change that is
-    // not a move.
-    let mut draft = suspend.clone();
-    draft["spec"]["state"] = json!("draft");
-    let r = app
-        .req(Method::POST, "/v1/apply")
-        .json(&json!([draft]))
-        .send()
-        .await
-        .unwrap();
-    let p = expect_problem(r, 409).await;
-    assert!(p["detail"].as_str().unwrap().contains("IllegalTransition"), "{p:#}");
-    let mut byoc = suspend.clone();
-    byoc["spec"]["profile"] = json!("st-byoc");
-    let r = app
-        .req(Method::POST, "/v1/apply?dry_run=true")
-        .json(&json!([byoc]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let plan: Value = r.json().await.unwrap();
-    assert_eq!(plan["objects"][0]["refusal"]["reason"], "NeedsMove", "{plan:#}");
-});
+both_backends!(
+    imperative_calls_write_the_same_desired_state,
+    |b| async move {
+        let app = TestApp::spawn_with(b, quick()).await;
+        app.stamp_local("euw1-pool-1", json!({})).await;
+        app.create_org("acme-corp").await;
+        app.create_tenant("acme", "acme-corp").await;
+        let t: Value = app.admin.get("/v1/tenants/acme").await.unwrap();
+        assert_eq!(
+            (t["generation"].as_i64(), t["desired_state"].as_str()),
+            (Some(1), Some("draft"))
+        );
+        app.lifecycle("acme", "activate").await;
+        wait_ready(&app, &["acme"], Duration::from_secs(30)).await;
+        let t: Value = app.admin.get("/v1/tenants/acme").await.unwrap();
+        assert_eq!(t["desired_state"], "active");
+        assert_eq!(t["generation"], 2);
+        // PATCH and env-add move the generation; the controller observes it.
+        let r = app
+            .req(Method::PATCH, "/v1/tenants/acme")
+            .json(&json!({"billing": {"plan": "gold"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let r = app
+            .req(Method::POST, "/v1/tenants/acme/environments")
+            .json(&json!({"name": "dev"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        wait_ready(&app, &["acme"], Duration::from_secs(60)).await;
+        let t: Value = app.admin.get("/v1/tenants/acme").await.unwrap();
+        assert_eq!(t["generation"], 4);
+        assert_eq!(t["status"]["observedGeneration"], 4);
+        // The exported document re-applies as a no-op; with a stale version it is refused
+        // and the tenant is unchanged.
+        let doc: Value = app.admin.get("/v1/manifests/tenant/acme").await.unwrap();
+        assert_eq!(doc["spec"]["billing"]["plan"], "gold");
+        assert_eq!(doc["spec"]["state"], "active");
+        let r = app
+            .req(Method::POST, "/v1/apply")
+            .json(&json!([doc]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let plan: Value = r.json().await.unwrap();
+        assert_eq!(plan["objects"][0]["action"], "unchanged", "{plan:#}");
+        let mut stale = doc.clone();
+        stale["metadata"]["version"] = json!(doc["metadata"]["version"].as_i64().unwrap() - 1);
+        stale["spec"]["billing"]["plan"] = json!("free");
+        let r = app
+            .req(Method::POST, "/v1/apply")
+            .json(&json!([stale]))
+            .send()
+            .await
+            .unwrap();
+        let p = expect_problem(r, 409).await;
+        assert!(
+            p["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("StaleVersion"),
+            "{p:#}"
+        );
+        let t: Value = app.admin.get("/v1/tenants/acme").await.unwrap();
+        assert_eq!(t["billing"]["plan"], "gold");
+        // A manifest that suspends: the controller runs the same job as `suspend`.
+        let mut suspend = doc.clone();
+        suspend["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("version");
+        suspend["spec"]["state"] = json!("suspended");
+        let r = app
+            .req(Method::POST, "/v1/apply")
+            .json(&json!([suspend]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        wait_ready(&app, &["acme"], Duration::from_secs(60)).await;
+        let t: Value = app.admin.get("/v1/tenants/acme").await.unwrap();
+        assert_eq!(t["state"], "suspended");
+        let kinds: Vec<String> = app
+            .sql_text("SELECT kind FROM jobs WHERE kind = 'tenant.suspend'")
+            .await
+            .lines()
+            .map(str::to_string)
+            .collect();
+        assert_eq!(kinds.len(), 1, "{kinds:?}");
+        // Illegal transitions are refused whole: back to draft, or a profile change that is
+        // not a move.
+        let mut draft = suspend.clone();
+        draft["spec"]["state"] = json!("draft");
+        let r = app
+            .req(Method::POST, "/v1/apply")
+            .json(&json!([draft]))
+            .send()
+            .await
+            .unwrap();
+        let p = expect_problem(r, 409).await;
+        assert!(
+            p["detail"].as_str().unwrap().contains("IllegalTransition"),
+            "{p:#}"
+        );
+        let mut byoc = suspend.clone();
+        byoc["spec"]["profile"] = json!("st-byoc");
+        let r = app
+            .req(Method::POST, "/v1/apply?dry_run=true")
+            .json(&json!([byoc]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let plan: Value = r.json().await.unwrap();
+        assert_eq!(
+            plan["objects"][0]["refusal"]["reason"], "NeedsMove",
+            "{plan:#}"
+        );
+    }
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_documents_are_refused_by_document_and_field() {
@@ -560,15 +616,18 @@ async fn bad_documents_are_refused_by_document_and_field() {
         assert_eq!(status, 400, "{field}: {p:#}");
         let errors = p["errors"].as_array().unwrap();
         assert!(
-            errors.iter().any(|e| e["field"]
-                .as_str()
-                .unwrap()
-                .starts_with(field)
-                && e["message"].as_str().unwrap().contains(message)),
+            errors
+                .iter()
+                .any(|e| e["field"].as_str().unwrap().starts_with(field)
+                    && e["message"].as_str().unwrap().contains(message)),
             "{field} / {message}: {p:#}"
         );
         // The valid organization in the same request was not applied either.
-        let r = app.req(Method::GET, "/v1/organizations/acme-corp").send().await.unwrap();
+        let r = app
+            .req(Method::GET, "/v1/organizations/acme-corp")
+            .send()
+            .await
+            .unwrap();
         expect_problem(r, 404).await;
     }
     // A residency violation and an archived new tenant are refused (409), nothing stored.
@@ -576,8 +635,15 @@ async fn bad_documents_are_refused_by_document_and_field() {
     let (status, p) = apply(&app, &refused, "").await;
     assert_eq!(status, 409, "{p:#}");
     let text = p.to_string();
-    assert!(text.contains("ResidencyViolation") && text.contains("IllegalTransition"), "{p:#}");
-    let r = app.req(Method::GET, "/v1/organizations/acme-corp").send().await.unwrap();
+    assert!(
+        text.contains("ResidencyViolation") && text.contains("IllegalTransition"),
+        "{p:#}"
+    );
+    let r = app
+        .req(Method::GET, "/v1/organizations/acme-corp")
+        .send()
+        .await
+        .unwrap();
     expect_problem(r, 404).await;
     // --partial stores what it can and reports the rest.
     let (status, r) = apply(&app, &refused, "?partial=true").await;

@@ -193,11 +193,7 @@ fn print_plan(r: &ApplyResult, origin: &[String], only_changes: bool) {
         if let Some(rf) = &o.refusal {
             println!(
                 "  {}: {} ({})",
-                if rf.blocking {
-                    "REFUSED"
-                } else {
-                    "will wait"
-                },
+                if rf.blocking { "REFUSED" } else { "will wait" },
                 rf.message,
                 rf.reason
             );
@@ -308,7 +304,9 @@ fn tenant_rows(tenants: &[Tenant], wide: bool) {
                 t.state.as_str().into(),
                 t.desired_state.as_str().into(),
                 st.map(|s| s.phase.clone()).unwrap_or_else(|| "-".into()),
-                ready.map(|c| c.status.clone()).unwrap_or_else(|| "-".into()),
+                ready
+                    .map(|c| c.status.clone())
+                    .unwrap_or_else(|| "-".into()),
                 t.generation.to_string(),
                 st.map(|s| s.observed_generation.to_string())
                     .unwrap_or_else(|| "-".into()),
@@ -410,7 +408,10 @@ pub async fn get(a: GetArgs) -> CliResult {
                         vec![
                             d.kind.as_str().into(),
                             d.metadata.name.to_string(),
-                            d.metadata.version.map(|v| v.to_string()).unwrap_or_default(),
+                            d.metadata
+                                .version
+                                .map(|v| v.to_string())
+                                .unwrap_or_default(),
                             d.metadata
                                 .generation
                                 .map(|v| v.to_string())

@@ -124,7 +124,10 @@ fn cond(type_: &str, ok: bool, reason: &str, message: impl Into<String>) -> Cond
 
 /// What an error of a failed job means for the tenant's conditions.
 fn classify(error: &str) -> &'static str {
-    if error.contains("no capacity") || error.contains("has room") || error.contains("no active pooled cell") {
+    if error.contains("no capacity")
+        || error.contains("has room")
+        || error.contains("no active pooled cell")
+    {
         "NoCapacity"
     } else if error.contains("residency") {
         "ResidencyViolation"
@@ -154,9 +157,7 @@ impl<'a> Pass<'a> {
         let mut cells = HashMap::new();
         let mut after = String::new();
         loop {
-            let page = store
-                .list_cells(&Default::default(), &after, 1000)
-                .await?;
+            let page = store.list_cells(&Default::default(), &after, 1000).await?;
             let n = page.len();
             if let Some(last) = page.last() {
                 after = last.cell_id.clone();
@@ -292,7 +293,12 @@ impl<'a> Pass<'a> {
         let mut last_failed = previous.last_failed_job.clone();
         let mut phase = "Ready";
         let mut placed = if !needs_cells {
-            cond("Placed", false, "NotRequested", format!("the tenant is {}", desired.as_str()))
+            cond(
+                "Placed",
+                false,
+                "NotRequested",
+                format!("the tenant is {}", desired.as_str()),
+            )
         } else if unplaced.is_empty() {
             cond(
                 "Placed",
@@ -310,7 +316,11 @@ impl<'a> Pass<'a> {
                 "Pending",
                 format!(
                     "not placed yet: {}",
-                    unplaced.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", ")
+                    unplaced
+                        .iter()
+                        .map(|e| e.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             )
         };
@@ -328,7 +338,13 @@ impl<'a> Pass<'a> {
         let new_failure = latest.as_ref().and_then(|(job_id, kind, state, error)| {
             (matches!(state.as_str(), "failed" | "cancelled")
                 && last_failed.as_deref() != Some(job_id.as_str()))
-            .then(|| (job_id.clone(), kind.clone(), error.clone().unwrap_or_else(|| state.clone())))
+            .then(|| {
+                (
+                    job_id.clone(),
+                    kind.clone(),
+                    error.clone().unwrap_or_else(|| state.clone()),
+                )
+            })
         });
         let mut want: Option<Work> = None;
         if let Some(job) = &t.pending_job_id {
@@ -337,7 +353,10 @@ impl<'a> Pass<'a> {
             retry_at = Some(now + chrono::Duration::seconds(30));
         } else if moving {
             phase = "Progressing";
-            ready_reason = Some(("MoveRunning".into(), "a move of the tenant is running".into()));
+            ready_reason = Some((
+                "MoveRunning".into(),
+                "a move of the tenant is running".into(),
+            ));
             retry_at = Some(now + chrono::Duration::seconds(30));
         } else {
             match next_action(actual, desired) {
@@ -346,7 +365,11 @@ impl<'a> Pass<'a> {
                     settled = true;
                     ready_reason = Some((
                         "IllegalTransition".into(),
-                        format!("a {} tenant cannot become {}", actual.as_str(), desired.as_str()),
+                        format!(
+                            "a {} tenant cannot become {}",
+                            actual.as_str(),
+                            desired.as_str()
+                        ),
                     ));
                 }
                 Some(Ok(LifecycleAction::Delete)) => {
@@ -380,9 +403,18 @@ impl<'a> Pass<'a> {
                 failures += 1;
                 last_failed = Some(job_id.clone());
                 let reason = classify(error);
-                phase = if reason == "NoCapacity" { "Blocked" } else { "Failed" };
+                phase = if reason == "NoCapacity" {
+                    "Blocked"
+                } else {
+                    "Failed"
+                };
                 placed = if needs_cells && !unplaced.is_empty() {
-                    cond("Placed", false, reason, format!("job {job_id} ({kind}) failed: {error}"))
+                    cond(
+                        "Placed",
+                        false,
+                        reason,
+                        format!("job {job_id} ({kind}) failed: {error}"),
+                    )
                 } else {
                     placed
                 };
@@ -406,7 +438,11 @@ impl<'a> Pass<'a> {
                 let block = match &work {
                     Work::Lifecycle(LifecycleAction::Activate) | Work::Place(_) => {
                         let targets: Vec<&EnvironmentRow> = match &work {
-                            Work::Place(env) => unplaced.iter().copied().filter(|e| &e.name == env).collect(),
+                            Work::Place(env) => unplaced
+                                .iter()
+                                .copied()
+                                .filter(|e| &e.name == env)
+                                .collect(),
                             _ => unplaced.clone(),
                         };
                         self.preview_block(&t, &targets)
@@ -442,8 +478,10 @@ impl<'a> Pass<'a> {
                                 tracing::info!(tenant_id = id, job_id = %job.job_id, kind = %job.kind,
                                     generation = t.desired.generation, "converging tenant");
                                 phase = "Progressing";
-                                ready_reason =
-                                    Some(("JobRunning".into(), format!("job {} ({}) is running", job.job_id, job.kind)));
+                                ready_reason = Some((
+                                    "JobRunning".into(),
+                                    format!("job {} ({}) is running", job.job_id, job.kind),
+                                ));
                                 retry_at = Some(now + chrono::Duration::seconds(30));
                             }
                             // Someone else's job took the tenant meanwhile: look again.
@@ -473,13 +511,26 @@ impl<'a> Pass<'a> {
         let routed = if !route_problems.is_empty() {
             cond("Routed", false, "RoutePending", route_problems.join("; "))
         } else if let Some(mode) = expected_mode {
-            cond("Routed", true, "Routed", format!("every placed environment has a {} route", mode.as_str()))
+            cond(
+                "Routed",
+                true,
+                "Routed",
+                format!("every placed environment has a {} route", mode.as_str()),
+            )
         } else {
-            cond("Routed", true, "NoRoutes", format!("a {} tenant has no routes", actual.as_str()))
+            cond(
+                "Routed",
+                true,
+                "NoRoutes",
+                format!("a {} tenant has no routes", actual.as_str()),
+            )
         };
         if ready_reason.is_none() {
             if desired != actual {
-                ready_reason = Some(("Pending".into(), format!("{} → {}", actual.as_str(), desired.as_str())));
+                ready_reason = Some((
+                    "Pending".into(),
+                    format!("{} → {}", actual.as_str(), desired.as_str()),
+                ));
                 phase = "Progressing";
             } else if needs_cells && !unplaced.is_empty() && actual == TenantState::Active {
                 ready_reason = Some(("Pending".into(), placed.message.clone()));
@@ -510,7 +561,12 @@ impl<'a> Pass<'a> {
                     .map(|(j, _, _, _)| j.clone())
                     .or(last_failed);
                 retry_at = None;
-                cond("Ready", true, "Converged", format!("{} as desired", actual.as_str()))
+                cond(
+                    "Ready",
+                    true,
+                    "Converged",
+                    format!("{} as desired", actual.as_str()),
+                )
             }
             Some((reason, message)) => cond("Ready", false, reason, message.clone()),
         };
@@ -531,12 +587,14 @@ impl<'a> Pass<'a> {
             conditions,
             drift,
             retries: (failures > 0).then_some(failures),
-            next_retry_time: retry_at
-                .filter(|_| failures > 0)
-                .map(persistence::fmt_time),
+            next_retry_time: retry_at.filter(|_| failures > 0).map(persistence::fmt_time),
             last_failed_job: last_failed,
         };
-        let reconcile_after = if settled { None } else { retry_at.map(persistence::fmt_time) };
+        let reconcile_after = if settled {
+            None
+        } else {
+            retry_at.map(persistence::fmt_time)
+        };
         if t.desired.status.as_ref() == Some(&status)
             && t.desired.observed_generation == t.desired.generation
             && t.desired.settled == settled
@@ -549,7 +607,11 @@ impl<'a> Pass<'a> {
     }
 
     /// Why placing `targets` cannot start now (capacity, a cell still being stamped), if so.
-    fn preview_block(&mut self, t: &TenantRow, targets: &[&EnvironmentRow]) -> Option<(String, String)> {
+    fn preview_block(
+        &mut self,
+        t: &TenantRow,
+        targets: &[&EnvironmentRow],
+    ) -> Option<(String, String)> {
         let units = t.quotas.units.unwrap_or(1).max(1);
         for e in targets {
             match self.preview.place(
@@ -561,11 +623,20 @@ impl<'a> Pass<'a> {
                 &e.name,
                 &e.region,
             ) {
-                Previewed::NoCapacity(why) => return Some(("NoCapacity".into(), format!("{}: {why}", e.name))),
-                Previewed::Cell { cell_id, ready: false, .. } => {
+                Previewed::NoCapacity(why) => {
+                    return Some(("NoCapacity".into(), format!("{}: {why}", e.name)))
+                }
+                Previewed::Cell {
+                    cell_id,
+                    ready: false,
+                    ..
+                } => {
                     return Some((
                         "WaitingForCell".into(),
-                        format!("{}: cell {cell_id}, which has room, is not active yet", e.name),
+                        format!(
+                            "{}: cell {cell_id}, which has room, is not active yet",
+                            e.name
+                        ),
                     ))
                 }
                 _ => {}

@@ -78,6 +78,24 @@ pub async fn metrics(State(s): State<AppState>) -> Response {
             st.term.load(Ordering::Relaxed)
         ));
     }
+    out.push_str(
+        "# HELP cellplane_controller_reconciles_total Reconcile passes this replica started.\n",
+    );
+    out.push_str("# TYPE cellplane_controller_reconciles_total counter\n");
+    for (name, st) in s.controllers.iter() {
+        out.push_str(&format!(
+            "cellplane_controller_reconciles_total{{controller=\"{name}\"}} {}\n",
+            st.reconciles.load(Ordering::Relaxed)
+        ));
+    }
+    out.push_str("# HELP cellplane_controller_errors_total Reconcile passes that failed.\n");
+    out.push_str("# TYPE cellplane_controller_errors_total counter\n");
+    for (name, st) in s.controllers.iter() {
+        out.push_str(&format!(
+            "cellplane_controller_errors_total{{controller=\"{name}\"}} {}\n",
+            st.errors.load(Ordering::Relaxed)
+        ));
+    }
     if let Ok(counts) = s.service.store().job_counts().await {
         out.push_str("# HELP cellplane_jobs Jobs in the store, by state.\n");
         out.push_str("# TYPE cellplane_jobs gauge\n");

@@ -439,14 +439,8 @@ pub async fn register_cell_in(
     let mut chosen = std::collections::HashSet::new();
     for (name, spec) in &template.manifest.variables {
         if spec.source == Some(VarSource::Port) {
-            let port = take_port(
-                tx,
-                shared.settings.port_range,
-                &cell.cell_id,
-                name,
-                &chosen,
-            )
-            .await?;
+            let port =
+                take_port(tx, shared.settings.port_range, &cell.cell_id, name, &chosen).await?;
             chosen.insert(port);
             cell.vars.insert(name.clone(), json!(port));
         }

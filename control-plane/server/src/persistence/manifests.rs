@@ -63,12 +63,11 @@ impl WriteTx {
         .bind(name)
         .execute(&mut *self.tx)
         .await?;
-        let g: Option<i64> = sqlx::query_scalar(&format!(
-            "SELECT generation FROM {table} WHERE {key} = $1"
-        ))
-        .bind(name)
-        .fetch_optional(&mut *self.tx)
-        .await?;
+        let g: Option<i64> =
+            sqlx::query_scalar(&format!("SELECT generation FROM {table} WHERE {key} = $1"))
+                .bind(name)
+                .fetch_optional(&mut *self.tx)
+                .await?;
         Ok(g)
     }
 

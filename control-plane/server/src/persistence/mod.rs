@@ -277,10 +277,10 @@ impl Store {
             });
         let pool = opts.clone().connect(&url).await?;
         let writer = match backend {
-            Backend::Sqlite => opts.max_connections(1).connect(&url).await?,
+            Backend::Sqlite => opts.clone().max_connections(1).connect(&url).await?,
             Backend::Postgres => pool.clone(),
         };
-        let store = Store {
+        let mut store = Store {
             pool,
             writer,
             backend,
@@ -288,6 +288,13 @@ impl Store {
             pg_url: (backend == Backend::Postgres).then(|| Arc::from(url.as_str())),
         };
         store.migrate().await?;
+        if backend == Backend::Sqlite {
+            // A connection that prepared statements before a migration altered a table can
+            // keep the old column list with the new schema (sqlx caches it per statement):
+            // the readers start afresh on the migrated schema.
+            store.pool.close().await;
+            store.pool = opts.connect(&url).await?;
+        }
         Ok(store)
     }
 

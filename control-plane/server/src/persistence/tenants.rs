@@ -316,7 +316,8 @@ impl WriteTx {
 
     /// Records a change of the desired spec outside quotas/policies/billing: the desired
     /// lifecycle state (`Some`), the manifest's metadata (`Some`), or only that the spec moved
-    /// (environments). Bumps `generation` and `version` and wakes the tenant controller.
+    /// (environments). Bumps `generation` (not `version`: a lifecycle action moves the
+    /// version when its transition commits, as it always has) and wakes the controller.
     pub async fn touch_desired(
         &mut self,
         id: &str,
@@ -325,7 +326,7 @@ impl WriteTx {
     ) -> Result<()> {
         sqlx::query(
             "UPDATE tenants SET desired_state = COALESCE($1, desired_state), meta = COALESCE($2, meta), \
-             generation = generation + 1, version = version + 1, updated_at = $3, settled = 0, \
+             generation = generation + 1, updated_at = $3, settled = 0, \
              reconcile_after = NULL, reconcile_failures = 0 WHERE tenant_id = $4",
         )
         .bind(state.map(|s| s.as_str()))

@@ -85,7 +85,6 @@ enum Write {
         /// A profile change of a tenant with nothing placed (stored as is).
         profile: Option<Profile>,
         new_envs: Vec<EnvironmentRow>,
-        spec_changed: bool,
     },
 }
 
@@ -142,7 +141,10 @@ fn prefixed(errors: Vec<FieldError>, at: &str) -> Vec<FieldError> {
         .collect()
 }
 
-fn to_field_errors(e: ServiceError, at: &str) -> std::result::Result<Vec<FieldError>, ServiceError> {
+fn to_field_errors(
+    e: ServiceError,
+    at: &str,
+) -> std::result::Result<Vec<FieldError>, ServiceError> {
     match e {
         ServiceError::Validation(errors) => Ok(prefixed(errors, at)),
         other => Err(other),
@@ -163,7 +165,7 @@ fn user_vars(
             t.manifest
                 .variables
                 .get(*k)
-                .map_or(true, |spec| spec.source.is_none())
+                .is_none_or(|spec| spec.source.is_none())
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
@@ -581,20 +583,20 @@ impl Service {
                 Some(_) => PlanAction::Unchanged,
             },
         );
-        let (meta, meta_changed) =
-            Self::plan_meta(world, p, current.is_some(), current.map(|o| o.version), &mut obj);
+        let (meta, meta_changed) = Self::plan_meta(
+            world,
+            p,
+            current.is_some(),
+            current.map(|o| o.version),
+            &mut obj,
+        );
         let write = match current {
             None => Some(Write::OrgCreate {
                 id: id.to_string(),
                 name: s.name.clone(),
             }),
             Some(o) if o.name != s.name => {
-                diff(
-                    "spec.name",
-                    &json!(o.name),
-                    &json!(s.name),
-                    &mut obj.diff,
-                );
+                diff("spec.name", &json!(o.name), &json!(s.name), &mut obj.diff);
                 Some(Write::OrgUpdate {
                     id: id.to_string(),
                     name: Some(s.name.clone()),
@@ -625,12 +627,15 @@ impl Service {
         p: &Parsed,
         s: &RegionPolicy,
     ) -> Result<Planned> {
-        self.shared.placement.check_region_policy(s).map_err(|e| match e {
-            ServiceError::Validation(errors) => {
-                ServiceError::Validation(prefixed(errors, "spec"))
-            }
-            other => other,
-        })?;
+        self.shared
+            .placement
+            .check_region_policy(s)
+            .map_err(|e| match e {
+                ServiceError::Validation(errors) => {
+                    ServiceError::Validation(prefixed(errors, "spec"))
+                }
+                other => other,
+            })?;
         let region = p.doc.metadata.name.as_str();
         let current = world.regions.get(region);
         let mut obj = Self::object(
@@ -643,7 +648,7 @@ impl Service {
         );
         let (meta, meta_changed) =
             Self::plan_meta(world, p, current.is_some(), current.map(|c| c.1), &mut obj);
-        let changed = current.map_or(true, |(c, _)| c != s);
+        let changed = current.is_none_or(|(c, _)| c != s);
         if let Some((c, _)) = current {
             diff("spec", &json!(c), &json!(s), &mut obj.diff);
         }
@@ -684,13 +689,12 @@ impl Service {
                 vars: s.vars.clone(),
                 app_version: s.app_version.clone(),
             };
-            let prepared =
-                crate::jobs::prepare_cell(&self.shared, req).map_err(|e| match e {
-                    ServiceError::Validation(errors) => {
-                        ServiceError::Validation(prefixed(errors, "spec"))
-                    }
-                    other => other,
-                })?;
+            let prepared = crate::jobs::prepare_cell(&self.shared, req).map_err(|e| match e {
+                ServiceError::Validation(errors) => {
+                    ServiceError::Validation(prefixed(errors, "spec"))
+                }
+                other => other,
+            })?;
             let mut obj = Self::object(p, PlanAction::Create);
             let (meta, _) = Self::plan_meta(world, p, false, None, &mut obj);
             obj.jobs.push(format!(
@@ -730,14 +734,8 @@ impl Service {
             desired.app_version = current_spec.app_version.clone();
         }
         let mut obj = Self::object(p, PlanAction::Unchanged);
-        let (meta, meta_changed) =
-            Self::plan_meta(world, p, true, Some(cell.version), &mut obj);
-        diff(
-            "spec",
-            &json!(current_spec),
-            &json!(desired),
-            &mut obj.diff,
-        );
+        let (meta, meta_changed) = Self::plan_meta(world, p, true, Some(cell.version), &mut obj);
+        diff("spec", &json!(current_spec), &json!(desired), &mut obj.diff);
         let mut errors = Vec::new();
         validate_labels(&desired.labels, &mut errors);
         validate_vars(&desired.vars, &mut errors);
@@ -832,10 +830,8 @@ impl Service {
                 if version_changed {
                     what.push("app_version");
                 }
-                obj.jobs.push(format!(
-                    "apply cell {id} ({} changed)",
-                    what.join(" and ")
-                ));
+                obj.jobs
+                    .push(format!("apply cell {id} ({} changed)", what.join(" and ")));
             }
         }
         if changed || meta_changed {
@@ -867,14 +863,14 @@ impl Service {
         s: &TenantSpec,
     ) -> Result<Planned> {
         let id = p.doc.metadata.name.as_str();
-        validate_docs(s.region.as_str(), &s.quotas, &s.policies, &s.billing).map_err(|e| {
-            match e {
+        validate_docs(s.region.as_str(), &s.quotas, &s.policies, &s.billing).map_err(
+            |e| match e {
                 ServiceError::Validation(errors) => {
                     ServiceError::Validation(prefixed(errors, "spec"))
                 }
                 other => other,
-            }
-        })?;
+            },
+        )?;
         let org = s.organization_id.as_str();
         if !world.orgs.contains_key(org) && !orgs_in_set.contains(org) {
             return Err(invalid(
@@ -903,8 +899,13 @@ impl Service {
                 PlanAction::Create
             },
         );
-        let (meta, meta_changed) =
-            Self::plan_meta(world, p, current.is_some(), current.map(|t| t.version), &mut obj);
+        let (meta, meta_changed) = Self::plan_meta(
+            world,
+            p,
+            current.is_some(),
+            current.map(|t| t.version),
+            &mut obj,
+        );
         // The desired environments, each with its region and isolation filled in.
         let default_isolation = |profile: Profile| {
             if profile.is_pooled() {
@@ -1109,8 +1110,10 @@ impl Service {
                 true,
             ));
         }
-        let placed: Vec<&EnvironmentRow> =
-            current_envs.iter().filter(|e| e.cell_id.is_some()).collect();
+        let placed: Vec<&EnvironmentRow> = current_envs
+            .iter()
+            .filter(|e| e.cell_id.is_some())
+            .collect();
         let mut profile_write = None;
         let mut after = None;
         if t.profile != s.profile && !moving {
@@ -1199,9 +1202,11 @@ impl Service {
                     &e.region,
                 );
                 if let Previewed::NoCapacity(why) = &placed {
-                    obj.refusal.get_or_insert(refusal("NoCapacity", why.clone(), false));
+                    obj.refusal
+                        .get_or_insert(refusal("NoCapacity", why.clone(), false));
                 }
-                obj.jobs.push(format!("{id}: {}", placed.describe(&e.name, &e.region)));
+                obj.jobs
+                    .push(format!("{id}: {}", placed.describe(&e.name, &e.region)));
             }
         }
         if t.quotas.api_rate_limit != s.quotas.api_rate_limit
@@ -1231,7 +1236,6 @@ impl Service {
                 spec: Box::new(s.clone()),
                 profile: profile_write,
                 new_envs,
-                spec_changed,
             }),
             meta,
             meta_changed,
@@ -1266,7 +1270,8 @@ impl Service {
             }
             places.push(placed.describe(name, region));
         }
-        obj.jobs.push(format!("activate {id}: {}", places.join("; ")));
+        obj.jobs
+            .push(format!("activate {id}: {}", places.join("; ")));
     }
 
     async fn write_one(&self, tx: &mut WriteTx, ctx: &Ctx, pl: &mut Planned) -> Result<()> {
@@ -1292,30 +1297,28 @@ impl Service {
                 })
                 .await?;
             }
-            Some(Write::OrgUpdate { id, name }) => {
-                if let Some(n) = &name {
-                    tx.rename_organization(&id, n).await?;
-                    tx.bump_generation(Kind::Organization, &id, None).await?;
-                    tx.audit(AuditInput {
-                        tenant_id: None,
-                        event_type: "TENANCY_ORGANIZATION_UPDATED",
-                        actor: &ctx.actor,
-                        target: &format!("organization/{id}"),
-                        payload: json!({"changes": audit_diff, "source": "manifest"}),
-                        correlation_id: Some(&ctx.correlation_id),
-                    })
-                    .await?;
-                }
+            Some(Write::OrgUpdate { id, name: Some(n) }) => {
+                tx.rename_organization(&id, &n).await?;
+                tx.bump_generation(Kind::Organization, &id, None).await?;
+                tx.audit(AuditInput {
+                    tenant_id: None,
+                    event_type: "TENANCY_ORGANIZATION_UPDATED",
+                    actor: &ctx.actor,
+                    target: &format!("organization/{id}"),
+                    payload: json!({"changes": audit_diff, "source": "manifest"}),
+                    correlation_id: Some(&ctx.correlation_id),
+                })
+                .await?;
             }
+            Some(Write::OrgUpdate { name: None, .. }) => {}
             Some(Write::Region {
                 region,
                 policy,
-                changed,
+                changed: true,
             }) => {
-                if changed {
-                    crate::placement::put_region_in(tx, ctx, &region, None, *policy).await?;
-                }
+                crate::placement::put_region_in(tx, ctx, &region, None, *policy).await?;
             }
+            Some(Write::Region { changed: false, .. }) => {}
             Some(Write::CellCreate(prepared)) => {
                 crate::jobs::register_cell_in(tx, &self.shared, ctx, *prepared).await?;
             }
@@ -1359,9 +1362,8 @@ impl Service {
                 spec,
                 profile,
                 new_envs,
-                spec_changed,
             }) => {
-                if spec_changed {
+                {
                     match tx
                         .update_tenant_docs(
                             &id,

@@ -807,7 +807,9 @@ impl Service {
             return Err(ServiceError::Validation(errors));
         }
         let mut tx = self.shared.store.write().await?;
-        let (cell, job) = self.patch_cell_in(&mut tx, ctx, id, if_match, patch).await?;
+        let (cell, job) = self
+            .patch_cell_in(&mut tx, ctx, id, if_match, patch)
+            .await?;
         tx.commit().await?;
         if job.is_some() {
             self.shared.job_notify.notify_waiters();
