@@ -115,8 +115,10 @@ impl DesiredState {
     }
 }
 
-/// An environment of a tenant manifest. `region` defaults to the tenant's, `isolation_level`
-/// to `shared` for pooled profiles and `strict` otherwise.
+/// An environment of a tenant manifest. `region` defaults to the tenant's (or, for an
+/// environment that exists, to its own); `isolation_level` to what an existing environment
+/// has, else `shared`, except a new tenant's `prod`: `shared` for pooled profiles, `strict`
+/// otherwise.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EnvironmentSpec {
@@ -193,8 +195,8 @@ pub struct FieldChange {
 /// until it converges.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct Refusal {
-    /// `IllegalTransition`, `ResidencyViolation`, `Immutable`, `StaleVersion`,
-    /// `Conflict`, `NoCapacity`.
+    /// `IllegalTransition`, `ResidencyViolation`, `Immutable`, `NeedsMove`, `StaleVersion`,
+    /// `Conflict` (blocking), `NoCapacity` (not blocking).
     pub reason: String,
     pub message: String,
     pub blocking: bool,
@@ -257,9 +259,10 @@ pub struct Drift {
     pub actual: String,
 }
 
-/// Written by the tenant controller. `phase`: `Pending`, `Progressing`, `Ready`, `Blocked`
-/// (waiting for something outside the spec, e.g. capacity) or `Failed` (a convergence
-/// failed and is retried with backoff).
+/// Written by the tenant controller. `phase`: `Ready`, `Progressing` (a job or move runs,
+/// or one is about to start), `Blocked` (waiting for something outside the spec, e.g.
+/// capacity), `Failed` (a convergence failed and is retried with backoff, or the desired
+/// state is out of reach) or `Degraded` (converged but drifted).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct TenantStatus {
     #[serde(rename = "observedGeneration")]

@@ -288,8 +288,13 @@ impl<'a> Pass<'a> {
             }
         }
 
-        // What to do.
-        let mut failures = previous.retries.unwrap_or(0);
+        // What to do. A new generation starts afresh: no backoff left from the old spec.
+        let new_spec = t.desired.observed_generation != t.desired.generation;
+        let mut failures = if new_spec {
+            0
+        } else {
+            previous.retries.unwrap_or(0)
+        };
         let mut last_failed = previous.last_failed_job.clone();
         let mut phase = "Ready";
         let mut placed = if !needs_cells {
@@ -394,11 +399,12 @@ impl<'a> Pass<'a> {
         }
         if let Some(work) = want {
             // A failed job is retried after a backoff, and shown meanwhile.
-            let due = previous
-                .next_retry_time
-                .as_deref()
-                .and_then(persistence::parse_time)
-                .is_none_or(|at| at <= now);
+            let due = new_spec
+                || previous
+                    .next_retry_time
+                    .as_deref()
+                    .and_then(persistence::parse_time)
+                    .is_none_or(|at| at <= now);
             if let Some((job_id, kind, error)) = &new_failure {
                 failures += 1;
                 last_failed = Some(job_id.clone());
@@ -424,7 +430,11 @@ impl<'a> Pass<'a> {
                 ));
                 retry_at = Some(now + backoff(failures));
             } else if !due && last_failed.is_some() {
-                phase = "Failed";
+                phase = if previous.phase == "Blocked" {
+                    "Blocked"
+                } else {
+                    "Failed"
+                };
                 ready_reason = previous
                     .condition("Ready")
                     .map(|c| (c.reason.clone(), c.message.clone()));
@@ -538,6 +548,9 @@ impl<'a> Pass<'a> {
             } else if routed.status != "True" {
                 ready_reason = Some((routed.reason.clone(), routed.message.clone()));
                 phase = "Progressing";
+                // Nothing to start (e.g. a suspended tenant's route, restored on resume):
+                // look again later, not on every pass.
+                retry_at.get_or_insert(now + chrono::Duration::seconds(5));
             } else if !drift.is_empty() {
                 ready_reason = Some((
                     "Drifted".into(),

@@ -331,6 +331,14 @@ impl JobEngine {
             .release_locks_and_claim(&released, &self.owner, self.lease_ms(), want)
             .await?;
         tx.commit().await?;
+        if batch.iter().zip(&out).any(|(e, d)| {
+            d.held
+                && (e.job.job.target.starts_with("tenant/")
+                    || e.job.job.target.starts_with("cell/"))
+        }) {
+            // The tenant controller converges what this end made due at once.
+            self.shared.desired_changed.notify_waiters();
+        }
         for (e, d) in batch.iter().zip(out.iter_mut()) {
             if e.claim_next && d.held {
                 d.next = next.pop();

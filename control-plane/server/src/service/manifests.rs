@@ -196,6 +196,24 @@ pub fn tenant_spec_of(t: &TenantRow, envs: &[EnvironmentRow]) -> TenantSpec {
     }
 }
 
+/// One top-level field of a tenant spec, as JSON (for audit payloads).
+fn spec_field(spec: &TenantSpec, field: &str) -> serde_json::Value {
+    json!(spec)
+        .get(field)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// `documents[10]` after `documents[2]`.
+fn by_document(field: &str) -> (usize, String) {
+    let n = field
+        .strip_prefix("documents[")
+        .and_then(|r| r.split(']').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(usize::MAX);
+    (n, field.to_string())
+}
+
 fn legal(from: TenantState, to: TenantState) -> bool {
     use TenantState::*;
     from == to
@@ -254,7 +272,7 @@ impl Service {
             }
         }
         if !errors.is_empty() && !opts.partial {
-            errors.sort_by(|a, b| a.field.cmp(&b.field));
+            errors.sort_by_key(|e| by_document(&e.field));
             return Err(ServiceError::Validation(errors));
         }
         plans.sort_by_key(|p| p.obj.index);
@@ -1388,16 +1406,46 @@ impl Service {
                     }
                     for e in &new_envs {
                         tx.insert_environment(e).await?;
+                        tx.audit(AuditInput {
+                            tenant_id: Some(&id),
+                            event_type: "TENANCY_ENVIRONMENT_CREATED",
+                            actor: &ctx.actor,
+                            target: &tenant_target(&id),
+                            payload: json!({"env": e.name, "region": e.region,
+                                            "isolation_level": e.isolation_level,
+                                            "source": "manifest"}),
+                            correlation_id: Some(&ctx.correlation_id),
+                        })
+                        .await?;
                     }
                     // One generation for the whole change (update_tenant_docs moved it).
                     tx.set_desired_state(&id, spec.state.as_tenant_state())
                         .await?;
+                    // `changes` by top-level field (what the public event lists), the
+                    // field-level diff beside it.
+                    let mut changes = serde_json::Map::new();
+                    if let Some(list) = audit_diff.as_array() {
+                        for d in list {
+                            let path = d["path"].as_str().unwrap_or_default();
+                            if let Some(field) =
+                                path.strip_prefix("spec.").and_then(|p| p.split('.').next())
+                            {
+                                changes.insert(field.to_string(), json!(spec_field(&spec, field)));
+                            }
+                        }
+                    }
+                    let version = tx
+                        .get_tenant_tx(&id)
+                        .await?
+                        .map(|t| t.version)
+                        .unwrap_or(version + 1);
                     tx.audit(AuditInput {
                         tenant_id: Some(&id),
                         event_type: "TENANCY_UPDATED",
                         actor: &ctx.actor,
                         target: &tenant_target(&id),
-                        payload: json!({"changes": audit_diff, "source": "manifest"}),
+                        payload: json!({"changes": changes, "diff": audit_diff,
+                                        "version": version, "source": "manifest"}),
                         correlation_id: Some(&ctx.correlation_id),
                     })
                     .await?;
