@@ -810,3 +810,97 @@ async fn the_example_fleet_applies_and_converges() {
     assert_eq!(code, 0);
     assert!(out.contains("0 to create, 0 to update"), "{out}");
 }
+
+const TENANT_DOC: &str = r#"
+apiVersion: cellplane.dev/v1
+kind: Organization
+metadata: {name: acme-corp}
+spec: {name: Acme}
+---
+apiVersion: cellplane.dev/v1
+kind: Tenant
+metadata: {name: acme}
+spec: {organization_id: acme-corp, profile: mt-standard, region: eu-west-1}
+"#;
+
+/// The controller's process is SIGKILLed right before it enqueues the activation (a
+/// failpoint of its first lease term); after a restart the next term converges the tenant
+/// with exactly one activation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tenant_controller_killed_before_its_enqueue_converges_after_a_restart() {
+    let opts = quick()
+        .with("CELLPLANE__JOBS__CONTROLLER_LEASE_MS", "1500")
+        .with("CELLPLANE__JOBS__CONTROLLER_RENEW_MS", "200")
+        .with(
+            "CELLPLANE__JOBS__FAILPOINTS",
+            "controller.tenant/enqueue=kill@1",
+        );
+    let mut app = TestApp::spawn_with(Backend::Sqlite, opts).await;
+    app.stamp_local("euw1-pool-1", json!({})).await;
+    let (status, _) = apply(&app, TENANT_DOC, "").await;
+    assert_eq!(status, 200);
+    assert!(
+        app.wait_exit(Duration::from_secs(30)).await,
+        "the failpoint kills the process\n{}",
+        app.log()
+    );
+    assert_eq!(
+        app.sql_i64("SELECT COUNT(*) FROM jobs WHERE kind = 'tenant.activate'")
+            .await
+            .unwrap(),
+        0,
+        "killed before the enqueue committed"
+    );
+    app.start().await.unwrap();
+    wait_ready(&app, &["acme"], Duration::from_secs(60)).await;
+    assert_eq!(
+        app.sql_i64("SELECT COUNT(*) FROM jobs WHERE kind = 'tenant.activate'")
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(app.audit_verify_ok().await);
+}
+
+/// Two replicas on one PostgreSQL: the replica holding the tenant controller's lease is
+/// SIGKILLed; the other takes the lease over and converges what is applied through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_replica_takes_the_tenant_controller_over() {
+    let opts = quick()
+        .with("CELLPLANE__JOBS__LEASE_SECS", "2")
+        .with("CELLPLANE__JOBS__CONTROLLER_LEASE_MS", "1500")
+        .with("CELLPLANE__JOBS__CONTROLLER_RENEW_MS", "200");
+    let mut a = TestApp::spawn_with(Backend::Postgres, opts.clone()).await;
+    let mut b = a.spawn_replica(opts).await;
+    a.stamp_local("euw1-pool-1", json!({})).await;
+    let holder_is_a = eventually(Duration::from_secs(30), || async {
+        let page: Value = a.admin.get("/v1/controllers").await.ok()?;
+        let c = page["items"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == "tenant" && c["live"] == true)?
+            .clone();
+        Some(c["this_replica"] == true)
+    })
+    .await
+    .expect("a replica holds the tenant controller");
+    let (killed, survivor) = if holder_is_a {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    killed.kill9();
+    let (status, _) = apply(survivor, TENANT_DOC, "").await;
+    assert_eq!(status, 200);
+    wait_ready(survivor, &["acme"], Duration::from_secs(90)).await;
+    let page: Value = survivor.admin.get("/v1/controllers").await.unwrap();
+    let c = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "tenant")
+        .unwrap()
+        .clone();
+    assert_eq!(c["this_replica"], true, "{c:#}");
+    assert!(c["term"].as_i64().unwrap() >= 2, "{c:#}");
+}

@@ -338,6 +338,17 @@ impl WriteTx {
         Ok(())
     }
 
+    /// Sets a draft tenant's profile as part of a spec change whose generation and version
+    /// the caller moved.
+    pub async fn set_profile_in_spec(&mut self, id: &str, profile: Profile) -> Result<()> {
+        sqlx::query("UPDATE tenants SET profile = $1 WHERE tenant_id = $2")
+            .bind(profile.as_str())
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
     /// Sets the desired lifecycle state without moving the generation (the caller did).
     pub async fn set_desired_state(&mut self, id: &str, state: TenantState) -> Result<()> {
         sqlx::query("UPDATE tenants SET desired_state = $1 WHERE tenant_id = $2")

@@ -1402,7 +1402,7 @@ impl Service {
                         }
                     }
                     if let Some(p) = profile {
-                        tx.set_tenant_profile(&id, p.as_str()).await?;
+                        tx.set_profile_in_spec(&id, p).await?;
                     }
                     for e in &new_envs {
                         tx.insert_environment(e).await?;
