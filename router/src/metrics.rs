@@ -85,6 +85,34 @@ impl<T> PerWorker<T> {
 }
 
 impl PerWorker<Histogram> {
+    /// The upper bounds (seconds) and the cumulative count at each, ending with the total
+    /// (the `+Inf` bucket), summed over the workers.
+    pub fn cumulative(&self) -> (Vec<f64>, Vec<u64>) {
+        let mut bounds = Vec::new();
+        let mut per = Vec::new();
+        let mut total = 0u64;
+        for h in self.each() {
+            if bounds.is_empty() {
+                bounds = h.bounds.to_vec();
+                per = vec![0u64; bounds.len()];
+            }
+            for (p, c) in per.iter_mut().zip(h.counts.iter()) {
+                *p += c.load(Ordering::Relaxed);
+            }
+            total += h.count.load(Ordering::Relaxed);
+        }
+        let mut cum = Vec::with_capacity(per.len() + 1);
+        let mut acc = 0;
+        for p in per {
+            acc += p;
+            cum.push(acc);
+        }
+        cum.push(total);
+        (bounds, cum)
+    }
+}
+
+impl PerWorker<Histogram> {
     pub fn render(&self, out: &mut String, name: &str, labels: &str) {
         let mut it = self.each();
         let Some(first) = it.next() else { return };
@@ -103,6 +131,17 @@ impl PerWorker<Histogram> {
 }
 
 impl PerWorker<StatusCounters> {
+    /// Responses so far by status class (1xx … 5xx), summed over the workers.
+    pub fn classes(&self) -> [u64; 5] {
+        let mut out = [0u64; 5];
+        for c in self.each() {
+            for (o, v) in out.iter_mut().zip(c.classes.iter()) {
+                *o += v.load(Ordering::Relaxed);
+            }
+        }
+        out
+    }
+
     pub fn render(&self, out: &mut String, name: &str, labels: &str) {
         let sum = StatusCounters::default();
         for c in self.each() {

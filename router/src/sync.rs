@@ -309,6 +309,20 @@ pub async fn run_heartbeats(
         if !batches.is_empty() {
             body["usage"] = serde_json::to_value(&batches).unwrap_or_default();
         }
+        // Per-cell counters since this router started, for the control plane's release
+        // gates (it keeps the windows).
+        let cells: Vec<serde_json::Value> = snap
+            .cells
+            .iter()
+            .map(|c| {
+                let (le, buckets) = c.latency.cumulative();
+                serde_json::json!({"cell_id": &*c.cell_id, "codes": c.status.classes(),
+                                   "le": le, "buckets": buckets})
+            })
+            .collect();
+        if !cells.is_empty() {
+            body["cells"] = serde_json::Value::Array(cells);
+        }
         let res = client
             .request(Method::POST, &format!("/v1/routers/{router_id}/heartbeat"))
             .json(&body)

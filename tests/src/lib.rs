@@ -985,6 +985,22 @@ impl TestApp {
 }
 
 impl TestApp {
+    /// Runs the `cellplane` command line against this control plane as the admin: exit
+    /// code, stdout, stderr.
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = std::process::Command::new(bin_path("cellplane"))
+            .args(args)
+            .env("CELLPLANE_URL", &self.url)
+            .env("CELLPLANE_TOKEN", ADMIN_TOKEN)
+            .output()
+            .expect("run cellplane");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// [`TestApp::start_action`] with an owned id, for joining many at once.
     pub async fn start_action_owned(&self, id: String) -> cellplane_api::Job {
         self.start_action(&id, "activate").await

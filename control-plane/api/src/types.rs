@@ -819,6 +819,38 @@ pub struct RouterHeartbeat {
     /// Usage batches not yet acknowledged (applied once each, by `batch_id`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub usage: Vec<crate::UsageBatch>,
+    /// Per-cell counters since the router started (release gates' built-in metrics).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cells: Vec<CellCounters>,
+}
+
+/// What a router has forwarded to one cell since it started: responses by status class
+/// (`codes[0]` 1xx … `codes[4]` 5xx) and the latency histogram, `buckets[i]` the requests
+/// answered within `le[i]` seconds, cumulative, with one more entry last: all requests.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CellCounters {
+    pub cell_id: String,
+    pub codes: Vec<u64>,
+    pub le: Vec<f64>,
+    pub buckets: Vec<u64>,
+}
+
+/// `GET /v1/cells/{id}/metrics`: the cell's traffic over a window, from what routers
+/// reported in their heartbeats.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct CellMetrics {
+    pub cell_id: String,
+    pub window_secs: u64,
+    /// Routers that reported the cell in the window.
+    pub routers: u64,
+    pub requests: u64,
+    /// Responses with a 5xx status.
+    pub errors: u64,
+    pub error_ratio: Option<f64>,
+    /// Latency percentiles from the histogram (interpolated inside a bucket).
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
 }
 
 /// A controller's lease: which replica runs it now and at which term.

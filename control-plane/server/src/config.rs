@@ -307,6 +307,9 @@ pub struct RoutingConfig {
     pub revision_poll_ms: u64,
     /// A router not heard from for this long is not live.
     pub router_live_secs: u64,
+    /// How long the per-cell counters routers report with heartbeats are kept: the
+    /// longest window a release gate can look at.
+    pub cell_sample_retention_secs: u64,
 }
 
 impl Default for RoutingConfig {
@@ -316,6 +319,7 @@ impl Default for RoutingConfig {
             max_wait_secs: 60,
             revision_poll_ms: 500,
             router_live_secs: 30,
+            cell_sample_retention_secs: 3600,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod down;
 pub mod error;
 pub mod events;
 pub mod failpoints;
+pub mod gates;
 pub mod http;
 pub mod iac;
 pub mod jobs;

@@ -187,7 +187,9 @@ fn typed<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, FieldErro
         // An unknown field is named in full, not by its parent.
         if let Some(rest) = inner.strip_prefix("unknown field `") {
             if let Some(name) = rest.split('`').next() {
-                field = format!("{field}.{name}");
+                if !field.ends_with(&format!(".{name}")) {
+                    field = format!("{field}.{name}");
+                }
             }
         }
         err(field, inner)

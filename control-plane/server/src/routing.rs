@@ -16,7 +16,8 @@ use crate::ctx::{tenant_target, Ctx};
 use crate::error::{invalid, not_found, Result, ServiceError};
 use crate::persistence::{self, AuditInput, RouteWrite, Store, WriteTx};
 use cellplane_api::{
-    Route, RouteChanges, RouteHistoryEntry, RouteMode, RouterHeartbeat, RouterInfo,
+    CellCounters, CellMetrics, FieldError, Route, RouteChanges, RouteHistoryEntry, RouteMode,
+    RouterHeartbeat, RouterInfo,
 };
 use serde_json::json;
 use std::time::Duration;
@@ -310,6 +311,7 @@ impl Routing {
             return Err(invalid("stats", "must serialize to at most 8192 bytes"));
         }
         crate::usage::validate_batches(&hb.usage)?;
+        validate_cell_counters(&hb.cells)?;
         let mut tx = self.store().write().await?;
         let new = tx.router_heartbeat(router_id, &hb).await?;
         // Usage rides on the heartbeat; each batch applies once, in this transaction.
@@ -324,6 +326,14 @@ impl Routing {
                 })
                 .collect();
             tx.apply_usage_batch(router_id, &b.batch_id, &records, &now)
+                .await?;
+        }
+        if !hb.cells.is_empty() {
+            let keep_after = persistence::fmt_time(
+                chrono::Utc::now()
+                    - chrono::Duration::seconds(self.config.cell_sample_retention_secs as i64),
+            );
+            tx.record_cell_samples(router_id, &now, &hb.cells, &keep_after)
                 .await?;
         }
         if new {
@@ -349,6 +359,40 @@ impl Routing {
             first_seen: ts.clone(),
             last_seen: ts,
             live: true,
+        })
+    }
+
+    /// A cell's traffic over the last `window_secs`, summed over the routers that reported
+    /// it (the built-in metrics provider of release gates), and how many routers that is.
+    pub async fn cell_window(
+        &self,
+        cell_id: &str,
+        window_secs: u64,
+    ) -> Result<(crate::gates::Window, u64)> {
+        let start = persistence::fmt_time(
+            chrono::Utc::now() - chrono::Duration::seconds(window_secs.min(i64::MAX as u64) as i64),
+        );
+        let pairs = self.store().cell_window_samples(cell_id, &start).await?;
+        let mut w = crate::gates::Window::default();
+        for (first, last) in &pairs {
+            w = w.merge(&counter_delta(&first.counters, &last.counters));
+        }
+        Ok((w, pairs.len() as u64))
+    }
+
+    /// `GET /v1/cells/{id}/metrics`.
+    pub async fn cell_metrics(&self, cell_id: &str, window_secs: u64) -> Result<CellMetrics> {
+        let (w, routers) = self.cell_window(cell_id, window_secs).await?;
+        let ms = |q| crate::gates::percentile(&w.buckets, q).map(|s| s * 1000.0);
+        Ok(CellMetrics {
+            cell_id: cell_id.to_string(),
+            window_secs,
+            routers,
+            requests: w.total,
+            errors: w.errors,
+            error_ratio: crate::gates::error_ratio(&w),
+            p50_ms: ms(0.5),
+            p99_ms: ms(0.99),
         })
     }
 
@@ -565,4 +609,116 @@ pub async fn flip_in(
     })
     .await?;
     Ok((route, Some(rev)))
+}
+
+/// What happened between two samples of one router's counters for a cell. A counter that
+/// went down means the router restarted: everything in the newer sample is new.
+pub fn counter_delta(a: &CellCounters, b: &CellCounters) -> crate::gates::Window {
+    let reset = a.le != b.le
+        || a.codes.iter().zip(&b.codes).any(|(x, y)| y < x)
+        || a.buckets.iter().zip(&b.buckets).any(|(x, y)| y < x);
+    let sub = |x: &[u64], y: &[u64]| -> Vec<u64> {
+        if reset {
+            y.to_vec()
+        } else {
+            y.iter().zip(x).map(|(y, x)| y - x).collect()
+        }
+    };
+    let codes = sub(&a.codes, &b.codes);
+    let buckets = sub(&a.buckets, &b.buckets);
+    let mut le: Vec<f64> = b.le.clone();
+    le.push(f64::INFINITY);
+    crate::gates::Window {
+        total: codes.iter().sum(),
+        errors: codes.get(4).copied().unwrap_or(0),
+        buckets: le.into_iter().zip(buckets).collect(),
+    }
+}
+
+/// The per-cell counters of a heartbeat: valid ids, five status classes, ascending finite
+/// bounds and one more cumulative bucket than bounds.
+fn validate_cell_counters(cells: &[CellCounters]) -> Result<()> {
+    let mut errors = Vec::new();
+    if cells.len() > 100_000 {
+        errors.push(FieldError {
+            field: "cells".into(),
+            message: "at most 100000 cells".into(),
+        });
+    }
+    for (i, c) in cells.iter().enumerate().take(100_000) {
+        let at = |f: &str| format!("cells[{i}].{f}");
+        if let Err(e) = cellplane_api::validate_id(&c.cell_id) {
+            errors.push(FieldError {
+                field: at("cell_id"),
+                message: e.to_string(),
+            });
+        }
+        if c.codes.len() != 5 {
+            errors.push(FieldError {
+                field: at("codes"),
+                message: "must have 5 entries (1xx … 5xx)".into(),
+            });
+        }
+        if c.le.len() > 64
+            || c.le.iter().any(|b| !b.is_finite() || *b <= 0.0)
+            || c.le.windows(2).any(|w| w[0] >= w[1])
+        {
+            errors.push(FieldError {
+                field: at("le"),
+                message: "at most 64 ascending positive finite bounds".into(),
+            });
+        }
+        if c.buckets.len() != c.le.len() + 1 || c.buckets.windows(2).any(|w| w[0] > w[1]) {
+            errors.push(FieldError {
+                field: at("buckets"),
+                message: "must be cumulative with one more entry than le".into(),
+            });
+        }
+        if errors.len() > 20 {
+            break;
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ServiceError::Validation(errors))
+    }
+}
+
+#[cfg(test)]
+mod cell_counter_tests {
+    use super::*;
+
+    fn c(codes: [u64; 5], buckets: [u64; 3]) -> CellCounters {
+        CellCounters {
+            cell_id: "pool-1".into(),
+            codes: codes.to_vec(),
+            le: vec![0.1, 1.0],
+            buckets: buckets.to_vec(),
+        }
+    }
+
+    #[test]
+    fn deltas_subtract_and_survive_a_router_restart() {
+        let a = c([0, 90, 0, 0, 10], [80, 95, 100]);
+        let b = c([0, 150, 0, 0, 50], [150, 190, 200]);
+        let w = counter_delta(&a, &b);
+        assert_eq!((w.total, w.errors), (100, 40));
+        assert_eq!(w.buckets, vec![(0.1, 70), (1.0, 95), (f64::INFINITY, 100)]);
+        // The router restarted between the samples: its counters began again.
+        let restarted = c([0, 5, 0, 0, 1], [6, 6, 6]);
+        let w = counter_delta(&b, &restarted);
+        assert_eq!((w.total, w.errors), (6, 1));
+    }
+
+    #[test]
+    fn malformed_counters_are_named() {
+        let mut bad = c([0; 5], [0; 3]);
+        bad.le = vec![1.0, 0.1];
+        let Err(ServiceError::Validation(e)) = validate_cell_counters(&[bad]) else {
+            panic!("accepted");
+        };
+        assert_eq!(e[0].field, "cells[0].le");
+        assert!(validate_cell_counters(&[c([1, 2, 3, 4, 5], [1, 2, 3])]).is_ok());
+    }
 }

@@ -63,6 +63,23 @@ pub fn validate_quotas(q: &Quotas, errors: &mut Vec<FieldError>) {
     }
 }
 
+/// An organization's display name: not blank, no control characters, at most 200.
+pub fn validate_org_name(field: &str, name: &str) -> Result<()> {
+    let mut errors = Vec::new();
+    if name.trim().is_empty() {
+        errors.push(FieldError {
+            field: field.into(),
+            message: "must not be empty".into(),
+        });
+    }
+    validate_text(field, name, 200, &mut errors);
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(crate::error::ServiceError::Validation(errors))
+    }
+}
+
 pub fn validate_docs(
     region: &str,
     quotas: &Quotas,

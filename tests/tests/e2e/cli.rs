@@ -6,17 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 fn cli(app: &TestApp, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin_path("cellplane"))
-        .args(args)
-        .env("CELLPLANE_URL", &app.url)
-        .env("CELLPLANE_TOKEN", ADMIN_TOKEN)
-        .output()
-        .expect("run cellplane");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    app.cli(args)
 }
 
 both_backends!(client_commands, |b| async move {

@@ -11,6 +11,7 @@ mod delivery;
 mod docs;
 mod engine;
 mod events;
+mod gates;
 mod hardening;
 mod jobs;
 mod layers;

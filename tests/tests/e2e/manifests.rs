@@ -6,7 +6,6 @@
 use cellplane_tests::*;
 use reqwest::Method;
 use serde_json::{json, Value};
-use std::process::Command;
 use std::time::Duration;
 
 const FLEET: &str = r#"
@@ -155,17 +154,7 @@ async fn tenant_passes(app: &TestApp) -> i64 {
 }
 
 fn cli(app: &TestApp, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin_path("cellplane"))
-        .args(args)
-        .env("CELLPLANE_URL", &app.url)
-        .env("CELLPLANE_TOKEN", ADMIN_TOKEN)
-        .output()
-        .expect("run cellplane");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    app.cli(args)
 }
 
 both_backends!(a_fleet_converges_and_reapplies_as_a_noop, |b| async move {

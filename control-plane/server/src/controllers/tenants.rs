@@ -154,21 +154,12 @@ fn next_action(from: TenantState, to: TenantState) -> Option<Result<LifecycleAct
 impl<'a> Pass<'a> {
     async fn new(cx: &'a ControllerCx<'a>) -> Result<Pass<'a>, ReconcileError> {
         let store = cx.service.store();
-        let mut cells = HashMap::new();
-        let mut after = String::new();
-        loop {
-            let page = store.list_cells(&Default::default(), &after, 1000).await?;
-            let n = page.len();
-            if let Some(last) = page.last() {
-                after = last.cell_id.clone();
-            }
-            for c in page {
-                cells.insert(c.cell_id.clone(), c);
-            }
-            if n < 1000 {
-                break;
-            }
-        }
+        let cells: HashMap<String, Cell> = store
+            .all_cells()
+            .await?
+            .into_iter()
+            .map(|c| (c.cell_id.clone(), c))
+            .collect();
         let policies: BTreeMap<_, _> = store
             .list_region_policies()
             .await?

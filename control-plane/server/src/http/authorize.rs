@@ -69,6 +69,7 @@ pub fn need(method: &Method, path: &str) -> Option<Need> {
         {
             Need::Role(Write)
         }
+        "/v1/cells/{cell_id}/metrics" if get => Need::Role(Read),
         "/v1/templates" | "/v1/templates/{template}" if get => Need::Role(Read),
         "/v1/jobs" | "/v1/jobs/{job_id}" | "/v1/jobs/{job_id}/log" | "/v1/jobs/{job_id}/events"
             if get =>

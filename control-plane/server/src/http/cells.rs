@@ -186,3 +186,36 @@ pub async fn plan(
     let out = s.service.plan_cell(&ctx(&p, &c), &id).await?;
     Ok(with_etag(StatusCode::ACCEPTED, out.cell.version, &out))
 }
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsParams {
+    /// The window, in seconds (default 60; at most `routing.cell_sample_retention_secs`).
+    #[param(minimum = 1, maximum = 604800)]
+    pub window_secs: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/v1/cells/{cell_id}/metrics", tag = "cells",
+    params(("cell_id" = String, Path), MetricsParams),
+    responses((status = 200, body = cellplane_api::CellMetrics,
+               description = "the cell's traffic over the window, as routers reported it"),
+              (status = 404, body = Problem)))]
+pub async fn metrics(
+    State(s): State<AppState>,
+    Extension(p): Extension<Principal>,
+    path: PathParams,
+    ApiQuery(q): ApiQuery<MetricsParams>,
+) -> ApiResult<Json<cellplane_api::CellMetrics>> {
+    let id = path.id("cell_id")?;
+    p.allow(Access::Read)?;
+    let window = q.window_secs.unwrap_or(60);
+    if !(1..=604_800).contains(&window) {
+        return Err(ApiError::field(
+            "window_secs",
+            "must be between 1 and 604800",
+        ));
+    }
+    s.service.get_cell(&id).await?;
+    Ok(Json(s.service.routing().cell_metrics(&id, window).await?))
+}

@@ -1,13 +1,13 @@
 //! `POST /v1/apply` (manifests, with a plan) and `GET /v1/manifests/{kind}/{name}`.
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{read_body, ApiQuery, PathParams};
+use super::extract::{media_type, read_body, ApiQuery, PathParams};
 use super::{ctx, AppState, CorrelationId};
 use crate::auth::{Access, Principal};
 use crate::service::{ApplyOptions, ApplyOutcome};
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::{Extension, Json};
 use cellplane_api::manifests::Kind;
 use cellplane_api::{ApplyResult, Document, FieldError, Problem};
@@ -71,16 +71,7 @@ pub async fn apply(
     body: Body,
 ) -> ApiResult<Json<ApplyResult>> {
     p.allow(Access::Write)?;
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let mime = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let mime = media_type(&headers);
     let yaml = matches!(
         mime.as_str(),
         "application/yaml" | "application/x-yaml" | "text/yaml" | "text/x-yaml"

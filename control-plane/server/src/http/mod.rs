@@ -120,6 +120,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/cells/{cell_id}/drain", post(cells::drain))
         .route("/v1/cells/{cell_id}/apply", post(cells::apply))
         .route("/v1/cells/{cell_id}/plan", post(cells::plan))
+        .route("/v1/cells/{cell_id}/metrics", get(cells::metrics))
         .route("/v1/templates", get(templates::list))
         .route("/v1/templates/{template}", get(templates::get_one))
         .route("/v1/jobs", get(jobs::list))

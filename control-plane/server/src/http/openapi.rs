@@ -47,6 +47,7 @@ impl Modify for BearerAuth {
         super::manifests::apply, super::manifests::get_one,
         super::cells::create, super::cells::list, super::cells::get_one, super::cells::patch,
         super::cells::drain, super::cells::delete, super::cells::apply, super::cells::plan,
+        super::cells::metrics,
         super::templates::list, super::templates::get_one,
         super::jobs::list, super::jobs::get_one, super::jobs::log, super::jobs::events,
         super::jobs::cancel,

@@ -24,6 +24,42 @@ pub struct ObjectBook {
 }
 
 impl Store {
+    /// Every cell (any state), by id.
+    pub async fn all_cells(&self) -> Result<Vec<cellplane_api::Cell>> {
+        let mut out = Vec::new();
+        loop {
+            let after = out
+                .last()
+                .map(|c: &cellplane_api::Cell| c.cell_id.clone())
+                .unwrap_or_default();
+            let page = self
+                .list_cells(&super::CellFilter::default(), &after, 1000)
+                .await?;
+            let done = page.len() < 1000;
+            out.extend(page);
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Every organization, by id.
+    pub async fn all_organizations(&self) -> Result<Vec<cellplane_api::Organization>> {
+        let mut out = Vec::new();
+        loop {
+            let after = out
+                .last()
+                .map(|o: &cellplane_api::Organization| o.organization_id.clone())
+                .unwrap_or_default();
+            let page = self.list_organizations(&after, 1000).await?;
+            let done = page.len() < 1000;
+            out.extend(page);
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
     /// `generation` and `meta` of every object of `kind`, by name.
     pub async fn object_books(&self, kind: Kind) -> Result<HashMap<String, ObjectBook>> {
         let (table, key) = table(kind);

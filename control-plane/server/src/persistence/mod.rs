@@ -16,6 +16,7 @@ mod deliveries;
 mod idempotency;
 mod jobs;
 mod manifests;
+mod metrics;
 mod moves;
 pub mod notify;
 mod orgs;
@@ -169,6 +170,10 @@ const MIGRATIONS_SQLITE: &[(i64, &str)] = &[
         12,
         include_str!("../../migrations/sqlite/0012_manifests.sql"),
     ),
+    (
+        13,
+        include_str!("../../migrations/sqlite/0013_cell_samples.sql"),
+    ),
 ];
 const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
@@ -209,6 +214,10 @@ const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (
         12,
         include_str!("../../migrations/postgres/0012_manifests.sql"),
+    ),
+    (
+        13,
+        include_str!("../../migrations/postgres/0013_cell_samples.sql"),
     ),
 ];
 

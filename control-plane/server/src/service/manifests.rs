@@ -413,38 +413,18 @@ impl Service {
 
     async fn load_world(&self, docs: &[Parsed]) -> Result<World> {
         let store = &self.shared.store;
-        let mut orgs = HashMap::new();
-        let mut after = String::new();
-        loop {
-            let page = store.list_organizations(&after, 1000).await?;
-            let n = page.len();
-            if let Some(last) = page.last() {
-                after = last.organization_id.clone();
-            }
-            for o in page {
-                orgs.insert(o.organization_id.clone(), o);
-            }
-            if n < 1000 {
-                break;
-            }
-        }
-        let mut cells = HashMap::new();
-        let mut after = String::new();
-        loop {
-            let page = store
-                .list_cells(&CellFilter::default(), &after, 1000)
-                .await?;
-            let n = page.len();
-            if let Some(last) = page.last() {
-                after = last.cell_id.clone();
-            }
-            for c in page {
-                cells.insert(c.cell_id.clone(), c);
-            }
-            if n < 1000 {
-                break;
-            }
-        }
+        let orgs = store
+            .all_organizations()
+            .await?
+            .into_iter()
+            .map(|o| (o.organization_id.clone(), o))
+            .collect();
+        let cells = store
+            .all_cells()
+            .await?
+            .into_iter()
+            .map(|c| (c.cell_id.clone(), c))
+            .collect();
         let regions = store
             .list_region_policies()
             .await?
@@ -580,17 +560,7 @@ impl Service {
     }
 
     fn plan_org(&self, world: &World, p: &Parsed, s: &OrganizationSpec) -> Result<Planned> {
-        let mut errors = Vec::new();
-        if s.name.trim().is_empty() {
-            errors.push(FieldError {
-                field: "spec.name".into(),
-                message: "must not be empty".into(),
-            });
-        }
-        validate_text("spec.name", &s.name, 200, &mut errors);
-        if !errors.is_empty() {
-            return Err(ServiceError::Validation(errors));
-        }
+        validate_org_name("spec.name", &s.name)?;
         let id = p.doc.metadata.name.as_str();
         let current = world.orgs.get(id);
         let mut obj = Self::object(

@@ -210,17 +210,7 @@ impl Service {
         ctx: &Ctx,
         req: CreateOrganization,
     ) -> Result<Organization> {
-        let mut errors = Vec::new();
-        if req.name.trim().is_empty() {
-            errors.push(FieldError {
-                field: "name".into(),
-                message: "must not be empty".into(),
-            });
-        }
-        validate_text("name", &req.name, 200, &mut errors);
-        if !errors.is_empty() {
-            return Err(ServiceError::Validation(errors));
-        }
+        validate_org_name("name", &req.name)?;
         let mut tx = self.shared.store.write().await?;
         if tx.organization_exists(req.organization_id.as_str()).await? {
             return Err(ServiceError::Conflict(format!(
