@@ -328,8 +328,19 @@ async fn a_hold_is_drained_only_once_the_request_in_flight_to_the_old_cell_ends(
     assert_eq!(drained(&hb), 1, "applied at once, not drained yet: {hb}");
     assert_eq!(
         hb.as_object().unwrap().keys().collect::<Vec<_>>(),
-        ["applied_revision", "drained_revision", "stats"]
+        ["applied_revision", "cells", "drained_revision", "stats"]
     );
+    // Each cell's counters since the router started (release gates' built-in metrics).
+    let cells = hb["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 2, "{hb}");
+    for c in cells {
+        assert_eq!(c["codes"].as_array().unwrap().len(), 5, "{c}");
+        assert_eq!(
+            c["buckets"].as_array().unwrap().len(),
+            c["le"].as_array().unwrap().len() + 1,
+            "{c}"
+        );
+    }
     let snap = r.state.table.load_full();
     let rt = snap.tenant("acme").unwrap().runtime.get().unwrap().clone();
     assert_eq!(rt.in_flight_of("prod"), 1);

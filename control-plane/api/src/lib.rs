@@ -9,6 +9,7 @@ pub mod events;
 pub mod ids;
 pub mod manifests;
 pub mod moves;
+pub mod releases;
 pub mod types;
 pub mod usage;
 pub mod webhooks;

@@ -226,7 +226,7 @@ pub enum Verdict {
 }
 
 /// Running counts of one gate's measurements during a bake.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Tally {
     pub successes: u32,
     pub failures: u32,

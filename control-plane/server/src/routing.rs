@@ -369,10 +369,24 @@ impl Routing {
         cell_id: &str,
         window_secs: u64,
     ) -> Result<(crate::gates::Window, u64)> {
+        self.cell_window_since(cell_id, window_secs, "").await
+    }
+
+    /// [`Routing::cell_window`] counting nothing from before `floor` (RFC 3339; empty:
+    /// no floor): a wave's bake measures only traffic after its cells settled.
+    pub async fn cell_window_since(
+        &self,
+        cell_id: &str,
+        window_secs: u64,
+        floor: &str,
+    ) -> Result<(crate::gates::Window, u64)> {
         let start = persistence::fmt_time(
             chrono::Utc::now() - chrono::Duration::seconds(window_secs.min(i64::MAX as u64) as i64),
         );
-        let pairs = self.store().cell_window_samples(cell_id, &start).await?;
+        let pairs = self
+            .store()
+            .cell_window_samples(cell_id, &start, floor)
+            .await?;
         let mut w = crate::gates::Window::default();
         for (first, last) in &pairs {
             w = w.merge(&counter_delta(&first.counters, &last.counters));

@@ -19,6 +19,7 @@ mod lifecycle;
 mod manifests;
 mod moves;
 mod placement;
+mod releases;
 mod replicas;
 mod router;
 mod routing;

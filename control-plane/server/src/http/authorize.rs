@@ -60,6 +60,8 @@ pub fn need(method: &Method, path: &str) -> Option<Need> {
         "/v1/tenants/{tenant_id}/move" if post => Need::Role(Write),
         "/v1/moves" | "/v1/moves/{move_id}" if get => Need::OwnTenantOr(Read),
         "/v1/apply" if post => Need::Role(Write),
+        "/v1/releases" | "/v1/releases/{release_id}/{action}" if post => Need::Role(Write),
+        "/v1/releases" | "/v1/releases/{release_id}" if get => Need::Role(Read),
         "/v1/manifests/{kind}/{name}" if get => Need::OwnTenantOr(Read),
         "/v1/cells" | "/v1/cells/{cell_id}" if get => Need::Role(Read),
         "/v1/cells" if post => Need::Role(Write),

@@ -17,6 +17,7 @@ mod moves;
 pub mod openapi;
 pub mod ops;
 pub mod organizations;
+mod releases;
 pub mod routes;
 pub mod templates;
 pub mod tenants;
@@ -108,6 +109,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tenants/{tenant_id}/{action}", post(tenants::action))
         .route("/v1/moves", get(moves::list))
         .route("/v1/apply", post(manifests::apply))
+        .route("/v1/releases", post(releases::create).get(releases::list))
+        .route("/v1/releases/{release_id}", get(releases::get_one))
+        .route("/v1/releases/{release_id}/{action}", post(releases::action))
         .route("/v1/manifests/{kind}/{name}", get(manifests::get_one))
         .route("/v1/moves/{move_id}", get(moves::get_one))
         .route("/v1/cells", post(cells::create).get(cells::list))

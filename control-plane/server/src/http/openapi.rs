@@ -45,6 +45,8 @@ impl Modify for BearerAuth {
         super::tenants::action, super::tenants::create_environment, super::tenants::list_environments,
         super::moves::create, super::moves::list, super::moves::get_one,
         super::manifests::apply, super::manifests::get_one,
+        super::releases::create, super::releases::list, super::releases::get_one,
+        super::releases::action,
         super::cells::create, super::cells::list, super::cells::get_one, super::cells::patch,
         super::cells::drain, super::cells::delete, super::cells::apply, super::cells::plan,
         super::cells::metrics,

@@ -20,6 +20,7 @@ mod kind;
 pub mod move_request;
 #[cfg(any(debug_assertions, feature = "bench-kinds"))]
 pub mod noop;
+pub mod release_rollout;
 mod tenant;
 pub mod tenant_activate;
 pub mod tenant_archive;
@@ -58,6 +59,7 @@ pub fn kinds() -> &'static [&'static dyn DynKind] {
             &cell_apply::CellApply,
             &cell_destroy::CellDestroy,
             &cell_drain::CellDrain,
+            &release_rollout::ReleaseRollout,
             &cell_plan::CellPlan,
         ];
         #[cfg(debug_assertions)]

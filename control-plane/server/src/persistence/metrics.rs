@@ -65,11 +65,13 @@ impl WriteTx {
 
 impl Store {
     /// For each router that reported `cell_id` since `start`: the sample the window starts
-    /// from (the newest at or before `start`, else the oldest after it) and the newest.
+    /// from (the newest at or before `start` but not before `floor`, else the oldest after
+    /// `start`) and the newest.
     pub async fn cell_window_samples(
         &self,
         cell_id: &str,
         start: &str,
+        floor: &str,
     ) -> Result<Vec<(CellSample, CellSample)>> {
         let routers: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT router_id FROM cell_samples WHERE cell_id = $1 AND at >= $2 \
@@ -91,11 +93,12 @@ impl Store {
             .await?;
             let before = sqlx::query(
                 "SELECT * FROM cell_samples WHERE cell_id = $1 AND router_id = $2 AND at <= $3 \
-                 ORDER BY at DESC LIMIT 1",
+                 AND at >= $4 ORDER BY at DESC LIMIT 1",
             )
             .bind(cell_id)
             .bind(&router)
             .bind(start)
+            .bind(floor)
             .fetch_optional(&self.pool)
             .await?;
             let first = match before {
@@ -103,10 +106,11 @@ impl Store {
                 None => {
                     sqlx::query(
                         "SELECT * FROM cell_samples WHERE cell_id = $1 AND router_id = $2 \
-                         ORDER BY at LIMIT 1",
+                         AND at > $3 ORDER BY at LIMIT 1",
                     )
                     .bind(cell_id)
                     .bind(&router)
+                    .bind(start)
                     .fetch_one(&self.pool)
                     .await?
                 }

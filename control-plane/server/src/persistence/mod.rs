@@ -21,6 +21,7 @@ mod moves;
 pub mod notify;
 mod orgs;
 mod placement;
+mod releases;
 mod routing;
 mod tenants;
 mod tokens;
@@ -34,6 +35,7 @@ pub use jobs::{JobEnd, JobRow, LastStepRecord, NewJob};
 pub use manifests::ObjectBook;
 pub use moves::{MoveFilter, MoveProgress, MoveRow};
 pub use placement::Reservation;
+pub use releases::{Progress, ReleaseRow};
 pub use routing::{RouteWrite, RouterRow, RoutingHead};
 pub use tenants::{
     Conditional, CreateOutcome, Desired, EnvironmentRow, NewTenant, TenantFilter, TenantRow,
@@ -174,6 +176,10 @@ const MIGRATIONS_SQLITE: &[(i64, &str)] = &[
         13,
         include_str!("../../migrations/sqlite/0013_cell_samples.sql"),
     ),
+    (
+        14,
+        include_str!("../../migrations/sqlite/0014_releases.sql"),
+    ),
 ];
 const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
@@ -218,6 +224,10 @@ const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (
         13,
         include_str!("../../migrations/postgres/0013_cell_samples.sql"),
+    ),
+    (
+        14,
+        include_str!("../../migrations/postgres/0014_releases.sql"),
     ),
 ];
 

@@ -152,7 +152,7 @@ fn to_field_errors(
 }
 
 /// The variables of a cell a manifest speaks of: those the control plane does not manage.
-fn user_vars(
+pub fn user_vars_of(
     cell: &Cell,
     template: Option<&crate::iac::Template>,
 ) -> BTreeMap<String, serde_json::Value> {
@@ -714,7 +714,7 @@ impl Service {
             template: Id::parse(&cell.template).expect("stored ids are valid"),
             capacity: cell.capacity,
             labels: cell.labels.clone(),
-            vars: user_vars(cell, template.as_ref()),
+            vars: user_vars_of(cell, template.as_ref()),
             app_version: cell.app_version.clone(),
         };
         let mut desired = s.clone();
@@ -1462,7 +1462,7 @@ impl Service {
                     template: Id::parse(&c.template).expect("stored ids are valid"),
                     capacity: c.capacity,
                     labels: c.labels.clone(),
-                    vars: user_vars(&c, template.as_ref()),
+                    vars: user_vars_of(&c, template.as_ref()),
                     app_version: c.app_version.clone(),
                 };
                 let status = json!({"phase": c.state, "used": c.used,

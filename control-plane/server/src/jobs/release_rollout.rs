@@ -1,0 +1,794 @@
+//! `release.rollout`: drives a release wave by wave. Its one step, `roll`, is a pass over
+//! the release's row that does what is due and waits: apply the wave's cells (at most
+//! `max_parallel` at once, each a `cell.apply` job enqueued in the transaction that records
+//! it), bake them with the gates evaluated every interval from the cells' traffic read
+//! fresh, then the next wave; on a failed gate, put back what the release changed (this
+//! wave first, then earlier ones, in reverse). Everything it decides is on the row and in
+//! the audit trail with its numbers, so a restarted process (or another replica) goes on
+//! from where the row says.
+
+use super::kind::{End, FinishCx, Finished, Kind, Next, StepCx, StepError};
+use super::tenant::NoState;
+use crate::ctx::Ctx;
+use crate::gates::{Limits, Measurement, Tally, Verdict};
+use crate::persistence::{self, AuditInput, ReleaseRow, StoreError, WriteTx};
+use crate::shared::Shared;
+use cellplane_api::releases::{GateDecision, ReleaseState, RollbackPolicy};
+use cellplane_api::{JobState, PatchCell};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutSpec {
+    pub release_id: String,
+}
+
+pub struct ReleaseRollout;
+
+impl Kind for ReleaseRollout {
+    const NAME: &'static str = "release.rollout";
+    type Spec = RolloutSpec;
+    type State = NoState;
+
+    fn target(spec: &RolloutSpec) -> String {
+        format!("release/{}", spec.release_id)
+    }
+    /// The release only: its cells are held one at a time by their `cell.apply` jobs.
+    fn locks(spec: &RolloutSpec) -> Vec<String> {
+        vec![format!("release/{}", spec.release_id)]
+    }
+    fn steps(&self) -> Vec<&'static str> {
+        vec!["roll"]
+    }
+    async fn step(
+        &self,
+        cx: &StepCx<'_>,
+        spec: &RolloutSpec,
+        _state: &mut NoState,
+        _index: usize,
+    ) -> Result<Next, StepError> {
+        // A named point inside a wave's bake, for crash tests (`release.rollout/bake`).
+        if let Ok(Some(r)) = cx.shared().store().get_release(&spec.release_id).await {
+            if r.progress.phase == "bake" && r.state == ReleaseState::Running {
+                let _ = cx
+                    .engine
+                    .failpoints()
+                    .hit("release.rollout/bake", cx.job.job.attempts);
+            }
+        }
+        tick(cx.shared(), spec, cx.correlation_id()).await
+    }
+    async fn finish(
+        &self,
+        tx: &mut WriteTx,
+        cx: &FinishCx<'_>,
+        spec: &RolloutSpec,
+        _state: &NoState,
+        end: &End,
+    ) -> Result<Finished, StoreError> {
+        // A rollout that ends without deciding (cancelled, out of attempts) leaves its
+        // release failed, saying why; a decided one is already final.
+        if *end != End::Succeeded {
+            if let Some(mut r) = tx.get_release_tx(&spec.release_id).await? {
+                if r.state.is_active() {
+                    r.state = ReleaseState::Failed;
+                    r.reason = Some(format!(
+                        "the rollout job {} ended: {}",
+                        cx.job.job.job_id,
+                        end.error().unwrap_or("?")
+                    ));
+                    tx.update_release(&mut r).await?;
+                }
+            }
+        }
+        Ok(Finished::default())
+    }
+    /// A bake can last days; the release row says how long.
+    fn wait_limit(&self, _shared: &Shared) -> Duration {
+        Duration::from_secs(30 * 86_400)
+    }
+    fn wait_poll(&self, _shared: &Shared) -> Duration {
+        Duration::from_millis(300)
+    }
+}
+
+fn ctx_of(corr: Option<&str>) -> Ctx {
+    Ctx {
+        actor: "system:release".into(),
+        correlation_id: corr
+            .map(str::to_string)
+            .unwrap_or_else(|| persistence::new_id("corr")),
+    }
+}
+
+async fn audit(
+    tx: &mut WriteTx,
+    r: &ReleaseRow,
+    event: &str,
+    payload: serde_json::Value,
+    corr: Option<&str>,
+) -> Result<(), StoreError> {
+    tx.audit(AuditInput {
+        tenant_id: None,
+        event_type: event,
+        actor: "system:release",
+        target: &format!("release/{}", r.release_id),
+        payload,
+        correlation_id: corr,
+    })
+    .await
+    .map(|_| ())
+}
+
+/// One pass over the release.
+async fn tick(shared: &Shared, spec: &RolloutSpec, corr: Option<&str>) -> Result<Next, StepError> {
+    let store = shared.store();
+    let Some(r) = store.get_release(&spec.release_id).await? else {
+        return Err(StepError::Fatal(format!(
+            "release {} is gone",
+            spec.release_id
+        )));
+    };
+    match r.state {
+        ReleaseState::Succeeded
+        | ReleaseState::Failed
+        | ReleaseState::RolledBack
+        | ReleaseState::Aborted => return Ok(Next::Done(format!("release {}", r.state.as_str()))),
+        ReleaseState::Paused => {
+            return Ok(Next::Wait(format!(
+                "paused: {}",
+                r.reason.as_deref().unwrap_or("")
+            )))
+        }
+        ReleaseState::Running | ReleaseState::RollingBack => {}
+    }
+    let out = match r.progress.phase.as_str() {
+        "apply" => apply(shared, r, corr).await?,
+        "bake" => bake(shared, r, corr).await?,
+        "rollback" => rollback(shared, r, corr).await?,
+        other => {
+            return Ok(Next::Done(format!("nothing to do in phase {other}")));
+        }
+    };
+    Ok(out)
+}
+
+/// The job of a cell the release started: its state and error.
+async fn job_state(
+    shared: &Shared,
+    job_id: &Option<String>,
+) -> Result<Option<(JobState, Option<String>)>, StepError> {
+    let Some(id) = job_id else {
+        return Ok(None);
+    };
+    Ok(shared
+        .store()
+        .get_job(id)
+        .await?
+        .map(|j| (j.job.state, j.job.error.clone())))
+}
+
+async fn apply(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result<Next, StepError> {
+    let store = shared.store();
+    let w = r.progress.wave;
+    if w >= r.waves.len() {
+        let mut tx = store.write().await?;
+        r.state = ReleaseState::Succeeded;
+        r.progress.phase = "done".into();
+        r.reason = None;
+        if !tx.update_release(&mut r).await? {
+            return Ok(Next::Wait("the release changed; looking again".into()));
+        }
+        audit(
+            &mut tx,
+            &r,
+            "RELEASE_SUCCEEDED",
+            json!({"app_version": r.spec.app_version,
+                   "cells": r.waves.iter().flat_map(|w| w.cells.iter().map(|c| json!({"cell_id": c.cell_id, "state": c.state}))).collect::<Vec<_>>()}),
+            corr,
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok(Next::Done("every wave passed".into()));
+    }
+    // Start the wave (after its approval, when it needs one).
+    if matches!(r.waves[w].state.as_str(), "pending" | "awaiting_approval") {
+        let needs = r.waves[w].approval == cellplane_api::releases::Approval::Manual
+            && r.progress.approved_wave != Some(w);
+        let mut tx = store.write().await?;
+        let event = if needs {
+            if r.waves[w].state == "awaiting_approval" {
+                return Ok(Next::Wait("awaiting approval".into()));
+            }
+            r.waves[w].state = "awaiting_approval".into();
+            r.state = ReleaseState::Paused;
+            r.reason = Some(format!("wave {} awaits approval", r.waves[w].name));
+            "RELEASE_WAVE_AWAITING_APPROVAL"
+        } else {
+            // The budget of the wave's cells, read fresh, before anything is applied.
+            if let Some(why) = budget_refusal(shared, &r, w).await {
+                r.state = ReleaseState::Paused;
+                r.reason = Some(why.clone());
+                if !tx.update_release(&mut r).await? {
+                    return Ok(Next::Wait("the release changed; looking again".into()));
+                }
+                audit(
+                    &mut tx,
+                    &r,
+                    "RELEASE_WAVE_REFUSED",
+                    json!({"wave": r.waves[w].name, "reason": why}),
+                    corr,
+                )
+                .await?;
+                tx.commit().await?;
+                return Ok(Next::Wait("the wave's error budget is spent".into()));
+            }
+            r.waves[w].state = "applying".into();
+            "RELEASE_WAVE_STARTED"
+        };
+        if !tx.update_release(&mut r).await? {
+            return Ok(Next::Wait("the release changed; looking again".into()));
+        }
+        audit(
+            &mut tx,
+            &r,
+            event,
+            json!({"wave": r.waves[w].name,
+                   "cells": r.waves[w].cells.iter().map(|c| &c.cell_id).collect::<Vec<_>>()}),
+            corr,
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok(Next::Wait(format!("wave {} started", r.waves[w].name)));
+    }
+    // Cells being applied: their jobs' outcome, and the cell read fresh.
+    let mut changed = false;
+    for i in 0..r.waves[w].cells.len() {
+        if r.waves[w].cells[i].state != "applying" {
+            continue;
+        }
+        match job_state(shared, &r.waves[w].cells[i].job_id).await? {
+            Some((JobState::Succeeded, _)) => {
+                let cell = store.get_cell(&r.waves[w].cells[i].cell_id).await?;
+                let c = &mut r.waves[w].cells[i];
+                if cell.as_ref().and_then(|c| c.app_version.as_deref()) == Some(&c.to_version) {
+                    c.state = "applied".into();
+                } else {
+                    c.state = "failed".into();
+                    c.error = Some("applied, but the cell does not report the new version".into());
+                }
+                changed = true;
+            }
+            Some((JobState::Failed | JobState::Cancelled, err)) => {
+                let c = &mut r.waves[w].cells[i];
+                c.state = "failed".into();
+                c.error = Some(err.unwrap_or_else(|| "the apply job failed".into()));
+                changed = true;
+            }
+            _ => {}
+        }
+    }
+    if let Some(failed) = r.waves[w].cells.iter().find(|c| c.state == "failed") {
+        // A cell that cannot be applied pauses the release: retry it, skip it, or abort.
+        let why = format!(
+            "cell {} failed to apply: {}; retry or skip it, or abort the release",
+            failed.cell_id,
+            failed.error.as_deref().unwrap_or("?")
+        );
+        let cell_id = failed.cell_id.clone();
+        let mut tx = store.write().await?;
+        r.state = ReleaseState::Paused;
+        r.reason = Some(why.clone());
+        if !tx.update_release(&mut r).await? {
+            return Ok(Next::Wait("the release changed; looking again".into()));
+        }
+        audit(
+            &mut tx,
+            &r,
+            "RELEASE_CELL_FAILED",
+            json!({"wave": r.waves[w].name, "cell_id": cell_id, "reason": why}),
+            corr,
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok(Next::Wait(why));
+    }
+    let in_flight = r.waves[w]
+        .cells
+        .iter()
+        .filter(|c| c.state == "applying")
+        .count();
+    let room = (r.waves[w].max_parallel as usize).saturating_sub(in_flight);
+    let pending: Vec<usize> = r.waves[w]
+        .cells
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.state == "pending")
+        .map(|(i, _)| i)
+        .take(room)
+        .collect();
+    let ctx = ctx_of(corr);
+    for i in pending {
+        let mut tx = store.write().await?;
+        let cell_id = r.waves[w].cells[i].cell_id.clone();
+        let Some(cell) = tx.get_cell_tx(&cell_id).await? else {
+            let c = &mut r.waves[w].cells[i];
+            c.state = "failed".into();
+            c.error = Some("the cell is gone".into());
+            changed = true;
+            continue;
+        };
+        if cell.pending_job_id.is_some() {
+            continue; // Its own job first; looked at again on the next pass.
+        }
+        let template = crate::validate::load_template(
+            &shared.settings().templates,
+            &cell.template,
+            "template",
+        )
+        .ok();
+        let from_vars = crate::service::manifests::user_vars_of(&cell, template.as_ref());
+        let mut vars = from_vars.clone();
+        vars.extend(r.spec.vars.clone());
+        let patch = PatchCell {
+            vars: Some(vars),
+            app_version: Some(r.spec.app_version.clone()),
+            ..Default::default()
+        };
+        let (_, job) =
+            match crate::service::patch_cell_in(shared, &mut tx, &ctx, &cell_id, None, patch).await
+            {
+                Ok(out) => out,
+                Err(e) => {
+                    let c = &mut r.waves[w].cells[i];
+                    c.state = "failed".into();
+                    c.error = Some(e.to_string());
+                    changed = true;
+                    continue;
+                }
+            };
+        let c = &mut r.waves[w].cells[i];
+        c.from_vars = from_vars;
+        c.from_version = cell.app_version.clone();
+        match job {
+            Some(j) => {
+                c.state = "applying".into();
+                c.job_id = Some(j.job_id);
+            }
+            // Already at this version with these variables.
+            None => c.state = "applied".into(),
+        }
+        if !tx.update_release(&mut r).await? {
+            return Ok(Next::Wait("the release changed; looking again".into()));
+        }
+        tx.commit().await?;
+        shared.job_notify.notify_waiters();
+    }
+    let done = r.waves[w]
+        .cells
+        .iter()
+        .all(|c| matches!(c.state.as_str(), "applied" | "skipped"));
+    if done {
+        r.waves[w].state = "baking".into();
+        r.waves[w].bake_started_at = Some(persistence::now());
+        r.progress.phase = "bake".into();
+        r.progress.tallies.clear();
+        r.progress.last_eval_at = Some(persistence::now());
+        changed = true;
+    }
+    if changed {
+        let mut tx = store.write().await?;
+        if tx.update_release(&mut r).await? {
+            tx.commit().await?;
+        }
+    }
+    Ok(Next::Wait(format!(
+        "wave {}: {} applying",
+        r.waves[w].name,
+        r.waves[w]
+            .cells
+            .iter()
+            .filter(|c| c.state == "applying")
+            .count()
+    )))
+}
+
+/// Before a wave starts: a wave whose cells' remaining error budget (over the last
+/// `budget_window_secs`) is below `min_budget` does not start.
+async fn budget_refusal(shared: &Shared, r: &ReleaseRow, w: usize) -> Option<String> {
+    let g = &r.spec.gates;
+    let (min, target, window) = (g.min_budget?, g.slo_target?, g.budget_window_secs);
+    for c in &r.waves[w].cells {
+        let Ok((win, _)) = shared.routing().cell_window(&c.cell_id, window).await else {
+            continue;
+        };
+        if let Some(left) = crate::gates::remaining_budget(&win, target) {
+            if left < min {
+                return Some(format!(
+                    "wave {} does not start: cell {} has {:.0} % of its error budget left over \
+                     the last {window} s ({} errors in {} requests against an SLO of {target}), \
+                     below the {:.0} % the release requires",
+                    r.waves[w].name,
+                    c.cell_id,
+                    left.max(0.0) * 100.0,
+                    win.errors,
+                    win.total,
+                    min * 100.0
+                ));
+            }
+        }
+    }
+    None
+}
+
+async fn bake(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result<Next, StepError> {
+    let w = r.progress.wave;
+    let g = r.spec.gates.clone();
+    let now = chrono::Utc::now();
+    let last = r
+        .progress
+        .last_eval_at
+        .as_deref()
+        .and_then(persistence::parse_time)
+        .unwrap_or(now);
+    if now - last < chrono::Duration::seconds(g.interval_secs) {
+        return Ok(Next::Wait(format!("baking wave {}", r.waves[w].name)));
+    }
+    // The first interval after the cells were applied lets them settle (processes
+    // replaced, routers' health checks passing again): nothing before it is measured.
+    let started = r.waves[w]
+        .bake_started_at
+        .as_deref()
+        .and_then(persistence::parse_time)
+        .unwrap_or(now);
+    let settled = started + chrono::Duration::seconds(g.interval_secs);
+    if now < settled + chrono::Duration::seconds(g.interval_secs) {
+        return Ok(Next::Wait(format!("wave {} settling", r.waves[w].name)));
+    }
+    let floor = persistence::fmt_time(settled);
+    let limits = Limits {
+        failure_limit: g.failure_limit,
+        consecutive_error_limit: g.consecutive_error_limit,
+        inconclusive_limit: g.inconclusive_limit,
+    };
+    let at = persistence::fmt_time(now);
+    let mut verdict = Verdict::Continue;
+    let mut cause = None;
+    let window = g.window_secs.max(1) as u64;
+    let cells: Vec<String> = r.waves[w]
+        .cells
+        .iter()
+        .filter(|c| c.state == "applied")
+        .map(|c| c.cell_id.clone())
+        .collect();
+    for cell in &cells {
+        let read = shared
+            .routing()
+            .cell_window_since(cell, window, &floor)
+            .await;
+        let mut gates: Vec<(&str, Measurement, serde_json::Value)> = Vec::new();
+        match &read {
+            Err(e) => {
+                for gate in enabled_gates(&g) {
+                    gates.push((gate, Measurement::Error, json!({"error": e.to_string()})));
+                }
+            }
+            Ok((win, routers)) => {
+                if let Some(max) = g.max_error_ratio {
+                    let ratio = crate::gates::error_ratio(win);
+                    let m = if win.total < g.min_requests {
+                        Measurement::Inconclusive
+                    } else if ratio.unwrap_or(0.0) > max {
+                        Measurement::Failure
+                    } else {
+                        Measurement::Success
+                    };
+                    gates.push((
+                        "error_ratio",
+                        m,
+                        json!({"requests": win.total, "errors": win.errors, "error_ratio": ratio,
+                               "max_error_ratio": max, "min_requests": g.min_requests,
+                               "window_secs": window, "routers": routers}),
+                    ));
+                }
+                if let Some(l) = &g.latency {
+                    let p =
+                        crate::gates::percentile(&win.buckets, l.percentile).map(|s| s * 1000.0);
+                    let m = if win.total < g.min_requests {
+                        Measurement::Inconclusive
+                    } else if p.unwrap_or(0.0) > l.max_ms {
+                        Measurement::Failure
+                    } else {
+                        Measurement::Success
+                    };
+                    gates.push((
+                        "latency",
+                        m,
+                        json!({"requests": win.total, "percentile": l.percentile, "value_ms": p,
+                               "max_ms": l.max_ms, "min_requests": g.min_requests,
+                               "window_secs": window, "routers": routers}),
+                    ));
+                }
+            }
+        }
+        for (gate, m, measurements) in gates {
+            r.decisions.push(GateDecision {
+                at: at.clone(),
+                wave: r.waves[w].name.clone(),
+                cell_id: Some(cell.clone()),
+                gate: gate.into(),
+                result: match m {
+                    Measurement::Success => "success",
+                    Measurement::Failure => "failure",
+                    Measurement::Inconclusive => "inconclusive",
+                    Measurement::Error => "error",
+                }
+                .into(),
+                measurements: measurements.clone(),
+                dry_run: g.dry_run,
+            });
+            if g.dry_run {
+                continue;
+            }
+            let v = r
+                .progress
+                .tallies
+                .entry(format!("{gate}/{cell}"))
+                .or_default()
+                .record(m, &limits);
+            let rank = |v: Verdict| match v {
+                Verdict::Fail => 3,
+                Verdict::Halt => 2,
+                Verdict::Pause => 1,
+                Verdict::Continue => 0,
+            };
+            if rank(v) > rank(verdict) {
+                verdict = v;
+                cause = Some((gate.to_string(), cell.clone(), measurements));
+            }
+        }
+    }
+    r.progress.last_eval_at = Some(at.clone());
+    let store = shared.store();
+    let mut tx = store.write().await?;
+    let wave_name = r.waves[w].name.clone();
+    let (event, payload, next): (&str, serde_json::Value, Next) = match verdict {
+        Verdict::Fail => {
+            let (gate, cell, m) = cause.clone().unwrap_or_default();
+            let why = format!("gate {gate} failed on cell {cell} in wave {wave_name}: {m}");
+            r.waves[w].state = "failed".into();
+            match r.spec.rollback {
+                RollbackPolicy::Auto => {
+                    r.state = ReleaseState::RollingBack;
+                    r.progress.phase = "rollback".into();
+                }
+                RollbackPolicy::Manual => r.state = ReleaseState::Paused,
+                RollbackPolicy::Never => r.state = ReleaseState::Failed,
+            }
+            r.reason = Some(if r.spec.rollback == RollbackPolicy::Never {
+                format!("{why}; halted without rollback (rollback: never): page the owner")
+            } else {
+                why.clone()
+            });
+            (
+                "RELEASE_GATE_FAILED",
+                json!({"wave": wave_name, "gate": gate, "cell_id": cell, "measurements": m,
+                       "rollback": r.spec.rollback}),
+                Next::Wait(why),
+            )
+        }
+        Verdict::Halt => {
+            let (gate, cell, m) = cause.clone().unwrap_or_default();
+            let why = format!(
+                "halted: the metrics of gate {gate} could not be read {} times in a row (cell {cell}): {m}",
+                g.consecutive_error_limit
+            );
+            r.state = ReleaseState::Failed;
+            r.reason = Some(why.clone());
+            (
+                "RELEASE_HALTED",
+                json!({"wave": wave_name, "gate": gate, "cell_id": cell, "measurements": m}),
+                Next::Wait(why),
+            )
+        }
+        Verdict::Pause => {
+            let (gate, cell, m) = cause.clone().unwrap_or_default();
+            let why = format!(
+                "paused: gate {gate} is inconclusive on cell {cell} (fewer than {} requests in \
+                 {window} s); resume to measure again, or abort",
+                g.min_requests
+            );
+            r.state = ReleaseState::Paused;
+            r.reason = Some(why.clone());
+            (
+                "RELEASE_GATE_INCONCLUSIVE",
+                json!({"wave": wave_name, "gate": gate, "cell_id": cell, "measurements": m}),
+                Next::Wait(why),
+            )
+        }
+        Verdict::Continue => {
+            let baked = now - started >= chrono::Duration::seconds(r.waves[w].bake_seconds);
+            let passed = g.dry_run
+                || enabled_gates(&g).is_empty()
+                || cells.iter().all(|cell| {
+                    enabled_gates(&g).iter().all(|gate| {
+                        r.progress
+                            .tallies
+                            .get(&format!("{gate}/{cell}"))
+                            .is_some_and(|t: &Tally| t.passed(&limits))
+                    })
+                });
+            if baked && passed {
+                r.waves[w].state = "passed".into();
+                r.progress.wave += 1;
+                r.progress.phase = "apply".into();
+                let tallies = std::mem::take(&mut r.progress.tallies);
+                (
+                    "RELEASE_GATE_PASSED",
+                    json!({"wave": wave_name, "tallies": tallies, "bake_seconds": r.waves[w].bake_seconds}),
+                    Next::Wait(format!("wave {wave_name} passed")),
+                )
+            } else {
+                if !tx.update_release(&mut r).await? {
+                    return Ok(Next::Wait("the release changed; looking again".into()));
+                }
+                tx.commit().await?;
+                return Ok(Next::Wait(format!("baking wave {wave_name}")));
+            }
+        }
+    };
+    if !tx.update_release(&mut r).await? {
+        return Ok(Next::Wait("the release changed; looking again".into()));
+    }
+    audit(&mut tx, &r, event, payload, corr).await?;
+    tx.commit().await?;
+    Ok(next)
+}
+
+fn enabled_gates(g: &cellplane_api::releases::Gates) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if g.max_error_ratio.is_some() {
+        out.push("error_ratio");
+    }
+    if g.latency.is_some() {
+        out.push("latency");
+    }
+    out
+}
+
+/// Puts back what the release changed: the current wave's cells first, then earlier
+/// waves', each in reverse order of application, one at a time.
+async fn rollback(
+    shared: &Shared,
+    mut r: ReleaseRow,
+    corr: Option<&str>,
+) -> Result<Next, StepError> {
+    let store = shared.store();
+    let last = r.progress.wave.min(r.waves.len().saturating_sub(1));
+    let order: Vec<(usize, usize)> = (0..=last)
+        .rev()
+        .flat_map(|w| (0..r.waves[w].cells.len()).rev().map(move |i| (w, i)))
+        .collect();
+    for (w, i) in order {
+        let state = r.waves[w].cells[i].state.clone();
+        match state.as_str() {
+            "applying" | "reverting" => {
+                match job_state(shared, &r.waves[w].cells[i].job_id).await? {
+                    Some((s, _)) if !s.is_terminal() => {
+                        return Ok(Next::Wait(format!(
+                            "waiting for cell {}'s job",
+                            r.waves[w].cells[i].cell_id
+                        )));
+                    }
+                    _ => {}
+                }
+                if state == "reverting" {
+                    let mut tx = store.write().await?;
+                    r.waves[w].cells[i].state = "reverted".into();
+                    if tx.update_release(&mut r).await? {
+                        tx.commit().await?;
+                    }
+                    return Ok(Next::Wait("cell reverted".into()));
+                }
+                // An apply that ended: put the cell back like an applied one.
+                r.waves[w].cells[i].state = "applied".into();
+                return revert(shared, r, w, i, corr).await;
+            }
+            "applied" | "failed" if r.waves[w].cells[i].job_id.is_some() => {
+                return revert(shared, r, w, i, corr).await;
+            }
+            _ => {}
+        }
+    }
+    let mut tx = store.write().await?;
+    let reverted: Vec<String> = r
+        .waves
+        .iter()
+        .flat_map(|w| {
+            w.cells
+                .iter()
+                .filter(|c| c.state == "reverted")
+                .map(|c| c.cell_id.clone())
+        })
+        .collect();
+    r.state = if r.progress.aborting {
+        ReleaseState::Aborted
+    } else {
+        ReleaseState::RolledBack
+    };
+    r.progress.phase = "done".into();
+    for w in r.waves.iter_mut() {
+        if w.cells.iter().any(|c| c.state == "reverted") {
+            w.state = "rolled_back".into();
+        }
+    }
+    if !tx.update_release(&mut r).await? {
+        return Ok(Next::Wait("the release changed; looking again".into()));
+    }
+    audit(
+        &mut tx,
+        &r,
+        if r.progress.aborting {
+            "RELEASE_ABORTED"
+        } else {
+            "RELEASE_ROLLED_BACK"
+        },
+        json!({"reverted": reverted, "reason": r.reason}),
+        corr,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Next::Done(format!(
+        "rolled back {} cell(s)",
+        reverted.len()
+    )))
+}
+
+/// Puts one cell back to what it ran before the release.
+async fn revert(
+    shared: &Shared,
+    mut r: ReleaseRow,
+    w: usize,
+    i: usize,
+    corr: Option<&str>,
+) -> Result<Next, StepError> {
+    let store = shared.store();
+    let cell_id = r.waves[w].cells[i].cell_id.clone();
+    let mut tx = store.write().await?;
+    let Some(cell) = tx.get_cell_tx(&cell_id).await? else {
+        r.waves[w].cells[i].state = "reverted".into();
+        if tx.update_release(&mut r).await? {
+            tx.commit().await?;
+        }
+        return Ok(Next::Wait(format!("cell {cell_id} is gone")));
+    };
+    if cell.pending_job_id.is_some() {
+        return Ok(Next::Wait(format!("cell {cell_id} has a job running")));
+    }
+    let c = &r.waves[w].cells[i];
+    let patch = PatchCell {
+        vars: Some(c.from_vars.clone()),
+        app_version: c.from_version.clone(),
+        ..Default::default()
+    };
+    let ctx = ctx_of(corr);
+    let job = crate::service::patch_cell_in(shared, &mut tx, &ctx, &cell_id, None, patch)
+        .await
+        .map_err(|e| StepError::Retryable(format!("reverting cell {cell_id}: {e}")))?
+        .1;
+    let c = &mut r.waves[w].cells[i];
+    match job {
+        Some(j) => {
+            c.state = "reverting".into();
+            c.job_id = Some(j.job_id);
+        }
+        None => c.state = "reverted".into(),
+    }
+    if !tx.update_release(&mut r).await? {
+        return Ok(Next::Wait("the release changed; looking again".into()));
+    }
+    tx.commit().await?;
+    shared.job_notify.notify_waiters();
+    Ok(Next::Wait(format!("reverting cell {cell_id}")))
+}

@@ -1,0 +1,544 @@
+//! Release rollouts end to end: real terraform re-applying `local` cells with the release's
+//! app version and variables, sample-cells under steady traffic through a real router, the
+//! built-in metrics provider (router heartbeats), gates deciding, rollback, actions, crash
+//! and bad input.
+
+use cellplane_tests::*;
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Cells: `canary-1` (labelled `canary=true`), `pool-1`, `pool-2`; one tenant on each.
+const CELLS: [&str; 3] = ["canary-1", "pool-1", "pool-2"];
+const TENANTS: [&str; 3] = ["t-canary", "t-one", "t-two"];
+
+struct Fleet {
+    app: TestApp,
+    router: TestRouter,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Fleet {
+    /// The cells at app version `v1`, the tenants placed one per cell, a router reporting
+    /// every second, and traffic on `loaded` tenants (4 loops each).
+    async fn start(b: Backend, options: AppOptions, loaded: &[&str]) -> Fleet {
+        let app = TestApp::spawn_with(b, options).await;
+        let mut jobs = Vec::new();
+        for c in CELLS {
+            let labels = if c == "canary-1" {
+                json!({"canary": "true"})
+            } else {
+                json!({})
+            };
+            let out = app
+                .create_cell(
+                    json!({"cell_id": c, "region": "eu-west-1", "tier": "pooled",
+                    "template": "local", "capacity": {"tenants": 5, "units": 5},
+                    "labels": labels, "app_version": "v1"}),
+                )
+                .await;
+            jobs.push(out.job.unwrap().job_id);
+        }
+        for j in jobs {
+            let done = app.wait_job(&j, Duration::from_secs(120)).await;
+            assert_eq!(done.state, cellplane_api::JobState::Succeeded, "{done:?}");
+        }
+        app.create_org("acme-corp").await;
+        for (t, c) in TENANTS.iter().zip(CELLS) {
+            app.create_tenant(t, "acme-corp").await;
+            app.lifecycle(t, "activate").await;
+            let got = app.admin.get_tenant(t).await.unwrap();
+            assert_eq!(got.environments[0].cell_id.as_deref(), Some(c));
+        }
+        let token = app.token("router").await;
+        let router = TestRouter::spawn(&app.url, &token, &["--heartbeat-secs", "1"]).await;
+        router.wait_revision(app.routing_revision().await).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for t in loaded {
+            for _ in 0..4 {
+                let (http, url, stop) = (router.http.clone(), router.url.clone(), stop.clone());
+                let host = format!("{t}.localhost");
+                tasks.push(tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let _ = http
+                            .get(format!("{url}/v1/kv/probe"))
+                            .header("host", &host)
+                            .timeout(Duration::from_secs(5))
+                            .send()
+                            .await;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }));
+            }
+        }
+        Fleet {
+            app,
+            router,
+            stop,
+            tasks,
+        }
+    }
+
+    async fn stop_traffic(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+
+    /// The app version a tenant's requests are answered with, through the router.
+    async fn version_of(&self, tenant: &str) -> String {
+        let r = self
+            .router
+            .tenant_req(Method::GET, tenant, "/v1/kv/probe")
+            .send()
+            .await
+            .unwrap();
+        r.headers()
+            .get("x-app-version")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    }
+
+    async fn create(&self, body: Value) -> (u16, Value) {
+        let r = self
+            .app
+            .req(Method::POST, "/v1/releases")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn release(&self, id: &str) -> Value {
+        self.app
+            .admin
+            .get(&format!("/v1/releases/{id}"))
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the release is in one of `states`.
+    async fn wait_state(&self, id: &str, states: &[&str], timeout: Duration) -> Value {
+        let got = eventually(timeout, || async {
+            let r = self.release(id).await;
+            states.iter().any(|s| r["state"] == *s).then_some(r)
+        })
+        .await;
+        match got {
+            Ok(r) => r,
+            Err(_) => panic!(
+                "release {id} not in {states:?}: {:#}\n{}",
+                self.release(id).await,
+                self.app.log()
+            ),
+        }
+    }
+
+    async fn action(&self, id: &str, action: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .app
+            .req(Method::POST, &format!("/v1/releases/{id}/{action}"));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn audit_events(&self, id: &str) -> Vec<String> {
+        let a: Value = self
+            .app
+            .admin
+            .get(&format!("/v1/audit?target=release/{id}&limit=1000"))
+            .await
+            .unwrap();
+        a["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["event_type"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// `cell.apply` jobs each cell ran.
+    async fn applies(&self, cell: &str) -> i64 {
+        self.app
+            .sql_i64(&format!(
+                "SELECT COUNT(*) FROM jobs WHERE kind = 'cell.apply' AND target = 'cell/{cell}'"
+            ))
+            .await
+            .unwrap()
+    }
+}
+
+/// Fast gates for tests: evaluated every second over a second of traffic.
+fn gates() -> Value {
+    json!({"interval_secs": 1, "window_secs": 3, "min_requests": 5, "max_error_ratio": 0.05,
+           "latency": {"percentile": 0.99, "max_ms": 150}})
+}
+
+fn waves(bake: i64, approval_second: bool) -> Value {
+    json!([
+        {"name": "canary", "selector": {"labels": {"canary": "true"}}, "bake_seconds": bake},
+        {"name": "pooled", "selector": {"tier": "pooled"}, "bake_seconds": bake, "max_parallel": 2,
+         "approval": if approval_second { "manual" } else { "auto" }}
+    ])
+}
+
+both_backends!(a_healthy_release_goes_through_every_wave, |b| async move {
+    let mut f = Fleet::start(b, AppOptions::default(), &TENANTS).await;
+    for t in TENANTS {
+        assert_eq!(f.version_of(t).await, "v1");
+    }
+    let (status, out) = f
+        .create(
+            json!({"release_id": "rel-v2", "app_version": "v2", "vars": {},
+                       "waves": waves(2, false), "gates": gates()}),
+        )
+        .await;
+    assert_eq!(status, 201, "{out:#}");
+    assert_eq!(
+        out["release"]["waves"][0]["cells"][0]["cell_id"],
+        "canary-1"
+    );
+    let r = f
+        .wait_state(
+            "rel-v2",
+            &["succeeded", "rolled_back", "failed", "paused"],
+            Duration::from_secs(180),
+        )
+        .await;
+    assert_eq!(r["state"], "succeeded", "{r:#}");
+    for t in TENANTS {
+        assert_eq!(f.version_of(t).await, "v2", "{t}");
+    }
+    for c in CELLS {
+        assert_eq!(f.app.cell(c).await.app_version.as_deref(), Some("v2"));
+    }
+    // Every wave passed its gates with measured successes, recorded with their numbers.
+    let decisions = r["decisions"].as_array().unwrap();
+    assert!(decisions.iter().any(|d| d["wave"] == "pooled"
+        && d["result"] == "success"
+        && d["measurements"]["requests"].as_u64().unwrap() >= 5));
+    let events = f.audit_events("rel-v2").await;
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| *e == "RELEASE_WAVE_STARTED" || *e == "RELEASE_GATE_PASSED")
+            .count(),
+        4,
+        "{events:?}"
+    );
+    assert!(events.contains(&"RELEASE_SUCCEEDED".to_string()));
+    f.stop_traffic().await;
+});
+
+// A bad release (faults, or added latency) fails its canary gate within two evaluation
+// intervals; the canary goes back to the old version; no pooled cell is ever applied.
+both_backends!(a_bad_canary_is_caught_and_rolled_back, |b| async move {
+    let mut f = Fleet::start(b, AppOptions::default(), &TENANTS).await;
+    for (id, vars, gate) in [
+        ("rel-faulty", json!({"fault_rate": 0.2}), "error_ratio"),
+        ("rel-slow", json!({"extra_latency_ms": 200}), "latency"),
+    ] {
+        let (status, out) = f
+            .create(
+                json!({"release_id": id, "app_version": format!("{id}-v2"), "vars": vars,
+                           "waves": waves(30, false), "gates": gates()}),
+            )
+            .await;
+        assert_eq!(status, 201, "{out:#}");
+        let r = f
+            .wait_state(
+                id,
+                &["rolled_back", "succeeded", "failed", "paused"],
+                Duration::from_secs(180),
+            )
+            .await;
+        assert_eq!(r["state"], "rolled_back", "{r:#}");
+        // The failure came within two evaluations of the canary's bake.
+        let canary: Vec<&Value> = r["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["wave"] == "canary" && d["gate"] == gate)
+            .collect();
+        let first_failure = canary
+            .iter()
+            .position(|d| d["result"] == "failure")
+            .unwrap_or_else(|| panic!("no failure of {gate}: {r:#}"));
+        assert!(
+            first_failure < 2,
+            "{id}: failed at evaluation {first_failure}: {r:#}"
+        );
+        assert!(r["reason"].as_str().unwrap().contains(gate), "{r:#}");
+        // The canary is back on v1 with its old variables; the pooled cells never moved.
+        let canary_cell = f.app.cell("canary-1").await;
+        assert_eq!(canary_cell.app_version.as_deref(), Some("v1"), "{id}");
+        assert_eq!(
+            canary_cell.vars.get("fault_rate"),
+            None,
+            "{:?}",
+            canary_cell.vars
+        );
+        assert_eq!(canary_cell.vars.get("extra_latency_ms"), None);
+        assert_eq!(f.version_of("t-canary").await, "v1");
+        for c in ["pool-1", "pool-2"] {
+            assert_eq!(f.applies(c).await, 0, "{c} was applied");
+            assert_eq!(f.app.cell(c).await.app_version.as_deref(), Some("v1"));
+        }
+        let events = f.audit_events(id).await;
+        let wanted = [
+            "RELEASE_CREATED",
+            "RELEASE_WAVE_STARTED",
+            "RELEASE_GATE_FAILED",
+            "RELEASE_ROLLED_BACK",
+        ];
+        let seen: Vec<&String> = events
+            .iter()
+            .filter(|e| wanted.contains(&e.as_str()))
+            .collect();
+        assert_eq!(seen, wanted.iter().collect::<Vec<_>>(), "{events:?}");
+    }
+    // Two applies of the canary per release: the release, and its rollback.
+    assert_eq!(f.applies("canary-1").await, 4);
+    f.stop_traffic().await;
+});
+
+/// A healthy release whose canary has no traffic never passes on its own: it pauses as
+/// inconclusive; manual approval, pause and resume, and abort behave as documented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inconclusive_pauses_and_actions_behave_as_documented() {
+    // Traffic on the pooled tenants only.
+    let mut f = Fleet::start(Backend::Sqlite, AppOptions::default(), &["t-one", "t-two"]).await;
+    let (status, _) = f
+        .create(json!({"release_id": "rel-quiet", "app_version": "v2",
+                       "waves": waves(1, false), "gates": gates()}))
+        .await;
+    assert_eq!(status, 201);
+    let r = f
+        .wait_state(
+            "rel-quiet",
+            &["paused", "succeeded"],
+            Duration::from_secs(120),
+        )
+        .await;
+    assert_eq!(r["state"], "paused", "{r:#}");
+    assert!(
+        r["reason"].as_str().unwrap().contains("inconclusive"),
+        "{r:#}"
+    );
+    assert!(r["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["result"] != "success"));
+    assert!(f
+        .audit_events("rel-quiet")
+        .await
+        .contains(&"RELEASE_GATE_INCONCLUSIVE".to_string()));
+    // Resumed, it measures again and pauses again: it never passes on its own.
+    let (status, _) = f.action("rel-quiet", "resume", None).await;
+    assert_eq!(status, 200);
+    let r = f
+        .wait_state(
+            "rel-quiet",
+            &["paused", "succeeded"],
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(r["state"], "paused");
+    assert_eq!(
+        r["waves"][1]["state"], "pending",
+        "the pooled wave never started"
+    );
+    // Abort puts the canary back.
+    let (status, _) = f.action("rel-quiet", "abort", None).await;
+    assert_eq!(status, 200);
+    let r = f
+        .wait_state("rel-quiet", &["aborted"], Duration::from_secs(120))
+        .await;
+    assert_eq!(r["waves"][0]["cells"][0]["state"], "reverted");
+    assert_eq!(
+        f.app.cell("canary-1").await.app_version.as_deref(),
+        Some("v1")
+    );
+    let (status, _) = f.action("rel-quiet", "resume", None).await;
+    assert_eq!(status, 409, "an ended release takes no action");
+
+    // Manual approval: the pooled wave waits for it; pause and resume in between.
+    f.stop_traffic().await;
+    let mut f2 = f;
+    let (status, out) = f2
+        .create(json!({"release_id": "rel-manual", "app_version": "v3",
+                       "waves": waves(1, true),
+                       "gates": {"interval_secs": 1, "max_error_ratio": null}}))
+        .await;
+    assert_eq!(status, 201, "{out:#}");
+    let r = f2
+        .wait_state("rel-manual", &["paused"], Duration::from_secs(120))
+        .await;
+    assert_eq!(r["waves"][1]["state"], "awaiting_approval", "{r:#}");
+    assert_eq!(
+        f2.app.cell("pool-1").await.app_version.as_deref(),
+        Some("v1")
+    );
+    let (status, _) = f2.action("rel-manual", "pause", None).await;
+    assert_eq!(status, 409, "a paused release does not pause");
+    let (status, _) = f2.action("rel-manual", "approve", None).await;
+    assert_eq!(status, 200);
+    let r = f2
+        .wait_state(
+            "rel-manual",
+            &["succeeded", "failed", "rolled_back", "paused"],
+            Duration::from_secs(120),
+        )
+        .await;
+    assert_eq!(r["state"], "succeeded", "{r:#}");
+    for c in CELLS {
+        assert_eq!(f2.app.cell(c).await.app_version.as_deref(), Some("v3"));
+    }
+    let events = f2.audit_events("rel-manual").await;
+    assert!(events.contains(&"RELEASE_WAVE_AWAITING_APPROVAL".to_string()));
+    assert!(events.contains(&"RELEASE_APPROVE".to_string()));
+    f2.stop_traffic().await;
+}
+
+/// The budget gate: a canary that already spent its error budget keeps the first wave
+/// from starting, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_error_budget_keeps_the_next_wave_from_starting() {
+    let mut f = Fleet::start(Backend::Sqlite, AppOptions::default(), &TENANTS).await;
+    // Faults on the canary, outside any release: its budget burns.
+    let r = f
+        .app
+        .req(Method::PATCH, "/v1/cells/canary-1")
+        .json(&json!({"vars": {"fault_rate": 0.5}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let job = f.app.cell("canary-1").await.pending_job_id.unwrap();
+    f.app.wait_job(&job, Duration::from_secs(60)).await;
+    eventually(Duration::from_secs(30), || async {
+        let m: Value = f
+            .app
+            .admin
+            .get("/v1/cells/canary-1/metrics?window_secs=60")
+            .await
+            .ok()?;
+        (m["errors"].as_u64()? >= 20).then_some(())
+    })
+    .await
+    .unwrap();
+    let mut g = gates();
+    g["slo_target"] = json!(0.99);
+    g["min_budget"] = json!(0.5);
+    g["budget_window_secs"] = json!(60);
+    let (status, out) = f
+        .create(json!({"release_id": "rel-budget", "app_version": "v2",
+                       "waves": waves(1, false), "gates": g}))
+        .await;
+    assert_eq!(status, 201, "{out:#}");
+    let r = f
+        .wait_state("rel-budget", &["paused"], Duration::from_secs(60))
+        .await;
+    let reason = r["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("does not start") && reason.contains("error budget"),
+        "{r:#}"
+    );
+    assert_eq!(r["waves"][0]["state"], "pending");
+    assert_eq!(
+        f.applies("canary-1").await,
+        1,
+        "only the PATCH above applied it"
+    );
+    assert!(f
+        .audit_events("rel-budget")
+        .await
+        .contains(&"RELEASE_WAVE_REFUSED".to_string()));
+    f.stop_traffic().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_releases_are_refused_before_anything_is_applied() {
+    let mut f = Fleet::start(Backend::Sqlite, AppOptions::default(), &[]).await;
+    let base = |over: Value| {
+        let mut b = json!({"release_id": "rel-bad", "app_version": "v2", "waves": waves(1, false),
+                           "gates": gates()});
+        for (k, v) in over.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    for (body, field) in [
+        (
+            base(json!({"waves": [{"name": "nowhere", "selector": {"labels": {"zone": "mars"}}}]})),
+            "waves[0].selector",
+        ),
+        (
+            base(json!({"vars": {"no_such_var": 1}})),
+            "vars.no_such_var",
+        ),
+        (base(json!({"vars": {"fault_rate": 2}})), "vars.fault_rate"),
+        (
+            base(
+                json!({"waves": [{"name": "canary", "selector": {"labels": {"canary": "true"}},
+                                   "bake_seconds": -5}]}),
+            ),
+            "waves[0].bake_seconds",
+        ),
+        (
+            base(json!({"gates": {"interval_secs": 0}})),
+            "gates.interval_secs",
+        ),
+        (base(json!({"release_id": "Bad_Id"})), "release_id"),
+    ] {
+        let (status, p) = f.create(body).await;
+        assert_eq!(status, 400, "{field}: {p:#}");
+        assert!(
+            p["errors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["field"].as_str().unwrap().starts_with(field)),
+            "{field}: {p:#}"
+        );
+    }
+    // A second active release on the same cells is refused.
+    let (status, _) = f
+        .create(json!({"release_id": "rel-one", "app_version": "v2",
+                       "waves": [{"name": "canary", "selector": {"labels": {"canary": "true"}},
+                                  "bake_seconds": 600, "approval": "manual"}]}))
+        .await;
+    assert_eq!(status, 201);
+    let (status, p) = f
+        .create(json!({"release_id": "rel-two", "app_version": "v3",
+                       "waves": [{"name": "all", "selector": {"tier": "pooled"}}]}))
+        .await;
+    assert_eq!(status, 409, "{p:#}");
+    assert!(p["detail"].as_str().unwrap().contains("rel-one"), "{p:#}");
+    // Nothing was applied by any of them.
+    for c in CELLS {
+        assert_eq!(f.applies(c).await, 0, "{c}");
+    }
+    let (status, _) = f.action("rel-one", "explode", None).await;
+    assert_eq!(status, 404);
+    let (status, _) = f
+        .action("rel-one", "retry", Some(json!({"cell_id": "pool-1"})))
+        .await;
+    assert_eq!(status, 400);
+    let (status, _) = f.action("rel-one", "abort", None).await;
+    assert_eq!(status, 200);
+    f.stop_traffic().await;
+}
