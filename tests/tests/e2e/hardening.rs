@@ -121,6 +121,7 @@ both_backends!(
                 ("{webhook_id}", "wh-ghost"),
                 ("{delivery_id}", "dlv-ghost"),
                 ("{move_id}", "mv-ghost"),
+                ("{release_id}", "rel-ghost"),
             ] {
                 out = out.replace(name, if bad_ids { "Bad_Id!" } else { good });
             }

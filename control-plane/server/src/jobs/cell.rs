@@ -4,7 +4,7 @@
 
 use super::kind::{End, FinishCx, Finished, Next, StepCx, StepError};
 use crate::ctx::{cell_target, Ctx};
-use crate::error::{invalid, ServiceError};
+use crate::error::{check_version, invalid, not_found, ServiceError};
 use crate::iac::VarSource;
 use crate::iac::{ExecEvent, IacError, RunCtx};
 use crate::persistence::{self, AuditInput, CellSecrets, Store, StoreError, WriteTx};
@@ -13,7 +13,7 @@ use crate::stamping::{CellAction, CellEffect, StampError, PHASES};
 use crate::validate::{
     load_template, validate_app_version, validate_capacity, validate_labels, validate_vars,
 };
-use cellplane_api::{Capacity, Cell, CellState, CellWithJob, CreateCell, Job};
+use cellplane_api::{Capacity, Cell, CellState, CellWithJob, CreateCell, Job, PatchCell};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -529,4 +529,146 @@ pub async fn enqueue_cell_job(
     };
     cell.pending_job_id = Some(job.job_id.clone());
     Ok(job)
+}
+
+/// The writes of a cell's `PATCH` in the caller's transaction (fields already checked on
+/// their own): the service's, the manifests' and the release rollout's.
+pub async fn patch_cell_in(
+    shared: &Shared,
+    tx: &mut persistence::WriteTx,
+    ctx: &Ctx,
+    id: &str,
+    if_match: Option<i64>,
+    patch: PatchCell,
+) -> crate::error::Result<(Cell, Option<Job>)> {
+    let mut cell = tx
+        .get_cell_tx(id)
+        .await?
+        .ok_or_else(|| not_found("cell", id))?;
+    check_version(if_match, cell.version)?;
+    if matches!(cell.state, CellState::Destroying | CellState::Destroyed) {
+        return Err(ServiceError::Conflict(format!(
+            "cell {id:?} is {} and cannot change",
+            cell.state.as_str()
+        )));
+    }
+    // Variables are validated against the template; the managed ones are kept.
+    let template = load_template(&shared.settings.templates, &cell.template, "template")?;
+    let new_vars = match &patch.vars {
+        Some(v) => {
+            template
+                .validate_vars(v)
+                .map_err(ServiceError::Validation)?;
+            let mut merged = v.clone();
+            for (name, spec) in &template.manifest.variables {
+                if spec.source.is_some() {
+                    if let Some(val) = cell.vars.get(name) {
+                        merged.insert(name.clone(), val.clone());
+                    }
+                }
+            }
+            Some(merged)
+        }
+        None => None,
+    };
+    let spec_changes = new_vars.as_ref().is_some_and(|v| *v != cell.vars)
+        || patch
+            .app_version
+            .as_ref()
+            .is_some_and(|v| cell.app_version.as_ref() != Some(v));
+    if spec_changes {
+        if let Some(job) = &cell.pending_job_id {
+            return Err(ServiceError::Conflict(format!(
+                "cell {id:?} has job {job} in progress; change its vars or app_version after it ends"
+            )));
+        }
+        if !matches!(
+            cell.state,
+            CellState::Active | CellState::Draining | CellState::Drained | CellState::Failed
+        ) {
+            return Err(ServiceError::Conflict(format!(
+                "cell {id:?} is {}: vars and app_version change on stamped cells",
+                cell.state.as_str()
+            )));
+        }
+    }
+    let registry_changes = patch.capacity.is_some_and(|c| c != cell.capacity)
+        || patch.labels.as_ref().is_some_and(|l| *l != cell.labels);
+    if let Some(c) = patch.capacity {
+        if c.tenants < cell.used.tenants || c.units < cell.used.units {
+            return Err(invalid(
+                "capacity",
+                format!(
+                    "must not be below what is in use ({} tenants, {} units)",
+                    cell.used.tenants, cell.used.units
+                ),
+            ));
+        }
+        cell.capacity = c;
+    }
+    if let Some(l) = patch.labels.clone() {
+        cell.labels = l;
+    }
+    if let Some(v) = new_vars {
+        cell.vars = v;
+    }
+    if let Some(v) = patch.app_version.clone() {
+        cell.app_version = Some(v);
+    }
+    let job = if spec_changes {
+        Some(
+            crate::jobs::enqueue_cell_job(
+                tx,
+                shared.settings.job_max_attempts,
+                ctx,
+                &mut cell,
+                CellAction::Apply,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    if spec_changes || registry_changes {
+        tx.bump_generation(cellplane_api::manifests::Kind::Cell, id, None)
+            .await?;
+    }
+    cell.version += 1;
+    if !tx.update_cell(&cell).await? {
+        return Err(ServiceError::PreconditionFailed {
+            current: cell.version - 1,
+        });
+    }
+    tx.audit(AuditInput {
+        tenant_id: None,
+        event_type: "CELL_UPDATED",
+        actor: &ctx.actor,
+        target: &cell_target(id),
+        payload: json!({"changes": patch, "version": cell.version,
+                        "job_id": job.as_ref().map(|j| j.job_id.clone())}),
+        correlation_id: Some(&ctx.correlation_id),
+    })
+    .await?;
+    Ok((cell, job))
+}
+
+/// A cell's own variables: those the control plane does not manage (what manifests and
+/// releases speak of).
+pub fn user_vars_of(
+    cell: &Cell,
+    template: Option<&crate::iac::Template>,
+) -> BTreeMap<String, serde_json::Value> {
+    let Some(t) = template else {
+        return cell.vars.clone();
+    };
+    cell.vars
+        .iter()
+        .filter(|(k, _)| {
+            t.manifest
+                .variables
+                .get(*k)
+                .is_none_or(|spec| spec.source.is_none())
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }

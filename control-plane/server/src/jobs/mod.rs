@@ -33,7 +33,8 @@ pub mod tenant_suspend;
 pub mod test_hold;
 
 pub use cell::{
-    enqueue_cell_job, prepare_cell, register_cell, register_cell_in, CellSpec, PreparedCell,
+    enqueue_cell_job, patch_cell_in, prepare_cell, register_cell, register_cell_in, user_vars_of,
+    CellSpec, PreparedCell,
 };
 pub use engine::{backoff_for, CancellationToken, JobEngine, JobMetrics, Shutdown};
 pub use kind::{enqueue, DynKind, End, FinishCx, Finished, Kind, Next, StepCx, StepError};

@@ -328,7 +328,7 @@ async fn apply(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result
             "template",
         )
         .ok();
-        let from_vars = crate::service::manifests::user_vars_of(&cell, template.as_ref());
+        let from_vars = super::user_vars_of(&cell, template.as_ref());
         let mut vars = from_vars.clone();
         vars.extend(r.spec.vars.clone());
         let patch = PatchCell {
@@ -337,8 +337,7 @@ async fn apply(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result
             ..Default::default()
         };
         let (_, job) =
-            match crate::service::patch_cell_in(shared, &mut tx, &ctx, &cell_id, None, patch).await
-            {
+            match super::patch_cell_in(shared, &mut tx, &ctx, &cell_id, None, patch).await {
                 Ok(out) => out,
                 Err(e) => {
                     let c = &mut r.waves[w].cells[i];
@@ -773,7 +772,7 @@ async fn revert(
         ..Default::default()
     };
     let ctx = ctx_of(corr);
-    let job = crate::service::patch_cell_in(shared, &mut tx, &ctx, &cell_id, None, patch)
+    let job = super::patch_cell_in(shared, &mut tx, &ctx, &cell_id, None, patch)
         .await
         .map_err(|e| StepError::Retryable(format!("reverting cell {cell_id}: {e}")))?
         .1;

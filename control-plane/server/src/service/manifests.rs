@@ -151,25 +151,7 @@ fn to_field_errors(
     }
 }
 
-/// The variables of a cell a manifest speaks of: those the control plane does not manage.
-pub fn user_vars_of(
-    cell: &Cell,
-    template: Option<&crate::iac::Template>,
-) -> BTreeMap<String, serde_json::Value> {
-    let Some(t) = template else {
-        return cell.vars.clone();
-    };
-    cell.vars
-        .iter()
-        .filter(|(k, _)| {
-            t.manifest
-                .variables
-                .get(*k)
-                .is_none_or(|spec| spec.source.is_none())
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
-}
+pub use crate::jobs::user_vars_of;
 
 /// A tenant's stored desired spec in manifest form.
 pub fn tenant_spec_of(t: &TenantRow, envs: &[EnvironmentRow]) -> TenantSpec {

@@ -818,7 +818,7 @@ impl Service {
         if_match: Option<i64>,
         patch: PatchCell,
     ) -> Result<(Cell, Option<Job>)> {
-        patch_cell_in(&self.shared, tx, ctx, id, if_match, patch).await
+        crate::jobs::patch_cell_in(&self.shared, tx, ctx, id, if_match, patch).await
     }
 
     /// `POST /v1/cells/{id}/apply`: re-applies the cell's current spec (repairs a failed
@@ -1366,127 +1366,6 @@ impl Service {
         tx.commit().await?;
         Ok(())
     }
-}
-
-/// The writes of a cell's `PATCH` in the caller's transaction (fields already checked on
-/// their own): the service's, the manifests' and the release rollout's.
-pub(crate) async fn patch_cell_in(
-    shared: &Shared,
-    tx: &mut persistence::WriteTx,
-    ctx: &Ctx,
-    id: &str,
-    if_match: Option<i64>,
-    patch: PatchCell,
-) -> Result<(Cell, Option<Job>)> {
-    let mut cell = tx
-        .get_cell_tx(id)
-        .await?
-        .ok_or_else(|| not_found("cell", id))?;
-    check_version(if_match, cell.version)?;
-    if matches!(cell.state, CellState::Destroying | CellState::Destroyed) {
-        return Err(ServiceError::Conflict(format!(
-            "cell {id:?} is {} and cannot change",
-            cell.state.as_str()
-        )));
-    }
-    // Variables are validated against the template; the managed ones are kept.
-    let template = load_template(&shared.settings.templates, &cell.template, "template")?;
-    let new_vars = match &patch.vars {
-        Some(v) => {
-            template
-                .validate_vars(v)
-                .map_err(ServiceError::Validation)?;
-            let mut merged = v.clone();
-            for (name, spec) in &template.manifest.variables {
-                if spec.source.is_some() {
-                    if let Some(val) = cell.vars.get(name) {
-                        merged.insert(name.clone(), val.clone());
-                    }
-                }
-            }
-            Some(merged)
-        }
-        None => None,
-    };
-    let spec_changes = new_vars.as_ref().is_some_and(|v| *v != cell.vars)
-        || patch
-            .app_version
-            .as_ref()
-            .is_some_and(|v| cell.app_version.as_ref() != Some(v));
-    if spec_changes {
-        if let Some(job) = &cell.pending_job_id {
-            return Err(ServiceError::Conflict(format!(
-                "cell {id:?} has job {job} in progress; change its vars or app_version after it ends"
-            )));
-        }
-        if !matches!(
-            cell.state,
-            CellState::Active | CellState::Draining | CellState::Drained | CellState::Failed
-        ) {
-            return Err(ServiceError::Conflict(format!(
-                "cell {id:?} is {}: vars and app_version change on stamped cells",
-                cell.state.as_str()
-            )));
-        }
-    }
-    let registry_changes = patch.capacity.is_some_and(|c| c != cell.capacity)
-        || patch.labels.as_ref().is_some_and(|l| *l != cell.labels);
-    if let Some(c) = patch.capacity {
-        if c.tenants < cell.used.tenants || c.units < cell.used.units {
-            return Err(invalid(
-                "capacity",
-                format!(
-                    "must not be below what is in use ({} tenants, {} units)",
-                    cell.used.tenants, cell.used.units
-                ),
-            ));
-        }
-        cell.capacity = c;
-    }
-    if let Some(l) = patch.labels.clone() {
-        cell.labels = l;
-    }
-    if let Some(v) = new_vars {
-        cell.vars = v;
-    }
-    if let Some(v) = patch.app_version.clone() {
-        cell.app_version = Some(v);
-    }
-    let job = if spec_changes {
-        Some(
-            crate::jobs::enqueue_cell_job(
-                tx,
-                shared.settings.job_max_attempts,
-                ctx,
-                &mut cell,
-                CellAction::Apply,
-            )
-            .await?,
-        )
-    } else {
-        None
-    };
-    if spec_changes || registry_changes {
-        tx.bump_generation(cellplane_api::manifests::Kind::Cell, id, None)
-            .await?;
-    }
-    cell.version += 1;
-    if !tx.update_cell(&cell).await? {
-        return Err(ServiceError::PreconditionFailed {
-            current: cell.version - 1,
-        });
-    }
-    tx.audit(AuditInput {
-        tenant_id: None,
-        event_type: "CELL_UPDATED",
-        actor: &ctx.actor,
-        target: &cell_target(id),
-        payload: json!({"changes": patch, "version": cell.version,
-                        "job_id": job.as_ref().map(|j| j.job_id.clone())}),
-        correlation_id: Some(&ctx.correlation_id),
-    })
-    .await?;
-    Ok((cell, job))
 }
 
 #[cfg(test)]

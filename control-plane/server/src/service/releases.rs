@@ -237,7 +237,7 @@ impl Service {
         for (_, members) in &planned {
             for c in members {
                 let template = self.load_template(&c.template, "template")?;
-                let mut merged = crate::service::manifests::user_vars_of(c, Some(&template));
+                let mut merged = crate::jobs::user_vars_of(c, Some(&template));
                 merged.extend(req.vars.clone());
                 if let Err(errs) = template.validate_vars(&merged) {
                     for e in errs {
