@@ -90,19 +90,25 @@ impl Fleet {
         }
     }
 
-    /// The app version a tenant's requests are answered with, through the router.
+    /// The app version a tenant's requests are answered with by its cell, through the
+    /// router. A cell whose process was just replaced may be answered for by the router
+    /// itself (no version) until its health checks pass again: asked until the cell
+    /// answers.
     async fn version_of(&self, tenant: &str) -> String {
-        let r = self
-            .router
-            .tenant_req(Method::GET, tenant, "/v1/kv/probe")
-            .send()
-            .await
-            .unwrap();
-        r.headers()
-            .get("x-app-version")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string()
+        eventually(Duration::from_secs(30), || async {
+            let r = self
+                .router
+                .tenant_req(Method::GET, tenant, "/v1/kv/probe")
+                .send()
+                .await
+                .ok()?;
+            r.headers()
+                .get("x-app-version")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{tenant}'s cell never answered through the router"))
     }
 
     async fn create(&self, body: Value) -> (u16, Value) {
