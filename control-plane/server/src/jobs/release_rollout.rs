@@ -121,6 +121,31 @@ async fn audit(
     .map(|_| ())
 }
 
+/// What a pass answers when its write lost to another writer (an action): look again.
+fn lost_race() -> Next {
+    Next::Wait("the release changed; looking again".into())
+}
+
+/// Writes the release if it is still at its version, with its audit record, in one
+/// transaction. False when another writer (an action) came first: the next pass reads it
+/// again.
+async fn save(
+    shared: &Shared,
+    r: &mut ReleaseRow,
+    event: Option<(&str, serde_json::Value)>,
+    corr: Option<&str>,
+) -> Result<bool, StepError> {
+    let mut tx = shared.store().write().await?;
+    if !tx.update_release(r).await? {
+        return Ok(false);
+    }
+    if let Some((event, payload)) = event {
+        audit(&mut tx, r, event, payload, corr).await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
 /// One pass over the release.
 async fn tick(shared: &Shared, spec: &RolloutSpec, corr: Option<&str>) -> Result<Next, StepError> {
     let store = shared.store();
@@ -173,30 +198,20 @@ async fn apply(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result
     let store = shared.store();
     let w = r.progress.wave;
     if w >= r.waves.len() {
-        let mut tx = store.write().await?;
         r.state = ReleaseState::Succeeded;
         r.progress.phase = "done".into();
         r.reason = None;
-        if !tx.update_release(&mut r).await? {
-            return Ok(Next::Wait("the release changed; looking again".into()));
+        let payload = json!({"app_version": r.spec.app_version,
+               "cells": r.waves.iter().flat_map(|w| w.cells.iter().map(|c| json!({"cell_id": c.cell_id, "state": c.state}))).collect::<Vec<_>>()});
+        if !save(shared, &mut r, Some(("RELEASE_SUCCEEDED", payload)), corr).await? {
+            return Ok(lost_race());
         }
-        audit(
-            &mut tx,
-            &r,
-            "RELEASE_SUCCEEDED",
-            json!({"app_version": r.spec.app_version,
-                   "cells": r.waves.iter().flat_map(|w| w.cells.iter().map(|c| json!({"cell_id": c.cell_id, "state": c.state}))).collect::<Vec<_>>()}),
-            corr,
-        )
-        .await?;
-        tx.commit().await?;
         return Ok(Next::Done("every wave passed".into()));
     }
     // Start the wave (after its approval, when it needs one).
     if matches!(r.waves[w].state.as_str(), "pending" | "awaiting_approval") {
         let needs = r.waves[w].approval == cellplane_api::releases::Approval::Manual
             && r.progress.approved_wave != Some(w);
-        let mut tx = store.write().await?;
         let event = if needs {
             if r.waves[w].state == "awaiting_approval" {
                 return Ok(Next::Wait("awaiting approval".into()));
@@ -210,36 +225,27 @@ async fn apply(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result
             if let Some(why) = budget_refusal(shared, &r, w).await {
                 r.state = ReleaseState::Paused;
                 r.reason = Some(why.clone());
-                if !tx.update_release(&mut r).await? {
-                    return Ok(Next::Wait("the release changed; looking again".into()));
-                }
-                audit(
-                    &mut tx,
-                    &r,
-                    "RELEASE_WAVE_REFUSED",
-                    json!({"wave": r.waves[w].name, "reason": why}),
+                let payload = json!({"wave": r.waves[w].name, "reason": why});
+                if !save(
+                    shared,
+                    &mut r,
+                    Some(("RELEASE_WAVE_REFUSED", payload)),
                     corr,
                 )
-                .await?;
-                tx.commit().await?;
+                .await?
+                {
+                    return Ok(lost_race());
+                }
                 return Ok(Next::Wait("the wave's error budget is spent".into()));
             }
             r.waves[w].state = "applying".into();
             "RELEASE_WAVE_STARTED"
         };
-        if !tx.update_release(&mut r).await? {
-            return Ok(Next::Wait("the release changed; looking again".into()));
+        let payload = json!({"wave": r.waves[w].name,
+               "cells": r.waves[w].cells.iter().map(|c| &c.cell_id).collect::<Vec<_>>()});
+        if !save(shared, &mut r, Some((event, payload)), corr).await? {
+            return Ok(lost_race());
         }
-        audit(
-            &mut tx,
-            &r,
-            event,
-            json!({"wave": r.waves[w].name,
-                   "cells": r.waves[w].cells.iter().map(|c| &c.cell_id).collect::<Vec<_>>()}),
-            corr,
-        )
-        .await?;
-        tx.commit().await?;
         return Ok(Next::Wait(format!("wave {} started", r.waves[w].name)));
     }
     // Cells being applied: their jobs' outcome, and the cell read fresh.
@@ -276,22 +282,12 @@ async fn apply(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result
             failed.cell_id,
             failed.error.as_deref().unwrap_or("?")
         );
-        let cell_id = failed.cell_id.clone();
-        let mut tx = store.write().await?;
+        let payload = json!({"wave": r.waves[w].name, "cell_id": failed.cell_id, "reason": why});
         r.state = ReleaseState::Paused;
         r.reason = Some(why.clone());
-        if !tx.update_release(&mut r).await? {
-            return Ok(Next::Wait("the release changed; looking again".into()));
+        if !save(shared, &mut r, Some(("RELEASE_CELL_FAILED", payload)), corr).await? {
+            return Ok(lost_race());
         }
-        audit(
-            &mut tx,
-            &r,
-            "RELEASE_CELL_FAILED",
-            json!({"wave": r.waves[w].name, "cell_id": cell_id, "reason": why}),
-            corr,
-        )
-        .await?;
-        tx.commit().await?;
         return Ok(Next::Wait(why));
     }
     let in_flight = r.waves[w]
@@ -359,7 +355,7 @@ async fn apply(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result
             None => c.state = "applied".into(),
         }
         if !tx.update_release(&mut r).await? {
-            return Ok(Next::Wait("the release changed; looking again".into()));
+            return Ok(lost_race());
         }
         tx.commit().await?;
         shared.job_notify.notify_waiters();
@@ -377,10 +373,7 @@ async fn apply(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result
         changed = true;
     }
     if changed {
-        let mut tx = store.write().await?;
-        if tx.update_release(&mut r).await? {
-            tx.commit().await?;
-        }
+        save(shared, &mut r, None, corr).await?;
     }
     Ok(Next::Wait(format!(
         "wave {}: {} applying",
@@ -549,8 +542,6 @@ async fn bake(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result<
         }
     }
     r.progress.last_eval_at = Some(at.clone());
-    let store = shared.store();
-    let mut tx = store.write().await?;
     let wave_name = r.waves[w].name.clone();
     let (event, payload, next): (&str, serde_json::Value, Next) = match verdict {
         Verdict::Fail => {
@@ -629,19 +620,16 @@ async fn bake(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result<
                     Next::Wait(format!("wave {wave_name} passed")),
                 )
             } else {
-                if !tx.update_release(&mut r).await? {
-                    return Ok(Next::Wait("the release changed; looking again".into()));
+                if !save(shared, &mut r, None, corr).await? {
+                    return Ok(lost_race());
                 }
-                tx.commit().await?;
                 return Ok(Next::Wait(format!("baking wave {wave_name}")));
             }
         }
     };
-    if !tx.update_release(&mut r).await? {
-        return Ok(Next::Wait("the release changed; looking again".into()));
+    if !save(shared, &mut r, Some((event, payload)), corr).await? {
+        return Ok(lost_race());
     }
-    audit(&mut tx, &r, event, payload, corr).await?;
-    tx.commit().await?;
     Ok(next)
 }
 
@@ -663,7 +651,6 @@ async fn rollback(
     mut r: ReleaseRow,
     corr: Option<&str>,
 ) -> Result<Next, StepError> {
-    let store = shared.store();
     let last = r.progress.wave.min(r.waves.len().saturating_sub(1));
     let order: Vec<(usize, usize)> = (0..=last)
         .rev()
@@ -683,11 +670,8 @@ async fn rollback(
                     _ => {}
                 }
                 if state == "reverting" {
-                    let mut tx = store.write().await?;
                     r.waves[w].cells[i].state = "reverted".into();
-                    if tx.update_release(&mut r).await? {
-                        tx.commit().await?;
-                    }
+                    save(shared, &mut r, None, corr).await?;
                     return Ok(Next::Wait("cell reverted".into()));
                 }
                 // An apply that ended: put the cell back like an applied one.
@@ -700,7 +684,6 @@ async fn rollback(
             _ => {}
         }
     }
-    let mut tx = store.write().await?;
     let reverted: Vec<String> = r
         .waves
         .iter()
@@ -722,22 +705,15 @@ async fn rollback(
             w.state = "rolled_back".into();
         }
     }
-    if !tx.update_release(&mut r).await? {
-        return Ok(Next::Wait("the release changed; looking again".into()));
+    let event = if r.progress.aborting {
+        "RELEASE_ABORTED"
+    } else {
+        "RELEASE_ROLLED_BACK"
+    };
+    let payload = json!({"reverted": reverted, "reason": r.reason});
+    if !save(shared, &mut r, Some((event, payload)), corr).await? {
+        return Ok(lost_race());
     }
-    audit(
-        &mut tx,
-        &r,
-        if r.progress.aborting {
-            "RELEASE_ABORTED"
-        } else {
-            "RELEASE_ROLLED_BACK"
-        },
-        json!({"reverted": reverted, "reason": r.reason}),
-        corr,
-    )
-    .await?;
-    tx.commit().await?;
     Ok(Next::Done(format!(
         "rolled back {} cell(s)",
         reverted.len()
@@ -785,7 +761,7 @@ async fn revert(
         None => c.state = "reverted".into(),
     }
     if !tx.update_release(&mut r).await? {
-        return Ok(Next::Wait("the release changed; looking again".into()));
+        return Ok(lost_race());
     }
     tx.commit().await?;
     shared.job_notify.notify_waiters();
