@@ -1014,3 +1014,106 @@ impl TestApp {
             .unwrap_or(false)
     }
 }
+
+/// A real Prometheus server (the Debian package `prometheus`; `.ci/run` installs it)
+/// scraping routers' `/__router/metrics` every second, on a loopback port of its own.
+pub struct TestPrometheus {
+    pub url: String,
+    addr: String,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl TestPrometheus {
+    /// Picks the port (so a control plane can be told the URL before anything runs).
+    pub fn reserve() -> TestPrometheus {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().unwrap().to_string();
+        drop(l);
+        TestPrometheus {
+            url: format!("http://{addr}"),
+            addr,
+            child: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// Starts it scraping `targets` (`host:port` of routers' admin listeners) and waits
+    /// until it is ready.
+    pub async fn start(&mut self, targets: &[String]) {
+        let bin = std::env::var("CELLPLANE_TEST_PROMETHEUS_BIN").unwrap_or("prometheus".into());
+        let config = self.dir.path().join("prometheus.yml");
+        let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: router\n    metrics_path: /__router/metrics\n    \
+                 static_configs:\n      - targets: [{}]\n",
+                list.join(", ")
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(self.dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new(&bin)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                self.dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={}", self.addr))
+            .arg("--log.level=warn")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {bin}: {e}: install the Debian package `prometheus` (.ci/run \
+                     does) or set CELLPLANE_TEST_PROMETHEUS_BIN"
+                )
+            });
+        self.child = Some(child);
+        let http = reqwest::Client::new();
+        let ready = eventually(Duration::from_secs(30), || async {
+            let r = http
+                .get(format!("{}/-/ready", self.url))
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        assert!(
+            ready.is_ok(),
+            "prometheus never became ready:\n{}",
+            self.log()
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// A PromQL instant query's `data.result`.
+    pub async fn query(&self, q: &str) -> serde_json::Value {
+        let r: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/api/v1/query", self.url))
+            .query(&[("query", q)])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        r["data"]["result"].clone()
+    }
+}
+
+impl Drop for TestPrometheus {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

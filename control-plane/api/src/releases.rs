@@ -69,11 +69,113 @@ fn p99() -> f64 {
     0.99
 }
 
+/// Where gates read the cells' traffic.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsSource {
+    /// What routers report with their heartbeats (per cell, by status class, and the
+    /// latency histogram).
+    #[default]
+    Builtin,
+    /// PromQL against the Prometheus configured as `metrics.prometheus_url`, which scrapes
+    /// the routers' `/__router/metrics`.
+    Prometheus,
+}
+
+/// One multi-window burn-rate rule: fails when both windows burn the error budget faster
+/// than `factor`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BurnRuleSpec {
+    pub long_secs: u64,
+    pub short_secs: u64,
+    pub factor: f64,
+}
+
+/// The cells' SLO burn rate: a request is bad when it fails (5xx) or, with
+/// `latency_threshold_ms`, when it is slower. Default rules: 14.4× over 1 h with 5 min,
+/// 6× over 6 h with 30 min (windows may be seconds).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BurnRateGate {
+    pub slo_target: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_threshold_ms: Option<f64>,
+    #[serde(default = "default_rules")]
+    pub rules: Vec<BurnRuleSpec>,
+}
+
+fn default_rules() -> Vec<BurnRuleSpec> {
+    vec![
+        BurnRuleSpec {
+            long_secs: 3600,
+            short_secs: 300,
+            factor: 14.4,
+        },
+        BurnRuleSpec {
+            long_secs: 6 * 3600,
+            short_secs: 1800,
+            factor: 6.0,
+        },
+    ]
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BaselineMetric {
+    #[default]
+    ErrorRatio,
+    Latency,
+}
+
+/// Canary against baseline: every `step_secs` of the window is one sample per cell (its
+/// error ratio, or its latency `percentile`); the wave's cells (new version) are compared
+/// with the cells still on the old version by a one-sided Mann-Whitney U test. The gate
+/// fails when the new version is worse with `confidence` (p < 1 − confidence); fewer than
+/// `min_samples` on either side is inconclusive; a wave with no cell left on the old
+/// version records `not_applicable`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BaselineGate {
+    #[serde(default)]
+    pub metric: BaselineMetric,
+    #[serde(default = "default_confidence")]
+    pub confidence: f64,
+    #[serde(default = "default_min_samples")]
+    pub min_samples: u32,
+    #[serde(default = "default_step")]
+    pub step_secs: u64,
+    #[serde(default = "p99")]
+    pub percentile: f64,
+}
+
+fn default_confidence() -> f64 {
+    0.98
+}
+fn default_min_samples() -> u32 {
+    5
+}
+fn default_step() -> u64 {
+    5
+}
+
+/// A time no new wave starts in (RFC 3339).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeWindow {
+    pub start: String,
+    pub end: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// The gates evaluated every `interval_secs` during a wave's bake, per cell. A measurement
 /// with fewer than `min_requests` requests is inconclusive (never a success).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Gates {
+    #[serde(default)]
+    pub provider: MetricsSource,
     #[serde(default = "default_interval")]
     pub interval_secs: i64,
     /// The traffic each evaluation looks at: the last `window_secs` (default 60), never
@@ -88,6 +190,10 @@ pub struct Gates {
     pub max_error_ratio: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency: Option<LatencyGate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burn_rate: Option<BurnRateGate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<BaselineGate>,
     /// Failures allowed before the gate fails the wave (default 0).
     #[serde(default)]
     pub failure_limit: u32,
@@ -134,11 +240,14 @@ fn default_consecutive_errors() -> u32 {
 impl Default for Gates {
     fn default() -> Self {
         Gates {
+            provider: MetricsSource::Builtin,
             interval_secs: default_interval(),
             window_secs: default_window(),
             min_requests: default_min_requests(),
             max_error_ratio: default_error_ratio(),
             latency: None,
+            burn_rate: None,
+            baseline: None,
             failure_limit: 0,
             consecutive_error_limit: default_consecutive_errors(),
             inconclusive_limit: 0,
@@ -180,6 +289,9 @@ pub struct CreateRelease {
     pub gates: Gates,
     #[serde(default)]
     pub rollback: RollbackPolicy,
+    /// No new wave starts inside one of these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freeze_windows: Vec<FreezeWindow>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -232,7 +344,8 @@ impl ReleaseState {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct ReleaseCell {
     pub cell_id: String,
-    /// `pending`, `applying`, `applied`, `failed`, `skipped`, `reverting`, `reverted`.
+    /// `pending`, `waiting` (for its tenant's change window), `applying`, `applied`,
+    /// `failed`, `skipped`, `reverting`, `reverted`.
     pub state: String,
     pub from_version: Option<String>,
     pub to_version: String,
@@ -286,6 +399,8 @@ pub struct Release {
     pub state: ReleaseState,
     pub gates: Gates,
     pub rollback: RollbackPolicy,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freeze_windows: Vec<FreezeWindow>,
     pub waves: Vec<ReleaseWave>,
     pub decisions: Vec<GateDecision>,
     /// Why the release is paused, failed or rolled back.

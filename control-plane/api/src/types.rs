@@ -231,6 +231,59 @@ pub struct Policies {
         skip_serializing_if = "Option::is_none"
     )]
     pub retention_days: Option<u32>,
+    /// When a release may apply the tenant's dedicated cell (UTC); none: any time.
+    #[serde(
+        rename = "changeWindows",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub change_windows: Option<Vec<ChangeWindow>>,
+}
+
+/// A recurring window, in UTC, in which a release may change a tenant's dedicated cell:
+/// `start` to `end` (`HH:MM`; an `end` before `start` runs past midnight) on `days`
+/// (`mon` … `sun`; every day when left out).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeWindow {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub days: Option<Vec<String>>,
+    pub start: String,
+    pub end: String,
+}
+
+impl ChangeWindow {
+    /// `HH:MM` as minutes after midnight.
+    pub fn minutes(s: &str) -> Option<u32> {
+        let (h, m) = s.split_once(':')?;
+        if h.len() != 2 || m.len() != 2 {
+            return None;
+        }
+        let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+        (h < 24 && m < 60).then_some(h * 60 + m)
+    }
+
+    pub const DAYS: [&'static str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+    /// Whether `weekday` (0 = Monday) at `minute` after midnight falls inside the window.
+    /// A window past midnight belongs to the day it starts on.
+    pub fn contains(&self, weekday: u32, minute: u32) -> bool {
+        let (Some(start), Some(end)) = (Self::minutes(&self.start), Self::minutes(&self.end))
+        else {
+            return false;
+        };
+        let on = |d: u32| {
+            self.days.as_ref().is_none_or(|days| {
+                days.iter()
+                    .any(|x| Self::DAYS.get(d as usize) == Some(&x.as_str()))
+            })
+        };
+        if start <= end {
+            on(weekday) && minute >= start && minute < end
+        } else {
+            (on(weekday) && minute >= start) || (on((weekday + 6) % 7) && minute < end)
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]

@@ -29,6 +29,32 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     pub usage: UsageConfig,
     pub moves: MovesConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// Where release gates read metrics from besides the built-in provider (routers'
+/// heartbeats): a Prometheus server scraping the routers' `/__router/metrics`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// The Prometheus HTTP API base (e.g. `http://prometheus:9090`); gates with
+    /// `provider: prometheus` count an `error` measurement while it is unset.
+    pub prometheus_url: Option<String>,
+    /// How long one PromQL query may take before it counts as an error.
+    pub query_timeout_ms: u64,
+    /// Prometheus' scrape interval for the routers: a window is never shorter than two
+    /// of them (`increase()` needs two samples), even right after a wave's cells settled.
+    pub prometheus_scrape_secs: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            prometheus_url: None,
+            query_timeout_ms: 2_000,
+            prometheus_scrape_secs: 15,
+        }
+    }
 }
 
 /// Tenant moves (`POST /v1/tenants/{id}/move`).
@@ -369,6 +395,7 @@ impl Default for Config {
             webhooks: WebhooksConfig::default(),
             usage: UsageConfig::default(),
             moves: MovesConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }

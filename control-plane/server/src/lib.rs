@@ -18,6 +18,7 @@ pub mod iac;
 pub mod jobs;
 pub mod local_router;
 pub mod manifests;
+pub mod metrics;
 pub mod persistence;
 pub mod placement;
 pub mod routing;

@@ -124,7 +124,7 @@ impl Routing {
         self.config.history_limit
     }
 
-    fn store(&self) -> &Store {
+    pub fn store(&self) -> &Store {
         &self.store
     }
 

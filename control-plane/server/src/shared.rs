@@ -34,6 +34,7 @@ pub struct ServiceSettings {
     /// How long a rotated-out webhook secret keeps signing.
     pub webhook_rotation_grace_secs: u64,
     pub moves: crate::config::MovesConfig,
+    pub metrics: crate::config::MetricsConfig,
 }
 
 #[derive(Clone)]
@@ -52,6 +53,8 @@ pub struct Shared {
     pub desired_changed: Arc<Notify>,
     /// Calls the cell contract (tenant moves).
     pub cells: crate::cellclient::CellClient,
+    /// Where release gates read cells' traffic.
+    pub metrics: crate::metrics::Providers,
 }
 
 impl Shared {
@@ -66,8 +69,10 @@ impl Shared {
             std::time::Duration::from_secs(settings.moves.copy_timeout_secs.max(1)),
             std::time::Duration::from_millis(settings.moves.call_timeout_ms.max(100)),
         );
+        let metrics = crate::metrics::Providers::new(routing.clone(), &settings.metrics);
         Self {
             cells,
+            metrics,
             store,
             settings: Arc::new(settings),
             placement,

@@ -77,6 +77,7 @@ pub fn service_and_engine(
             webhook_secrets: webhook_secrets(config, store.backend())?,
             webhook_rotation_grace_secs: config.webhooks.rotation_grace_secs,
             moves: config.moves.clone(),
+            metrics: config.metrics.clone(),
         },
     );
     let terraform = Terraform::new(runner_settings(config, store.backend()))

@@ -117,6 +117,40 @@ pub fn validate_docs(
             });
         }
     }
+    for (i, w) in policies.change_windows.iter().flatten().enumerate() {
+        for (what, v) in [("start", &w.start), ("end", &w.end)] {
+            if cellplane_api::ChangeWindow::minutes(v).is_none() {
+                errors.push(FieldError {
+                    field: format!("policies.changeWindows[{i}].{what}"),
+                    message: "must be a time of day HH:MM (UTC)".into(),
+                });
+            }
+        }
+        if w.start == w.end {
+            errors.push(FieldError {
+                field: format!("policies.changeWindows[{i}].end"),
+                message: "must differ from start".into(),
+            });
+        }
+        for (j, d) in w.days.iter().flatten().enumerate() {
+            if !cellplane_api::ChangeWindow::DAYS.contains(&d.as_str()) {
+                errors.push(FieldError {
+                    field: format!("policies.changeWindows[{i}].days[{j}]"),
+                    message: "must be one of mon, tue, wed, thu, fri, sat, sun".into(),
+                });
+            }
+        }
+    }
+    if policies
+        .change_windows
+        .as_ref()
+        .is_some_and(|w| w.len() > 50)
+    {
+        errors.push(FieldError {
+            field: "policies.changeWindows".into(),
+            message: "must hold at most 50 windows".into(),
+        });
+    }
     if let Some(p) = &billing.plan {
         validate_text("billing.plan", p, 100, &mut errors);
     }

@@ -84,6 +84,8 @@ async fn runbook_commands_run_as_written() {
         "stamp-a-cell.md",
         "webhooks.md",
         "move-a-tenant.md",
+        "roll-out-a-release.md",
+        "rollback.md",
     ] {
         // The webhooks runbook's receiver listens on loopback.
         // The move runbook drains a cell whose tenant was just moved: a short purge grace

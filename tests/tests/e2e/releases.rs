@@ -56,30 +56,38 @@ impl Fleet {
         let token = app.token("router").await;
         let router = TestRouter::spawn(&app.url, &token, &["--heartbeat-secs", "1"]).await;
         router.wait_revision(app.routing_revision().await).await;
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut tasks = Vec::new();
-        for t in loaded {
-            for _ in 0..4 {
-                let (http, url, stop) = (router.http.clone(), router.url.clone(), stop.clone());
-                let host = format!("{t}.localhost");
-                tasks.push(tokio::spawn(async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        let _ = http
-                            .get(format!("{url}/v1/kv/probe"))
-                            .header("host", &host)
-                            .timeout(Duration::from_secs(5))
-                            .send()
-                            .await;
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }));
-            }
-        }
-        Fleet {
+        let mut f = Fleet {
             app,
             router,
-            stop,
-            tasks,
+            stop: Arc::new(AtomicBool::new(false)),
+            tasks: Vec::new(),
+        };
+        for t in loaded {
+            f.load(t);
+        }
+        f
+    }
+
+    /// Steady traffic (4 loops) on a tenant through the router.
+    fn load(&mut self, tenant: &str) {
+        for _ in 0..4 {
+            let (http, url, stop) = (
+                self.router.http.clone(),
+                self.router.url.clone(),
+                self.stop.clone(),
+            );
+            let host = format!("{tenant}.localhost");
+            self.tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = http
+                        .get(format!("{url}/v1/kv/probe"))
+                        .header("host", &host)
+                        .timeout(Duration::from_secs(5))
+                        .send()
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }));
         }
     }
 
@@ -554,4 +562,309 @@ async fn bad_releases_are_refused_before_anything_is_applied() {
     let (status, _) = f.action("rel-one", "abort", None).await;
     assert_eq!(status, 200);
     f.stop_traffic().await;
+}
+
+/// The first decision of `gate` on the canary that failed, by index among its decisions.
+fn first_failure(r: &Value, gate: &str) -> usize {
+    r["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["wave"] == "canary" && d["gate"] == gate)
+        .position(|d| d["result"] == "failure")
+        .unwrap_or_else(|| panic!("no failure of {gate}: {r:#}"))
+}
+
+/// The fault release of `a_bad_canary_is_caught_and_rolled_back`, read through a real
+/// Prometheus scraping the router's `/__router/metrics` instead of the heartbeats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_bad_release_is_caught_through_prometheus() {
+    let mut prom = TestPrometheus::reserve();
+    let opts = AppOptions::default()
+        .with("CELLPLANE__METRICS__PROMETHEUS_URL", &prom.url)
+        .with("CELLPLANE__METRICS__PROMETHEUS_SCRAPE_SECS", "1");
+    let mut f = Fleet::start(Backend::Sqlite, opts, &TENANTS).await;
+    let target = f.router.admin_url.trim_start_matches("http://").to_string();
+    prom.start(&[target]).await;
+    // Prometheus holds the canary's traffic before the release starts.
+    eventually(Duration::from_secs(30), || async {
+        let r = prom
+            .query("sum(increase(cellplane_router_cell_requests_total{cell=\"canary-1\"}[5s]))")
+            .await;
+        (r[0]["value"][1].as_str()?.parse::<f64>().ok()? > 10.0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|_| panic!("prometheus never scraped the router:\n{}", prom.log()));
+    let mut g = gates();
+    g["provider"] = json!("prometheus");
+    g["latency"] = Value::Null;
+    let (status, out) = f
+        .create(json!({"release_id": "rel-prom", "app_version": "v2",
+                       "vars": {"fault_rate": 0.2}, "waves": waves(30, false), "gates": g}))
+        .await;
+    assert_eq!(status, 201, "{out:#}");
+    let r = f
+        .wait_state(
+            "rel-prom",
+            &["rolled_back", "succeeded", "failed", "paused"],
+            Duration::from_secs(180),
+        )
+        .await;
+    assert_eq!(r["state"], "rolled_back", "{r:#}\n{}", prom.log());
+    assert!(first_failure(&r, "error_ratio") < 2, "{r:#}");
+    let failed = r["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["result"] == "failure")
+        .unwrap();
+    assert_eq!(
+        failed["measurements"]["provider"], "prometheus",
+        "{failed:#}"
+    );
+    assert!(failed["measurements"]["error_ratio"].as_f64().unwrap() > 0.05);
+    assert_eq!(
+        f.app.cell("canary-1").await.app_version.as_deref(),
+        Some("v1")
+    );
+    for c in ["pool-1", "pool-2"] {
+        assert_eq!(f.applies(c).await, 0, "{c} was applied");
+    }
+    f.stop_traffic().await;
+}
+
+/// A provider that cannot be read: each measurement is an error (never a success), and
+/// `consecutive_error_limit` errors in a row halt the release, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_is_down_halts_the_release_after_the_consecutive_limit() {
+    // Nothing listens on the reserved port.
+    let prom = TestPrometheus::reserve();
+    let opts = AppOptions::default()
+        .with("CELLPLANE__METRICS__PROMETHEUS_URL", &prom.url)
+        .with("CELLPLANE__METRICS__QUERY_TIMEOUT_MS", "500");
+    let mut f = Fleet::start(Backend::Sqlite, opts, &TENANTS).await;
+    let mut g = gates();
+    g["provider"] = json!("prometheus");
+    g["consecutive_error_limit"] = json!(3);
+    let (status, out) = f
+        .create(json!({"release_id": "rel-blind", "app_version": "v2",
+                       "waves": waves(60, false), "gates": g}))
+        .await;
+    assert_eq!(status, 201, "{out:#}");
+    let r = f
+        .wait_state(
+            "rel-blind",
+            &["failed", "succeeded", "rolled_back", "paused"],
+            Duration::from_secs(120),
+        )
+        .await;
+    assert_eq!(r["state"], "failed", "{r:#}");
+    let reason = r["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("could not be read 3 times in a row"),
+        "{reason}"
+    );
+    let decisions = r["decisions"].as_array().unwrap();
+    let errors = decisions
+        .iter()
+        .filter(|d| d["gate"] == "error_ratio" && d["result"] == "error")
+        .count();
+    assert_eq!(errors, 3, "{r:#}");
+    assert!(decisions.iter().all(|d| d["result"] == "error"), "{r:#}");
+    assert!(f
+        .audit_events("rel-blind")
+        .await
+        .contains(&"RELEASE_HALTED".to_string()));
+    for c in ["pool-1", "pool-2"] {
+        assert_eq!(f.applies(c).await, 0, "{c} was applied");
+    }
+    f.stop_traffic().await;
+}
+
+/// The SLO burn rate (seconds-long windows) and the canary-against-baseline test catch a
+/// faulty canary with the plain error-ratio gate turned off; a healthy release passes both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burn_rate_and_baseline_gates_decide_with_their_numbers() {
+    let mut f = Fleet::start(Backend::Sqlite, AppOptions::default(), &TENANTS).await;
+    let g = json!({"interval_secs": 1, "window_secs": 4, "min_requests": 5,
+        "max_error_ratio": null, "inconclusive_limit": 10,
+        "burn_rate": {"slo_target": 0.99, "rules": [{"long_secs": 4, "short_secs": 2, "factor": 5}]},
+        "baseline": {"step_secs": 1, "min_samples": 3, "confidence": 0.98}});
+    let (status, out) = f
+        .create(json!({"release_id": "rel-burn", "app_version": "v2",
+                       "vars": {"fault_rate": 0.2}, "waves": waves(30, false), "gates": g}))
+        .await;
+    assert_eq!(status, 201, "{out:#}");
+    let r = f
+        .wait_state(
+            "rel-burn",
+            &["rolled_back", "succeeded", "failed", "paused"],
+            Duration::from_secs(180),
+        )
+        .await;
+    assert_eq!(r["state"], "rolled_back", "{r:#}");
+    let decisions = r["decisions"].as_array().unwrap();
+    let burn = decisions
+        .iter()
+        .find(|d| d["gate"] == "burn_rate" && d["result"] == "failure")
+        .unwrap_or_else(|| panic!("{r:#}"));
+    let rule = &burn["measurements"]["rules"][0];
+    assert!(rule["short_burn_rate"].as_f64().unwrap() > 5.0, "{burn:#}");
+    assert!(rule["long_burn_rate"].as_f64().unwrap() > 5.0, "{burn:#}");
+    assert_eq!(f.applies("pool-1").await, 0);
+
+    // Healthy: both gates measure successes, the baseline against the pooled cells.
+    let (status, out) = f
+        .create(json!({"release_id": "rel-fine", "app_version": "v2",
+                       "waves": waves(6, false), "gates": g}))
+        .await;
+    assert_eq!(status, 201, "{out:#}");
+    let r = f
+        .wait_state(
+            "rel-fine",
+            &["rolled_back", "succeeded", "failed", "paused"],
+            Duration::from_secs(180),
+        )
+        .await;
+    assert_eq!(r["state"], "succeeded", "{r:#}");
+    let decisions = r["decisions"].as_array().unwrap();
+    let base = decisions
+        .iter()
+        .find(|d| d["gate"] == "baseline" && d["wave"] == "canary" && d["result"] == "success")
+        .unwrap_or_else(|| panic!("{r:#}"));
+    let m = &base["measurements"];
+    assert_eq!(m["baseline_cells"], json!(["pool-1", "pool-2"]), "{base:#}");
+    assert!(m["canary_samples"].as_u64().unwrap() >= 3, "{base:#}");
+    assert!(m["p_value"].as_f64().unwrap() >= 0.02, "{base:#}");
+    // The last wave has no cell left on the old version: recorded, never a pass.
+    assert!(decisions.iter().any(|d| d["gate"] == "baseline"
+        && d["wave"] == "pooled"
+        && d["result"] == "not_applicable"));
+    assert!(decisions
+        .iter()
+        .any(|d| d["gate"] == "burn_rate" && d["wave"] == "pooled" && d["result"] == "success"));
+    f.stop_traffic().await;
+}
+
+/// A dedicated cell waits for its tenant's change window; a freeze window on a release
+/// keeps its first wave from starting. The healthy release then goes canary → pooled →
+/// dedicated (the default waves) and every cell answers with the new version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_respects_freeze_and_change_windows_through_every_default_wave() {
+    let mut f = Fleet::start(Backend::Sqlite, AppOptions::default(), &TENANTS).await;
+    let now = chrono::Utc::now();
+    let hhmm = |t: chrono::DateTime<chrono::Utc>| t.format("%H:%M").to_string();
+    // A window that is closed now (it opens in two hours, for an hour).
+    let closed = json!([{"start": hhmm(now + chrono::Duration::hours(2)),
+                         "end": hhmm(now + chrono::Duration::hours(3))}]);
+    f.app
+        .create_tenant_with(json!({"tenant_id": "t-ded", "organization_id": "acme-corp",
+            "profile": "st-dedicated", "region": "eu-west-1",
+            "policies": {"changeWindows": closed}}))
+        .await;
+    f.app.lifecycle("t-ded", "activate").await;
+    let ded_cell = f.app.admin.get_tenant("t-ded").await.unwrap().environments[0]
+        .cell_id
+        .clone()
+        .unwrap();
+    f.router.wait_revision(f.app.routing_revision().await).await;
+    f.load("t-ded");
+    let gates = json!({"interval_secs": 1, "window_secs": 3, "min_requests": 5});
+
+    // Frozen: nothing starts, and the release says why.
+    let (status, out) = f
+        .create(
+            json!({"release_id": "rel-frozen", "app_version": "v2", "gates": gates,
+            "freeze_windows": [{"start": persistence_time(now - chrono::Duration::minutes(1)),
+                                "end": persistence_time(now + chrono::Duration::hours(1)),
+                                "reason": "end of quarter"}]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{out:#}");
+    let r = eventually(Duration::from_secs(30), || async {
+        let r = f.release("rel-frozen").await;
+        r["reason"].as_str()?.contains("freeze window").then_some(r)
+    })
+    .await
+    .unwrap();
+    assert!(
+        r["reason"].as_str().unwrap().contains("end of quarter"),
+        "{r:#}"
+    );
+    assert_eq!(r["waves"][0]["state"], "pending");
+    assert_eq!(f.applies("canary-1").await, 0);
+    assert_eq!(f.action("rel-frozen", "abort", None).await.0, 200);
+    f.wait_state("rel-frozen", &["aborted"], Duration::from_secs(30))
+        .await;
+
+    // The default waves, each baked two seconds.
+    let mut body = json!({"release_id": "rel-all", "app_version": "v2", "gates": gates});
+    body["waves"] = json!([
+        {"name": "canary", "selector": {"labels": {"canary": "true"}}, "bake_seconds": 2},
+        {"name": "pooled", "selector": {"tier": "pooled"}, "bake_seconds": 2, "max_parallel": 2},
+        {"name": "dedicated", "selector": {"tier": "dedicated"}, "bake_seconds": 2}
+    ]);
+    let (status, out) = f.create(body).await;
+    assert_eq!(status, 201, "{out:#}");
+    let r = eventually(Duration::from_secs(180), || async {
+        let r = f.release("rel-all").await;
+        (r["waves"][2]["cells"][0]["state"] == "waiting").then_some(r)
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the dedicated cell never waited\n{}", f.app.log()));
+    assert_eq!(r["state"], "running", "{r:#}");
+    let why = r["waves"][2]["cells"][0]["error"].as_str().unwrap();
+    assert!(
+        why.contains("t-ded") && why.contains("change window"),
+        "{why}"
+    );
+    assert_eq!(f.applies(&ded_cell).await, 0, "applied outside its window");
+    // The window opens (now, for two hours): the dedicated cell is applied.
+    let open = json!([{"start": hhmm(now - chrono::Duration::minutes(5)),
+                       "end": hhmm(now + chrono::Duration::hours(2))}]);
+    let resp = f
+        .app
+        .req(Method::PATCH, "/v1/tenants/t-ded")
+        .json(&json!({"policies": {"changeWindows": open}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let r = f
+        .wait_state(
+            "rel-all",
+            &["succeeded", "rolled_back", "failed", "paused"],
+            Duration::from_secs(180),
+        )
+        .await;
+    assert_eq!(r["state"], "succeeded", "{r:#}");
+    let names: Vec<&str> = r["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["canary", "pooled", "dedicated"]);
+    for t in TENANTS.iter().chain(["t-ded"].iter()) {
+        assert_eq!(f.version_of(t).await, "v2", "{t}");
+    }
+    assert_eq!(f.applies(&ded_cell).await, 1);
+    // A change window that is not a time of day is refused with its field.
+    let resp = f
+        .app
+        .req(Method::PATCH, "/v1/tenants/t-ded")
+        .json(&json!({"policies": {"changeWindows": [{"start": "25:00", "end": "02:00"}]}}))
+        .send()
+        .await
+        .unwrap();
+    let p = expect_problem(resp, 400).await;
+    assert_eq!(
+        p["errors"][0]["field"], "policies.changeWindows[0].start",
+        "{p:#}"
+    );
+    f.stop_traffic().await;
+}
+
+fn persistence_time(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }

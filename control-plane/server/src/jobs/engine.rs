@@ -863,6 +863,7 @@ mod tests {
                 webhook_secrets: None,
                 webhook_rotation_grace_secs: 60,
                 moves: Default::default(),
+                metrics: Default::default(),
             },
         );
         let terraform = crate::iac::runner::Terraform::new(crate::iac::runner::RunnerSettings {

@@ -8,6 +8,7 @@
 //! from where the row says.
 
 use super::kind::{End, FinishCx, Finished, Kind, Next, StepCx, StepError};
+use super::release_gates::{self, Measured};
 use super::tenant::NoState;
 use crate::ctx::Ctx;
 use crate::gates::{Limits, Measurement, Tally, Verdict};
@@ -221,6 +222,17 @@ async fn apply(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result
             r.reason = Some(format!("wave {} awaits approval", r.waves[w].name));
             "RELEASE_WAVE_AWAITING_APPROVAL"
         } else {
+            // No new wave starts inside a freeze window.
+            if let Some(why) = frozen(&r, w, chrono::Utc::now()) {
+                if r.reason.as_deref() != Some(why.as_str()) {
+                    r.reason = Some(why.clone());
+                    let payload = json!({"wave": r.waves[w].name, "reason": why});
+                    if !save(shared, &mut r, Some(("RELEASE_WAVE_FROZEN", payload)), corr).await? {
+                        return Ok(lost_race());
+                    }
+                }
+                return Ok(Next::Wait(why));
+            }
             // The budget of the wave's cells, read fresh, before anything is applied.
             if let Some(why) = budget_refusal(shared, &r, w).await {
                 r.state = ReleaseState::Paused;
@@ -239,6 +251,7 @@ async fn apply(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result
                 return Ok(Next::Wait("the wave's error budget is spent".into()));
             }
             r.waves[w].state = "applying".into();
+            r.reason = None;
             "RELEASE_WAVE_STARTED"
         };
         let payload = json!({"wave": r.waves[w].name,
@@ -296,14 +309,28 @@ async fn apply(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result
         .filter(|c| c.state == "applying")
         .count();
     let room = (r.waves[w].max_parallel as usize).saturating_sub(in_flight);
-    let pending: Vec<usize> = r.waves[w]
-        .cells
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.state == "pending")
-        .map(|(i, _)| i)
-        .take(room)
-        .collect();
+    // A dedicated cell whose tenant has change windows waits for one, read fresh.
+    let mut pending = Vec::new();
+    for i in 0..r.waves[w].cells.len() {
+        if pending.len() >= room
+            || !matches!(r.waves[w].cells[i].state.as_str(), "pending" | "waiting")
+        {
+            continue;
+        }
+        match outside_change_window(shared, &r.waves[w].cells[i].cell_id, chrono::Utc::now())
+            .await?
+        {
+            Some(why) => {
+                let c = &mut r.waves[w].cells[i];
+                if c.state != "waiting" || c.error.as_deref() != Some(why.as_str()) {
+                    c.state = "waiting".into();
+                    c.error = Some(why);
+                    changed = true;
+                }
+            }
+            None => pending.push(i),
+        }
+    }
     let ctx = ctx_of(corr);
     for i in pending {
         let mut tx = store.write().await?;
@@ -346,6 +373,7 @@ async fn apply(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result
         let c = &mut r.waves[w].cells[i];
         c.from_vars = from_vars;
         c.from_version = cell.app_version.clone();
+        c.error = None;
         match job {
             Some(j) => {
                 c.state = "applying".into();
@@ -384,6 +412,79 @@ async fn apply(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result
             .filter(|c| c.state == "applying")
             .count()
     )))
+}
+
+/// Why wave `w` may not start at `now`: a freeze window of the release covers it.
+fn frozen(r: &ReleaseRow, w: usize, now: chrono::DateTime<chrono::Utc>) -> Option<String> {
+    r.spec.freeze_windows.iter().find_map(|f| {
+        let (start, end) = (
+            persistence::parse_time(&f.start)?,
+            persistence::parse_time(&f.end)?,
+        );
+        (start <= now && now < end).then(|| {
+            format!(
+                "wave {} waits: freeze window {} to {}{}",
+                r.waves[w].name,
+                f.start,
+                f.end,
+                f.reason
+                    .as_deref()
+                    .map(|x| format!(" ({x})"))
+                    .unwrap_or_default()
+            )
+        })
+    })
+}
+
+/// Why a cell may not be applied at `now`: it is dedicated and a tenant on it has change
+/// windows (`policies.changeWindows`), none of which is open.
+async fn outside_change_window(
+    shared: &Shared,
+    cell_id: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<String>, StepError> {
+    use chrono::{Datelike, Timelike};
+    let store = shared.store();
+    let Some(cell) = store.get_cell(cell_id).await? else {
+        return Ok(None);
+    };
+    if cell.tier != cellplane_api::Tier::Dedicated {
+        return Ok(None);
+    }
+    let (day, minute) = (
+        now.weekday().num_days_from_monday(),
+        now.hour() * 60 + now.minute(),
+    );
+    for env in store.environments_on_cell(cell_id).await? {
+        let Some(t) = store.get_tenant(&env.tenant_id).await? else {
+            continue;
+        };
+        let Some(windows) = t.policies.change_windows.filter(|w| !w.is_empty()) else {
+            continue;
+        };
+        if !windows.iter().any(|x| x.contains(day, minute)) {
+            let list: Vec<String> = windows
+                .iter()
+                .map(|x| {
+                    format!(
+                        "{}{}-{}",
+                        x.days
+                            .as_ref()
+                            .map(|d| format!("{} ", d.join(",")))
+                            .unwrap_or_default(),
+                        x.start,
+                        x.end
+                    )
+                })
+                .collect();
+            return Ok(Some(format!(
+                "waiting for tenant {}'s change window ({} UTC)",
+                t.tenant_id,
+                list.join("; ")
+            )));
+        }
+    }
+    Ok(None)
 }
 
 /// Before a wave starts: a wave whose cells' remaining error budget (over the last
@@ -438,7 +539,6 @@ async fn bake(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result<
     if now < settled + chrono::Duration::seconds(g.interval_secs) {
         return Ok(Next::Wait(format!("wave {} settling", r.waves[w].name)));
     }
-    let floor = persistence::fmt_time(settled);
     let limits = Limits {
         failure_limit: g.failure_limit,
         consecutive_error_limit: g.consecutive_error_limit,
@@ -454,91 +554,76 @@ async fn bake(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result<
         .filter(|c| c.state == "applied")
         .map(|c| c.cell_id.clone())
         .collect();
+    let provider = shared.metrics.get(g.provider);
+    // Every measurement of this round: per cell, then the wave against its baseline.
+    let mut round: Vec<(String, Measured)> = Vec::new();
     for cell in &cells {
-        let read = shared
-            .routing()
-            .cell_window_since(cell, window, &floor)
-            .await;
-        let mut gates: Vec<(&str, Measurement, serde_json::Value)> = Vec::new();
-        match &read {
-            Err(e) => {
-                for gate in enabled_gates(&g) {
-                    gates.push((gate, Measurement::Error, json!({"error": e.to_string()})));
-                }
-            }
-            Ok((win, routers)) => {
-                if let Some(max) = g.max_error_ratio {
-                    let ratio = crate::gates::error_ratio(win);
-                    let m = if win.total < g.min_requests {
-                        Measurement::Inconclusive
-                    } else if ratio.unwrap_or(0.0) > max {
-                        Measurement::Failure
-                    } else {
-                        Measurement::Success
-                    };
-                    gates.push((
-                        "error_ratio",
-                        m,
-                        json!({"requests": win.total, "errors": win.errors, "error_ratio": ratio,
-                               "max_error_ratio": max, "min_requests": g.min_requests,
-                               "window_secs": window, "routers": routers}),
-                    ));
-                }
-                if let Some(l) = &g.latency {
-                    let p =
-                        crate::gates::percentile(&win.buckets, l.percentile).map(|s| s * 1000.0);
-                    let m = if win.total < g.min_requests {
-                        Measurement::Inconclusive
-                    } else if p.unwrap_or(0.0) > l.max_ms {
-                        Measurement::Failure
-                    } else {
-                        Measurement::Success
-                    };
-                    gates.push((
-                        "latency",
-                        m,
-                        json!({"requests": win.total, "percentile": l.percentile, "value_ms": p,
-                               "max_ms": l.max_ms, "min_requests": g.min_requests,
-                               "window_secs": window, "routers": routers}),
-                    ));
+        for m in release_gates::measure_cell(&provider, cell, &g, settled).await {
+            round.push((format!("{}/{cell}", m.gate), m));
+        }
+    }
+    // The comparison needs its whole window of samples after the cells settled.
+    if g.baseline.is_some() && now - settled >= chrono::Duration::seconds(window as i64) {
+        let baseline = baseline_cells(shared, &r).await?;
+        match release_gates::measure_baseline(&provider, &cells, &baseline, &g, settled).await {
+            Some(m) => round.push((format!("baseline/{}", r.waves[w].name), m)),
+            None => {
+                let key = format!("baseline/{}", r.waves[w].name);
+                if let std::collections::btree_map::Entry::Vacant(e) = r.progress.tallies.entry(key)
+                {
+                    // Recorded once per bake; never counted as a pass.
+                    e.insert(Tally::default());
+                    r.decisions.push(GateDecision {
+                        at: at.clone(),
+                        wave: r.waves[w].name.clone(),
+                        cell_id: None,
+                        gate: "baseline".into(),
+                        result: "not_applicable".into(),
+                        measurements: json!({"reason": "no cell outside this release is left on the old version"}),
+                        dry_run: g.dry_run,
+                    });
                 }
             }
         }
-        for (gate, m, measurements) in gates {
-            r.decisions.push(GateDecision {
-                at: at.clone(),
-                wave: r.waves[w].name.clone(),
-                cell_id: Some(cell.clone()),
-                gate: gate.into(),
-                result: match m {
-                    Measurement::Success => "success",
-                    Measurement::Failure => "failure",
-                    Measurement::Inconclusive => "inconclusive",
-                    Measurement::Error => "error",
-                }
-                .into(),
-                measurements: measurements.clone(),
-                dry_run: g.dry_run,
-            });
-            if g.dry_run {
-                continue;
+    }
+    for (key, m) in round {
+        let cell = key
+            .split_once('/')
+            .map(|(_, c)| c.to_string())
+            .unwrap_or_default();
+        r.decisions.push(GateDecision {
+            at: at.clone(),
+            wave: r.waves[w].name.clone(),
+            cell_id: (m.gate != "baseline").then(|| cell.clone()),
+            gate: m.gate.into(),
+            result: match m.result {
+                Measurement::Success => "success",
+                Measurement::Failure => "failure",
+                Measurement::Inconclusive => "inconclusive",
+                Measurement::Error => "error",
             }
-            let v = r
-                .progress
-                .tallies
-                .entry(format!("{gate}/{cell}"))
-                .or_default()
-                .record(m, &limits);
-            let rank = |v: Verdict| match v {
-                Verdict::Fail => 3,
-                Verdict::Halt => 2,
-                Verdict::Pause => 1,
-                Verdict::Continue => 0,
-            };
-            if rank(v) > rank(verdict) {
-                verdict = v;
-                cause = Some((gate.to_string(), cell.clone(), measurements));
-            }
+            .into(),
+            measurements: m.numbers.clone(),
+            dry_run: g.dry_run,
+        });
+        if g.dry_run {
+            continue;
+        }
+        let v = r
+            .progress
+            .tallies
+            .entry(key)
+            .or_default()
+            .record(m.result, &limits);
+        let rank = |v: Verdict| match v {
+            Verdict::Fail => 3,
+            Verdict::Halt => 2,
+            Verdict::Pause => 1,
+            Verdict::Continue => 0,
+        };
+        if rank(v) > rank(verdict) {
+            verdict = v;
+            cause = Some((m.gate.to_string(), cell, m.numbers));
         }
     }
     r.progress.last_eval_at = Some(at.clone());
@@ -599,16 +684,24 @@ async fn bake(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result<
         }
         Verdict::Continue => {
             let baked = now - started >= chrono::Duration::seconds(r.waves[w].bake_seconds);
+            // Every gate turned on has passed on every cell (and the wave against its
+            // baseline, unless no baseline was left: that one never counts).
+            let baseline_key = format!("baseline/{wave_name}");
+            let baseline_ok = g.baseline.is_none()
+                || r.progress
+                    .tallies
+                    .get(&baseline_key)
+                    .is_some_and(|t| t.passed(&limits) || t == &Tally::default());
             let passed = g.dry_run
-                || enabled_gates(&g).is_empty()
-                || cells.iter().all(|cell| {
-                    enabled_gates(&g).iter().all(|gate| {
-                        r.progress
-                            .tallies
-                            .get(&format!("{gate}/{cell}"))
-                            .is_some_and(|t: &Tally| t.passed(&limits))
-                    })
-                });
+                || (baseline_ok
+                    && cells.iter().all(|cell| {
+                        release_gates::cell_gates(&g).iter().all(|gate| {
+                            r.progress
+                                .tallies
+                                .get(&format!("{gate}/{cell}"))
+                                .is_some_and(|t: &Tally| t.passed(&limits))
+                        })
+                    }));
             if baked && passed {
                 r.waves[w].state = "passed".into();
                 r.progress.wave += 1;
@@ -633,15 +726,28 @@ async fn bake(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result<
     Ok(next)
 }
 
-fn enabled_gates(g: &cellplane_api::releases::Gates) -> Vec<&'static str> {
-    let mut out = Vec::new();
-    if g.max_error_ratio.is_some() {
-        out.push("error_ratio");
-    }
-    if g.latency.is_some() {
-        out.push("latency");
-    }
-    out
+/// The cells a wave is compared against: active cells outside this release that still
+/// run another version than the release's.
+async fn baseline_cells(shared: &Shared, r: &ReleaseRow) -> Result<Vec<String>, StepError> {
+    let mine: std::collections::BTreeSet<&str> = r
+        .waves
+        .iter()
+        .flat_map(|w| w.cells.iter())
+        .filter(|c| c.state != "pending" && c.state != "waiting")
+        .map(|c| c.cell_id.as_str())
+        .collect();
+    Ok(shared
+        .store()
+        .all_cells()
+        .await?
+        .into_iter()
+        .filter(|c| {
+            c.state == cellplane_api::CellState::Active
+                && !mine.contains(c.cell_id.as_str())
+                && c.app_version.as_deref() != Some(r.spec.app_version.as_str())
+        })
+        .map(|c| c.cell_id)
+        .collect())
 }
 
 /// Puts back what the release changed: the current wave's cells first, then earlier

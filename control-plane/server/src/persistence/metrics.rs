@@ -64,6 +64,18 @@ impl WriteTx {
 }
 
 impl Store {
+    /// Every sample of `cell_id` from `start` on, by router then time.
+    pub async fn cell_samples_since(&self, cell_id: &str, start: &str) -> Result<Vec<CellSample>> {
+        let rows = sqlx::query(
+            "SELECT * FROM cell_samples WHERE cell_id = $1 AND at >= $2 ORDER BY router_id, at",
+        )
+        .bind(cell_id)
+        .bind(start)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(sample_from_row).collect()
+    }
+
     /// For each router that reported `cell_id` since `start`: the sample the window starts
     /// from (the newest at or before `start` but not before `floor`, else the oldest after
     /// `start`) and the newest.

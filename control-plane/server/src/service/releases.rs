@@ -62,6 +62,7 @@ pub fn release_to_wire(r: ReleaseRow) -> Release {
         state: r.state,
         gates: r.spec.gates,
         rollback: r.spec.rollback,
+        freeze_windows: r.spec.freeze_windows,
         waves: r.waves,
         decisions: r.decisions,
         reason: r.reason,
@@ -166,6 +167,96 @@ impl Service {
                     field: "gates.latency.max_ms".into(),
                     message: "must be a positive number".into(),
                 });
+            }
+        }
+        if let Some(b) = &g.burn_rate {
+            if !(b.slo_target > 0.0 && b.slo_target < 1.0) {
+                errors.push(FieldError {
+                    field: "gates.burn_rate.slo_target".into(),
+                    message: "must be between 0 and 1 (exclusive)".into(),
+                });
+            }
+            if b.latency_threshold_ms
+                .is_some_and(|t| !(t > 0.0 && t.is_finite()))
+            {
+                errors.push(FieldError {
+                    field: "gates.burn_rate.latency_threshold_ms".into(),
+                    message: "must be a positive number".into(),
+                });
+            }
+            if b.rules.is_empty() {
+                errors.push(FieldError {
+                    field: "gates.burn_rate.rules".into(),
+                    message: "must not be empty".into(),
+                });
+            }
+            for (i, r) in b.rules.iter().enumerate() {
+                if r.short_secs == 0 || r.long_secs < r.short_secs || r.long_secs > 30 * 86_400 {
+                    errors.push(FieldError {
+                        field: format!("gates.burn_rate.rules[{i}]"),
+                        message: "needs 0 < short_secs <= long_secs <= 2592000".into(),
+                    });
+                }
+                if !(r.factor > 0.0 && r.factor.is_finite()) {
+                    errors.push(FieldError {
+                        field: format!("gates.burn_rate.rules[{i}].factor"),
+                        message: "must be a positive number".into(),
+                    });
+                }
+            }
+        }
+        if let Some(b) = &g.baseline {
+            if !(b.confidence > 0.5 && b.confidence < 1.0) {
+                errors.push(FieldError {
+                    field: "gates.baseline.confidence".into(),
+                    message: "must be between 0.5 and 1 (exclusive)".into(),
+                });
+            }
+            if !(b.percentile > 0.0 && b.percentile < 1.0) {
+                errors.push(FieldError {
+                    field: "gates.baseline.percentile".into(),
+                    message: "must be between 0 and 1 (exclusive)".into(),
+                });
+            }
+            if b.min_samples < 2 {
+                errors.push(FieldError {
+                    field: "gates.baseline.min_samples".into(),
+                    message: "must be at least 2".into(),
+                });
+            }
+            if b.step_secs == 0 || b.step_secs as i64 > g.window_secs {
+                errors.push(FieldError {
+                    field: "gates.baseline.step_secs".into(),
+                    message: "must be between 1 and gates.window_secs".into(),
+                });
+            }
+        }
+        for (i, f) in req.freeze_windows.iter().enumerate() {
+            let start = crate::persistence::parse_time(&f.start);
+            let end = crate::persistence::parse_time(&f.end);
+            for (what, v) in [("start", start), ("end", end)] {
+                if v.is_none() {
+                    errors.push(FieldError {
+                        field: format!("freeze_windows[{i}].{what}"),
+                        message: "must be an RFC 3339 time".into(),
+                    });
+                }
+            }
+            if let (Some(s), Some(e)) = (start, end) {
+                if e <= s {
+                    errors.push(FieldError {
+                        field: format!("freeze_windows[{i}].end"),
+                        message: "must be after start".into(),
+                    });
+                }
+            }
+            if let Some(r) = &f.reason {
+                crate::validate::validate_text(
+                    &format!("freeze_windows[{i}].reason"),
+                    r,
+                    200,
+                    &mut errors,
+                );
             }
         }
         let waves = req.waves.clone().unwrap_or_else(default_waves);
