@@ -22,6 +22,12 @@ if ! command -v "${CELLPLANE__IAC__BINARY:-terraform}" >/dev/null 2>&1; then
     exit 1
 fi
 
+# The release tests start a real Prometheus server per test (the Debian package).
+if ! command -v "${CELLPLANE_TEST_PROMETHEUS_BIN:-prometheus}" >/dev/null 2>&1; then
+    echo "test.sh: prometheus is not on PATH; the release tests need it (apt-get install prometheus, as .ci/run does, or set CELLPLANE_TEST_PROMETHEUS_BIN)" >&2
+    exit 1
+fi
+
 if [ -z "${CELLPLANE_TEST_PG_URL:-}" ]; then
     CELLPLANE_TEST_PG_URL=$(scripts/pg.sh start "$work/pg")
     started_pg=1

@@ -3,6 +3,7 @@
 //! tables, or JSON with `--json`.
 
 mod manifests;
+mod releases;
 
 use crate::config::{Config, LogFormat, Secret};
 use crate::startup::{shutdown_signal, Application};
@@ -66,6 +67,12 @@ pub enum Command {
     Cell(ClientArgs<CellCmd>),
     /// Jobs.
     Job(ClientArgs<JobCmd>),
+    /// Release rollouts: start one, watch it live, act on it.
+    #[command(after_help = "Example:\n  \
+        cellplane release create rel-42 --app-version v42 -f release.json --watch\n  \
+        cellplane release status rel-42 --watch\n  \
+        cellplane release approve rel-42")]
+    Release(ClientArgs<releases::ReleaseCmd>),
     /// Cell templates.
     Template(ClientArgs<TemplateCmd>),
     /// The audit trail.
@@ -594,6 +601,10 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Job(a) => {
             let (conn, json) = (conn_of(&a), a.json);
             client(conn, |c| job(c, a.cmd, json)).await
+        }
+        Command::Release(a) => {
+            let (conn, json) = (conn_of(&a), a.json);
+            client(conn, |c| releases::release(c, a.cmd, json)).await
         }
         Command::Template(a) => {
             if let TemplateCmd::Render { .. } = a.cmd {

@@ -387,11 +387,16 @@ impl Routing {
             .store()
             .cell_window_samples(cell_id, &start, floor)
             .await?;
+        // A router counts once it has two samples in the window (one is no interval).
         let mut w = crate::gates::Window::default();
+        let mut routers = 0;
         for (first, last) in &pairs {
-            w = w.merge(&counter_delta(&first.counters, &last.counters));
+            if first.at != last.at {
+                routers += 1;
+                w = w.merge(&counter_delta(&first.counters, &last.counters));
+            }
         }
-        Ok((w, pairs.len() as u64))
+        Ok((w, routers))
     }
 
     /// `GET /v1/cells/{id}/metrics`.

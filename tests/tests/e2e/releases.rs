@@ -868,3 +868,118 @@ async fn a_release_respects_freeze_and_change_windows_through_every_default_wave
 fn persistence_time(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
+
+/// SIGKILL at the named point `release.rollout/bake` (the first pass of the canary's
+/// bake): the control plane restarted on its address resumes the release from its row,
+/// measures the canary again, and finishes; no cell is applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_killed_mid_wave_resumes_from_its_recorded_state() {
+    let opts = AppOptions::default()
+        .with("CELLPLANE__JOBS__LEASE_SECS", "2")
+        .with("CELLPLANE__JOBS__FAILPOINTS", "release.rollout/bake=kill@1");
+    let mut f = Fleet::start(Backend::Sqlite, opts, &TENANTS).await;
+    let (status, out) = f
+        .create(json!({"release_id": "rel-crash", "app_version": "v2",
+                       "waves": waves(3, false), "gates": gates()}))
+        .await;
+    assert_eq!(status, 201, "{out:#}");
+    assert!(
+        f.app.wait_exit(Duration::from_secs(120)).await,
+        "the failpoint kills the process\n{}",
+        f.app.log()
+    );
+    // What the row recorded when the process died: the canary applied, its wave baking.
+    let waves: Value = serde_json::from_str(
+        &f.app
+            .sql_text("SELECT waves FROM releases WHERE release_id = 'rel-crash'")
+            .await,
+    )
+    .unwrap();
+    assert_eq!(waves[0]["state"], "baking", "{waves:#}");
+    assert_eq!(waves[0]["cells"][0]["state"], "applied");
+    assert_eq!(waves[1]["state"], "pending");
+    f.app.start_same_address().await.unwrap();
+    let r = f
+        .wait_state(
+            "rel-crash",
+            &["succeeded", "rolled_back", "failed", "paused"],
+            Duration::from_secs(180),
+        )
+        .await;
+    assert_eq!(r["state"], "succeeded", "{r:#}");
+    // The canary was measured after the restart, with traffic.
+    assert!(r["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["wave"] == "canary"
+            && d["result"] == "success"
+            && d["measurements"]["requests"].as_u64().unwrap_or(0) >= 5));
+    for c in CELLS {
+        assert_eq!(f.applies(c).await, 1, "{c} applied once");
+    }
+    for t in TENANTS {
+        assert_eq!(f.version_of(t).await, "v2", "{t}");
+    }
+    let job = r["job_id"].as_str().unwrap();
+    assert!(
+        f.app.admin.get_job(job).await.unwrap().attempts >= 2,
+        "the rollout job was taken again"
+    );
+    f.stop_traffic().await;
+}
+
+/// Two replicas on one PostgreSQL: the replica running the rollout dies at
+/// `release.rollout/bake`; the other takes the job over when its lease expires and
+/// finishes the release from the recorded state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_replica_takes_a_release_over() {
+    let opts = AppOptions::default()
+        .with("CELLPLANE__JOBS__LEASE_SECS", "2")
+        .with("CELLPLANE__JOBS__FAILPOINTS", "release.rollout/bake=kill@1");
+    let mut f = Fleet::start(Backend::Postgres, opts.clone(), &[]).await;
+    let mut b = f.app.spawn_replica(opts).await;
+    // Gates off: the bake is the wave's time, whichever replica the routers report to.
+    let (status, out) = f
+        .create(
+            json!({"release_id": "rel-ha", "app_version": "v2", "waves": waves(2, false),
+                       "gates": {"interval_secs": 1, "max_error_ratio": null}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{out:#}");
+    // Whichever replica runs the bake dies there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let killed_a = loop {
+        if f.app.wait_exit(Duration::from_millis(100)).await {
+            break true;
+        }
+        if b.wait_exit(Duration::from_millis(100)).await {
+            break false;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "neither replica died\n{}\n{}",
+            f.app.log(),
+            b.log()
+        );
+    };
+    let survivor = if killed_a { &b } else { &f.app };
+    let r = eventually(Duration::from_secs(180), || async {
+        let r: Value = survivor.admin.get("/v1/releases/rel-ha").await.ok()?;
+        (!["running", "rolling_back"].contains(&r["state"].as_str()?)).then_some(r)
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the survivor never finished\n{}", survivor.log()));
+    assert_eq!(r["state"], "succeeded", "{r:#}");
+    for c in CELLS {
+        let cell = survivor.cell(c).await;
+        assert_eq!(cell.app_version.as_deref(), Some("v2"), "{c}");
+    }
+    let job = survivor
+        .admin
+        .get_job(r["job_id"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert!(job.attempts >= 2, "{job:?}");
+    f.stop_traffic().await;
+}

@@ -78,6 +78,13 @@ pub async fn measure_cell(
                 }
             }
         }
+        // Right after the cells settled no router may have reported twice yet: that is
+        // no measurement (until a whole window has passed), not an inconclusive one.
+        Ok(r)
+            if r.sources == 0 && Utc::now() - floor < chrono::Duration::seconds(window as i64) =>
+        {
+            return Vec::new();
+        }
         Ok(r) => {
             let w = &r.window;
             let enough = w.total >= g.min_requests;

@@ -359,20 +359,30 @@ async fn apply(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result
             app_version: Some(r.spec.app_version.clone()),
             ..Default::default()
         };
-        let (_, job) =
-            match super::patch_cell_in(shared, &mut tx, &ctx, &cell_id, None, patch).await {
-                Ok(out) => out,
-                Err(e) => {
-                    let c = &mut r.waves[w].cells[i];
-                    c.state = "failed".into();
-                    c.error = Some(e.to_string());
-                    changed = true;
-                    continue;
-                }
-            };
+        // A retried cell was started before: its record already holds the release, and
+        // what it ran before is what the first start recorded.
+        let retried = r.waves[w].cells[i].job_id.is_some();
+        let started = match super::patch_cell_in(shared, &mut tx, &ctx, &cell_id, None, patch).await
+        {
+            Ok((_, None)) if retried => reapply_in(shared, &mut tx, &ctx, &cell_id).await,
+            Ok((_, job)) => Ok(job),
+            Err(e) => Err(e),
+        };
+        let job = match started {
+            Ok(job) => job,
+            Err(e) => {
+                let c = &mut r.waves[w].cells[i];
+                c.state = "failed".into();
+                c.error = Some(e.to_string());
+                changed = true;
+                continue;
+            }
+        };
         let c = &mut r.waves[w].cells[i];
-        c.from_vars = from_vars;
-        c.from_version = cell.app_version.clone();
+        if !retried {
+            c.from_vars = from_vars;
+            c.from_version = cell.app_version.clone();
+        }
         c.error = None;
         match job {
             Some(j) => {
@@ -485,6 +495,48 @@ async fn outside_change_window(
         }
     }
     Ok(None)
+}
+
+/// Applies a cell again as it is recorded (a retried cell whose earlier apply failed
+/// after its record took the release).
+async fn reapply_in(
+    shared: &Shared,
+    tx: &mut WriteTx,
+    ctx: &Ctx,
+    cell_id: &str,
+) -> crate::error::Result<Option<cellplane_api::Job>> {
+    use crate::error::ServiceError;
+    let mut cell = tx
+        .get_cell_tx(cell_id)
+        .await?
+        .ok_or_else(|| crate::error::not_found("cell", cell_id))?;
+    if !matches!(
+        cell.state,
+        cellplane_api::CellState::Active
+            | cellplane_api::CellState::Draining
+            | cellplane_api::CellState::Drained
+            | cellplane_api::CellState::Failed
+    ) {
+        return Err(ServiceError::Conflict(format!(
+            "cannot apply cell {cell_id:?} in state {}",
+            cell.state.as_str()
+        )));
+    }
+    let job = super::enqueue_cell_job(
+        tx,
+        shared.settings.job_max_attempts,
+        ctx,
+        &mut cell,
+        crate::stamping::CellAction::Apply,
+    )
+    .await?;
+    cell.version += 1;
+    if !tx.update_cell(&cell).await? {
+        return Err(ServiceError::Conflict(format!(
+            "cell {cell_id:?} changed concurrently"
+        )));
+    }
+    Ok(Some(job))
 }
 
 /// Before a wave starts: a wave whose cells' remaining error budget (over the last
@@ -766,16 +818,43 @@ async fn rollback(
         let state = r.waves[w].cells[i].state.clone();
         match state.as_str() {
             "applying" | "reverting" => {
-                match job_state(shared, &r.waves[w].cells[i].job_id).await? {
+                let ended = match job_state(shared, &r.waves[w].cells[i].job_id).await? {
                     Some((s, _)) if !s.is_terminal() => {
                         return Ok(Next::Wait(format!(
                             "waiting for cell {}'s job",
                             r.waves[w].cells[i].cell_id
                         )));
                     }
-                    _ => {}
-                }
+                    other => other,
+                };
                 if state == "reverting" {
+                    if let Some((JobState::Failed | JobState::Cancelled, err)) = ended {
+                        // A revert that failed (after its job's own retries) halts the
+                        // release: the cell is left for a human, never counted reverted.
+                        let cell_id = r.waves[w].cells[i].cell_id.clone();
+                        let err = err.unwrap_or_else(|| "the apply job failed".into());
+                        let why = format!(
+                            "rolling back cell {cell_id} failed: {err}; repair the cell \
+                             (cellplane cell apply {cell_id}) and check what it runs"
+                        );
+                        let c = &mut r.waves[w].cells[i];
+                        c.state = "failed".into();
+                        c.error = Some(format!("rollback failed: {err}"));
+                        r.state = ReleaseState::Failed;
+                        r.reason = Some(why.clone());
+                        let payload = json!({"cell_id": cell_id, "error": err});
+                        if !save(
+                            shared,
+                            &mut r,
+                            Some(("RELEASE_ROLLBACK_FAILED", payload)),
+                            corr,
+                        )
+                        .await?
+                        {
+                            return Ok(lost_race());
+                        }
+                        return Ok(Next::Wait(why));
+                    }
                     r.waves[w].cells[i].state = "reverted".into();
                     save(shared, &mut r, None, corr).await?;
                     return Ok(Next::Wait("cell reverted".into()));
