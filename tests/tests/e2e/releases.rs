@@ -983,3 +983,125 @@ async fn another_replica_takes_a_release_over() {
     assert!(job.attempts >= 2, "{job:?}");
     f.stop_traffic().await;
 }
+
+/// Restarts the fleet's control plane on its address with `failpoints` (empty: none).
+async fn restart_with_failpoints(f: &mut Fleet, failpoints: &str) {
+    f.app.kill9();
+    f.app.options = f
+        .app
+        .options
+        .clone()
+        .without("CELLPLANE__JOBS__FAILPOINTS")
+        .with("CELLPLANE__JOBS__FAILPOINTS", failpoints);
+    f.app.start_same_address().await.unwrap();
+}
+
+/// A cell that fails to apply pauses the release; `retry` applies it again (a new job,
+/// though its record already holds the release) and `abort` still puts back what it ran
+/// before. A revert that fails halts the release (`RELEASE_ROLLBACK_FAILED`) and leaves
+/// the cell `failed`, never counted as reverted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_reapplies_a_failed_cell_and_a_failed_revert_halts() {
+    let opts = AppOptions::default().with("CELLPLANE__JOBS__FAILPOINTS", "cell.apply/apply=fatal");
+    let mut f = Fleet::start(Backend::Sqlite, opts, &TENANTS).await;
+    let (status, out) = f
+        .create(json!({"release_id": "rel-retry", "app_version": "v2",
+                       "waves": waves(1, true), "gates": {"interval_secs": 1, "max_error_ratio": null}}))
+        .await;
+    assert_eq!(status, 201, "{out:#}");
+    let r = f
+        .wait_state("rel-retry", &["paused"], Duration::from_secs(120))
+        .await;
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("canary-1 failed to apply"),
+        "{r:#}"
+    );
+    assert_eq!(r["waves"][0]["cells"][0]["state"], "failed");
+    assert_eq!(f.applies("canary-1").await, 1);
+    // The cause is gone; retry applies the cell again.
+    restart_with_failpoints(&mut f, "").await;
+    let (status, out) = f
+        .action("rel-retry", "retry", Some(json!({"cell_id": "canary-1"})))
+        .await;
+    assert_eq!(status, 200, "{out:#}");
+    let r = f
+        .wait_state("rel-retry", &["paused"], Duration::from_secs(120))
+        .await;
+    assert_eq!(r["waves"][1]["state"], "awaiting_approval", "{r:#}");
+    let canary = &r["waves"][0]["cells"][0];
+    assert_eq!(canary["state"], "applied", "{r:#}");
+    assert_eq!(canary["from_version"], "v1", "what it ran before is kept");
+    assert_eq!(f.applies("canary-1").await, 2);
+    assert_eq!(f.version_of("t-canary").await, "v2");
+    // Abort puts back v1.
+    assert_eq!(f.action("rel-retry", "abort", None).await.0, 200);
+    f.wait_state("rel-retry", &["aborted"], Duration::from_secs(120))
+        .await;
+    assert_eq!(
+        f.app.cell("canary-1").await.app_version.as_deref(),
+        Some("v1")
+    );
+    assert_eq!(f.version_of("t-canary").await, "v1");
+
+    // A failed gate with `rollback: manual` pauses; the revert of the abort then fails.
+    let (status, out) = f
+        .create(
+            json!({"release_id": "rel-stuck", "app_version": "v3", "rollback": "manual",
+                       "vars": {"fault_rate": 0.2}, "waves": waves(30, false), "gates": gates()}),
+        )
+        .await;
+    assert_eq!(status, 201, "{out:#}");
+    let r = f
+        .wait_state(
+            "rel-stuck",
+            &["paused", "rolled_back", "failed"],
+            Duration::from_secs(120),
+        )
+        .await;
+    assert_eq!(r["state"], "paused", "{r:#}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("failed on cell canary-1"),
+        "{r:#}"
+    );
+    assert_eq!(
+        f.app.cell("canary-1").await.app_version.as_deref(),
+        Some("v3")
+    );
+    restart_with_failpoints(&mut f, "cell.apply/apply=fatal").await;
+    assert_eq!(f.action("rel-stuck", "abort", None).await.0, 200);
+    let r = f
+        .wait_state(
+            "rel-stuck",
+            &["failed", "aborted"],
+            Duration::from_secs(120),
+        )
+        .await;
+    assert_eq!(r["state"], "failed", "{r:#}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("rolling back cell canary-1 failed"),
+        "{r:#}"
+    );
+    let cell = &r["waves"][0]["cells"][0];
+    assert_eq!(cell["state"], "failed", "{r:#}");
+    assert!(
+        cell["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("rollback failed"),
+        "{r:#}"
+    );
+    assert!(f
+        .audit_events("rel-stuck")
+        .await
+        .contains(&"RELEASE_ROLLBACK_FAILED".to_string()));
+    f.stop_traffic().await;
+}
