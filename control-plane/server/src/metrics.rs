@@ -15,7 +15,7 @@ use crate::gates::Window;
 use crate::routing::{counter_delta, Routing};
 use cellplane_api::releases::MetricsSource;
 use chrono::{DateTime, Utc};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 /// Why a provider could not answer (unreachable, refused the query, answered nonsense).
@@ -49,6 +49,15 @@ pub trait MetricsProvider {
         window_secs: u64,
         floor: Option<DateTime<Utc>>,
     ) -> impl std::future::Future<Output = Result<Reading, ProviderError>> + Send;
+
+    /// [`MetricsProvider::window`] for many cells at once (a wave's evaluation round):
+    /// every cell asked for is in the answer.
+    fn windows(
+        &self,
+        cells: &[String],
+        window_secs: u64,
+        floor: Option<DateTime<Utc>>,
+    ) -> impl std::future::Future<Output = Result<HashMap<String, Reading>, ProviderError>> + Send;
 
     /// The same window cut into `step_secs` steps, oldest first; steps without traffic are
     /// left out.
@@ -108,6 +117,17 @@ impl MetricsProvider for Provider<'_> {
             Provider::Prometheus(p) => p.window(cell_id, window_secs, floor).await,
         }
     }
+    async fn windows(
+        &self,
+        cells: &[String],
+        window_secs: u64,
+        floor: Option<DateTime<Utc>>,
+    ) -> Result<HashMap<String, Reading>, ProviderError> {
+        match self {
+            Provider::Builtin(p) => p.windows(cells, window_secs, floor).await,
+            Provider::Prometheus(p) => p.windows(cells, window_secs, floor).await,
+        }
+    }
     async fn series(
         &self,
         cell_id: &str,
@@ -153,6 +173,22 @@ impl MetricsProvider for Builtin {
             .await
             .map_err(|e| ProviderError(format!("reading cell samples: {e}")))?;
         Ok(Reading { window, sources })
+    }
+    async fn windows(
+        &self,
+        cells: &[String],
+        window_secs: u64,
+        floor: Option<DateTime<Utc>>,
+    ) -> Result<HashMap<String, Reading>, ProviderError> {
+        let floor = floor.map(crate::persistence::fmt_time).unwrap_or_default();
+        Ok(self
+            .routing
+            .cell_windows_since(cells, window_secs, &floor)
+            .await
+            .map_err(|e| ProviderError(format!("reading cell samples: {e}")))?
+            .into_iter()
+            .map(|(c, (window, sources))| (c, Reading { window, sources }))
+            .collect())
     }
     async fn series(
         &self,
@@ -327,48 +363,62 @@ impl MetricsProvider for Prometheus {
         window_secs: u64,
         floor: Option<DateTime<Utc>>,
     ) -> Result<Reading, ProviderError> {
+        let mut all = self
+            .windows(&[cell_id.to_string()], window_secs, floor)
+            .await?;
+        Ok(all.remove(cell_id).unwrap_or_default())
+    }
+    /// Two queries whatever the number of cells: responses by cell and code, buckets by
+    /// cell and `le` (one cell: selected by name; more: every cell, picked here).
+    async fn windows(
+        &self,
+        cells: &[String],
+        window_secs: u64,
+        floor: Option<DateTime<Utc>>,
+    ) -> Result<HashMap<String, Reading>, ProviderError> {
         let now = Utc::now();
         let range = span(window_secs, floor, now).max(self.min_range);
-        let cell = Self::literal(cell_id);
+        let selector = match cells {
+            [one] => format!("{{cell={}}}", Self::literal(one)),
+            _ => String::new(),
+        };
         let time = format!("{:.3}", now.timestamp_millis() as f64 / 1000.0);
-        let codes = self
-            .query(
-                "query",
-                &[
-                    (
-                        "query",
-                        format!("sum by (code) (increase({REQUESTS}{{cell={cell}}}[{range}s]))"),
-                    ),
-                    ("time", time.clone()),
-                ],
-            )
-            .await?;
-        let buckets = self
-            .query(
-                "query",
-                &[
-                    (
-                        "query",
-                        format!(
-                            "sum by (le) (increase({DURATION_BUCKETS}{{cell={cell}}}[{range}s]))"
-                        ),
-                    ),
-                    ("time", time),
-                ],
-            )
-            .await?;
-        let codes: Vec<(String, u64)> = codes
+        let ask = |what: &str, by: &str| {
+            vec![
+                (
+                    "query",
+                    format!("sum by (cell, {by}) (increase({what}{selector}[{range}s]))"),
+                ),
+                ("time", time.clone()),
+            ]
+        };
+        let codes = self.query("query", &ask(REQUESTS, "code")).await?;
+        let buckets = self.query("query", &ask(DURATION_BUCKETS, "le")).await?;
+        type Parts = (Vec<(String, u64)>, Vec<(String, u64)>);
+        let mut per: HashMap<String, Parts> = cells
             .iter()
-            .map(|r| (Self::label(r, "code"), Self::count(&r["value"])))
+            .map(|c| (c.clone(), Default::default()))
             .collect();
-        let buckets: Vec<(String, u64)> = buckets
-            .iter()
-            .map(|r| (Self::label(r, "le"), Self::count(&r["value"])))
-            .collect();
-        Ok(Reading {
-            sources: codes.len() as u64,
-            window: Self::window_of(&codes, &buckets),
-        })
+        for r in &codes {
+            if let Some(p) = per.get_mut(&Self::label(r, "cell")) {
+                p.0.push((Self::label(r, "code"), Self::count(&r["value"])));
+            }
+        }
+        for r in &buckets {
+            if let Some(p) = per.get_mut(&Self::label(r, "cell")) {
+                p.1.push((Self::label(r, "le"), Self::count(&r["value"])));
+            }
+        }
+        Ok(per
+            .into_iter()
+            .map(|(c, (codes, buckets))| {
+                let reading = Reading {
+                    sources: codes.len() as u64,
+                    window: Self::window_of(&codes, &buckets),
+                };
+                (c, reading)
+            })
+            .collect())
     }
     async fn series(
         &self,

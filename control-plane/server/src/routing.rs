@@ -380,23 +380,41 @@ impl Routing {
         window_secs: u64,
         floor: &str,
     ) -> Result<(crate::gates::Window, u64)> {
-        let start = persistence::fmt_time(
+        let mut all = self
+            .cell_windows_since(&[cell_id.to_string()], window_secs, floor)
+            .await?;
+        Ok(all.remove(cell_id).unwrap_or_default())
+    }
+
+    /// Several cells' windows at once (one query per 500 cells): per cell and router, the
+    /// newest sample minus the oldest from the window's start (`window_secs` ago, or
+    /// `floor` when later) on. A router counts once it has two samples in the window.
+    pub async fn cell_windows_since(
+        &self,
+        cells: &[String],
+        window_secs: u64,
+        floor: &str,
+    ) -> Result<std::collections::HashMap<String, (crate::gates::Window, u64)>> {
+        let mut start = persistence::fmt_time(
             chrono::Utc::now() - chrono::Duration::seconds(window_secs.min(i64::MAX as u64) as i64),
         );
-        let pairs = self
-            .store()
-            .cell_window_samples(cell_id, &start, floor)
-            .await?;
-        // A router counts once it has two samples in the window (one is no interval).
-        let mut w = crate::gates::Window::default();
-        let mut routers = 0;
-        for (first, last) in &pairs {
-            if first.at != last.at {
-                routers += 1;
-                w = w.merge(&counter_delta(&first.counters, &last.counters));
-            }
+        if floor > start.as_str() {
+            start = floor.to_string();
         }
-        Ok((w, routers))
+        let pairs = self.store().cell_window_pairs(cells, &start).await?;
+        let mut out: std::collections::HashMap<String, (crate::gates::Window, u64)> = cells
+            .iter()
+            .map(|c| (c.clone(), Default::default()))
+            .collect();
+        for (first, last) in &pairs {
+            if first.at == last.at {
+                continue;
+            }
+            let e = out.entry(first.counters.cell_id.clone()).or_default();
+            e.0 = e.0.merge(&counter_delta(&first.counters, &last.counters));
+            e.1 += 1;
+        }
+        Ok(out)
     }
 
     /// `GET /v1/cells/{id}/metrics`.

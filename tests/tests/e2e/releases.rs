@@ -630,6 +630,34 @@ async fn the_same_bad_release_is_caught_through_prometheus() {
     for c in ["pool-1", "pool-2"] {
         assert_eq!(f.applies(c).await, 0, "{c} was applied");
     }
+    // A healthy release passes through Prometheus too, the pooled wave's two cells read
+    // in one query.
+    let (status, out) = f
+        .create(json!({"release_id": "rel-prom-ok", "app_version": "v2",
+                       "waves": waves(3, false), "gates": g}))
+        .await;
+    assert_eq!(status, 201, "{out:#}");
+    let r = f
+        .wait_state(
+            "rel-prom-ok",
+            &["rolled_back", "succeeded", "failed", "paused"],
+            Duration::from_secs(180),
+        )
+        .await;
+    assert_eq!(r["state"], "succeeded", "{r:#}");
+    for c in ["pool-1", "pool-2"] {
+        assert!(
+            r["decisions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["cell_id"] == c
+                    && d["result"] == "success"
+                    && d["measurements"]["provider"] == "prometheus"
+                    && d["measurements"]["requests"].as_u64().unwrap_or(0) >= 5),
+            "{c}: {r:#}"
+        );
+    }
     f.stop_traffic().await;
 }
 
@@ -1103,5 +1131,86 @@ async fn retry_reapplies_a_failed_cell_and_a_failed_revert_halts() {
         .audit_events("rel-stuck")
         .await
         .contains(&"RELEASE_ROLLBACK_FAILED".to_string()));
+    f.stop_traffic().await;
+}
+
+/// `cellplane release …`: create from a file, skip a cell that is unavailable (listed as
+/// skipped, never passed), approve, follow the live view to the end (exit 0 only on
+/// success), list; a bad variable is refused with its field and a non-zero exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_release_commands_drive_a_release_with_a_live_view() {
+    let mut f = Fleet::start(Backend::Sqlite, AppOptions::default(), &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("release.yaml");
+    std::fs::write(
+        &file,
+        serde_json::to_string(&json!({"waves": waves(1, true),
+            "gates": {"interval_secs": 1, "max_error_ratio": null}}))
+        .unwrap(),
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let (code, out, err) = f.app.cli(&[
+        "release",
+        "create",
+        "rel-cli",
+        "--app-version",
+        "v2",
+        "-f",
+        path,
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("release rel-cli → v2"), "{out}");
+    let r = f
+        .wait_state("rel-cli", &["paused"], Duration::from_secs(120))
+        .await;
+    assert_eq!(r["waves"][1]["state"], "awaiting_approval", "{r:#}");
+    let (code, out, err) = f
+        .app
+        .cli(&["release", "skip", "rel-cli", "--cell", "pool-2"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, _, err) = f.app.cli(&["release", "approve", "rel-cli"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = f.app.cli(&["release", "status", "rel-cli", "--watch"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for want in ["wave canary", "wave pooled", "succeeded", "skipped"] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
+    let pool2 = out.lines().rev().find(|l| l.contains("pool-2")).unwrap();
+    assert!(pool2.contains("skipped"), "{out}");
+    assert_eq!(
+        f.app.cell("pool-1").await.app_version.as_deref(),
+        Some("v2")
+    );
+    assert_eq!(
+        f.app.cell("pool-2").await.app_version.as_deref(),
+        Some("v1")
+    );
+    assert_eq!(
+        f.applies("pool-2").await,
+        0,
+        "a skipped cell is never applied"
+    );
+    let (code, out, _) = f.app.cli(&["release", "list"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("rel-cli") && out.contains("succeeded"),
+        "{out}"
+    );
+    // Refused with the field; nothing started.
+    let (code, out, err) = f.app.cli(&[
+        "release",
+        "create",
+        "rel-bad",
+        "--app-version",
+        "v3",
+        "--var",
+        "fault_rate=2",
+    ]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("vars.fault_rate"), "{err}");
+    let (code, _, err) = f.app.cli(&["release", "create", "rel-bad", "--var", "x=1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--app-version"), "{err}");
     f.stop_traffic().await;
 }

@@ -54,135 +54,179 @@ fn slower_than(w: &Window, threshold_ms: f64) -> u64 {
     w.total.saturating_sub(within)
 }
 
-/// Every per-cell gate of `g` measured on `cell`.
-pub async fn measure_cell(
+/// Every per-cell gate of `g` measured on each of `cells`: one batch read per window
+/// (the gate window, and each burn-rate rule's long and short ones), whatever the number
+/// of cells.
+pub async fn measure_cells(
     p: &Provider<'_>,
-    cell: &str,
+    cells: &[String],
     g: &Gates,
     floor: DateTime<Utc>,
-) -> Vec<Measured> {
+) -> Vec<(String, Measured)> {
     let window = g.window_secs.max(1) as u64;
-    let mut out = Vec::new();
-    let read = p.window(cell, window, Some(floor)).await;
     let provider = p.name();
     let error = |gate: &'static str, e: &crate::metrics::ProviderError| Measured {
         gate,
         result: Measurement::Error,
         numbers: json!({"provider": provider, "error": e.to_string()}),
     };
-    match &read {
-        Err(e) => {
-            for gate in ["error_ratio", "latency"] {
-                if cell_gates(g).contains(&gate) {
-                    out.push(error(gate, e));
+    let read = if g.max_error_ratio.is_some() || g.latency.is_some() || g.burn_rate.is_some() {
+        Some(p.windows(cells, window, Some(floor)).await)
+    } else {
+        None
+    };
+    // Right after the cells settled no router may have reported twice yet: that is no
+    // measurement of the cell (until a whole window has passed), not an inconclusive one.
+    let young = Utc::now() - floor < chrono::Duration::seconds(window as i64);
+    let not_yet = |cell: &str| match &read {
+        Some(Ok(all)) => young && all.get(cell).is_none_or(|r| r.sources == 0),
+        _ => false,
+    };
+    let burn = match &g.burn_rate {
+        Some(b) => Some(measure_burn(p, cells, g, b, floor).await),
+        None => None,
+    };
+    let mut out = Vec::new();
+    for (k, cell) in cells.iter().enumerate() {
+        if not_yet(cell) {
+            continue;
+        }
+        match &read {
+            None => {}
+            Some(Err(e)) => {
+                for gate in ["error_ratio", "latency"] {
+                    if cell_gates(g).contains(&gate) {
+                        out.push((cell.clone(), error(gate, e)));
+                    }
+                }
+            }
+            Some(Ok(all)) => {
+                let r = all.get(cell).cloned().unwrap_or_default();
+                let w = &r.window;
+                let enough = w.total >= g.min_requests;
+                if let Some(max) = g.max_error_ratio {
+                    let ratio = gates::error_ratio(w);
+                    out.push((
+                        cell.clone(),
+                        Measured {
+                            gate: "error_ratio",
+                            result: judge(enough, ratio.unwrap_or(0.0) > max),
+                            numbers: json!({"provider": provider, "requests": w.total,
+                                "errors": w.errors, "error_ratio": ratio, "max_error_ratio": max,
+                                "min_requests": g.min_requests, "window_secs": window,
+                                "sources": r.sources}),
+                        },
+                    ));
+                }
+                if let Some(l) = &g.latency {
+                    let v = gates::percentile(&w.buckets, l.percentile).map(|s| s * 1000.0);
+                    out.push((
+                        cell.clone(),
+                        Measured {
+                            gate: "latency",
+                            result: judge(enough, v.unwrap_or(0.0) > l.max_ms),
+                            numbers: json!({"provider": provider, "requests": w.total,
+                                "percentile": l.percentile, "value_ms": v, "max_ms": l.max_ms,
+                                "min_requests": g.min_requests, "window_secs": window,
+                                "sources": r.sources}),
+                        },
+                    ));
                 }
             }
         }
-        // Right after the cells settled no router may have reported twice yet: that is
-        // no measurement (until a whole window has passed), not an inconclusive one.
-        Ok(r)
-            if r.sources == 0 && Utc::now() - floor < chrono::Duration::seconds(window as i64) =>
-        {
-            return Vec::new();
-        }
-        Ok(r) => {
-            let w = &r.window;
-            let enough = w.total >= g.min_requests;
-            if let Some(max) = g.max_error_ratio {
-                let ratio = gates::error_ratio(w);
-                out.push(Measured {
-                    gate: "error_ratio",
-                    result: judge(enough, ratio.unwrap_or(0.0) > max),
-                    numbers: json!({"provider": provider, "requests": w.total, "errors": w.errors,
-                        "error_ratio": ratio, "max_error_ratio": max, "min_requests": g.min_requests,
-                        "window_secs": window, "sources": r.sources}),
-                });
-            }
-            if let Some(l) = &g.latency {
-                let v = gates::percentile(&w.buckets, l.percentile).map(|s| s * 1000.0);
-                out.push(Measured {
-                    gate: "latency",
-                    result: judge(enough, v.unwrap_or(0.0) > l.max_ms),
-                    numbers: json!({"provider": provider, "requests": w.total,
-                        "percentile": l.percentile, "value_ms": v, "max_ms": l.max_ms,
-                        "min_requests": g.min_requests, "window_secs": window,
-                        "sources": r.sources}),
-                });
+        if let Some(burn) = &burn {
+            if let Some(m) = burn.get(k) {
+                out.push((
+                    cell.clone(),
+                    Measured {
+                        gate: "burn_rate",
+                        result: m.result,
+                        numbers: m.numbers.clone(),
+                    },
+                ));
             }
         }
-    }
-    if let Some(b) = &g.burn_rate {
-        out.push(measure_burn(p, cell, g, b, floor).await);
     }
     out
 }
 
-/// The multi-window burn rate: each rule reads its long and short window; a rule fires
-/// when both burn faster than its factor. Any rule firing fails; a short window with fewer
-/// than `min_requests` requests is inconclusive.
+/// The multi-window burn rate of each cell (in the order of `cells`): each rule reads its
+/// long and short window; a rule fires when both burn faster than its factor. Any rule
+/// firing fails; a short window with fewer than `min_requests` requests is inconclusive.
 async fn measure_burn(
     p: &Provider<'_>,
-    cell: &str,
+    cells: &[String],
     g: &Gates,
     b: &cellplane_api::releases::BurnRateGate,
     floor: DateTime<Utc>,
-) -> Measured {
-    let mut rules = Vec::new();
-    let (mut fired, mut enough) = (false, true);
+) -> Vec<Measured> {
+    let mut windows = Vec::new();
     for spec in &b.rules {
-        let rule = BurnRule {
-            long_secs: spec.long_secs,
-            short_secs: spec.short_secs,
-            factor: spec.factor,
-        };
-        let (long, short) = match (
-            p.window(cell, rule.long_secs, Some(floor)).await,
-            p.window(cell, rule.short_secs, Some(floor)).await,
+        match (
+            p.windows(cells, spec.long_secs, Some(floor)).await,
+            p.windows(cells, spec.short_secs, Some(floor)).await,
         ) {
-            (Ok(l), Ok(s)) => (l.window, s.window),
+            (Ok(l), Ok(s)) => windows.push((spec, l, s)),
             (Err(e), _) | (_, Err(e)) => {
-                return Measured {
+                let m = || Measured {
                     gate: "burn_rate",
                     result: Measurement::Error,
                     numbers: json!({"provider": p.name(), "error": e.to_string()}),
-                }
+                };
+                return cells.iter().map(|_| m()).collect();
             }
-        };
-        // Bad requests: failed, or (with a latency threshold) slower than it.
-        let bad = |w: &Window| {
-            let slow = b
-                .latency_threshold_ms
-                .map(|t| slower_than(w, t))
-                .unwrap_or(0);
-            Window {
-                total: w.total,
-                errors: (w.errors + slow).min(w.total),
-                buckets: Vec::new(),
+        }
+    }
+    // Bad requests: failed, or (with a latency threshold) slower than it.
+    let bad = |w: &Window| {
+        let slow = b
+            .latency_threshold_ms
+            .map(|t| slower_than(w, t))
+            .unwrap_or(0);
+        Window {
+            total: w.total,
+            errors: (w.errors + slow).min(w.total),
+            buckets: Vec::new(),
+        }
+    };
+    let rate = |w: &Window| gates::error_ratio(w).map(|r| gates::burn_rate(r, b.slo_target));
+    cells
+        .iter()
+        .map(|cell| {
+            let mut rules = Vec::new();
+            let (mut fired, mut enough) = (false, true);
+            for (spec, long, short) in &windows {
+                let rule = BurnRule {
+                    long_secs: spec.long_secs,
+                    short_secs: spec.short_secs,
+                    factor: spec.factor,
+                };
+                let l = bad(&long.get(cell).cloned().unwrap_or_default().window);
+                let s = bad(&short.get(cell).cloned().unwrap_or_default().window);
+                let fires = rule.fires(&l, &s, b.slo_target).unwrap_or(false);
+                enough &= s.total >= g.min_requests;
+                fired |= fires;
+                rules.push(
+                    json!({"long_secs": rule.long_secs, "short_secs": rule.short_secs,
+                    "factor": rule.factor, "long_burn_rate": rate(&l),
+                    "short_burn_rate": rate(&s), "long_requests": l.total,
+                    "short_requests": s.total, "fires": fires}),
+                );
             }
-        };
-        let (l, s) = (bad(&long), bad(&short));
-        let rate = |w: &Window| gates::error_ratio(w).map(|r| gates::burn_rate(r, b.slo_target));
-        let fires = rule.fires(&l, &s, b.slo_target).unwrap_or(false);
-        enough &= s.total >= g.min_requests;
-        fired |= fires;
-        rules.push(
-            json!({"long_secs": rule.long_secs, "short_secs": rule.short_secs,
-            "factor": rule.factor, "long_burn_rate": rate(&l), "short_burn_rate": rate(&s),
-            "long_requests": l.total, "short_requests": s.total, "fires": fires}),
-        );
-    }
-    Measured {
-        gate: "burn_rate",
-        // A rule that fires on enough traffic fails even if another rule lacks traffic.
-        result: if fired && !rules.is_empty() {
-            judge(true, true)
-        } else {
-            judge(enough, false)
-        },
-        numbers: json!({"provider": p.name(), "slo_target": b.slo_target,
-            "latency_threshold_ms": b.latency_threshold_ms, "min_requests": g.min_requests,
-            "rules": rules}),
-    }
+            Measured {
+                gate: "burn_rate",
+                // A rule that fires fails even if another rule lacks traffic.
+                result: if fired {
+                    Measurement::Failure
+                } else {
+                    judge(enough, false)
+                },
+                numbers: json!({"provider": p.name(), "slo_target": b.slo_target,
+                    "latency_threshold_ms": b.latency_threshold_ms,
+                    "min_requests": g.min_requests, "rules": rules}),
+            }
+        })
+        .collect()
 }
 
 /// Canary against baseline for a wave: `None` when no cell is left on the old version

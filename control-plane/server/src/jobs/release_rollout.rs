@@ -544,11 +544,26 @@ async fn reapply_in(
 async fn budget_refusal(shared: &Shared, r: &ReleaseRow, w: usize) -> Option<String> {
     let g = &r.spec.gates;
     let (min, target, window) = (g.min_budget?, g.slo_target?, g.budget_window_secs);
+    let cells: Vec<String> = r.waves[w].cells.iter().map(|c| c.cell_id.clone()).collect();
+    let read = shared
+        .routing()
+        .cell_windows_since(&cells, window, "")
+        .await;
+    let windows = match read {
+        Ok(w) => w,
+        Err(e) => {
+            return Some(format!(
+                "wave {} does not start: its cells' error budget could not be read ({e}); \
+                 resume to check again",
+                r.waves[w].name
+            ))
+        }
+    };
     for c in &r.waves[w].cells {
-        let Ok((win, _)) = shared.routing().cell_window(&c.cell_id, window).await else {
+        let Some((win, _)) = windows.get(&c.cell_id) else {
             continue;
         };
-        if let Some(left) = crate::gates::remaining_budget(&win, target) {
+        if let Some(left) = crate::gates::remaining_budget(win, target) {
             if left < min {
                 return Some(format!(
                     "wave {} does not start: cell {} has {:.0} % of its error budget left over \
@@ -609,10 +624,8 @@ async fn bake(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result<
     let provider = shared.metrics.get(g.provider);
     // Every measurement of this round: per cell, then the wave against its baseline.
     let mut round: Vec<(String, Measured)> = Vec::new();
-    for cell in &cells {
-        for m in release_gates::measure_cell(&provider, cell, &g, settled).await {
-            round.push((format!("{}/{cell}", m.gate), m));
-        }
+    for (cell, m) in release_gates::measure_cells(&provider, &cells, &g, settled).await {
+        round.push((format!("{}/{cell}", m.gate), m));
     }
     // The comparison needs its whole window of samples after the cells settled.
     if g.baseline.is_some() && now - settled >= chrono::Duration::seconds(window as i64) {

@@ -64,6 +64,53 @@ impl WriteTx {
 }
 
 impl Store {
+    /// For each of `cells` and each router that reported it since `start`: the oldest
+    /// sample from `start` on and the newest (the same sample when there is one). One
+    /// query per 500 cells.
+    pub async fn cell_window_pairs(
+        &self,
+        cells: &[String],
+        start: &str,
+    ) -> Result<Vec<(CellSample, CellSample)>> {
+        let mut out = Vec::new();
+        for chunk in cells.chunks(500) {
+            let list = (0..chunk.len())
+                .map(|i| format!("${}", i + 2))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "SELECT s.cell_id, s.router_id, s.at, s.codes, s.le, s.buckets \
+                 FROM cell_samples s JOIN (SELECT cell_id, router_id, MIN(at) AS a, MAX(at) AS b \
+                 FROM cell_samples WHERE at >= $1 AND cell_id IN ({list}) \
+                 GROUP BY cell_id, router_id) g \
+                 ON s.cell_id = g.cell_id AND s.router_id = g.router_id AND (s.at = g.a OR s.at = g.b) \
+                 ORDER BY s.cell_id, s.router_id, s.at"
+            );
+            let mut q = sqlx::query(&sql).bind(start);
+            for c in chunk {
+                q = q.bind(c.as_str());
+            }
+            let rows = q.fetch_all(&self.pool).await?;
+            let samples: Vec<CellSample> =
+                rows.iter().map(sample_from_row).collect::<Result<_>>()?;
+            let mut i = 0;
+            while i < samples.len() {
+                let same = samples.get(i + 1).is_some_and(|n| {
+                    n.counters.cell_id == samples[i].counters.cell_id
+                        && n.router_id == samples[i].router_id
+                });
+                if same {
+                    out.push((samples[i].clone(), samples[i + 1].clone()));
+                    i += 2;
+                } else {
+                    out.push((samples[i].clone(), samples[i].clone()));
+                    i += 1;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Every sample of `cell_id` from `start` on, by router then time.
     pub async fn cell_samples_since(&self, cell_id: &str, start: &str) -> Result<Vec<CellSample>> {
         let rows = sqlx::query(
@@ -74,61 +121,5 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(sample_from_row).collect()
-    }
-
-    /// For each router that reported `cell_id` since `start`: the sample the window starts
-    /// from (the newest at or before `start` but not before `floor`, else the oldest after
-    /// `start`) and the newest.
-    pub async fn cell_window_samples(
-        &self,
-        cell_id: &str,
-        start: &str,
-        floor: &str,
-    ) -> Result<Vec<(CellSample, CellSample)>> {
-        let routers: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT router_id FROM cell_samples WHERE cell_id = $1 AND at >= $2 \
-             ORDER BY router_id",
-        )
-        .bind(cell_id)
-        .bind(start)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut out = Vec::with_capacity(routers.len());
-        for router in routers {
-            let newest = sqlx::query(
-                "SELECT * FROM cell_samples WHERE cell_id = $1 AND router_id = $2 \
-                 ORDER BY at DESC LIMIT 1",
-            )
-            .bind(cell_id)
-            .bind(&router)
-            .fetch_one(&self.pool)
-            .await?;
-            let before = sqlx::query(
-                "SELECT * FROM cell_samples WHERE cell_id = $1 AND router_id = $2 AND at <= $3 \
-                 AND at >= $4 ORDER BY at DESC LIMIT 1",
-            )
-            .bind(cell_id)
-            .bind(&router)
-            .bind(start)
-            .bind(floor)
-            .fetch_optional(&self.pool)
-            .await?;
-            let first = match before {
-                Some(r) => r,
-                None => {
-                    sqlx::query(
-                        "SELECT * FROM cell_samples WHERE cell_id = $1 AND router_id = $2 \
-                         AND at > $3 ORDER BY at LIMIT 1",
-                    )
-                    .bind(cell_id)
-                    .bind(&router)
-                    .bind(start)
-                    .fetch_one(&self.pool)
-                    .await?
-                }
-            };
-            out.push((sample_from_row(&first)?, sample_from_row(&newest)?));
-        }
-        Ok(out)
     }
 }
