@@ -86,7 +86,7 @@ pub struct Config {
     /// runtime and cell pools (default: one per CPU).
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Latency histogram bounds in seconds; put your SLO thresholds here.
+    /// Latency histogram bounds in seconds (at most 20); put your SLO thresholds here.
     #[arg(
         long,
         value_delimiter = ',',
@@ -168,6 +168,10 @@ impl Config {
                 .any(|b| !b.is_finite() || *b <= 0.0)
         {
             return Err("--latency-buckets must be increasing positive seconds".into());
+        }
+        // The control plane keeps at most 20 bounds per cell for release gates.
+        if self.latency_buckets.len() > 20 {
+            return Err("--latency-buckets takes at most 20 bounds".into());
         }
         if !self.health_path.starts_with('/')
             || self.health_path.parse::<http::uri::PathAndQuery>().is_err()

@@ -333,9 +333,12 @@ pub struct RoutingConfig {
     pub revision_poll_ms: u64,
     /// A router not heard from for this long is not live.
     pub router_live_secs: u64,
-    /// How long the per-cell counters routers report with heartbeats are kept: the
-    /// longest window a release gate can look at.
+    /// How long the per-cell traffic routers report with heartbeats is kept (as slots):
+    /// the longest window a release gate can look at.
     pub cell_sample_retention_secs: u64,
+    /// The time slots routers' per-cell traffic is summed into (release gates read whole
+    /// slots: a window is cut to the slots that start inside it).
+    pub cell_slot_secs: u64,
 }
 
 impl Default for RoutingConfig {
@@ -346,6 +349,7 @@ impl Default for RoutingConfig {
             revision_poll_ms: 500,
             router_live_secs: 30,
             cell_sample_retention_secs: 3600,
+            cell_slot_secs: 5,
         }
     }
 }

@@ -12,7 +12,7 @@
 
 use crate::config::MetricsConfig;
 use crate::gates::Window;
-use crate::routing::{counter_delta, Routing};
+use crate::routing::Routing;
 use cellplane_api::releases::MetricsSource;
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, HashMap};
@@ -197,31 +197,24 @@ impl MetricsProvider for Builtin {
         step_secs: u64,
         floor: Option<DateTime<Utc>>,
     ) -> Result<Vec<Window>, ProviderError> {
-        let now = Utc::now();
-        let start = now - chrono::Duration::seconds(span(window_secs, floor, now) as i64);
-        let samples = self
+        let floor = floor.map(crate::persistence::fmt_time).unwrap_or_default();
+        let first = self.routing.first_slot(window_secs, &floor);
+        let rows = self
             .routing
             .store()
-            .cell_samples_since(cell_id, &crate::persistence::fmt_time(start))
+            .cell_traffic_series(cell_id, first)
             .await
-            .map_err(|e| ProviderError(format!("reading cell samples: {e}")))?;
-        // Consecutive samples of one router make one delta, filed under the step its end
-        // falls in; steps merge every router's deltas.
+            .map_err(|e| ProviderError(format!("reading cell traffic: {e}")))?;
+        // Each slot is filed under the step it starts in.
         let step = step_secs.max(1) as i64;
         let mut steps: BTreeMap<i64, Window> = BTreeMap::new();
-        for pair in samples.windows(2) {
-            let (a, b) = (&pair[0], &pair[1]);
-            if a.router_id != b.router_id {
-                continue;
-            }
-            let Some(at) = crate::persistence::parse_time(&b.at) else {
-                continue;
+        for (slot, t) in rows {
+            let d = Window {
+                total: t.total,
+                errors: t.errors,
+                buckets: t.buckets,
             };
-            let d = counter_delta(&a.counters, &b.counters);
-            if d.total == 0 {
-                continue;
-            }
-            let k = (at - start).num_seconds() / step;
+            let k = (slot - first).div_euclid(step);
             let merged = steps.get(&k).map(|w| w.merge(&d)).unwrap_or(d);
             steps.insert(k, merged);
         }

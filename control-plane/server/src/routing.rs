@@ -329,12 +329,46 @@ impl Routing {
                 .await?;
         }
         if !hb.cells.is_empty() {
-            let keep_after = persistence::fmt_time(
-                chrono::Utc::now()
-                    - chrono::Duration::seconds(self.config.cell_sample_retention_secs as i64),
-            );
-            tx.record_cell_samples(router_id, &now, &hb.cells, &keep_after)
+            // The traffic since this router's previous heartbeat, per cell that had any,
+            // added to the slot that interval started in (one row per cell).
+            let previous = tx.latest_cell_samples(router_id).await?;
+            let slot_secs = self.config.cell_slot_secs.max(1) as i64;
+            let mut deltas: std::collections::BTreeMap<&str, persistence::CellDelta> =
+                Default::default();
+            for c in &hb.cells {
+                let Some(prev) = previous.get(&c.cell_id) else {
+                    continue;
+                };
+                let Some(since) = persistence::parse_time(&prev.at) else {
+                    continue;
+                };
+                let d = counter_delta(&prev.counters, c);
+                if d.total == 0 {
+                    continue;
+                }
+                deltas.insert(
+                    &c.cell_id,
+                    persistence::CellDelta {
+                        cell_id: c.cell_id.clone(),
+                        slot: since.timestamp().div_euclid(slot_secs) * slot_secs,
+                        total: d.total,
+                        errors: d.errors,
+                        le: c.le.clone(),
+                        buckets: d.buckets.iter().map(|(_, n)| *n).collect(),
+                    },
+                );
+            }
+            // Only each router's newest counters are kept: the next heartbeat subtracts
+            // them; windows read the slots.
+            tx.record_cell_samples(router_id, &now, &hb.cells, &now)
                 .await?;
+            let deltas: Vec<persistence::CellDelta> = deltas.into_values().collect();
+            let keep_slots = chrono::Utc::now().timestamp()
+                - self
+                    .config
+                    .cell_sample_retention_secs
+                    .min(i64::MAX as u64 / 2) as i64;
+            tx.record_cell_deltas(&deltas, keep_slots).await?;
         }
         if new {
             tx.audit(AuditInput {
@@ -386,40 +420,49 @@ impl Routing {
         Ok(all.remove(cell_id).unwrap_or_default())
     }
 
-    /// Several cells' windows at once (one query per 500 cells): per cell and router, the
-    /// newest sample minus the oldest from the window's start (`window_secs` ago, or
-    /// `floor` when later) on. A router counts once it has two samples in the window.
+    /// The first whole slot of a window that starts `window_secs` ago, or at `floor`
+    /// (RFC 3339) when later: traffic from before the start is never counted.
+    pub fn first_slot(&self, window_secs: u64, floor: &str) -> i64 {
+        let start = window_start(window_secs, floor);
+        let secs = persistence::parse_time(&start)
+            .map(|t| t.timestamp())
+            .unwrap_or_default();
+        let slot = self.config.cell_slot_secs.max(1) as i64;
+        (secs + slot - 1).div_euclid(slot) * slot
+    }
+
+    /// Several cells' windows at once (one grouped query per 64 cells): the traffic of
+    /// the slots that start inside the window (`window_secs` ago, or at `floor` when
+    /// later), and how many router intervals it came from.
     pub async fn cell_windows_since(
         &self,
         cells: &[String],
         window_secs: u64,
         floor: &str,
     ) -> Result<std::collections::HashMap<String, (crate::gates::Window, u64)>> {
-        let mut start = persistence::fmt_time(
-            chrono::Utc::now() - chrono::Duration::seconds(window_secs.min(i64::MAX as u64) as i64),
-        );
-        if floor > start.as_str() {
-            start = floor.to_string();
-        }
-        let pairs = self.store().cell_window_pairs(cells, &start).await?;
-        let mut out: std::collections::HashMap<String, (crate::gates::Window, u64)> = cells
+        let slot = self.first_slot(window_secs, floor);
+        let mut traffic = self.store().cell_traffic(cells, slot).await?;
+        Ok(cells
             .iter()
-            .map(|c| (c.clone(), Default::default()))
-            .collect();
-        for (first, last) in &pairs {
-            if first.at == last.at {
-                continue;
-            }
-            let e = out.entry(first.counters.cell_id.clone()).or_default();
-            e.0 = e.0.merge(&counter_delta(&first.counters, &last.counters));
-            e.1 += 1;
-        }
-        Ok(out)
+            .map(|c| {
+                let t = traffic.remove(c).unwrap_or_default();
+                let w = crate::gates::Window {
+                    total: t.total,
+                    errors: t.errors,
+                    buckets: t.buckets,
+                };
+                (c.clone(), (w, t.reports))
+            })
+            .collect())
     }
 
     /// `GET /v1/cells/{id}/metrics`.
     pub async fn cell_metrics(&self, cell_id: &str, window_secs: u64) -> Result<CellMetrics> {
-        let (w, routers) = self.cell_window(cell_id, window_secs).await?;
+        let (w, _) = self.cell_window(cell_id, window_secs).await?;
+        let routers = self
+            .store()
+            .routers_reporting(cell_id, &window_start(window_secs, ""))
+            .await?;
         let ms = |q| crate::gates::percentile(&w.buckets, q).map(|s| s * 1000.0);
         Ok(CellMetrics {
             cell_id: cell_id.to_string(),
@@ -650,6 +693,18 @@ pub async fn flip_in(
 
 /// What happened between two samples of one router's counters for a cell. A counter that
 /// went down means the router restarted: everything in the newer sample is new.
+/// A window's start: `window_secs` ago, or `floor` (RFC 3339) when later.
+pub fn window_start(window_secs: u64, floor: &str) -> String {
+    let start = persistence::fmt_time(
+        chrono::Utc::now() - chrono::Duration::seconds(window_secs.min(i64::MAX as u64 / 2) as i64),
+    );
+    if floor > start.as_str() {
+        floor.to_string()
+    } else {
+        start
+    }
+}
+
 pub fn counter_delta(a: &CellCounters, b: &CellCounters) -> crate::gates::Window {
     let reset = a.le != b.le
         || a.codes.iter().zip(&b.codes).any(|(x, y)| y < x)
@@ -696,13 +751,16 @@ fn validate_cell_counters(cells: &[CellCounters]) -> Result<()> {
                 message: "must have 5 entries (1xx … 5xx)".into(),
             });
         }
-        if c.le.len() > 64
+        if c.le.len() > persistence::DELTA_BOUNDS
             || c.le.iter().any(|b| !b.is_finite() || *b <= 0.0)
             || c.le.windows(2).any(|w| w[0] >= w[1])
         {
             errors.push(FieldError {
                 field: at("le"),
-                message: "at most 64 ascending positive finite bounds".into(),
+                message: format!(
+                    "at most {} ascending positive finite bounds",
+                    persistence::DELTA_BOUNDS
+                ),
             });
         }
         if c.buckets.len() != c.le.len() + 1 || c.buckets.windows(2).any(|w| w[0] > w[1]) {

@@ -25,6 +25,8 @@ impl Fleet {
     /// The cells at app version `v1`, the tenants placed one per cell, a router reporting
     /// every second, and traffic on `loaded` tenants (4 loops each).
     async fn start(b: Backend, options: AppOptions, loaded: &[&str]) -> Fleet {
+        // Traffic summed in one-second slots: windows of a few seconds hold whole slots.
+        let options = options.with("CELLPLANE__ROUTING__CELL_SLOT_SECS", "1");
         let app = TestApp::spawn_with(b, options).await;
         let mut jobs = Vec::new();
         for c in CELLS {

@@ -38,6 +38,7 @@ pub enum ReleaseCmd {
     },
     /// Waves, cells, and the latest gate decisions of a release.
     Status {
+        /// Release id.
         id: String,
         /// Redraw until the release ends (exit 0 only when it succeeded).
         #[arg(long)]
@@ -49,22 +50,38 @@ pub enum ReleaseCmd {
     /// Releases, newest first.
     List,
     /// Stop after the current evaluation; nothing is rolled back.
-    Pause { id: String },
+    Pause {
+        /// Release id.
+        id: String,
+    },
     /// Go on (after a pause, an inconclusive gate, a refused wave).
-    Resume { id: String },
+    Resume {
+        /// Release id.
+        id: String,
+    },
     /// Let the wave awaiting manual approval start.
-    Approve { id: String },
+    Approve {
+        /// Release id.
+        id: String,
+    },
     /// Roll back what the release changed, in reverse order, and end it `aborted`.
-    Abort { id: String },
+    Abort {
+        /// Release id.
+        id: String,
+    },
     /// Apply a cell that failed again.
     Retry {
+        /// Release id.
         id: String,
+        /// A cell of the current wave.
         #[arg(long)]
         cell: String,
     },
     /// Leave out a cell that is unavailable (listed as skipped, never as passed).
     Skip {
+        /// Release id.
         id: String,
+        /// A cell of the current wave.
         #[arg(long)]
         cell: String,
     },

@@ -20,7 +20,7 @@ mod kind;
 pub mod move_request;
 #[cfg(any(debug_assertions, feature = "bench-kinds"))]
 pub mod noop;
-mod release_gates;
+pub mod release_gates;
 pub mod release_rollout;
 mod tenant;
 pub mod tenant_activate;

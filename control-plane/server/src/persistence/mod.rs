@@ -33,6 +33,7 @@ pub use deliveries::{AttemptResult, AttemptRow, DeliveryRow, DueDelivery, NewDel
 pub use idempotency::StoredResponse;
 pub use jobs::{JobEnd, JobRow, LastStepRecord, NewJob};
 pub use manifests::ObjectBook;
+pub use metrics::{CellDelta, Traffic, DELTA_BOUNDS};
 pub use moves::{MoveFilter, MoveProgress, MoveRow};
 pub use placement::Reservation;
 pub use releases::{Progress, ReleaseRow};
@@ -180,6 +181,10 @@ const MIGRATIONS_SQLITE: &[(i64, &str)] = &[
         14,
         include_str!("../../migrations/sqlite/0014_releases.sql"),
     ),
+    (
+        15,
+        include_str!("../../migrations/sqlite/0015_cell_slots.sql"),
+    ),
 ];
 const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
@@ -228,6 +233,10 @@ const MIGRATIONS_POSTGRES: &[(i64, &str)] = &[
     (
         14,
         include_str!("../../migrations/postgres/0014_releases.sql"),
+    ),
+    (
+        15,
+        include_str!("../../migrations/postgres/0015_cell_slots.sql"),
     ),
 ];
 
