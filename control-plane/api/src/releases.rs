@@ -178,8 +178,13 @@ pub struct Gates {
     pub provider: MetricsSource,
     #[serde(default = "default_interval")]
     pub interval_secs: i64,
+    /// After a wave's cells were applied, how long nothing is measured (processes
+    /// replaced, routers' health checks passing again; default 3). The first evaluation
+    /// comes one interval after that.
+    #[serde(default = "default_settle")]
+    pub settle_secs: i64,
     /// The traffic each evaluation looks at: the last `window_secs` (default 60), never
-    /// from before the wave's cells settled (one interval after they were applied). Keep
+    /// from before the wave's cells settled (`settle_secs` after they were applied). Keep
     /// it at two router heartbeats or more.
     #[serde(default = "default_window")]
     pub window_secs: i64,
@@ -224,6 +229,9 @@ fn default_budget_window() -> u64 {
 fn default_interval() -> i64 {
     30
 }
+fn default_settle() -> i64 {
+    3
+}
 fn default_window() -> i64 {
     60
 }
@@ -242,6 +250,7 @@ impl Default for Gates {
         Gates {
             provider: MetricsSource::Builtin,
             interval_secs: default_interval(),
+            settle_secs: default_settle(),
             window_secs: default_window(),
             min_requests: default_min_requests(),
             max_error_ratio: default_error_ratio(),

@@ -198,7 +198,7 @@ impl Fleet {
 
 /// Fast gates for tests: evaluated every second over a second of traffic.
 fn gates() -> Value {
-    json!({"interval_secs": 1, "window_secs": 3, "min_requests": 5, "max_error_ratio": 0.05,
+    json!({"interval_secs": 1, "settle_secs": 1, "window_secs": 3, "min_requests": 5, "max_error_ratio": 0.05,
            "latency": {"percentile": 0.99, "max_ms": 150}})
 }
 

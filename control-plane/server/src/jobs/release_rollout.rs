@@ -595,14 +595,14 @@ async fn bake(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result<
     if now - last < chrono::Duration::seconds(g.interval_secs) {
         return Ok(Next::Wait(format!("baking wave {}", r.waves[w].name)));
     }
-    // The first interval after the cells were applied lets them settle (processes
-    // replaced, routers' health checks passing again): nothing before it is measured.
+    // `settle_secs` after the cells were applied lets them settle (processes replaced,
+    // routers' health checks passing again): nothing before it is measured.
     let started = r.waves[w]
         .bake_started_at
         .as_deref()
         .and_then(persistence::parse_time)
         .unwrap_or(now);
-    let settled = started + chrono::Duration::seconds(g.interval_secs);
+    let settled = started + chrono::Duration::seconds(g.settle_secs);
     if now < settled + chrono::Duration::seconds(g.interval_secs) {
         return Ok(Next::Wait(format!("wave {} settling", r.waves[w].name)));
     }

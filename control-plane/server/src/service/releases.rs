@@ -124,6 +124,12 @@ impl Service {
                 message: "must be between 1 and 86400".into(),
             });
         }
+        if !(0..=3_600).contains(&g.settle_secs) {
+            errors.push(FieldError {
+                field: "gates.settle_secs".into(),
+                message: "must be between 0 and 3600".into(),
+            });
+        }
         if !(1..=86_400).contains(&g.window_secs) {
             errors.push(FieldError {
                 field: "gates.window_secs".into(),
