@@ -89,6 +89,12 @@ event_types! {
     WebhookDisabled => "dev.cellplane.webhook.disabled.v1",
     WebhookRecovered => "dev.cellplane.webhook.recovered.v1",
     UsageReported => "dev.cellplane.usage.v1",
+    ReleaseWaveStarted => "dev.cellplane.release.wave_started.v1",
+    ReleasePaused => "dev.cellplane.release.paused.v1",
+    ReleaseGateFailed => "dev.cellplane.release.gate_failed.v1",
+    ReleaseHalted => "dev.cellplane.release.halted.v1",
+    ReleaseRolledBack => "dev.cellplane.release.rolled_back.v1",
+    ReleaseSucceeded => "dev.cellplane.release.succeeded.v1",
 }
 
 impl std::fmt::Display for EventType {

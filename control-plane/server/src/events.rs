@@ -40,6 +40,17 @@ fn table() -> &'static BTreeMap<String, EventType> {
             ("WEBHOOK_DISABLED", WebhookDisabled),
             ("WEBHOOK_RECOVERED", WebhookRecovered),
             ("USAGE_REPORTED", UsageReported),
+            ("RELEASE_WAVE_STARTED", ReleaseWaveStarted),
+            ("RELEASE_WAVE_AWAITING_APPROVAL", ReleasePaused),
+            ("RELEASE_GATE_INCONCLUSIVE", ReleasePaused),
+            ("RELEASE_WAVE_REFUSED", ReleasePaused),
+            ("RELEASE_CELL_FAILED", ReleasePaused),
+            ("RELEASE_GATE_FAILED", ReleaseGateFailed),
+            ("RELEASE_HALTED", ReleaseHalted),
+            ("RELEASE_ROLLBACK_FAILED", ReleaseHalted),
+            ("RELEASE_ROLLED_BACK", ReleaseRolledBack),
+            ("RELEASE_ABORTED", ReleaseRolledBack),
+            ("RELEASE_SUCCEEDED", ReleaseSucceeded),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -183,6 +194,44 @@ pub fn to_public(row: &OutboxRow, source: &str) -> Option<Event> {
             "webhook_id": id_of("webhook/"),
             "reason": field("reason"),
             "failing_since": field("failing_since"),
+        }),
+        EventType::ReleaseWaveStarted => json!({
+            "release_id": id_of("release/"),
+            "wave": field("wave"),
+            "cells": field("cells"),
+        }),
+        EventType::ReleasePaused => {
+            let cause = match row.event_type.as_str() {
+                "RELEASE_WAVE_AWAITING_APPROVAL" => "approval",
+                "RELEASE_GATE_INCONCLUSIVE" => "inconclusive",
+                "RELEASE_WAVE_REFUSED" => "budget",
+                _ => "cell_failed",
+            };
+            json!({"release_id": id_of("release/"), "wave": field("wave"), "cause": cause,
+                   "cell_id": field("cell_id"), "reason": field("reason")})
+        }
+        EventType::ReleaseGateFailed => json!({
+            "release_id": id_of("release/"),
+            "wave": field("wave"),
+            "gate": field("gate"),
+            "cell_id": field("cell_id"),
+            "rollback": field("rollback"),
+            "measurements": field("measurements"),
+        }),
+        EventType::ReleaseHalted => json!({
+            "release_id": id_of("release/"),
+            "cell_id": field("cell_id"),
+            "reason": field("reason"),
+        }),
+        EventType::ReleaseRolledBack => json!({
+            "release_id": id_of("release/"),
+            "reverted": field("reverted"),
+            "aborted": row.event_type == "RELEASE_ABORTED",
+            "reason": field("reason"),
+        }),
+        EventType::ReleaseSucceeded => json!({
+            "release_id": id_of("release/"),
+            "app_version": field("app_version"),
         }),
         EventType::WebhookRecovered => json!({
             "webhook_id": id_of("webhook/"),

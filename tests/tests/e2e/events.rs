@@ -11,7 +11,7 @@ use std::path::Path;
 
 /// The JSON Schema of each event type's `data`, read from `docs/events.md`: the ```json
 /// block under each "### `type`" heading.
-fn documented_schemas() -> BTreeMap<String, Value> {
+pub fn documented_schemas() -> BTreeMap<String, Value> {
     let doc =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/events.md"))
             .expect("docs/events.md");
@@ -41,7 +41,7 @@ fn documented_schemas() -> BTreeMap<String, Value> {
 
 /// Checks `data` against the documented schema: exactly the listed properties, each of
 /// the documented JSON type (and enum, when there is one).
-fn check_data(event_type: &str, data: &Value, schemas: &BTreeMap<String, Value>) {
+pub fn check_data(event_type: &str, data: &Value, schemas: &BTreeMap<String, Value>) {
     let schema = schemas
         .get(event_type)
         .unwrap_or_else(|| panic!("{event_type} is not documented in docs/events.md"));
@@ -74,6 +74,7 @@ fn check_data(event_type: &str, data: &Value, schemas: &BTreeMap<String, Value>)
             "array" => v.is_array(),
             "object" => v.is_object(),
             "null" => v.is_null(),
+            "boolean" => v.is_boolean(),
             _ => false,
         });
         assert!(ok, "{event_type}.{k} = {v} is not {types:?}");
@@ -86,7 +87,7 @@ fn check_data(event_type: &str, data: &Value, schemas: &BTreeMap<String, Value>)
     }
 }
 
-async fn events(client: &cellplane_api::Client, query: &str) -> Vec<Value> {
+pub async fn events(client: &cellplane_api::Client, query: &str) -> Vec<Value> {
     let mut out = Vec::new();
     let mut cursor: Option<String> = None;
     loop {

@@ -196,6 +196,24 @@ impl Fleet {
     }
 }
 
+/// The public events of a release, in order, each checked against `docs/events.md`.
+async fn release_events(app: &TestApp, id: &str) -> Vec<Value> {
+    let schemas = crate::events::documented_schemas();
+    let all = crate::events::events(&app.admin, "limit=500").await;
+    let mine: Vec<Value> = all
+        .into_iter()
+        .filter(|e| e["subject"] == format!("release/{id}"))
+        .collect();
+    for e in &mine {
+        crate::events::check_data(e["type"].as_str().unwrap(), &e["data"], &schemas);
+    }
+    mine
+}
+
+fn event_types(evs: &[Value]) -> Vec<&str> {
+    evs.iter().map(|e| e["type"].as_str().unwrap()).collect()
+}
+
 /// Fast gates for tests: evaluated every second over a second of traffic.
 fn gates() -> Value {
     json!({"interval_secs": 1, "settle_secs": 1, "window_secs": 3, "min_requests": 5, "max_error_ratio": 0.05,
@@ -331,6 +349,19 @@ both_backends!(a_bad_canary_is_caught_and_rolled_back, |b| async move {
             .filter(|e| wanted.contains(&e.as_str()))
             .collect();
         assert_eq!(seen, wanted.iter().collect::<Vec<_>>(), "{events:?}");
+        // Published for consumers (webhooks), with the numbers.
+        let evs = release_events(&f.app, id).await;
+        assert_eq!(
+            event_types(&evs),
+            [
+                "dev.cellplane.release.wave_started.v1",
+                "dev.cellplane.release.gate_failed.v1",
+                "dev.cellplane.release.rolled_back.v1"
+            ],
+            "{evs:#?}"
+        );
+        assert_eq!(evs[1]["data"]["rollback"], "auto");
+        assert_eq!(evs[2]["data"]["reverted"], json!(["canary-1"]));
     }
     // Two applies of the canary per release: the release, and its rollback.
     assert_eq!(f.applies("canary-1").await, 4);
@@ -708,6 +739,54 @@ async fn a_provider_that_is_down_halts_the_release_after_the_consecutive_limit()
     for c in ["pool-1", "pool-2"] {
         assert_eq!(f.applies(c).await, 0, "{c} was applied");
     }
+    let evs = release_events(&f.app, "rel-blind").await;
+    assert_eq!(
+        event_types(&evs).last(),
+        Some(&"dev.cellplane.release.halted.v1"),
+        "{evs:#?}"
+    );
+
+    // `rollback: never` (a release with a migration that cannot be undone): a failed gate
+    // halts the release with nothing rolled back, and the halt is published to page.
+    let (status, out) = f
+        .create(
+            json!({"release_id": "rel-never", "app_version": "v3", "rollback": "never",
+                       "vars": {"fault_rate": 0.2}, "waves": waves(30, false), "gates": gates()}),
+        )
+        .await;
+    assert_eq!(status, 201, "{out:#}");
+    let r = f
+        .wait_state(
+            "rel-never",
+            &["failed", "rolled_back", "succeeded", "paused"],
+            Duration::from_secs(120),
+        )
+        .await;
+    assert_eq!(r["state"], "failed", "{r:#}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("halted without rollback"),
+        "{r:#}"
+    );
+    assert_eq!(r["waves"][0]["cells"][0]["state"], "applied");
+    assert_eq!(
+        f.app.cell("canary-1").await.app_version.as_deref(),
+        Some("v3"),
+        "nothing is rolled back"
+    );
+    let evs = release_events(&f.app, "rel-never").await;
+    assert_eq!(
+        event_types(&evs),
+        [
+            "dev.cellplane.release.wave_started.v1",
+            "dev.cellplane.release.gate_failed.v1",
+            "dev.cellplane.release.halted.v1"
+        ],
+        "{evs:#?}"
+    );
+    assert_eq!(evs[1]["data"]["rollback"], "never");
     f.stop_traffic().await;
 }
 
@@ -1133,6 +1212,17 @@ async fn retry_reapplies_a_failed_cell_and_a_failed_revert_halts() {
         .audit_events("rel-stuck")
         .await
         .contains(&"RELEASE_ROLLBACK_FAILED".to_string()));
+    let evs = release_events(&f.app, "rel-stuck").await;
+    let last = evs.last().unwrap();
+    assert_eq!(last["type"], "dev.cellplane.release.halted.v1", "{evs:#?}");
+    assert_eq!(last["data"]["cell_id"], "canary-1");
+    let evs = release_events(&f.app, "rel-retry").await;
+    let causes: Vec<&str> = evs
+        .iter()
+        .filter(|e| e["type"] == "dev.cellplane.release.paused.v1")
+        .map(|e| e["data"]["cause"].as_str().unwrap())
+        .collect();
+    assert_eq!(causes, ["cell_failed", "approval"], "{evs:#?}");
     f.stop_traffic().await;
 }
 

@@ -136,11 +136,21 @@ async fn save(
     event: Option<(&str, serde_json::Value)>,
     corr: Option<&str>,
 ) -> Result<bool, StepError> {
+    save_all(shared, r, event.into_iter().collect(), corr).await
+}
+
+/// [`save`] with any number of audit records.
+async fn save_all(
+    shared: &Shared,
+    r: &mut ReleaseRow,
+    events: Vec<(&str, serde_json::Value)>,
+    corr: Option<&str>,
+) -> Result<bool, StepError> {
     let mut tx = shared.store().write().await?;
     if !tx.update_release(r).await? {
         return Ok(false);
     }
-    if let Some((event, payload)) = event {
+    for (event, payload) in events {
         audit(&mut tx, r, event, payload, corr).await?;
     }
     tx.commit().await?;
@@ -728,7 +738,8 @@ async fn bake(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result<
             r.reason = Some(why.clone());
             (
                 "RELEASE_HALTED",
-                json!({"wave": wave_name, "gate": gate, "cell_id": cell, "measurements": m}),
+                json!({"wave": wave_name, "gate": gate, "cell_id": cell, "measurements": m,
+                       "reason": why}),
                 Next::Wait(why),
             )
         }
@@ -785,7 +796,17 @@ async fn bake(shared: &Shared, mut r: ReleaseRow, corr: Option<&str>) -> Result<
             }
         }
     };
-    if !save(shared, &mut r, Some((event, payload)), corr).await? {
+    let mut events = vec![(event, payload)];
+    // `rollback: never`: the release halts with nothing rolled back; the halt is its own
+    // event (`dev.cellplane.release.halted.v1`) for whoever is paged on it.
+    if verdict == Verdict::Fail && r.spec.rollback == RollbackPolicy::Never {
+        let (_, cell, _) = cause.unwrap_or_default();
+        events.push((
+            "RELEASE_HALTED",
+            json!({"wave": wave_name, "cell_id": cell, "reason": r.reason}),
+        ));
+    }
+    if !save_all(shared, &mut r, events, corr).await? {
         return Ok(lost_race());
     }
     Ok(next)
@@ -855,7 +876,7 @@ async fn rollback(
                         c.error = Some(format!("rollback failed: {err}"));
                         r.state = ReleaseState::Failed;
                         r.reason = Some(why.clone());
-                        let payload = json!({"cell_id": cell_id, "error": err});
+                        let payload = json!({"cell_id": cell_id, "error": err, "reason": why});
                         if !save(
                             shared,
                             &mut r,
