@@ -822,6 +822,44 @@ async fn burn_rate_and_baseline_gates_decide_with_their_numbers() {
     assert!(rule["long_burn_rate"].as_f64().unwrap() > 5.0, "{burn:#}");
     assert_eq!(f.applies("pool-1").await, 0);
 
+    // The comparison alone: the faulty canary's per-second error ratios against the
+    // pooled cells' (still on v1) fail the one-sided Mann-Whitney test.
+    let only_baseline = json!({"interval_secs": 1, "settle_secs": 1, "window_secs": 4,
+        "min_requests": 5, "max_error_ratio": null, "inconclusive_limit": 10,
+        "baseline": {"step_secs": 1, "min_samples": 3, "confidence": 0.98}});
+    let (status, out) = f
+        .create(json!({"release_id": "rel-worse", "app_version": "v2",
+                       "vars": {"fault_rate": 0.2}, "waves": waves(30, false),
+                       "gates": only_baseline}))
+        .await;
+    assert_eq!(status, 201, "{out:#}");
+    let r = f
+        .wait_state(
+            "rel-worse",
+            &["rolled_back", "succeeded", "failed", "paused"],
+            Duration::from_secs(180),
+        )
+        .await;
+    assert_eq!(r["state"], "rolled_back", "{r:#}");
+    let failed = r["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["gate"] == "baseline" && d["result"] == "failure")
+        .unwrap_or_else(|| panic!("{r:#}"));
+    let m = &failed["measurements"];
+    assert!(m["p_value"].as_f64().unwrap() < 0.02, "{failed:#}");
+    assert!(
+        m["canary_mean"].as_f64().unwrap() > m["baseline_mean"].as_f64().unwrap(),
+        "{failed:#}"
+    );
+    assert_eq!(
+        m["baseline_cells"],
+        json!(["pool-1", "pool-2"]),
+        "{failed:#}"
+    );
+    assert_eq!(f.applies("pool-1").await, 0);
+
     // Healthy: both gates measure successes, the baseline against the pooled cells.
     let (status, out) = f
         .create(json!({"release_id": "rel-fine", "app_version": "v2",
