@@ -121,6 +121,19 @@ impl Fleet {
         .unwrap_or_else(|_| panic!("{tenant}'s cell never answered through the router"))
     }
 
+    /// Creates a release (201) and waits until it stops running: ended, or paused.
+    async fn run(&self, body: Value) -> Value {
+        let id = body["release_id"].as_str().unwrap().to_string();
+        let (status, out) = self.create(body).await;
+        assert_eq!(status, 201, "{out:#}");
+        self.wait_state(
+            &id,
+            &["succeeded", "rolled_back", "failed", "paused", "aborted"],
+            Duration::from_secs(180),
+        )
+        .await
+    }
+
     async fn create(&self, body: Value) -> (u16, Value) {
         let r = self
             .app
@@ -432,14 +445,10 @@ async fn inconclusive_pauses_and_actions_behave_as_documented() {
     // Manual approval: the pooled wave waits for it; pause and resume in between.
     f.stop_traffic().await;
     let mut f2 = f;
-    let (status, out) = f2
-        .create(json!({"release_id": "rel-manual", "app_version": "v3",
+    let r = f2
+        .run(json!({"release_id": "rel-manual", "app_version": "v3",
                        "waves": waves(1, true),
                        "gates": {"interval_secs": 1, "max_error_ratio": null}}))
-        .await;
-    assert_eq!(status, 201, "{out:#}");
-    let r = f2
-        .wait_state("rel-manual", &["paused"], Duration::from_secs(120))
         .await;
     assert_eq!(r["waves"][1]["state"], "awaiting_approval", "{r:#}");
     assert_eq!(
@@ -498,13 +507,9 @@ async fn a_spent_error_budget_keeps_the_next_wave_from_starting() {
     g["slo_target"] = json!(0.99);
     g["min_budget"] = json!(0.5);
     g["budget_window_secs"] = json!(60);
-    let (status, out) = f
-        .create(json!({"release_id": "rel-budget", "app_version": "v2",
-                       "waves": waves(1, false), "gates": g}))
-        .await;
-    assert_eq!(status, 201, "{out:#}");
     let r = f
-        .wait_state("rel-budget", &["paused"], Duration::from_secs(60))
+        .run(json!({"release_id": "rel-budget", "app_version": "v2",
+                       "waves": waves(1, false), "gates": g}))
         .await;
     let reason = r["reason"].as_str().unwrap();
     assert!(
@@ -631,17 +636,9 @@ async fn the_same_bad_release_is_caught_through_prometheus() {
     let mut g = gates();
     g["provider"] = json!("prometheus");
     g["latency"] = Value::Null;
-    let (status, out) = f
-        .create(json!({"release_id": "rel-prom", "app_version": "v2",
-                       "vars": {"fault_rate": 0.2}, "waves": waves(30, false), "gates": g}))
-        .await;
-    assert_eq!(status, 201, "{out:#}");
     let r = f
-        .wait_state(
-            "rel-prom",
-            &["rolled_back", "succeeded", "failed", "paused"],
-            Duration::from_secs(180),
-        )
+        .run(json!({"release_id": "rel-prom", "app_version": "v2",
+                       "vars": {"fault_rate": 0.2}, "waves": waves(30, false), "gates": g}))
         .await;
     assert_eq!(r["state"], "rolled_back", "{r:#}\n{}", prom.log());
     assert!(first_failure(&r, "error_ratio") < 2, "{r:#}");
@@ -665,17 +662,9 @@ async fn the_same_bad_release_is_caught_through_prometheus() {
     }
     // A healthy release passes through Prometheus too, the pooled wave's two cells read
     // in one query.
-    let (status, out) = f
-        .create(json!({"release_id": "rel-prom-ok", "app_version": "v2",
-                       "waves": waves(3, false), "gates": g}))
-        .await;
-    assert_eq!(status, 201, "{out:#}");
     let r = f
-        .wait_state(
-            "rel-prom-ok",
-            &["rolled_back", "succeeded", "failed", "paused"],
-            Duration::from_secs(180),
-        )
+        .run(json!({"release_id": "rel-prom-ok", "app_version": "v2",
+                       "waves": waves(3, false), "gates": g}))
         .await;
     assert_eq!(r["state"], "succeeded", "{r:#}");
     for c in ["pool-1", "pool-2"] {
@@ -707,17 +696,9 @@ async fn a_provider_that_is_down_halts_the_release_after_the_consecutive_limit()
     let mut g = gates();
     g["provider"] = json!("prometheus");
     g["consecutive_error_limit"] = json!(3);
-    let (status, out) = f
-        .create(json!({"release_id": "rel-blind", "app_version": "v2",
-                       "waves": waves(60, false), "gates": g}))
-        .await;
-    assert_eq!(status, 201, "{out:#}");
     let r = f
-        .wait_state(
-            "rel-blind",
-            &["failed", "succeeded", "rolled_back", "paused"],
-            Duration::from_secs(120),
-        )
+        .run(json!({"release_id": "rel-blind", "app_version": "v2",
+                       "waves": waves(60, false), "gates": g}))
         .await;
     assert_eq!(r["state"], "failed", "{r:#}");
     let reason = r["reason"].as_str().unwrap();
@@ -748,18 +729,10 @@ async fn a_provider_that_is_down_halts_the_release_after_the_consecutive_limit()
 
     // `rollback: never` (a release with a migration that cannot be undone): a failed gate
     // halts the release with nothing rolled back, and the halt is published to page.
-    let (status, out) = f
-        .create(
+    let r = f
+        .run(
             json!({"release_id": "rel-never", "app_version": "v3", "rollback": "never",
                        "vars": {"fault_rate": 0.2}, "waves": waves(30, false), "gates": gates()}),
-        )
-        .await;
-    assert_eq!(status, 201, "{out:#}");
-    let r = f
-        .wait_state(
-            "rel-never",
-            &["failed", "rolled_back", "succeeded", "paused"],
-            Duration::from_secs(120),
         )
         .await;
     assert_eq!(r["state"], "failed", "{r:#}");
@@ -799,17 +772,9 @@ async fn burn_rate_and_baseline_gates_decide_with_their_numbers() {
         "max_error_ratio": null, "inconclusive_limit": 10,
         "burn_rate": {"slo_target": 0.99, "rules": [{"long_secs": 4, "short_secs": 2, "factor": 5}]},
         "baseline": {"step_secs": 1, "min_samples": 3, "confidence": 0.98}});
-    let (status, out) = f
-        .create(json!({"release_id": "rel-burn", "app_version": "v2",
-                       "vars": {"fault_rate": 0.2}, "waves": waves(30, false), "gates": g}))
-        .await;
-    assert_eq!(status, 201, "{out:#}");
     let r = f
-        .wait_state(
-            "rel-burn",
-            &["rolled_back", "succeeded", "failed", "paused"],
-            Duration::from_secs(180),
-        )
+        .run(json!({"release_id": "rel-burn", "app_version": "v2",
+                       "vars": {"fault_rate": 0.2}, "waves": waves(30, false), "gates": g}))
         .await;
     assert_eq!(r["state"], "rolled_back", "{r:#}");
     let decisions = r["decisions"].as_array().unwrap();
@@ -827,18 +792,10 @@ async fn burn_rate_and_baseline_gates_decide_with_their_numbers() {
     let only_baseline = json!({"interval_secs": 1, "settle_secs": 1, "window_secs": 4,
         "min_requests": 5, "max_error_ratio": null, "inconclusive_limit": 10,
         "baseline": {"step_secs": 1, "min_samples": 3, "confidence": 0.98}});
-    let (status, out) = f
-        .create(json!({"release_id": "rel-worse", "app_version": "v2",
+    let r = f
+        .run(json!({"release_id": "rel-worse", "app_version": "v2",
                        "vars": {"fault_rate": 0.2}, "waves": waves(30, false),
                        "gates": only_baseline}))
-        .await;
-    assert_eq!(status, 201, "{out:#}");
-    let r = f
-        .wait_state(
-            "rel-worse",
-            &["rolled_back", "succeeded", "failed", "paused"],
-            Duration::from_secs(180),
-        )
         .await;
     assert_eq!(r["state"], "rolled_back", "{r:#}");
     let failed = r["decisions"]
@@ -861,17 +818,9 @@ async fn burn_rate_and_baseline_gates_decide_with_their_numbers() {
     assert_eq!(f.applies("pool-1").await, 0);
 
     // Healthy: both gates measure successes, the baseline against the pooled cells.
-    let (status, out) = f
-        .create(json!({"release_id": "rel-fine", "app_version": "v2",
-                       "waves": waves(6, false), "gates": g}))
-        .await;
-    assert_eq!(status, 201, "{out:#}");
     let r = f
-        .wait_state(
-            "rel-fine",
-            &["rolled_back", "succeeded", "failed", "paused"],
-            Duration::from_secs(180),
-        )
+        .run(json!({"release_id": "rel-fine", "app_version": "v2",
+                       "waves": waves(6, false), "gates": g}))
         .await;
     assert_eq!(r["state"], "succeeded", "{r:#}");
     let decisions = r["decisions"].as_array().unwrap();
@@ -1151,14 +1100,8 @@ async fn restart_with_failpoints(f: &mut Fleet, failpoints: &str) {
 async fn retry_reapplies_a_failed_cell_and_a_failed_revert_halts() {
     let opts = AppOptions::default().with("CELLPLANE__JOBS__FAILPOINTS", "cell.apply/apply=fatal");
     let mut f = Fleet::start(Backend::Sqlite, opts, &TENANTS).await;
-    let (status, out) = f
-        .create(json!({"release_id": "rel-retry", "app_version": "v2",
-                       "waves": waves(1, true), "gates": {"interval_secs": 1, "max_error_ratio": null}}))
-        .await;
-    assert_eq!(status, 201, "{out:#}");
-    let r = f
-        .wait_state("rel-retry", &["paused"], Duration::from_secs(120))
-        .await;
+    let r = f.run(json!({"release_id": "rel-retry", "app_version": "v2",
+                       "waves": waves(1, true), "gates": {"interval_secs": 1, "max_error_ratio": null}})).await;
     assert!(
         r["reason"]
             .as_str()
@@ -1194,18 +1137,10 @@ async fn retry_reapplies_a_failed_cell_and_a_failed_revert_halts() {
     assert_eq!(f.version_of("t-canary").await, "v1");
 
     // A failed gate with `rollback: manual` pauses; the revert of the abort then fails.
-    let (status, out) = f
-        .create(
+    let r = f
+        .run(
             json!({"release_id": "rel-stuck", "app_version": "v3", "rollback": "manual",
                        "vars": {"fault_rate": 0.2}, "waves": waves(30, false), "gates": gates()}),
-        )
-        .await;
-    assert_eq!(status, 201, "{out:#}");
-    let r = f
-        .wait_state(
-            "rel-stuck",
-            &["paused", "rolled_back", "failed"],
-            Duration::from_secs(120),
         )
         .await;
     assert_eq!(r["state"], "paused", "{r:#}");
