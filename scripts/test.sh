@@ -22,9 +22,16 @@ if ! command -v "${CELLPLANE__IAC__BINARY:-terraform}" >/dev/null 2>&1; then
     exit 1
 fi
 
-# The release tests start a real Prometheus server per test (the Debian package).
+# The release tests start a real Prometheus server per test (the Debian package; installed
+# here when it is missing and this is a Debian machine we may install on, as .ci/run does).
 if ! command -v "${CELLPLANE_TEST_PROMETHEUS_BIN:-prometheus}" >/dev/null 2>&1; then
-    echo "test.sh: prometheus is not on PATH; the release tests need it (apt-get install prometheus, as .ci/run does, or set CELLPLANE_TEST_PROMETHEUS_BIN)" >&2
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: installing prometheus (the release tests start one)" >&2
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus) >/dev/null
+    fi
+fi
+if ! command -v "${CELLPLANE_TEST_PROMETHEUS_BIN:-prometheus}" >/dev/null 2>&1; then
+    echo "test.sh: prometheus is not on PATH; the release tests need it (apt-get install prometheus, or set CELLPLANE_TEST_PROMETHEUS_BIN)" >&2
     exit 1
 fi
 
