@@ -21,17 +21,18 @@ Environment: CELLPLANE_BIN, SAMPLE_CELL_BIN, TEMPLATES_DIR, WORK (a scratch dire
 N (1000), CELLS (4), CONCURRENCY (16), PG_URL (empty: SQLite only), POLL_SECS (0.5),
 TIMEOUT_SECS (3600, per wait). CELLPLANE__* variables reach the server as they are.
 """
-import http.client
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from cellplane_bench import Api, log, stop_cells  # noqa: E402
 
 CELLPLANE = os.environ["CELLPLANE_BIN"]
 SAMPLE_CELL = os.environ.get("SAMPLE_CELL_BIN") or os.path.join(
@@ -50,54 +51,18 @@ REGION = "eu-west-1"
 CELL_CAPACITY = max(600, math.ceil(3 * N * 1.25 / CELLS))
 
 
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class Api:
-    """Requests on one kept-alive connection per thread (polling must not load the machine
-    with connection setup)."""
-
-    def __init__(self, base):
-        self.host = base.removeprefix("http://")
-        self.local = threading.local()
-
-    def call(self, method, path, body=None, content_type="application/json", ok=(200, 201, 202)):
-        headers = {"Authorization": f"Bearer {TOKEN}"}
-        data = None
-        if body is not None:
-            data = body if isinstance(body, bytes) else json.dumps(body).encode()
-            headers["Content-Type"] = content_type
-        for attempt in (1, 2):
-            conn = getattr(self.local, "conn", None)
-            if conn is None:
-                conn = self.local.conn = http.client.HTTPConnection(self.host, timeout=600)
-            try:
-                conn.request(method, path, body=data, headers=headers)
-                r = conn.getresponse()
-                payload = r.read()
-                break
-            except (http.client.HTTPException, OSError):
-                self.local.conn = None
-                conn.close()
-                if attempt == 2:
-                    raise
-        if r.status not in ok:
-            raise RuntimeError(f"{method} {path}: {r.status} {payload.decode(errors='replace')[:2000]}")
-        return json.loads(payload or b"null")
-
-    def tenants(self, org):
-        """Every tenant of `org`, page by page (`{items, next_cursor}`)."""
-        out, cursor = [], None
-        while True:
-            q = {"limit": "1000", "organization_id": org}
-            if cursor:
-                q["cursor"] = cursor
-            page = self.call("GET", "/v1/tenants?" + urllib.parse.urlencode(q))
-            out.extend(page["items"])
-            cursor = page.get("next_cursor")
-            if not cursor:
-                return out
+def tenants(api, org):
+    """Every tenant of `org`, page by page (`{items, next_cursor}`)."""
+    out, cursor = [], None
+    while True:
+        q = {"limit": "1000", "organization_id": org}
+        if cursor:
+            q["cursor"] = cursor
+        page = api.call("GET", "/v1/tenants?" + urllib.parse.urlencode(q))
+        out.extend(page["items"])
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return out
 
 
 def ready(t):
@@ -118,7 +83,7 @@ def wait_for(api, org, checks, t0, what):
     deadline = time.monotonic() + TIMEOUT
     last_log = 0.0
     while True:
-        ts = api.tenants(org)
+        ts = tenants(api, org)
         now = time.monotonic()
         for name, check in checks.items():
             if name not in done and len(ts) == N and all(check(t) for t in ts):
@@ -175,39 +140,6 @@ def stop_server(proc, data):
             proc.kill()
             proc.wait()
     stop_cells(data)
-
-
-def stop_cells(data):
-    """Stops the sample-cell processes of this run's cells, by the pid files the `local`
-    template writes into each cell's directory (cells outlive the control plane)."""
-    pids = []
-    for root, _, files in os.walk(data):
-        if "sample-cell.pid" in files:
-            try:
-                pid = int(open(os.path.join(root, "sample-cell.pid")).read().strip())
-                cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
-            except (OSError, ValueError):
-                continue
-            if "sample-cell" in cmdline and data in cmdline:
-                pids.append(pid)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except OSError:
-            pass
-    deadline = time.monotonic() + 10
-    for pid in pids:
-        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
-            try:
-                if open(f"/proc/{pid}/stat").read().split()[2] == "Z":
-                    break
-            except OSError:
-                break
-            time.sleep(0.05)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 def stamp_cells(api):
@@ -302,7 +234,7 @@ def run_store(name, database_url):
     log(f"== {name}: starting cellplane serve")
     proc, base, data = start_server(name, database_url)
     try:
-        api = Api(base)
+        api = Api(base, TOKEN)
         log(f"stamping {CELLS} pooled cells of {CELL_CAPACITY} tenants / {CELL_CAPACITY} units")
         t0 = time.monotonic()
         stamp_cells(api)

@@ -31,6 +31,9 @@ import threading
 import time
 import urllib.parse
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from cellplane_bench import Api, log, stop_cells  # noqa: E402
+
 CELLPLANE = os.environ["CELLPLANE_BIN"]
 ROUTER = os.environ["ROUTER_BIN"]
 SAMPLE_CELL = os.environ["SAMPLE_CELL_BIN"]
@@ -46,58 +49,11 @@ CELLS = ["canary-1", "pool-1", "pool-2"]
 TENANTS = ["t-canary", "t-one", "t-two"]
 
 
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class Api:
-    def __init__(self, base):
-        self.host = base.removeprefix("http://")
-        self.local = threading.local()
-
-    def call(self, method, path, body=None, ok=(200, 201, 202)):
-        headers = {"Authorization": f"Bearer {TOKEN}"}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        for attempt in (1, 2):
-            conn = getattr(self.local, "conn", None)
-            if conn is None:
-                conn = self.local.conn = http.client.HTTPConnection(self.host, timeout=120)
-            try:
-                conn.request(method, path, body=data, headers=headers)
-                r = conn.getresponse()
-                payload = r.read()
-                break
-            except (http.client.HTTPException, OSError):
-                self.local.conn = None
-                conn.close()
-                if attempt == 2:
-                    raise
-        if r.status not in ok:
-            raise RuntimeError(f"{method} {path}: {r.status} {payload.decode(errors='replace')[:2000]}")
-        return json.loads(payload or b"null")
-
-
 def parse_time(s):
     # RFC 3339 with microseconds and Z, as the control plane writes it.
     from datetime import datetime, timezone
     return datetime.strptime(s.rstrip("Z")[:26], "%Y-%m-%dT%H:%M:%S.%f").replace(
         tzinfo=timezone.utc).timestamp()
-
-
-def wait_job(api, job_id, timeout=600):
-    deadline = time.monotonic() + timeout
-    while True:
-        job = api.call("GET", f"/v1/jobs/{job_id}")
-        if job["state"] == "succeeded":
-            return job
-        if job["state"] in ("failed", "cancelled"):
-            sys.exit(f"job {job_id} ended {job['state']}: {job.get('error')}")
-        if time.monotonic() > deadline:
-            sys.exit(f"job {job_id} did not end in {timeout} s")
-        time.sleep(0.2)
 
 
 def start(args, env, name):
@@ -120,18 +76,6 @@ def stop(proc):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def stop_cells(data):
-    for root, _, files in os.walk(data):
-        if "sample-cell.pid" in files:
-            try:
-                pid = int(open(os.path.join(root, "sample-cell.pid")).read().strip())
-                cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
-                if "sample-cell" in cmdline and data in cmdline:
-                    os.kill(pid, signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
 
 
 def traffic(router_url, tenant, stop_flag, counts):
@@ -174,7 +118,7 @@ def main():
     router = None
     stop_flag = threading.Event()
     try:
-        api = Api(url)
+        api = Api(url, TOKEN, timeout=120)
         api.call("POST", "/v1/organizations", {"organization_id": "bench", "name": "Bench"})
         jobs = []
         for c in CELLS:
@@ -184,12 +128,12 @@ def main():
                 "capacity": {"tenants": 5, "units": 5}, "labels": labels, "app_version": "v1"})
             jobs.append(out["job"]["job_id"])
         for j in jobs:
-            wait_job(api, j)
+            api.wait_job(j)
         for t, c in zip(TENANTS, CELLS):
             api.call("POST", "/v1/tenants", {"tenant_id": t, "organization_id": "bench",
                                              "profile": "mt-standard", "region": "eu-west-1"})
             out = api.call("POST", f"/v1/tenants/{t}/activate")
-            wait_job(api, out["job_id"])
+            api.wait_job(out["job_id"])
             got = api.call("GET", f"/v1/tenants/{t}")
             assert got["environments"][0]["cell_id"] == c, got
         token = api.call("POST", "/v1/tokens", {"role": "router"})["token"]
